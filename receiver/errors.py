@@ -1,0 +1,88 @@
+"""The exception tree, split by what the caller does next.
+
+    ResearchFlowError
+    ├── InvalidRequest        the request is malformed: 400, nothing written
+    │   └── InvalidResource   the JSON is a resource the validation rejects: 422
+    ├── DependencyUnavailable Redis / PostgreSQL / HAPI cannot be reached: 503 / exit 1
+    │   └── SpeedLayerUnavailable  Redis in particular (receiver answers 503 + Retry-After)
+    ├── FhirError             HAPI answered with an error
+    │   ├── FhirTemporaryError   retry later (connection errors, 408, 429, 5xx)
+    │   └── FhirFatalError       do not retry (other 4xx), carries HAPI's OperationOutcome text
+    └── InvalidViewDefinition a SQL-on-FHIR ViewDefinition we cannot evaluate
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class ResearchFlowError(Exception):
+    """Base of every error this project raises on purpose."""
+
+
+@dataclass(frozen=True)
+class Issue:
+    """One OperationOutcome issue: what is wrong and where (a FHIRPath-like element path)."""
+
+    code: str
+    diagnostics: str
+    expression: str | None = None
+    severity: str = "error"
+
+
+class InvalidRequest(ResearchFlowError):
+    """The request is malformed (HTTP 400)."""
+
+    status_code = 400
+
+    def __init__(self, message: str, issues: list[Issue] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.issues = issues or [Issue(code="invalid", diagnostics=message)]
+
+
+class InvalidResource(InvalidRequest):
+    """Valid JSON that the FHIR validation rejects (HTTP 422); one issue per error."""
+
+    status_code = 422
+
+
+class DependencyUnavailable(ResearchFlowError):
+    """A dependency (Redis, PostgreSQL, HAPI) cannot be reached."""
+
+    dependency = "dependency"
+
+
+class SpeedLayerUnavailable(DependencyUnavailable):
+    """Redis cannot take or answer the request."""
+
+    dependency = "redis"
+
+
+class BatchLayerUnavailable(DependencyUnavailable):
+    """PostgreSQL cannot be reached."""
+
+    dependency = "postgresql"
+
+
+class FhirError(ResearchFlowError):
+    """HAPI (the FHIR server) answered with an error or could not be reached."""
+
+    def __init__(self, message: str, status_code: int | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status_code = status_code
+
+
+class FhirTemporaryError(FhirError, DependencyUnavailable):
+    """Worth retrying later: connection errors, 408, 429, 5xx."""
+
+    dependency = "fhir"
+
+
+class FhirFatalError(FhirError):
+    """Not worth retrying: HAPI refused the request (other 4xx)."""
+
+
+class InvalidViewDefinition(ResearchFlowError):
+    """A SQL-on-FHIR ViewDefinition that is malformed or uses what we cannot evaluate."""

@@ -1,0 +1,578 @@
+"""The speed layer in Redis: the one module that owns its key schema.
+
+Key schema (every key starts with `rf:`; `{...}` is a Redis Cluster hash tag):
+
+    rf:{T.b}:r:<id>          HASH   one resource: vn, lum, vid, lu, st (p|d), body, ch, ix
+    rf:{T.b}:ver             HASH   id -> "st|vn|lum|vid" for every entry of the bucket
+    rf:{T.b}:chg             ZSET   id scored by change time (HAPI's lastUpdated, epoch ms)
+    rf:{T.b}:rows:<view>     HASH   id -> JSON array of the view's rows (present entries only)
+    rf:{T.b}:ix:<name>       SET    ids whose derived data carries index entry <name>
+    rf:{meta}:...            global: epoch marker, rejects, catch-up flag, poller state, stats
+
+T is the resource type, b = crc32(id) % BUCKETS. A resource write touches only keys with
+its own tag, so it is one atomic Lua call on one slot, on a single Redis or a Cluster;
+queries fan out over the BUCKETS buckets of a type. Nothing here ever uses SCAN or KEYS.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import zlib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import RedisError
+
+from receiver.errors import Issue, SpeedLayerUnavailable
+from receiver.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+BUCKETS = 16
+PREFIX = "rf:"
+META = "rf:{meta}:"
+EPOCH_KEY = META + "epoch"
+CATCHUP_KEY = META + "catchup"
+REJECTS_KEY = META + "rejects"  # LIST of recent rejects (JSON, never a body)
+REJECTS_SEEN_KEY = META + "rejects:seen"  # HASH "T/id" -> version, to record each once
+REJECTS_COUNT_KEY = META + "rejects:count"
+HOURLY_KEY = META + "hourly"  # HASH "YYYY-mm-ddTHH" -> changes received that hour
+MISSED_KEY = META + "missed"  # counter of notifications the poller found missing
+REJECTS_MAX = 1000
+REJECTS_SEEN_MAX = 100_000
+
+State = Literal["present", "deleted", "absent"]
+RedisClient = aioredis.Redis | RedisCluster
+
+
+def bucket_of(resource_id: str) -> int:
+    return zlib.crc32(resource_id.encode()) % BUCKETS
+
+
+def tag(resource_type: str, bucket: int) -> str:
+    return f"{PREFIX}{{{resource_type}.{bucket}}}:"
+
+
+def resource_key(resource_type: str, resource_id: str) -> str:
+    return f"{tag(resource_type, bucket_of(resource_id))}r:{resource_id}"
+
+
+def parse_instant(value: str | None) -> float:
+    """FHIR instant -> epoch milliseconds (0.0 when absent or unreadable)."""
+    if not value:
+        return 0.0
+    text = value.strip()
+    # fromisoformat takes at most 6 fractional digits; FHIR allows more.
+    if "." in text:
+        head, _, rest = text.partition(".")
+        digits = "".join(c for c in rest if c.isdigit())
+        text = f"{head}.{digits[:6]}{rest[len(digits):]}" if digits else head + rest[len(digits) :]
+    try:
+        parsed = datetime.fromisoformat(text)
+    except ValueError:
+        return 0.0
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=UTC)
+    return parsed.timestamp() * 1000.0
+
+
+def version_number(version_id: str | None) -> float:
+    """Numeric meta.versionId, or -1 when absent or not an integer (then lastUpdated decides)."""
+    if version_id is not None and version_id.isdigit():
+        return float(int(version_id))
+    return -1.0
+
+
+@dataclass(frozen=True)
+class Derived:
+    """What the serving layer keeps up to date at write time for one resource version."""
+
+    rows: dict[str, bytes] = field(default_factory=dict)  # view name -> JSON array of rows
+    index: tuple[str, ...] = ()  # index entry names, e.g. "Condition.code:http://x|123"
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One speed-layer entry as stored."""
+
+    resource_type: str
+    resource_id: str
+    state: Literal["present", "deleted"]
+    version_id: str | None
+    last_updated: str | None
+    version_number: float
+    last_updated_ms: float
+    body: bytes | None
+
+
+@dataclass(frozen=True)
+class Version:
+    """A stored entry's identity and version, without its body (from the `ver` hash)."""
+
+    resource_id: str
+    state: Literal["present", "deleted"]
+    version_number: float
+    last_updated_ms: float
+    version_id: str | None
+
+    def is_newer_than(self, version_number_: float, last_updated_ms: float) -> bool:
+        return is_newer(self.version_number, self.last_updated_ms, version_number_, last_updated_ms)
+
+
+def is_newer(vn: float, lum: float, old_vn: float, old_lum: float) -> bool:
+    """The version order of the contract; mirrors the Lua `newer` below."""
+    if vn >= 0 and old_vn >= 0:
+        return vn > old_vn
+    return lum > old_lum
+
+
+_LUA_COMMON = """
+local function newer(vn, lum, ovn, olum)
+  if vn >= 0 and ovn >= 0 then return vn > ovn end
+  return lum > olum
+end
+local function drop_derived(prefix, r, id)
+  local ix = redis.call('HGET', r, 'ix')
+  if ix and ix ~= '' then
+    for _, name in ipairs(cjson.decode(ix)) do
+      redis.call('SREM', prefix .. 'ix:' .. name, id)
+    end
+  end
+  local views = redis.call('HGET', r, 'views')
+  if views and views ~= '' then
+    for _, v in ipairs(cjson.decode(views)) do
+      redis.call('HDEL', prefix .. 'rows:' .. v, id)
+    end
+  end
+end
+"""
+
+# KEYS[1] resource hash, KEYS[2] ver hash, KEYS[3] chg zset
+# ARGV: prefix, id, vn, lum, vid, lu, st, body, score, received, expire_seconds,
+#       nviews, view1, rows1, ..., nix, ix1, ...
+_UPSERT_LUA = (
+    _LUA_COMMON
+    + """
+local r, ver, chg = KEYS[1], KEYS[2], KEYS[3]
+local prefix, id = ARGV[1], ARGV[2]
+local vn, lum = tonumber(ARGV[3]), tonumber(ARGV[4])
+local old = redis.call('HMGET', r, 'vn', 'lum')
+if old[1] then
+  if not newer(vn, lum, tonumber(old[1]), tonumber(old[2])) then return 0 end
+end
+drop_derived(prefix, r, id)
+local st = ARGV[7]
+redis.call('HSET', r, 'vn', ARGV[3], 'lum', ARGV[4], 'vid', ARGV[5], 'lu', ARGV[6],
+  'st', st, 'ch', ARGV[9], 'rcv', ARGV[10])
+if st == 'p' then redis.call('HSET', r, 'body', ARGV[8]) else redis.call('HDEL', r, 'body') end
+redis.call('HSET', ver, id, st .. '|' .. ARGV[3] .. '|' .. ARGV[4] .. '|' .. ARGV[5])
+redis.call('ZADD', chg, tonumber(ARGV[9]), id)
+local i = 12
+local nviews = tonumber(ARGV[i])
+local views = {}
+for k = 1, nviews do
+  local v, rows = ARGV[i + 2 * k - 1], ARGV[i + 2 * k]
+  redis.call('HSET', prefix .. 'rows:' .. v, id, rows)
+  views[#views + 1] = v
+end
+i = i + 2 * nviews + 1
+local nix = tonumber(ARGV[i])
+local ix = {}
+for k = 1, nix do
+  redis.call('SADD', prefix .. 'ix:' .. ARGV[i + k], id)
+  ix[#ix + 1] = ARGV[i + k]
+end
+redis.call('HSET', r, 'views', #views > 0 and cjson.encode(views) or '',
+  'ix', #ix > 0 and cjson.encode(ix) or '')
+local ttl = tonumber(ARGV[11])
+if ttl > 0 then redis.call('EXPIRE', r, ttl) else redis.call('PERSIST', r) end
+return 1
+"""
+)
+
+# Remove an entry only when the batch layer holds it at the same or a newer version.
+# KEYS as upsert; ARGV: prefix, id, batch_vn, batch_lum
+_TRIM_LUA = (
+    _LUA_COMMON
+    + """
+local r, ver, chg = KEYS[1], KEYS[2], KEYS[3]
+local prefix, id = ARGV[1], ARGV[2]
+local old = redis.call('HMGET', r, 'vn', 'lum')
+if not old[1] then
+  redis.call('HDEL', ver, id)
+  redis.call('ZREM', chg, id)
+  return 0
+end
+if newer(tonumber(old[1]), tonumber(old[2]), tonumber(ARGV[3]), tonumber(ARGV[4])) then
+  return 0
+end
+drop_derived(prefix, r, id)
+redis.call('DEL', r)
+redis.call('HDEL', ver, id)
+redis.call('ZREM', chg, id)
+return 1
+"""
+)
+
+
+def connect(settings: Settings) -> RedisClient:
+    """A client for the speed layer: a plain Redis or, with REDIS_CLUSTER, a Cluster."""
+    common: dict[str, Any] = {
+        "socket_timeout": 5.0,
+        "socket_connect_timeout": 2.0,
+        "health_check_interval": 30,
+    }
+    if settings.redis_cluster:
+        return RedisCluster.from_url(settings.redis_url, **common)
+    return aioredis.Redis.from_url(settings.redis_url, max_connections=64, **common)
+
+
+def _decode(value: Any) -> str | None:
+    if value is None:
+        return None
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _parse_ver(resource_id: str, raw: bytes | str) -> Version:
+    st, vn, lum, vid = _decode(raw).split("|", 3)  # type: ignore[union-attr]
+    return Version(
+        resource_id=resource_id,
+        state="present" if st == "p" else "deleted",
+        version_number=float(vn),
+        last_updated_ms=float(lum),
+        version_id=vid or None,
+    )
+
+
+class SpeedStore:
+    """Atomic, version-guarded reads and writes of the speed layer."""
+
+    def __init__(self, client: RedisClient, *, max_age_hours: int | None = None) -> None:
+        self.client = client
+        self.expire_seconds = max_age_hours * 3600 if max_age_hours else 0
+        self._upsert = client.register_script(_UPSERT_LUA)
+        self._trim = client.register_script(_TRIM_LUA)
+
+    # -- writes --------------------------------------------------------------------------
+
+    async def upsert(
+        self,
+        resource_type: str,
+        resource_id: str,
+        *,
+        body: bytes | None,
+        version_id: str | None,
+        last_updated: str | None,
+        deleted: bool = False,
+        derived: Derived | None = None,
+        version_number_override: float | None = None,
+    ) -> bool:
+        """Store this version if it is newer than what is held; True when it was written.
+
+        `body` is kept byte for byte. A tombstone (`deleted=True`) keeps the version and hides
+        the resource. Raises SpeedLayerUnavailable when Redis cannot take the write.
+        """
+        vn = version_number(version_id) if version_number_override is None else version_number_override
+        lum = parse_instant(last_updated)
+        bucket = bucket_of(resource_id)
+        prefix = tag(resource_type, bucket)
+        now_ms = time.time() * 1000.0
+        score = lum or now_ms
+        args: list[Any] = [
+            prefix,
+            resource_id,
+            repr(vn),
+            repr(lum),
+            version_id or "",
+            last_updated or "",
+            "d" if deleted else "p",
+            b"" if deleted or body is None else body,
+            repr(score),
+            repr(now_ms),
+            self.expire_seconds,
+        ]
+        rows = {} if deleted or derived is None else derived.rows
+        args.append(len(rows))
+        for view, view_rows in rows.items():
+            args.extend([view, view_rows])
+        index = () if deleted or derived is None else derived.index
+        args.append(len(index))
+        args.extend(index)
+        keys = [prefix + "r:" + resource_id, prefix + "ver", prefix + "chg"]
+        try:
+            written = await self._upsert(keys=keys, args=args)
+        except RedisError as exc:
+            raise SpeedLayerUnavailable(f"Redis did not take the write: {exc}") from exc
+        if written:
+            await self._count_change(now_ms)
+        return bool(written)
+
+    async def _count_change(self, now_ms: float) -> None:
+        hour = datetime.fromtimestamp(now_ms / 1000.0, UTC).strftime("%Y-%m-%dT%H")
+        try:
+            await self.client.hincrby(HOURLY_KEY, hour, 1)
+        except RedisError:  # statistics only: the resource itself is written
+            logger.warning("could not count a change in %s", HOURLY_KEY)
+
+    async def tombstone_after_held(self, resource_type: str, resource_id: str) -> bool:
+        """Tombstone just after the newest version held, for a DELETE whose version is unknown.
+
+        A late PUT of the held version or an older one is then ignored; a higher version (a
+        re-create) wins. Nothing held: the tombstone sits below version 1.
+        """
+        held = await self.get(resource_type, resource_id)
+        if held is None:
+            vn, lu_ms = 0.5, 0.0
+        else:
+            vn = held.version_number + 0.5 if held.version_number >= 0 else -1.0
+            lu_ms = held.last_updated_ms + 0.001
+        last_updated = datetime.fromtimestamp(lu_ms / 1000.0, UTC).isoformat() if lu_ms else None
+        return await self.upsert(
+            resource_type,
+            resource_id,
+            body=None,
+            version_id=None,
+            last_updated=last_updated,
+            deleted=True,
+            version_number_override=vn,
+        )
+
+    async def trim_covered(
+        self, resource_type: str, covered: Iterable[tuple[str, float, float]]
+    ) -> int:
+        """Drop entries the batch layer holds at the same or a newer version.
+
+        `covered` yields (id, batch version number, batch lastUpdated ms). An entry newer than
+        the batch's version (written after the batch read it) stays. Returns how many went.
+        """
+        removed = 0
+        pipe_items: list[tuple[str, float, float]] = list(covered)
+        for start in range(0, len(pipe_items), 500):
+            async with self.client.pipeline(transaction=False) as pipe:
+                for resource_id, vn, lum in pipe_items[start : start + 500]:
+                    prefix = tag(resource_type, bucket_of(resource_id))
+                    keys = [prefix + "r:" + resource_id, prefix + "ver", prefix + "chg"]
+                    await self._trim(keys=keys, args=[prefix, resource_id, repr(vn), repr(lum)], client=pipe)
+                try:
+                    results = await pipe.execute()
+                except RedisError as exc:
+                    raise SpeedLayerUnavailable(f"Redis did not take the trim: {exc}") from exc
+            removed += sum(1 for r in results if r)
+        return removed
+
+    # -- reads ---------------------------------------------------------------------------
+
+    async def get(self, resource_type: str, resource_id: str) -> Entry | None:
+        """The entry held for TYPE/ID (present or tombstone), or None."""
+        try:
+            raw = await self.client.hmget(
+                resource_key(resource_type, resource_id), ["st", "vid", "lu", "vn", "lum", "body"]
+            )
+        except RedisError as exc:
+            raise SpeedLayerUnavailable(f"Redis cannot be read: {exc}") from exc
+        st, vid, lu, vn, lum, body = raw
+        if st is None:
+            return None
+        return Entry(
+            resource_type=resource_type,
+            resource_id=resource_id,
+            state="present" if _decode(st) == "p" else "deleted",
+            version_id=_decode(vid) or None,
+            last_updated=_decode(lu) or None,
+            version_number=float(_decode(vn) or -1),
+            last_updated_ms=float(_decode(lum) or 0),
+            body=body if _decode(st) == "p" else None,
+        )
+
+    async def versions(self, resource_type: str) -> dict[str, Version]:
+        """Every entry of a type with its version (no bodies): one HGETALL per bucket."""
+        results = await self._fan_out(lambda p, t: p.hgetall(t + "ver"), resource_type)
+        out: dict[str, Version] = {}
+        for result in results:
+            for raw_id, raw in result.items():
+                resource_id = _decode(raw_id) or ""
+                out[resource_id] = _parse_ver(resource_id, raw)
+        return out
+
+    async def rows(self, resource_type: str, view: str) -> dict[str, bytes]:
+        """The precomputed rows of one view for every present entry of a type."""
+        results = await self._fan_out(lambda p, t: p.hgetall(f"{t}rows:{view}"), resource_type)
+        out: dict[str, bytes] = {}
+        for result in results:
+            for raw_id, raw in result.items():
+                out[_decode(raw_id) or ""] = raw
+        return out
+
+    async def rows_for(self, resource_type: str, view: str, ids: Sequence[str]) -> dict[str, bytes]:
+        """The precomputed rows of one view for the given ids (absent ones are left out)."""
+        if not ids:
+            return {}
+        try:
+            async with self.client.pipeline(transaction=False) as pipe:
+                for resource_id in ids:
+                    pipe.hget(f"{tag(resource_type, bucket_of(resource_id))}rows:{view}", resource_id)
+                values = await pipe.execute()
+        except RedisError as exc:
+            raise SpeedLayerUnavailable(f"Redis cannot be read: {exc}") from exc
+        return {i: v for i, v in zip(ids, values, strict=True) if v is not None}
+
+    async def index_members(self, resource_type: str, name: str) -> set[str]:
+        """Ids of present entries of a type whose derived data carries index entry `name`."""
+        results = await self._fan_out(lambda p, t: p.smembers(f"{t}ix:{name}"), resource_type)
+        return {_decode(m) or "" for result in results for m in result}
+
+    async def changed_since(self, resource_type: str, since_ms: float) -> list[str]:
+        """Ids of a type whose stored change time is at or after `since_ms` (HAPI's clock)."""
+        results = await self._fan_out(
+            lambda p, t: p.zrangebyscore(t + "chg", since_ms, "+inf"), resource_type
+        )
+        return [_decode(m) or "" for result in results for m in result]
+
+    async def count(self, resource_type: str) -> int:
+        results = await self._fan_out(lambda p, t: p.hlen(t + "ver"), resource_type)
+        return int(sum(results))
+
+    async def oldest_newest(self, resource_type: str) -> tuple[float | None, float | None]:
+        """Change times (epoch ms) of the oldest and newest entry of a type."""
+        firsts = await self._fan_out(
+            lambda p, t: p.zrange(t + "chg", 0, 0, withscores=True), resource_type
+        )
+        lasts = await self._fan_out(
+            lambda p, t: p.zrange(t + "chg", -1, -1, withscores=True), resource_type
+        )
+        lows = [s for r in firsts for _, s in r]
+        highs = [s for r in lasts for _, s in r]
+        return (min(lows) if lows else None, max(highs) if highs else None)
+
+    async def _fan_out(self, command: Any, resource_type: str) -> list[Any]:
+        try:
+            async with self.client.pipeline(transaction=False) as pipe:
+                for bucket in range(BUCKETS):
+                    command(pipe, tag(resource_type, bucket))
+                return list(await pipe.execute())
+        except RedisError as exc:
+            raise SpeedLayerUnavailable(f"Redis cannot be read: {exc}") from exc
+
+    # -- the epoch marker, catch-up flag and rejects ---------------------------------------
+
+    async def epoch(self) -> str | None:
+        """The epoch marker, or None when Redis came back empty (speed layer incomplete)."""
+        try:
+            return _decode(await self.client.get(EPOCH_KEY))
+        except RedisError as exc:
+            raise SpeedLayerUnavailable(f"Redis cannot be read: {exc}") from exc
+
+    async def mark_epoch(self) -> str:
+        """Set the epoch marker (after a catch-up made the speed layer complete)."""
+        value = datetime.now(UTC).isoformat()
+        await self.client.set(EPOCH_KEY, value, nx=True)
+        return _decode(await self.client.get(EPOCH_KEY)) or value
+
+    async def request_catchup(self, reason: str) -> None:
+        """Record that a catch-up poll is due (the poller acts on it)."""
+        try:
+            await self.client.set(CATCHUP_KEY, f"{time.time():.3f} {reason}")
+        except RedisError as exc:
+            raise SpeedLayerUnavailable(f"Redis did not take the write: {exc}") from exc
+
+    async def take_catchup(self) -> str | None:
+        """Take (and clear) the catch-up request, if any."""
+        return _decode(await self.client.getdel(CATCHUP_KEY))
+
+    async def record_reject(
+        self, resource_type: str, resource_id: str, version_id: str | None, issues: Sequence[Issue]
+    ) -> bool:
+        """Record a rejected resource once per (type, id, version); never its body."""
+        seen_field = f"{resource_type}/{resource_id}"
+        version = version_id or ""
+        try:
+            if _decode(await self.client.hget(REJECTS_SEEN_KEY, seen_field)) == version and version:
+                return False
+            entry = json.dumps(
+                {
+                    "type": resource_type,
+                    "id": resource_id,
+                    "version": version_id,
+                    "at": datetime.now(UTC).isoformat(timespec="seconds"),
+                    "issues": [
+                        {"expression": i.expression, "diagnostics": i.diagnostics[:300]}
+                        for i in issues[:20]
+                    ],
+                }
+            )
+            async with self.client.pipeline(transaction=False) as pipe:
+                if await self.client.hlen(REJECTS_SEEN_KEY) < REJECTS_SEEN_MAX:
+                    pipe.hset(REJECTS_SEEN_KEY, seen_field, version)
+                pipe.lpush(REJECTS_KEY, entry)
+                pipe.ltrim(REJECTS_KEY, 0, REJECTS_MAX - 1)
+                pipe.incr(REJECTS_COUNT_KEY)
+                await pipe.execute()
+        except RedisError as exc:
+            logger.warning("could not record a reject of %s/%s: %s", resource_type, resource_id, exc)
+            return False
+        return True
+
+    async def is_rejected(self, resource_type: str, resource_id: str, version_id: str | None) -> bool:
+        seen = await self.client.hget(REJECTS_SEEN_KEY, f"{resource_type}/{resource_id}")
+        return seen is not None and _decode(seen) == (version_id or "")
+
+    async def recent_rejects(self, limit: int = 50) -> list[dict[str, Any]]:
+        raw = await self.client.lrange(REJECTS_KEY, 0, limit - 1)
+        return [json.loads(r) for r in raw]
+
+    async def reject_count(self) -> int:
+        return int(_decode(await self.client.get(REJECTS_COUNT_KEY)) or 0)
+
+    async def count_missed(self, n: int = 1) -> None:
+        await self.client.incrby(MISSED_KEY, n)
+
+    async def missed_count(self) -> int:
+        return int(_decode(await self.client.get(MISSED_KEY)) or 0)
+
+    async def hourly_changes(self, hours: int = 24) -> list[tuple[str, int]]:
+        """Changes received per hour over the last `hours` hours, oldest first."""
+        now = time.time()
+        labels = [
+            datetime.fromtimestamp(now - 3600 * k, UTC).strftime("%Y-%m-%dT%H")
+            for k in range(hours - 1, -1, -1)
+        ]
+        values = await self.client.hmget(HOURLY_KEY, labels)
+        return [(label, int(_decode(v) or 0)) for label, v in zip(labels, values, strict=True)]
+
+    async def server_config(self) -> dict[str, str]:
+        """Persistence mode and eviction policy, for start-up logs and `speed stats`."""
+        info: dict[str, str] = {}
+        try:
+            for name in ("maxmemory-policy", "appendonly", "appendfsync", "save"):
+                got = await self.client.config_get(name)
+                if isinstance(got, dict) and got:
+                    # RedisCluster answers per node; take the first.
+                    first = next(iter(got.values()))
+                    info[name] = _decode(first if not isinstance(first, dict) else first.get(name)) or ""
+        except RedisError as exc:
+            logger.info("CONFIG GET is not allowed here (%s); persistence mode unknown", exc)
+        return info
+
+    async def warn_about_config(self) -> dict[str, str]:
+        """Log the persistence mode and warn loudly when Redis may evict speed-layer keys."""
+        info = await self.server_config()
+        policy = info.get("maxmemory-policy", "unknown")
+        logger.info(
+            "speed layer Redis: maxmemory-policy=%s appendonly=%s appendfsync=%s",
+            policy,
+            info.get("appendonly", "unknown"),
+            info.get("appendfsync", "unknown"),
+        )
+        if policy not in ("noeviction", "unknown"):
+            logger.warning(
+                "Redis maxmemory-policy is %s: Redis may EVICT speed-layer entries and answers "
+                "would silently miss changes. Set maxmemory-policy noeviction.",
+                policy,
+            )
+        return info

@@ -1,0 +1,226 @@
+"""The one gate into both layers: parse and validate a FHIR R4 resource."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+import orjson
+from fhir.resources.R4B import get_fhir_model_class
+from pydantic import ValidationError
+
+from receiver.errors import InvalidRequest, InvalidResource, Issue
+
+# FHIR R4 id datatype.
+ID_PATTERN = re.compile(r"[A-Za-z0-9\-\.]{1,64}")
+
+# Required bindings of the elements our views read, which fhir.resources does not check
+# (it accepts Patient.gender "robot"). Path -> (coding system or None for a plain code, codes).
+_GENDER = frozenset({"male", "female", "other", "unknown"})
+_CONDITION_CLINICAL = (
+    "http://terminology.hl7.org/CodeSystem/condition-clinical",
+    frozenset({"active", "recurrence", "relapse", "inactive", "remission", "resolved"}),
+)
+_CONDITION_VERIFICATION = (
+    "http://terminology.hl7.org/CodeSystem/condition-ver-status",
+    frozenset(
+        {"unconfirmed", "provisional", "differential", "confirmed", "refuted", "entered-in-error"}
+    ),
+)
+_OBSERVATION_STATUS = frozenset(
+    {
+        "registered",
+        "preliminary",
+        "final",
+        "amended",
+        "corrected",
+        "cancelled",
+        "entered-in-error",
+        "unknown",
+    }
+)
+
+
+@dataclass(frozen=True)
+class ValidResource:
+    """A resource that passed the gate, with its original bytes."""
+
+    resource_type: str
+    resource_id: str
+    version_id: str | None
+    last_updated: str | None
+    body: bytes
+    data: dict[str, Any]
+
+
+@lru_cache(maxsize=256)
+def _model(resource_type: str) -> Any:
+    try:
+        return get_fhir_model_class(resource_type)
+    except (ValueError, KeyError, AttributeError):
+        return None
+
+
+def is_resource_type(name: str) -> bool:
+    """True for a FHIR resource type name the R4B models know."""
+    return bool(name) and name[0].isupper() and name.isalpha() and _model(name) is not None
+
+
+def check_id(resource_id: str) -> None:
+    if not ID_PATTERN.fullmatch(resource_id):
+        raise InvalidRequest(
+            f"invalid id {resource_id[:80]!r}: a FHIR id is 1-64 of A-Z a-z 0-9 - .",
+            [Issue("value", "invalid FHIR id (1-64 of A-Z a-z 0-9 - .)", "id")],
+        )
+
+
+def parse_json(body: bytes) -> Any:
+    """Parse a request body as JSON, or raise InvalidRequest (400)."""
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidRequest(
+            f"the body is not valid JSON: {exc}", [Issue("structure", f"malformed JSON: {exc}")]
+        ) from None
+
+
+def _path(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + part
+    return out
+
+
+def _binding_issues(resource_type: str, data: dict[str, Any]) -> list[Issue]:
+    issues: list[Issue] = []
+
+    def check_code(path: str, value: Any, allowed: frozenset[str]) -> None:
+        if value is not None and value not in allowed:
+            issues.append(
+                Issue(
+                    "code-invalid",
+                    f"{value!r} is not in the required value set ({', '.join(sorted(allowed))})",
+                    path,
+                )
+            )
+
+    def check_concept(path: str, concept: Any, binding: tuple[str, frozenset[str]]) -> None:
+        if not isinstance(concept, dict):
+            return
+        system, allowed = binding
+        for n, coding in enumerate(concept.get("coding") or []):
+            if isinstance(coding, dict) and coding.get("system") == system:
+                check_code(f"{path}.coding[{n}].code", coding.get("code"), allowed)
+
+    if resource_type == "Patient":
+        check_code("gender", data.get("gender"), _GENDER)
+    elif resource_type == "Condition":
+        check_concept("clinicalStatus", data.get("clinicalStatus"), _CONDITION_CLINICAL)
+        check_concept("verificationStatus", data.get("verificationStatus"), _CONDITION_VERIFICATION)
+    elif resource_type == "Observation":
+        check_code("status", data.get("status"), _OBSERVATION_STATUS)
+    return issues
+
+
+def check_resource(data: dict[str, Any]) -> list[Issue]:
+    """Validation issues of a parsed resource against the R4B models and our bindings."""
+    resource_type = data.get("resourceType")
+    model = _model(resource_type) if isinstance(resource_type, str) else None
+    if model is None:
+        return [Issue("not-supported", f"unknown resource type {resource_type!r}", "resourceType")]
+    issues: list[Issue] = []
+    try:
+        model.model_validate(data)
+    except ValidationError as exc:
+        for error in exc.errors():
+            issues.append(
+                Issue(
+                    "invalid" if error["type"] != "missing" else "required",
+                    f"{_path(error['loc']) or resource_type}: {error['msg']}",
+                    _path(error["loc"]) or None,
+                )
+            )
+    except (ValueError, TypeError) as exc:  # fhir.resources raises plain errors now and then
+        issues.append(Issue("invalid", str(exc)[:500]))
+    issues.extend(_binding_issues(resource_type, data))  # type: ignore[arg-type]
+    return issues
+
+
+def validate_resource(
+    body: bytes | dict[str, Any],
+    *,
+    path_type: str | None = None,
+    path_id: str | None = None,
+) -> ValidResource:
+    """Check a resource the way every entry into the speed or batch layer must.
+
+    Raises InvalidRequest (400) for malformed JSON, an unknown or mismatched resourceType, a
+    mismatched or invalid id; InvalidResource (422) with one issue per error otherwise.
+    """
+    if isinstance(body, dict):
+        data: Any = body
+        raw = orjson.dumps(body)
+    else:
+        raw = body
+        data = parse_json(body)
+    if not isinstance(data, dict):
+        raise InvalidRequest(
+            "the body must be a JSON object (a FHIR resource)",
+            [Issue("structure", "the body is not a JSON object")],
+        )
+    resource_type = data.get("resourceType")
+    if not isinstance(resource_type, str) or not resource_type:
+        raise InvalidRequest(
+            "the resource has no resourceType",
+            [Issue("required", "resourceType is missing", "resourceType")],
+        )
+    if path_type is not None and resource_type != path_type:
+        raise InvalidRequest(
+            f"resourceType {resource_type!r} does not match the path type {path_type!r}",
+            [Issue("invalid", "resourceType does not match the URL", "resourceType")],
+        )
+    if not is_resource_type(resource_type):
+        raise InvalidRequest(
+            f"unknown resource type {resource_type[:80]!r}",
+            [Issue("not-supported", "unknown resource type", "resourceType")],
+        )
+    resource_id = data.get("id")
+    if not isinstance(resource_id, str):
+        raise InvalidRequest(
+            "the resource has no id", [Issue("required", "id is missing", "id")]
+        )
+    check_id(resource_id)
+    if path_id is not None and resource_id != path_id:
+        raise InvalidRequest(
+            f"the body id {resource_id!r} does not match the path id {path_id!r}",
+            [Issue("invalid", "id does not match the URL", "id")],
+        )
+    issues = check_resource(data)
+    if issues:
+        raise InvalidResource(
+            f"{resource_type}/{resource_id} is not a valid FHIR R4 resource", issues
+        )
+    meta = data.get("meta") if isinstance(data.get("meta"), dict) else {}
+    version_id = meta.get("versionId") if isinstance(meta.get("versionId"), str) else None
+    last_updated = meta.get("lastUpdated") if isinstance(meta.get("lastUpdated"), str) else None
+    return ValidResource(resource_type, resource_id, version_id, last_updated, raw, data)
+
+
+def operation_outcome(issues: list[Issue]) -> dict[str, Any]:
+    """An OperationOutcome for these issues."""
+    out: list[dict[str, Any]] = []
+    for issue in issues:
+        entry: dict[str, Any] = {
+            "severity": issue.severity,
+            "code": issue.code,
+            "diagnostics": issue.diagnostics,
+        }
+        if issue.expression:
+            entry["expression"] = [issue.expression]
+        out.append(entry)
+    return {"resourceType": "OperationOutcome", "issue": out}

@@ -1,0 +1,73 @@
+"""Shared fixtures: a real Redis and a real PostgreSQL, cleaned after each test."""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+import redis.asyncio as aioredis
+
+from receiver.settings import Settings
+from receiver.store import SpeedStore
+
+SHARED = Path(os.environ.get("RESEARCHFLOW_SHARED", Path(__file__).resolve().parents[2] / "shared"))
+# Tests use their own Redis database number so they never touch a deployment's data.
+TEST_REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/9")
+TEST_PG_ADMIN_URL = os.environ.get("TEST_PG_ADMIN_URL", "postgresql://127.0.0.1:5432/postgres")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture
+def shared_dir() -> Path:
+    return SHARED
+
+
+@pytest.fixture
+async def redis_client() -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.Redis.from_url(TEST_REDIS_URL)
+    await client.flushdb()
+    try:
+        yield client
+    finally:
+        await client.flushdb()
+        await client.aclose()
+
+
+@pytest.fixture
+async def store(redis_client: aioredis.Redis) -> SpeedStore:
+    return SpeedStore(redis_client)
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    """A fresh, empty PostgreSQL database for one test, dropped afterwards."""
+    name = f"rf_test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(TEST_PG_ADMIN_URL, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    url = TEST_PG_ADMIN_URL.rsplit("/", 1)[0] + "/" + name
+    try:
+        yield url
+    finally:
+        with psycopg.connect(TEST_PG_ADMIN_URL, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def settings(pg_url: str) -> Settings:
+    return Settings(
+        redis_url=TEST_REDIS_URL,
+        database_url=pg_url,
+        fhir_base_url="http://127.0.0.1:1/fhir",
+        receiver_tokens=("test-token",),
+        serving_tokens=("serve-token",),
+    )
