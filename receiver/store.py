@@ -576,3 +576,115 @@ class SpeedStore:
                 policy,
             )
         return info
+
+    # -- the fallback poller: watermark, lease, batched writes (subscriptions/poller.py) --
+
+    async def poller_watermark(self) -> str | None:
+        """The poller's watermark (an instant in HAPI's clock), or None before its first poll."""
+        try:
+            return _decode(await self.client.get(POLLER_WATERMARK_KEY))
+        except RedisError as exc:
+            raise SpeedLayerUnavailable(f"Redis cannot be read: {exc}") from exc
+
+    async def set_poller_watermark(self, value: str) -> None:
+        try:
+            await self.client.set(POLLER_WATERMARK_KEY, value)
+        except RedisError as exc:
+            raise SpeedLayerUnavailable(f"Redis did not take the write: {exc}") from exc
+
+    async def acquire_lease(self, token: str, ttl_ms: int) -> bool:
+        """Take the poller lease (SET NX PX); True when this token now holds it."""
+        try:
+            return bool(await self.client.set(POLLER_LEASE_KEY, token, nx=True, px=ttl_ms))
+        except RedisError as exc:
+            raise SpeedLayerUnavailable(f"Redis did not take the write: {exc}") from exc
+
+    async def renew_lease(self, token: str, ttl_ms: int) -> bool:
+        """Extend the lease if this token still holds it; False when it was lost."""
+        try:
+            renewed = await self.client.eval(_LEASE_RENEW_LUA, 1, POLLER_LEASE_KEY, token, ttl_ms)
+            return bool(renewed)
+        except RedisError as exc:
+            raise SpeedLayerUnavailable(f"Redis did not take the write: {exc}") from exc
+
+    async def release_lease(self, token: str) -> bool:
+        """Give the lease up if this token holds it."""
+        try:
+            return bool(await self.client.eval(_LEASE_RELEASE_LUA, 1, POLLER_LEASE_KEY, token))
+        except RedisError as exc:
+            raise SpeedLayerUnavailable(f"Redis did not take the write: {exc}") from exc
+
+    async def upsert_many(self, items: Sequence[UpsertItem]) -> list[bool]:
+        """`upsert` for many resources in one pipeline: each write is still one atomic,
+        version-guarded Lua call; returns per item whether it was written."""
+        if not items:
+            return []
+        now_ms = time.time() * 1000.0
+        try:
+            async with self.client.pipeline(transaction=False) as pipe:
+                for item in items:
+                    keys, args = self._upsert_call(item, now_ms)
+                    await self._upsert(keys=keys, args=args, client=pipe)  # type: ignore[arg-type]
+                results = await pipe.execute()
+        except RedisError as exc:
+            raise SpeedLayerUnavailable(f"Redis did not take the write: {exc}") from exc
+        written = [bool(r) for r in results]
+        if any(written):
+            hour = datetime.fromtimestamp(now_ms / 1000.0, UTC).strftime("%Y-%m-%dT%H")
+            try:
+                await self.client.hincrby(HOURLY_KEY, hour, sum(written))
+            except RedisError:  # statistics only
+                logger.warning("could not count changes in %s", HOURLY_KEY)
+        return written
+
+    def _upsert_call(self, item: UpsertItem, now_ms: float) -> tuple[list[str], list[Any]]:
+        # Same ARGV layout as `upsert` (and _UPSERT_LUA).
+        lum = parse_instant(item.last_updated)
+        prefix = tag(item.resource_type, bucket_of(item.resource_id))
+        args: list[Any] = [
+            prefix,
+            item.resource_id,
+            repr(version_number(item.version_id)),
+            repr(lum),
+            item.version_id or "",
+            item.last_updated or "",
+            "d" if item.deleted else "p",
+            b"" if item.deleted or item.body is None else item.body,
+            repr(lum or now_ms),
+            repr(now_ms),
+            self.expire_seconds,
+        ]
+        rows = {} if item.deleted or item.derived is None else item.derived.rows
+        args.append(len(rows))
+        for view, view_rows in rows.items():
+            args.extend([view, view_rows])
+        index = () if item.deleted or item.derived is None else item.derived.index
+        args.append(len(index))
+        args.extend(index)
+        keys = [prefix + "r:" + item.resource_id, prefix + "ver", prefix + "chg"]
+        return keys, args
+
+
+POLLER_WATERMARK_KEY = META + "poller:watermark"  # STRING instant (HAPI's clock)
+POLLER_LEASE_KEY = META + "poller:lease"  # STRING token of the poller that works, with a TTL
+_LEASE_RENEW_LUA = (
+    "if redis.call('GET', KEYS[1]) == ARGV[1] then "
+    "return redis.call('PEXPIRE', KEYS[1], ARGV[2]) else return 0 end"
+)
+_LEASE_RELEASE_LUA = (
+    "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) "
+    "else return 0 end"
+)
+
+
+@dataclass(frozen=True)
+class UpsertItem:
+    """One write of `SpeedStore.upsert_many` (the arguments of `upsert`)."""
+
+    resource_type: str
+    resource_id: str
+    body: bytes | None
+    version_id: str | None
+    last_updated: str | None
+    deleted: bool = False
+    derived: Derived | None = None
