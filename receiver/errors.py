@@ -1,14 +1,14 @@
 """The exception tree, split by what the caller does next.
 
-    ResearchFlowError
-    ├── InvalidRequest        the request is malformed: 400, nothing written
-    │   └── InvalidResource   the JSON is a resource the validation rejects: 422
-    ├── DependencyUnavailable Redis / PostgreSQL / HAPI cannot be reached: 503 / exit 1
-    │   └── SpeedLayerUnavailable  Redis in particular (receiver answers 503 + Retry-After)
-    ├── FhirError             HAPI answered with an error
-    │   ├── FhirTemporaryError   retry later (connection errors, 408, 429, 5xx)
-    │   └── FhirFatalError       do not retry (other 4xx), carries HAPI's OperationOutcome text
-    └── InvalidViewDefinition a SQL-on-FHIR ViewDefinition we cannot evaluate
+ResearchFlowError
+├── InvalidRequest        the request is malformed: 400, nothing written
+│   └── InvalidResource   the JSON is a resource the validation rejects: 422
+├── DependencyUnavailable Redis / PostgreSQL / HAPI cannot be reached: 503 / exit 1
+│   └── SpeedLayerUnavailable  Redis in particular (receiver answers 503 + Retry-After)
+├── FhirError             HAPI answered with an error
+│   ├── FhirTemporaryError   retry later (connection errors, 408, 429, 5xx)
+│   └── FhirFatalError       do not retry (other 4xx), carries HAPI's OperationOutcome text
+└── InvalidViewDefinition a SQL-on-FHIR ViewDefinition we cannot evaluate
 """
 
 from __future__ import annotations

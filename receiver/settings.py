@@ -94,7 +94,9 @@ class Settings:
             use_speed_layer=_bool(env, "USE_SPEED_LAYER", True),
             poll_interval_seconds=_int(env, "POLL_INTERVAL_SECONDS", 300) or 300,
             hapi_database_url=env.get("HAPI_DATABASE_URL") or None,
-            receiver_max_body_bytes=_int(env, "RECEIVER_MAX_BODY_BYTES", defaults.receiver_max_body_bytes)
+            receiver_max_body_bytes=_int(
+                env, "RECEIVER_MAX_BODY_BYTES", defaults.receiver_max_body_bytes
+            )
             or defaults.receiver_max_body_bytes,
             speed_max_age_hours=_int(env, "SPEED_MAX_AGE_HOURS", None),
             min_cell_count=_int(env, "MIN_CELL_COUNT", None),

@@ -44,6 +44,7 @@ REJECTS_SEEN_KEY = META + "rejects:seen"  # HASH "T/id" -> version, to record ea
 REJECTS_COUNT_KEY = META + "rejects:count"
 HOURLY_KEY = META + "hourly"  # HASH "YYYY-mm-ddTHH" -> changes received that hour
 MISSED_KEY = META + "missed"  # counter of notifications the poller found missing
+TYPES_KEY = META + "types"  # SET of resource types ever written
 REJECTS_MAX = 1000
 REJECTS_SEEN_MAX = 100_000
 
@@ -72,7 +73,7 @@ def parse_instant(value: str | None) -> float:
     if "." in text:
         head, _, rest = text.partition(".")
         digits = "".join(c for c in rest if c.isdigit())
-        text = f"{head}.{digits[:6]}{rest[len(digits):]}" if digits else head + rest[len(digits) :]
+        text = f"{head}.{digits[:6]}{rest[len(digits) :]}" if digits else head + rest[len(digits) :]
     try:
         parsed = datetime.fromisoformat(text)
     except ValueError:
@@ -258,6 +259,7 @@ class SpeedStore:
         self.expire_seconds = max_age_hours * 3600 if max_age_hours else 0
         self._upsert = client.register_script(_UPSERT_LUA)
         self._trim = client.register_script(_TRIM_LUA)
+        self._known_types: set[str] = set()
 
     # -- writes --------------------------------------------------------------------------
 
@@ -271,15 +273,19 @@ class SpeedStore:
         last_updated: str | None,
         deleted: bool = False,
         derived: Derived | None = None,
-        version_number_override: float | None = None,
+        order: tuple[float, float] | None = None,
     ) -> bool:
         """Store this version if it is newer than what is held; True when it was written.
 
         `body` is kept byte for byte. A tombstone (`deleted=True`) keeps the version and hides
         the resource. Raises SpeedLayerUnavailable when Redis cannot take the write.
         """
-        vn = version_number(version_id) if version_number_override is None else version_number_override
-        lum = parse_instant(last_updated)
+        # `order` overrides the (version number, lastUpdated ms) pair the guard compares.
+        vn, lum = (
+            order
+            if order is not None
+            else (version_number(version_id), parse_instant(last_updated))
+        )
         bucket = bucket_of(resource_id)
         prefix = tag(resource_type, bucket)
         now_ms = time.time() * 1000.0
@@ -310,15 +316,27 @@ class SpeedStore:
         except RedisError as exc:
             raise SpeedLayerUnavailable(f"Redis did not take the write: {exc}") from exc
         if written:
-            await self._count_change(now_ms)
+            await self._count_change(resource_type, now_ms)
         return bool(written)
 
-    async def _count_change(self, now_ms: float) -> None:
+    async def _count_change(self, resource_type: str, now_ms: float) -> None:
         hour = datetime.fromtimestamp(now_ms / 1000.0, UTC).strftime("%Y-%m-%dT%H")
         try:
-            await self.client.hincrby(HOURLY_KEY, hour, 1)
+            async with self.client.pipeline(transaction=False) as pipe:
+                pipe.hincrby(HOURLY_KEY, hour, 1)
+                if resource_type not in self._known_types:
+                    pipe.sadd(TYPES_KEY, resource_type)
+                await pipe.execute()
+            self._known_types.add(resource_type)
         except RedisError:  # statistics only: the resource itself is written
             logger.warning("could not count a change in %s", HOURLY_KEY)
+
+    async def known_types(self) -> list[str]:
+        """Resource types the speed layer has held (for stats and the status page)."""
+        try:
+            return sorted(_decode(t) or "" for t in await self.client.smembers(TYPES_KEY))
+        except RedisError as exc:
+            raise SpeedLayerUnavailable(f"Redis cannot be read: {exc}") from exc
 
     async def tombstone_after_held(self, resource_type: str, resource_id: str) -> bool:
         """Tombstone just after the newest version held, for a DELETE whose version is unknown.
@@ -328,19 +346,18 @@ class SpeedStore:
         """
         held = await self.get(resource_type, resource_id)
         if held is None:
-            vn, lu_ms = 0.5, 0.0
+            order = (0.5, 0.0)
         else:
             vn = held.version_number + 0.5 if held.version_number >= 0 else -1.0
-            lu_ms = held.last_updated_ms + 0.001
-        last_updated = datetime.fromtimestamp(lu_ms / 1000.0, UTC).isoformat() if lu_ms else None
+            order = (vn, held.last_updated_ms + 0.001)
         return await self.upsert(
             resource_type,
             resource_id,
             body=None,
             version_id=None,
-            last_updated=last_updated,
+            last_updated=None,
             deleted=True,
-            version_number_override=vn,
+            order=order,
         )
 
     async def trim_covered(
@@ -358,7 +375,8 @@ class SpeedStore:
                 for resource_id, vn, lum in pipe_items[start : start + 500]:
                     prefix = tag(resource_type, bucket_of(resource_id))
                     keys = [prefix + "r:" + resource_id, prefix + "ver", prefix + "chg"]
-                    await self._trim(keys=keys, args=[prefix, resource_id, repr(vn), repr(lum)], client=pipe)
+                    args = [prefix, resource_id, repr(vn), repr(lum)]
+                    await self._trim(keys=keys, args=args, client=pipe)  # type: ignore[arg-type]
                 try:
                     results = await pipe.execute()
                 except RedisError as exc:
@@ -387,7 +405,7 @@ class SpeedStore:
             last_updated=_decode(lu) or None,
             version_number=float(_decode(vn) or -1),
             last_updated_ms=float(_decode(lum) or 0),
-            body=body if _decode(st) == "p" else None,
+            body=body if _decode(st) == "p" and isinstance(body, bytes) else None,
         )
 
     async def versions(self, resource_type: str) -> dict[str, Version]:
@@ -416,7 +434,9 @@ class SpeedStore:
         try:
             async with self.client.pipeline(transaction=False) as pipe:
                 for resource_id in ids:
-                    pipe.hget(f"{tag(resource_type, bucket_of(resource_id))}rows:{view}", resource_id)
+                    pipe.hget(
+                        f"{tag(resource_type, bucket_of(resource_id))}rows:{view}", resource_id
+                    )
                 values = await pipe.execute()
         except RedisError as exc:
             raise SpeedLayerUnavailable(f"Redis cannot be read: {exc}") from exc
@@ -514,11 +534,15 @@ class SpeedStore:
                 pipe.incr(REJECTS_COUNT_KEY)
                 await pipe.execute()
         except RedisError as exc:
-            logger.warning("could not record a reject of %s/%s: %s", resource_type, resource_id, exc)
+            logger.warning(
+                "could not record a reject of %s/%s: %s", resource_type, resource_id, exc
+            )
             return False
         return True
 
-    async def is_rejected(self, resource_type: str, resource_id: str, version_id: str | None) -> bool:
+    async def is_rejected(
+        self, resource_type: str, resource_id: str, version_id: str | None
+    ) -> bool:
         seen = await self.client.hget(REJECTS_SEEN_KEY, f"{resource_type}/{resource_id}")
         return seen is not None and _decode(seen) == (version_id or "")
 
@@ -554,7 +578,9 @@ class SpeedStore:
                 if isinstance(got, dict) and got:
                     # RedisCluster answers per node; take the first.
                     first = next(iter(got.values()))
-                    info[name] = _decode(first if not isinstance(first, dict) else first.get(name)) or ""
+                    info[name] = (
+                        _decode(first if not isinstance(first, dict) else first.get(name)) or ""
+                    )
         except RedisError as exc:
             logger.info("CONFIG GET is not allowed here (%s); persistence mode unknown", exc)
         return info

@@ -191,9 +191,7 @@ def validate_resource(
         )
     resource_id = data.get("id")
     if not isinstance(resource_id, str):
-        raise InvalidRequest(
-            "the resource has no id", [Issue("required", "id is missing", "id")]
-        )
+        raise InvalidRequest("the resource has no id", [Issue("required", "id is missing", "id")])
     check_id(resource_id)
     if path_id is not None and resource_id != path_id:
         raise InvalidRequest(
@@ -205,7 +203,7 @@ def validate_resource(
         raise InvalidResource(
             f"{resource_type}/{resource_id} is not a valid FHIR R4 resource", issues
         )
-    meta = data.get("meta") if isinstance(data.get("meta"), dict) else {}
+    meta: dict[str, Any] = data["meta"] if isinstance(data.get("meta"), dict) else {}
     version_id = meta.get("versionId") if isinstance(meta.get("versionId"), str) else None
     last_updated = meta.get("lastUpdated") if isinstance(meta.get("lastUpdated"), str) else None
     return ValidResource(resource_type, resource_id, version_id, last_updated, raw, data)

@@ -1,0 +1,389 @@
+"""The webhook receiver: the Starlette app HAPI's rest-hook Subscriptions call."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypedDict
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from receiver import auth
+from receiver.errors import InvalidRequest, InvalidResource, Issue, SpeedLayerUnavailable
+from receiver.ingest import Deriver, ingest, ingest_deletion, ingest_valid
+from receiver.metrics import Metrics, metrics_response
+from receiver.settings import Settings
+from receiver.store import SpeedStore, connect
+from receiver.validation import (
+    ValidResource,
+    check_id,
+    is_resource_type,
+    operation_outcome,
+    parse_json,
+    validate_resource,
+)
+
+logger = logging.getLogger(__name__)
+
+FHIR_JSON = "application/fhir+json"
+RETRY_AFTER_SECONDS = "2"
+
+# (version_id, last_updated, deleted) of the newest version HAPI holds, or None when unknown.
+LatestVersion = Callable[[str, str], Awaitable[tuple[str | None, str | None, bool] | None]]
+
+
+class State(TypedDict):
+    store: SpeedStore
+    latest_version: LatestVersion | None
+
+
+def outcome_response(
+    status: int, issues: list[Issue], headers: dict[str, str] | None = None
+) -> Response:
+    return JSONResponse(
+        operation_outcome(issues), status_code=status, media_type=FHIR_JSON, headers=headers
+    )
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise _TooLarge(limit)
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise _TooLarge(limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+class _TooLarge(Exception):
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"the body is larger than {limit} bytes")
+
+
+class _Unauthorized(Exception):
+    pass
+
+
+def _verify_hmac(request: Request, settings: Settings, body: bytes) -> None:
+    secret = settings.receiver_hmac_secret
+    if not secret or not auth.verify_signature(
+        secret, request.headers.get(auth.SIGNATURE_HEADER), body
+    ):
+        raise _Unauthorized
+
+
+def _is_json(content_type: str | None) -> bool:
+    if content_type is None:
+        return True  # no content type at all: judge the body itself
+    media = content_type.split(";", 1)[0].strip().lower()
+    return media in {"application/fhir+json", "application/json", "application/json+fhir"}
+
+
+async def _guarded(request: Request, handler: Callable[[bytes], Awaitable[Response]]) -> Response:
+    """Authenticate, read the body within the limit, run the handler, map errors."""
+    settings: Settings = request.app.state.settings
+    metrics: Metrics = request.app.state.metrics
+    try:
+        bearer_ok = request.app.state.insecure or (
+            auth.bearer_position(request.headers.get("authorization"), settings.receiver_tokens)
+            is not None
+        )
+        if not bearer_ok and not settings.receiver_hmac_secret:
+            raise _Unauthorized
+        # An HMAC signature covers the body, so read it (bounded) before checking.
+        body = await _read_body(request, settings.receiver_max_body_bytes)
+        if not bearer_ok:
+            _verify_hmac(request, settings, body)
+        return await handler(body)
+    except _Unauthorized:
+        return outcome_response(
+            401,
+            [Issue("login", "missing or invalid credentials (Authorization: Bearer <token>)")],
+            {"WWW-Authenticate": "Bearer"},
+        )
+    except _TooLarge as exc:
+        return outcome_response(413, [Issue("too-costly", str(exc))])
+    except InvalidRequest as exc:
+        kind = "rejected" if isinstance(exc, InvalidResource) else "invalid"
+        metrics.notifications.labels(request.path_params.get("type", "-"), kind).inc()
+        if isinstance(exc, InvalidResource):
+            metrics.rejects.labels(request.path_params.get("type", "-")).inc()
+        return outcome_response(exc.status_code, exc.issues)
+    except SpeedLayerUnavailable as exc:
+        logger.error("speed layer unavailable, answering 503: %s", exc)
+        metrics.notifications.labels(request.path_params.get("type", "-"), "unavailable").inc()
+        return outcome_response(
+            503,
+            [Issue("transient", "the speed layer (Redis) cannot take the write; retry later")],
+            {"Retry-After": RETRY_AFTER_SECONDS},
+        )
+
+
+def _check_path(resource_type: str, resource_id: str) -> None:
+    if not is_resource_type(resource_type):
+        raise InvalidRequest(
+            f"unknown resource type {resource_type[:80]!r}",
+            [
+                Issue(
+                    "not-supported", f"unknown resource type {resource_type[:80]!r}", "resourceType"
+                )
+            ],
+        )
+    check_id(resource_id)
+
+
+async def put_resource(request: Request) -> Response:
+    resource_type = request.path_params["type"]
+    resource_id = request.path_params["id"]
+    store: SpeedStore = request.state.store
+    derive: Deriver | None = request.app.state.derive
+    metrics: Metrics = request.app.state.metrics
+
+    async def handle(body: bytes) -> Response:
+        started = time.perf_counter()
+        _check_path(resource_type, resource_id)
+        if not _is_json(request.headers.get("content-type")):
+            return outcome_response(
+                415,
+                [Issue("not-supported", "the content type must be application/fhir+json")],
+            )
+        # HAPI sends creates as PUT too, with If-Match: "N"; the version guard does its job.
+        outcome = await ingest(
+            store, body, path_type=resource_type, path_id=resource_id, derive=derive
+        )
+        metrics.write_latency.observe(time.perf_counter() - started)
+        metrics.notifications.labels(
+            resource_type, "written" if outcome.written else "duplicate"
+        ).inc()
+        return Response(status_code=204)
+
+    return await _guarded(request, handle)
+
+
+async def delete_resource(request: Request) -> Response:
+    resource_type = request.path_params["type"]
+    resource_id = request.path_params["id"]
+    store: SpeedStore = request.state.store
+    latest_version: LatestVersion | None = request.state.latest_version
+    metrics: Metrics = request.app.state.metrics
+
+    async def handle(_: bytes) -> Response:
+        _check_path(resource_type, resource_id)
+        await apply_delete(store, latest_version, resource_type, resource_id)
+        metrics.notifications.labels(resource_type, "deleted").inc()
+        return Response(status_code=204)
+
+    return await _guarded(request, handle)
+
+
+async def apply_delete(
+    store: SpeedStore,
+    latest_version: LatestVersion | None,
+    resource_type: str,
+    resource_id: str,
+) -> None:
+    """Tombstone a deleted resource at the deletion's version, asking HAPI for it.
+
+    A DELETE carries no version. When HAPI cannot say, tombstone just after the newest version
+    held and ask the poller to settle it.
+    """
+    latest = None
+    if latest_version is not None:
+        try:
+            latest = await latest_version(resource_type, resource_id)
+        except Exception as exc:  # HAPI down or refusing: fall back, never fail the delivery
+            logger.warning(
+                "could not read the deletion version of %s/%s from HAPI (%s); catch-up requested",
+                resource_type,
+                resource_id,
+                type(exc).__name__,
+            )
+    if latest is not None and latest[2]:
+        await ingest_deletion(
+            store, resource_type, resource_id, version_id=latest[0], last_updated=latest[1]
+        )
+        return
+    if latest is not None:
+        # HAPI's newest version is not a deletion: it was re-created since; that version's own
+        # PUT (or the poller) brings the truth, so a tombstone now could only be wrong.
+        await store.request_catchup(f"stale DELETE {resource_type}/{resource_id}")
+        return
+    await store.tombstone_after_held(resource_type, resource_id)
+    await store.request_catchup(f"DELETE {resource_type}/{resource_id} without version")
+
+
+async def post_root(request: Request) -> Response:
+    store: SpeedStore = request.state.store
+    derive: Deriver | None = request.app.state.derive
+
+    async def handle(body: bytes) -> Response:
+        if not body.strip():
+            # An empty-payload notification: something matching changed; the poller fetches it.
+            await store.request_catchup("empty-payload notification")
+            return Response(status_code=204)
+        if not _is_json(request.headers.get("content-type")):
+            return outcome_response(
+                415, [Issue("not-supported", "a notification Bundle must be FHIR JSON")]
+            )
+        data = parse_json(body)
+        await apply_notification_bundle(store, derive, data)
+        return Response(status_code=204)
+
+    return await _guarded(request, handle)
+
+
+async def apply_notification_bundle(store: SpeedStore, derive: Deriver | None, data: Any) -> None:
+    """A topic-based (R4 backport) notification: a history Bundle led by its status Parameters.
+
+    Every resource is validated before anything is written, so a bad one writes nothing.
+    """
+    if not isinstance(data, dict) or data.get("resourceType") != "Bundle":
+        raise InvalidRequest(
+            "POST /fhir takes an empty body or a notification Bundle",
+            [Issue("not-supported", "expected a Bundle of type history", "resourceType")],
+        )
+    entries: list[Any] = data["entry"] if isinstance(data.get("entry"), list) else []
+    first = entries[0].get("resource") if entries and isinstance(entries[0], dict) else None
+    if (
+        data.get("type") != "history"
+        or not isinstance(first, dict)
+        or first.get("resourceType") not in {"Parameters", "SubscriptionStatus"}
+    ):
+        raise InvalidRequest(
+            "not a subscription notification: expected a history Bundle whose first entry is a "
+            "Parameters or SubscriptionStatus",
+            [Issue("invalid", "not a subscription notification Bundle", "Bundle.entry[0]")],
+        )
+    valid: list[ValidResource] = []
+    deletes: list[tuple[str, str]] = []
+    ids_only = False
+    for n, entry in enumerate(entries[1:], start=1):
+        if not isinstance(entry, dict):
+            raise InvalidRequest(f"Bundle.entry[{n}] is not an object")
+        resource = entry.get("resource")
+        request_part: dict[str, Any] = (
+            entry["request"] if isinstance(entry.get("request"), dict) else {}
+        )
+        if isinstance(resource, dict):
+            try:
+                valid.append(validate_resource(resource))
+            except InvalidResource as exc:
+                issues = [
+                    Issue(i.code, i.diagnostics, f"Bundle.entry[{n}].resource.{i.expression}")
+                    if i.expression
+                    else i
+                    for i in exc.issues
+                ]
+                raise InvalidResource(exc.message, issues) from exc
+        elif request_part.get("method") == "DELETE" and isinstance(request_part.get("url"), str):
+            type_, _, id_ = request_part["url"].partition("/")
+            _check_path(type_, id_.split("/", 1)[0])
+            deletes.append((type_, id_.split("/", 1)[0]))
+        else:
+            ids_only = True  # id-only or empty content: the poller fetches what changed
+    for resource in valid:
+        await ingest_valid(store, resource, derive)
+    for type_, id_ in deletes:
+        await store.tombstone_after_held(type_, id_)
+    if ids_only or deletes or len(entries) <= 1:
+        await store.request_catchup("topic notification without full resources")
+
+
+async def health(request: Request) -> Response:
+    store: SpeedStore = request.state.store
+    try:
+        await store.client.ping()
+        epoch = await store.epoch()
+        redis_state = "up"
+    except Exception:
+        epoch, redis_state = None, "down"
+    ok = redis_state == "up"
+    body = {
+        "status": "ok" if ok else "unavailable",
+        "redis": redis_state,
+        "speed_layer_complete": epoch is not None,
+    }
+    return JSONResponse(body, status_code=200 if ok else 503)
+
+
+async def not_allowed(request: Request, exc: HTTPException) -> Response:
+    code = "not-found" if exc.status_code == 404 else "not-supported"
+    return outcome_response(
+        exc.status_code, [Issue(code, f"{request.method} {request.url.path}: {exc.detail}")]
+    )
+
+
+async def server_error(request: Request, exc: Exception) -> Response:
+    logger.exception("unexpected error on %s %s", request.method, request.url.path)
+    return outcome_response(500, [Issue("exception", "internal error; see the receiver's log")])
+
+
+def create_app(
+    settings: Settings,
+    *,
+    derive: Deriver | None = None,
+    latest_version: LatestVersion | None = None,
+    insecure: bool = False,
+    metrics: Metrics | None = None,
+) -> Starlette:
+    """The receiver app. Its lifespan opens Redis and (for deletes) the FHIR client."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[State]:
+        client = connect(settings)
+        store = SpeedStore(client, max_age_hours=settings.speed_max_age_hours)
+        async with contextlib.AsyncExitStack() as stack:
+            stack.push_async_callback(client.aclose)
+            try:
+                await store.warn_about_config()
+            except Exception as exc:
+                logger.error(
+                    "Redis at start-up: %s (the receiver answers 503 until it is back)", exc
+                )
+            lookup = latest_version
+            if lookup is None:
+                lookup = await stack.enter_async_context(_fhir_lookup(settings))
+            yield {"store": store, "latest_version": lookup}
+
+    app = Starlette(
+        routes=[
+            Route("/health", health, methods=["GET"]),
+            Route("/metrics", metrics_response, methods=["GET"]),
+            Route("/fhir", post_root, methods=["POST"]),
+            Route("/fhir/", post_root, methods=["POST"]),
+            Route("/fhir/{type}/{id}", put_resource, methods=["PUT"]),
+            Route("/fhir/{type}/{id}", delete_resource, methods=["DELETE"]),
+        ],
+        lifespan=lifespan,
+        exception_handlers={HTTPException: not_allowed, Exception: server_error},  # type: ignore[dict-item]
+    )
+    app.state.settings = settings
+    app.state.derive = derive
+    app.state.insecure = insecure
+    app.state.metrics = metrics or Metrics.create()
+    return app
+
+
+@contextlib.asynccontextmanager
+async def _fhir_lookup(settings: Settings) -> AsyncIterator[LatestVersion]:
+    """The deletion-version lookup through the project's one FHIR client."""
+    from subscriptions.fhir_client import FhirClient
+
+    async with FhirClient(settings.fhir_base_url, max_retries=1) as client:
+
+        async def lookup(
+            resource_type: str, resource_id: str
+        ) -> tuple[str | None, str | None, bool] | None:
+            return await client.latest_version(resource_type, resource_id)
+
+        yield lookup
