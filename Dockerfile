@@ -1,0 +1,25 @@
+# One image for every ResearchFlow command (receiver, serve, poll, bootstrap, batch).
+# The base is pinned to an exact Python patch release on purpose; bump it deliberately.
+FROM python:3.11.11-slim-bookworm
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+WORKDIR /build
+COPY pyproject.toml researchflow_cli.py ./
+COPY receiver ./receiver
+COPY subscriptions ./subscriptions
+COPY serving ./serving
+# psycopg[binary] and redis[hiredis] come as wheels: no compiler in the image.
+RUN pip install . && rm -rf /build
+
+# The services never need root: a fixed, unprivileged uid owns nothing but its home.
+RUN useradd --system --uid 10001 --create-home --home-dir /home/researchflow \
+        --shell /usr/sbin/nologin researchflow
+USER researchflow
+WORKDIR /home/researchflow
+
+EXPOSE 8081 8082
+CMD ["researchflow", "--help"]
