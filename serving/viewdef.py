@@ -1,0 +1,389 @@
+"""SQL-on-FHIR v2 ViewDefinitions: parsing and validation into an immutable, typed tree."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, NamedTuple, cast
+
+from fhirpathpy.parser import parse as _untyped_parse
+
+from receiver.errors import InvalidViewDefinition
+
+__all__ = [
+    "BUILTIN_VARIABLES",
+    "Column",
+    "ColumnInfo",
+    "Constant",
+    "Select",
+    "ViewDefinition",
+    "Where",
+    "load_view",
+    "load_view_file",
+    "shipped_views",
+]
+
+parse_fhirpath = cast("Callable[[str], dict[str, Any]]", _untyped_parse)
+
+# SQL-on-FHIR names must be usable as SQL identifiers without quoting.
+_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
+
+# Environment variables every engine provides besides the view's constants
+# (FHIRPath's own, plus %rowIndex from the SQL-on-FHIR spec).
+BUILTIN_VARIABLES = frozenset(
+    {"resource", "rootResource", "context", "ucum", "sct", "loinc", "rowIndex"}
+)
+
+# The value[x] types a ViewDefinition.constant may carry, mapped to the Python
+# type the JSON value must have (bool is checked before int on purpose).
+_CONSTANT_TYPES: dict[str, tuple[type, ...]] = {
+    "base64Binary": (str,),
+    "boolean": (bool,),
+    "canonical": (str,),
+    "code": (str,),
+    "date": (str,),
+    "dateTime": (str,),
+    "decimal": (int, float),
+    "id": (str,),
+    "instant": (str,),
+    "integer": (int,),
+    "integer64": (int, str),
+    "oid": (str,),
+    "positiveInt": (int,),
+    "string": (str,),
+    "time": (str,),
+    "unsignedInt": (int,),
+    "uri": (str,),
+    "url": (str,),
+    "uuid": (str,),
+}
+
+
+class ColumnInfo(NamedTuple):
+    """One output column of a view: what a table built from it holds."""
+
+    name: str
+    type: str | None
+    collection: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Constant:
+    """A `constant` entry: usable in every expression of the view as `%name`."""
+
+    name: str
+    value: str | int | float | bool
+    value_type: str  # the FHIR type from the value[x] key, e.g. "string", "integer"
+
+
+@dataclass(frozen=True, slots=True)
+class Column:
+    """A `column` entry: `path` evaluated on the current focus gives the value."""
+
+    name: str
+    path: str
+    type: str | None = None
+    collection: bool = False
+    description: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Where:
+    """A `where` entry: a resource is kept only when `path` is true."""
+
+    path: str
+    description: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Select:
+    """A `select` entry.
+
+    The focus of a select is its parent's focus, or each item of `for_each` /
+    `for_each_or_null` (a null row when that is empty) or of the recursive `repeat`
+    traversal. Its rows are the cross product of its own `column` values, each nested
+    `select`'s rows, and the concatenated rows of its `union_all` branches.
+    At most one of `for_each`, `for_each_or_null` and `repeat` is set.
+    """
+
+    column: tuple[Column, ...] = ()
+    select: tuple[Select, ...] = ()
+    union_all: tuple[Select, ...] = ()
+    for_each: str | None = None
+    for_each_or_null: str | None = None
+    repeat: tuple[str, ...] = ()
+
+    @property
+    def iterates(self) -> bool:
+        """True when this select changes the focus (and so restarts %rowIndex)."""
+        return self.for_each is not None or self.for_each_or_null is not None or bool(self.repeat)
+
+    def columns(self) -> Iterator[ColumnInfo]:
+        """This select's output columns in order: own, nested selects, then unionAll."""
+        for col in self.column:
+            yield ColumnInfo(col.name, col.type, col.collection)
+        for sub in self.select:
+            yield from sub.columns()
+        if self.union_all:
+            # All branches have the same columns (checked at load time).
+            yield from self.union_all[0].columns()
+
+
+@dataclass(frozen=True, slots=True)
+class ViewDefinition:
+    """A validated SQL-on-FHIR v2 ViewDefinition.
+
+    `select` holds the top-level selects (combined as a cross product per resource),
+    `columns` the output columns in order.
+    """
+
+    resource: str
+    select: tuple[Select, ...]
+    name: str | None = None
+    status: str | None = None
+    constant: tuple[Constant, ...] = ()
+    where: tuple[Where, ...] = ()
+    url: str | None = None
+    title: str | None = None
+    description: str | None = None
+    columns: tuple[ColumnInfo, ...] = field(default=())
+
+    @property
+    def column_names(self) -> tuple[str, ...]:
+        """The output column names in order."""
+        return tuple(col.name for col in self.columns)
+
+    def expressions(self) -> Iterator[str]:
+        """Every FHIRPath expression of the view (where, forEach..., repeat, column paths)."""
+        for where in self.where:
+            yield where.path
+        stack = list(self.select)
+        while stack:
+            sel = stack.pop()
+            if sel.for_each is not None:
+                yield sel.for_each
+            if sel.for_each_or_null is not None:
+                yield sel.for_each_or_null
+            yield from sel.repeat
+            for col in sel.column:
+                yield col.path
+            stack.extend(sel.select)
+            stack.extend(sel.union_all)
+
+
+def load_view(data: Mapping[str, Any]) -> ViewDefinition:
+    """Validate a ViewDefinition (parsed JSON) and return its typed form.
+
+    Raises InvalidViewDefinition naming what is wrong and where.
+    """
+    if not isinstance(data, Mapping):
+        raise InvalidViewDefinition("a ViewDefinition must be a JSON object")
+    resource_type = data.get("resourceType")
+    if resource_type is not None and resource_type != "ViewDefinition":
+        raise InvalidViewDefinition(f"resourceType is {resource_type!r}, not 'ViewDefinition'")
+    resource = data.get("resource")
+    if not isinstance(resource, str) or not re.fullmatch(r"[A-Z][A-Za-z]*", resource):
+        raise InvalidViewDefinition("'resource' must name a FHIR resource type, e.g. 'Patient'")
+
+    constants = tuple(_constant(c, f"constant[{i}]") for i, c in enumerate(_list(data, "constant")))
+    seen_constants: set[str] = set()
+    for const in constants:
+        if const.name in seen_constants:
+            raise InvalidViewDefinition(f"constant {const.name!r} is defined twice")
+        seen_constants.add(const.name)
+
+    wheres = tuple(_where(w, f"where[{i}]") for i, w in enumerate(_list(data, "where")))
+    raw_selects = _list(data, "select")
+    if not raw_selects:
+        raise InvalidViewDefinition("'select' must be a non-empty array")
+    selects = tuple(_select(s, f"select[{i}]") for i, s in enumerate(raw_selects))
+
+    columns: list[ColumnInfo] = []
+    for sel in selects:
+        columns.extend(sel.columns())
+    names = [col.name for col in columns]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise InvalidViewDefinition(f"column names must be unique: {', '.join(duplicates)}")
+
+    view = ViewDefinition(
+        resource=resource,
+        select=selects,
+        name=_optional_str(data, "name"),
+        status=_optional_str(data, "status"),
+        constant=constants,
+        where=wheres,
+        url=_optional_str(data, "url"),
+        title=_optional_str(data, "title"),
+        description=_optional_str(data, "description"),
+        columns=tuple(columns),
+    )
+    if view.name is not None and not _NAME_RE.match(view.name):
+        raise InvalidViewDefinition(f"view name {view.name!r} is not a valid SQL name")
+    known = BUILTIN_VARIABLES | seen_constants
+    for expression in view.expressions():
+        _check_expression(expression, known)
+    return view
+
+
+def load_view_file(path: str | Path) -> ViewDefinition:
+    """Load and validate a ViewDefinition from a JSON file."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise InvalidViewDefinition(f"cannot read ViewDefinition {path}: {exc}") from exc
+    return load_view(data)
+
+
+def shipped_views() -> dict[str, ViewDefinition]:
+    """The ViewDefinitions shipped in serving/viewdefs, by view name."""
+    views: dict[str, ViewDefinition] = {}
+    for entry in sorted(resources.files("serving.viewdefs").iterdir(), key=lambda e: e.name):
+        if not entry.name.endswith(".json"):
+            continue
+        try:
+            data = json.loads(entry.read_text(encoding="utf-8"))
+        except ValueError as exc:
+            raise InvalidViewDefinition(f"{entry.name}: {exc}") from exc
+        view = load_view(data)
+        views[view.name or entry.name.removesuffix(".json")] = view
+    return views
+
+
+def _list(data: Mapping[str, Any], key: str, where: str = "") -> list[Any]:
+    value = data.get(key, [])
+    if not isinstance(value, list):
+        raise InvalidViewDefinition(f"{where}{'.' if where else ''}{key} must be an array")
+    return value
+
+
+def _optional_str(data: Mapping[str, Any], key: str, where: str = "") -> str | None:
+    value = data.get(key)
+    if value is not None and not isinstance(value, str):
+        raise InvalidViewDefinition(f"{where}{'.' if where else ''}{key} must be a string")
+    return value
+
+
+def _required_str(data: Mapping[str, Any], key: str, where: str) -> str:
+    value = data.get(key)
+    if not isinstance(value, str) or not value:
+        raise InvalidViewDefinition(f"{where}.{key} must be a non-empty string")
+    return value
+
+
+def _object(value: Any, where: str) -> Mapping[str, Any]:
+    if not isinstance(value, Mapping):
+        raise InvalidViewDefinition(f"{where} must be an object")
+    return value
+
+
+def _constant(raw: Any, where: str) -> Constant:
+    data = _object(raw, where)
+    name = _required_str(data, "name", where)
+    if not _NAME_RE.match(name):
+        raise InvalidViewDefinition(f"{where}.name {name!r} is not a valid name")
+    values = [key for key in data if key.startswith("value")]
+    if len(values) != 1:
+        raise InvalidViewDefinition(f"{where} ({name}) must have exactly one value[x]")
+    key = values[0]
+    value_type = key[len("value") :]
+    value_type = value_type[:1].lower() + value_type[1:]
+    accepted = _CONSTANT_TYPES.get(value_type)
+    if accepted is None:
+        raise InvalidViewDefinition(f"{where} ({name}) has an unsupported type {key}")
+    value: str | int | float | bool = data[key]
+    if (isinstance(value, bool) and bool not in accepted) or not isinstance(value, accepted):
+        raise InvalidViewDefinition(f"{where} ({name}): {key} has the wrong JSON type")
+    return Constant(name=name, value=value, value_type=value_type)
+
+
+def _where(raw: Any, where: str) -> Where:
+    data = _object(raw, where)
+    return Where(
+        path=_required_str(data, "path", where),
+        description=_optional_str(data, "description", where),
+    )
+
+
+def _column(raw: Any, where: str) -> Column:
+    data = _object(raw, where)
+    name = _required_str(data, "name", where)
+    if not _NAME_RE.match(name):
+        raise InvalidViewDefinition(f"{where}.name {name!r} is not a valid column name")
+    collection = data.get("collection", False)
+    if not isinstance(collection, bool):
+        raise InvalidViewDefinition(f"{where}.collection must be true or false")
+    return Column(
+        name=name,
+        path=_required_str(data, "path", where),
+        type=_optional_str(data, "type", where),
+        collection=collection,
+        description=_optional_str(data, "description", where),
+    )
+
+
+def _select(raw: Any, where: str) -> Select:
+    data = _object(raw, where)
+    for_each = _optional_str(data, "forEach", where)
+    for_each_or_null = _optional_str(data, "forEachOrNull", where)
+    repeat = _list(data, "repeat", where)
+    if any(not isinstance(p, str) or not p for p in repeat):
+        raise InvalidViewDefinition(f"{where}.repeat must be an array of FHIRPath strings")
+    if "repeat" in data and not repeat:
+        raise InvalidViewDefinition(f"{where}.repeat must not be empty")
+    if sum(x is not None for x in (for_each, for_each_or_null, repeat or None)) > 1:
+        raise InvalidViewDefinition(
+            f"{where} may have only one of forEach, forEachOrNull and repeat"
+        )
+    union_all = tuple(
+        _select(s, f"{where}.unionAll[{i}]") for i, s in enumerate(_list(data, "unionAll", where))
+    )
+    if union_all:
+        first = [c.name for c in union_all[0].columns()]
+        for i, branch in enumerate(union_all[1:], start=1):
+            names = [c.name for c in branch.columns()]
+            if names != first:
+                raise InvalidViewDefinition(
+                    f"{where}.unionAll[{i}] has columns {names}, but unionAll[0] has {first}:"
+                    " every branch must have the same columns in the same order"
+                )
+    return Select(
+        column=tuple(
+            _column(c, f"{where}.column[{i}]") for i, c in enumerate(_list(data, "column", where))
+        ),
+        select=tuple(
+            _select(s, f"{where}.select[{i}]") for i, s in enumerate(_list(data, "select", where))
+        ),
+        union_all=union_all,
+        for_each=for_each,
+        for_each_or_null=for_each_or_null,
+        repeat=tuple(repeat),
+    )
+
+
+def _check_expression(expression: str, known_variables: frozenset[str] | set[str]) -> None:
+    """Reject a FHIRPath expression that does not parse or names an undefined %variable."""
+    try:
+        tree = parse_fhirpath(expression)
+    except Exception as exc:  # antlr raises several unrelated exception types
+        raise InvalidViewDefinition(f"invalid FHIRPath {expression!r}: {exc}") from exc
+    stack: list[Any] = [tree]
+    while stack:
+        node = stack.pop()
+        if not isinstance(node, dict):
+            continue
+        if node.get("type") == "ExternalConstant":
+            for child in node.get("children", []):
+                name = str(child.get("text", "")).strip("`")
+                # %`vs-...` and %`ext-...` are FHIR's predefined value set/extension names.
+                if name.startswith(("vs-", "ext-")):
+                    continue
+                if name not in known_variables:
+                    raise InvalidViewDefinition(
+                        f"FHIRPath {expression!r} uses %{name}, which is not a constant of the view"
+                    )
+        stack.extend(node.get("children", []))
