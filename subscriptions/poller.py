@@ -1,0 +1,546 @@
+"""The fallback poller: pull every change from HAPI into the speed layer and count what was missed.
+
+Two sources, one write path. By default HAPI's REST `_history` (system level, or per type),
+newest first, following `next` links with `Cache-Control: no-cache`; with
+`HAPI_DATABASE_URL`, HAPI's own tables (`subscriptions.hapi_db`). Every resource passes the
+gate of `receiver.validation` and the version-guarded Lua write of `receiver.store`, the
+same as the receiver's; a rejected one is recorded once (through `receiver.ingest.ingest`)
+and never counted as missed.
+
+The watermark is HAPI's clock: the `Date` of the traversal's first answer (else the newest
+`lastUpdated` read) minus `poll_overlap_seconds` for late commits. `_history` lists newest
+first, so it is saved only after the whole traversal is written; the next poll reads
+`_since` that watermark, and the version guard turns the overlap into no-ops.
+
+Only one poller works per speed layer: a lease in Redis (SET NX PX with a random token,
+renewed every third of its life, released at the end). `poll_once` returns a result with
+`skipped=True` at once when another poller holds it (that one is doing the work);
+`run_poller` holds the lease for as long as it runs and stands by otherwise, taking over
+within `LEASE_TTL_MS` when the holder dies.
+
+When the epoch marker is missing (Redis came back empty), the poll re-reads everything
+since the batch layer's watermark, then sets the marker. What such a re-read writes is
+restored data, not missed notifications.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any, Protocol
+
+from prometheus_client import CollectorRegistry, Counter
+from redis.exceptions import RedisError
+
+from receiver.errors import (
+    DependencyUnavailable,
+    FhirFatalError,
+    InvalidRequest,
+    InvalidResource,
+    ResearchFlowError,
+    SpeedLayerUnavailable,
+)
+from receiver.ingest import Deriver, ingest
+from receiver.settings import Settings
+from receiver.store import SpeedStore, UpsertItem, parse_instant
+from receiver.validation import validate_resource
+from subscriptions import hapi_db
+
+logger = logging.getLogger(__name__)
+
+LEASE_TTL_MS = 30_000
+HISTORY_COUNT = 500  # `_count` per `_history` page
+SAMPLE_SIZE = 10  # ids of missed resources named in the log line
+CATCHUP_CHECK_SECONDS = 1.0
+STANDBY_SECONDS = 5.0  # how often a poller without the lease tries to take it
+
+BatchWatermark = Callable[[], Awaitable[str | None]]
+Progress = Callable[[int], None]
+
+
+class LeaseLost(ResearchFlowError):
+    """Another poller took the lease during a traversal (ours expired): stop, save nothing."""
+
+
+class HistorySource(Protocol):
+    """What the poller needs of `subscriptions.fhir_client.FhirClient`."""
+
+    def history(
+        self, resource_type: str | None = None, since: str | None = None, count: int = 100
+    ) -> Any: ...
+
+
+@dataclass
+class PollResult:
+    """What one poll did.
+
+    `read`: resources (versions and deletions) taken from HAPI, each resource once;
+    `written`: how many the version guard let through (`deletes` of them tombstones);
+    `missed`: written ones the speed layer did not hold at that version (lost
+    notifications), 0 during an epoch re-read (`restored`); `rejected`: refused by the gate
+    (the reject store records each version once); `unreadable`: rows of HAPI's database
+    whose content could not be read (ESR); `watermark`: the watermark after the poll;
+    `skipped`: another poller holds the lease and nothing was done.
+    """
+
+    read: int = 0
+    written: int = 0
+    deletes: int = 0
+    missed: int = 0
+    rejected: int = 0
+    unreadable: int = 0
+    since: str | None = None
+    watermark: str | None = None
+    restored: bool = False
+    skipped: bool = False
+    missed_by_type: dict[str, int] = field(default_factory=dict)
+    missed_sample: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class PollerMetrics:
+    """The poller's Prometheus metrics (optional: pass to `poll_once` / `run_poller`)."""
+
+    missed: Counter
+
+
+def register_metrics(registry: CollectorRegistry) -> PollerMetrics:
+    """Create the poller's metrics in `registry` (the app's or the CLI's)."""
+    return PollerMetrics(
+        missed=Counter(
+            "researchflow_missed_notifications",
+            "Changes the fallback poller found that no notification had delivered",
+            ["resource_type"],
+            registry=registry,
+        )
+    )
+
+
+def format_instant(value: datetime) -> str:
+    """A FHIR instant in UTC with milliseconds, as `_since` takes it."""
+    return value.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _instant_of_ms(ms: float) -> datetime:
+    return datetime.fromtimestamp(ms / 1000.0, UTC)
+
+
+class Lease:
+    """The poller lease in Redis, renewed in the background while held."""
+
+    def __init__(self, store: SpeedStore, ttl_ms: int = LEASE_TTL_MS) -> None:
+        self.store = store
+        self.ttl_ms = ttl_ms
+        self.token = uuid.uuid4().hex
+        self.held = False
+        self._renewer: asyncio.Task[None] | None = None
+
+    async def acquire(self) -> bool:
+        if not self.held and await self.store.acquire_lease(self.token, self.ttl_ms):
+            self.held = True
+            self._renewer = asyncio.create_task(self._renew())
+        return self.held
+
+    def check(self) -> None:
+        if not self.held:
+            raise LeaseLost("the poller lease expired and another poller may hold it")
+
+    async def release(self) -> None:
+        if self._renewer is not None:
+            self._renewer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._renewer
+            self._renewer = None
+        if self.held:
+            self.held = False
+            try:
+                await self.store.release_lease(self.token)
+            except SpeedLayerUnavailable:
+                logger.warning("could not release the poller lease; it expires by itself")
+
+    async def _renew(self) -> None:
+        loop = asyncio.get_running_loop()
+        renewed_at = loop.time()
+        while self.held:
+            await asyncio.sleep(self.ttl_ms / 3000.0)
+            try:
+                ok = await self.store.renew_lease(self.token, self.ttl_ms)
+            except SpeedLayerUnavailable:
+                ok = loop.time() - renewed_at < self.ttl_ms / 1000.0
+            else:
+                renewed_at = loop.time() if ok else renewed_at
+            if not ok:
+                logger.warning("the poller lease was lost")
+                self.held = False
+
+
+@dataclass(frozen=True)
+class _Change:
+    resource_type: str
+    resource_id: str
+    version_id: str | None
+    last_updated: str | None
+    deleted: bool
+    body: bytes | dict[str, Any] | None
+
+
+class _Writer:
+    """Validates and writes the changes of one traversal, page by page, and counts."""
+
+    def __init__(
+        self,
+        store: SpeedStore,
+        derive: Deriver | None,
+        result: PollResult,
+        progress: Progress | None,
+    ) -> None:
+        self.store = store
+        self.derive = derive
+        self.result = result
+        self.progress = progress
+        self.seen: set[tuple[str, str]] = set()
+        self.newest_ms = 0.0
+
+    async def write(self, changes: Iterable[_Change]) -> None:
+        items: list[UpsertItem] = []
+        for change in changes:
+            key = (change.resource_type, change.resource_id)
+            # `_history` is newest first: an older version of a resource already handled in
+            # this traversal changes nothing (the version guard would drop it anyway).
+            if key in self.seen:
+                continue
+            self.seen.add(key)
+            self.result.read += 1
+            self.newest_ms = max(self.newest_ms, parse_instant(change.last_updated))
+            item = await self._item(change)
+            if item is not None:
+                items.append(item)
+        written = await self.store.upsert_many(items)
+        for item, was_written in zip(items, written, strict=True):
+            if not was_written:
+                continue
+            self.result.written += 1
+            self.result.deletes += item.deleted
+            if self.result.restored:
+                continue
+            self.result.missed += 1
+            by_type = self.result.missed_by_type
+            by_type[item.resource_type] = by_type.get(item.resource_type, 0) + 1
+            if len(self.result.missed_sample) < SAMPLE_SIZE:
+                self.result.missed_sample.append(f"{item.resource_type}/{item.resource_id}")
+        if self.progress is not None:
+            self.progress(self.result.read)
+
+    async def _item(self, change: _Change) -> UpsertItem | None:
+        if change.deleted:
+            return UpsertItem(
+                change.resource_type,
+                change.resource_id,
+                body=None,
+                version_id=change.version_id,
+                last_updated=change.last_updated,
+                deleted=True,
+            )
+        if change.body is None:
+            self.result.unreadable += 1
+            return None
+        try:
+            valid = validate_resource(
+                change.body, path_type=change.resource_type, path_id=change.resource_id
+            )
+        except InvalidResource:
+            await self._reject(change)
+            return None
+        except InvalidRequest as exc:
+            self.result.rejected += 1
+            await self.store.record_reject(
+                change.resource_type, change.resource_id, change.version_id, exc.issues
+            )
+            return None
+        return UpsertItem(
+            valid.resource_type,
+            valid.resource_id,
+            body=valid.body,
+            version_id=valid.version_id,
+            last_updated=valid.last_updated,
+            derived=self.derive(valid) if self.derive is not None else None,
+        )
+
+    async def _reject(self, change: _Change) -> None:
+        # Rare: go through the receiver's own path so the reject is recorded the same way.
+        self.result.rejected += 1
+        assert change.body is not None
+        with contextlib.suppress(InvalidRequest):
+            await ingest(
+                self.store,
+                change.body,
+                path_type=change.resource_type,
+                path_id=change.resource_id,
+                derive=self.derive,
+            )
+
+
+async def poll_once(
+    settings: Settings,
+    store: SpeedStore,
+    client: HistorySource | None,
+    *,
+    since: str | None = None,
+    derive: Deriver | None = None,
+    progress: Progress | None = None,
+    batch_watermark: BatchWatermark | None = None,
+    metrics: PollerMetrics | None = None,
+    types: Sequence[str] | None = None,
+) -> PollResult:
+    """One full catch-up: every change after the saved watermark (or `since`) into the speed
+    layer. Reads HAPI's database when `settings.hapi_database_url` is set (then `client` may
+    be None), else `client`'s `_history` (system level, or per type when `types` is given).
+
+    `progress` is called after each page with the number of resources read so far.
+    Returns at once with `skipped=True` when another poller holds the lease. Raises
+    FhirTemporaryError / DependencyUnavailable when HAPI, its database or Redis fail; the
+    watermark is then left where it was.
+    """
+    lease = Lease(store)
+    if not await lease.acquire():
+        logger.info("another poller holds the lease; this poll is skipped")
+        return PollResult(skipped=True)
+    try:
+        return await _poll(
+            settings,
+            store,
+            client,
+            lease,
+            since=since,
+            derive=derive,
+            progress=progress,
+            batch_watermark=batch_watermark,
+            metrics=metrics,
+            types=types,
+        )
+    finally:
+        await lease.release()
+
+
+async def _poll(
+    settings: Settings,
+    store: SpeedStore,
+    client: HistorySource | None,
+    lease: Lease,
+    *,
+    since: str | None,
+    derive: Deriver | None,
+    progress: Progress | None,
+    batch_watermark: BatchWatermark | None,
+    metrics: PollerMetrics | None,
+    types: Sequence[str] | None,
+) -> PollResult:
+    started = time.perf_counter()
+    restored = await store.epoch() is None
+    saved = await store.poller_watermark()
+    if restored:
+        # Redis came back empty (or is new): everything after the batch layer's watermark.
+        # A `since` given too is honoured when it reaches further back. None = the beginning.
+        batch = await batch_watermark() if batch_watermark is not None else None
+        start = batch
+        if since is not None and batch is not None and _ms(since) < _ms(batch):
+            start = since
+    else:
+        start = since if since is not None else saved
+        if start is None and batch_watermark is not None:
+            start = await batch_watermark()
+    result = PollResult(since=start, restored=restored)
+    writer = _Writer(store, derive, result, progress)
+    if settings.hapi_database_url:
+        clock = await _traverse_database(settings.hapi_database_url, start, writer, lease, types)
+    else:
+        if client is None:
+            raise ValueError("the REST poller needs a FhirClient")
+        clock = await _traverse_history(client, start, writer, lease, types)
+    lease.check()
+    # Everything is written: now the watermark may move (never backwards).
+    if clock is None and writer.newest_ms:
+        clock = _instant_of_ms(writer.newest_ms)
+    watermark = saved
+    if clock is not None:
+        candidate = clock - timedelta(seconds=settings.poll_overlap_seconds)
+        if saved is None or candidate.timestamp() * 1000.0 > _ms(saved):
+            watermark = format_instant(candidate)
+            await store.set_poller_watermark(watermark)
+    result.watermark = watermark
+    if restored:
+        await store.mark_epoch()
+    if result.missed:
+        await store.count_missed(result.missed)
+        if metrics is not None:
+            for resource_type, n in result.missed_by_type.items():
+                metrics.missed.labels(resource_type=resource_type).inc(n)
+    result.seconds = time.perf_counter() - started
+    _log(result)
+    return result
+
+
+def _ms(instant: str) -> float:
+    return parse_instant(instant)
+
+
+async def _traverse_history(
+    client: HistorySource,
+    since: str | None,
+    writer: _Writer,
+    lease: Lease,
+    types: Sequence[str] | None,
+) -> datetime | None:
+    """Write every `_history` page; HAPI's clock at the first answer (its `Date`)."""
+    clock: datetime | None = None
+    for resource_type in list(types) if types else [None]:
+        async for page in client.history(resource_type, since, HISTORY_COUNT):
+            if clock is None and page.server_date is not None:
+                clock = page.server_date
+            await writer.write(
+                _Change(
+                    entry.resource_type,
+                    entry.id,
+                    entry.version_id,
+                    entry.last_updated,
+                    entry.deleted,
+                    entry.raw if entry.resource is not None else None,
+                )
+                for entry in page.entries
+            )
+            lease.check()
+    return clock
+
+
+async def _traverse_database(
+    url: str,
+    since: str | None,
+    writer: _Writer,
+    lease: Lease,
+    types: Sequence[str] | None,
+) -> datetime | None:
+    """Write every changed row of HAPI's tables; the newest RES_UPDATED read (HAPI's clock)."""
+    since_at = _instant_of_ms(_ms(since)) if since else None
+    newest: datetime | None = None
+    conn = await hapi_db.connect(url)
+    try:
+        async for page in hapi_db.changes_since(conn, since_at, types=types):
+            await writer.write(
+                _Change(
+                    c.resource_type,
+                    c.resource_id,
+                    c.version_id,
+                    c.last_updated,
+                    c.deleted,
+                    c.resource,
+                )
+                for c in page
+            )
+            newest = page[-1].updated_at
+            lease.check()
+    finally:
+        await conn.close()
+    return newest
+
+
+def _log(result: PollResult) -> None:
+    logger.info(
+        "poll since %s: read %d, written %d (%d deletes), missed %d %s%s, rejected %d,%s "
+        "watermark %s, %.1f s",
+        result.since or "the beginning",
+        result.read,
+        result.written,
+        result.deletes,
+        result.missed,
+        result.missed_by_type or "",
+        f" e.g. {', '.join(result.missed_sample)}" if result.missed_sample else "",
+        result.rejected,
+        " epoch re-read (restored, not missed)," if result.restored else "",
+        result.watermark,
+        result.seconds,
+    )
+
+
+async def _wait(stop: asyncio.Event, seconds: float) -> None:
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), timeout=seconds)
+
+
+async def run_poller(
+    settings: Settings,
+    store: SpeedStore,
+    client: HistorySource | None,
+    stop: asyncio.Event,
+    derive: Deriver | None = None,
+    *,
+    batch_watermark: BatchWatermark | None = None,
+    metrics: PollerMetrics | None = None,
+    types: Sequence[str] | None = None,
+) -> None:
+    """Poll every `poll_interval_seconds`, and at once on a catch-up request, until `stop`.
+
+    Holds the poller lease while it runs (another process's poller stands by and takes
+    over when this one dies). When HAPI or Redis is down it backs off (1 s, doubling, at most
+    the interval) and keeps its watermark.
+    """
+    loop = asyncio.get_running_loop()
+    lease = Lease(store)
+    next_poll = loop.time()
+    backoff = 1.0
+    try:
+        while not stop.is_set():
+            try:
+                if not await lease.acquire():
+                    await _wait(stop, STANDBY_SECONDS)
+                    continue
+                due = loop.time() >= next_poll
+                if not due:
+                    reason = await store.take_catchup()
+                    if reason:
+                        logger.info("catch-up poll requested (%s)", reason)
+                        due = True
+            except (SpeedLayerUnavailable, RedisError) as exc:
+                logger.warning("poller: Redis unavailable (%s); retry in %.0f s", exc, backoff)
+                await _wait(stop, backoff)
+                backoff = min(backoff * 2, settings.poll_interval_seconds)
+                continue
+            if not due:
+                await _wait(stop, CATCHUP_CHECK_SECONDS)
+                continue
+            try:
+                await _poll(
+                    settings,
+                    store,
+                    client,
+                    lease,
+                    since=None,
+                    derive=derive,
+                    progress=None,
+                    batch_watermark=batch_watermark,
+                    metrics=metrics,
+                    types=types,
+                )
+            except LeaseLost:
+                logger.warning("poller lease lost during a poll; standing by")
+                await lease.release()
+                continue
+            except (DependencyUnavailable, RedisError) as exc:
+                logger.warning("poll failed (%s); next try in %.0f s", exc, backoff)
+                next_poll = loop.time() + backoff
+                backoff = min(backoff * 2, settings.poll_interval_seconds)
+                continue
+            except FhirFatalError as exc:
+                logger.error("HAPI refused the poll: %s", exc)
+            except Exception:
+                logger.exception("poll failed unexpectedly; next try after the interval")
+            backoff = 1.0
+            next_poll = loop.time() + settings.poll_interval_seconds
+    finally:
+        await lease.release()
