@@ -214,7 +214,7 @@ class _Expression:
 
     __slots__ = ("fast", "text", "tree", "type_after")
 
-    def __init__(self, text: str, context_type: str | None) -> None:
+    def __init__(self, text: str, context_type: str | None, fast_path: bool = True) -> None:
         self.text = text
         try:
             parsed = parse_fhirpath(text)
@@ -225,10 +225,11 @@ class _Expression:
         self.fast: Callable[[list[Any]], list[Any]] | None = None
         # The FHIR type of what a plain path yields (None when unknown).
         self.type_after: str | None = None
-        try:
-            self.fast, self.type_after = _compile_fast(text, context_type)
-        except _Unsupported:
-            pass
+        if fast_path:
+            try:
+                self.fast, self.type_after = _compile_fast(text, context_type)
+            except _Unsupported:
+                pass
 
     def slow(self, focus: list[Any], variables: dict[str, Any]) -> list[Any]:
         """Evaluate with fhirpathpy; returns its raw nodes (type information kept)."""
@@ -396,14 +397,16 @@ class _CompiledSelect:
         "union_all",
     )
 
-    def __init__(self, select: Select, context_type: str | None) -> None:
+    def __init__(self, select: Select, context_type: str | None, fast_path: bool) -> None:
         self.mode = "same"
         self.focus: _Expression | None = None
         self.repeat: tuple[_Expression, ...] = ()
         child_type = context_type
         if select.for_each is not None or select.for_each_or_null is not None:
             self.mode = "forEach" if select.for_each is not None else "forEachOrNull"
-            self.focus = _Expression(select.for_each or select.for_each_or_null or "", context_type)
+            self.focus = _Expression(
+                select.for_each or select.for_each_or_null or "", context_type, fast_path
+            )
             child_type = self.focus.type_after if self.focus.fast is not None else None
         elif select.repeat:
             self.mode = "repeat"
@@ -411,9 +414,13 @@ class _CompiledSelect:
             self.repeat = tuple(_Expression(path, None) for path in select.repeat)
             child_type = None
         self.columns = select.column
-        self.column_exprs = tuple(_Expression(col.path, child_type) for col in select.column)
-        self.selects = tuple(_CompiledSelect(sub, child_type) for sub in select.select)
-        self.union_all = tuple(_CompiledSelect(sub, child_type) for sub in select.union_all)
+        self.column_exprs = tuple(
+            _Expression(col.path, child_type, fast_path) for col in select.column
+        )
+        self.selects = tuple(_CompiledSelect(sub, child_type, fast_path) for sub in select.select)
+        self.union_all = tuple(
+            _CompiledSelect(sub, child_type, fast_path) for sub in select.union_all
+        )
         self.null_row: dict[str, Any] = {col.name: None for col in select.columns()}
 
     def rows(self, item: Any, row_index: int, variables: dict[str, Any]) -> list[dict[str, Any]]:
@@ -498,11 +505,11 @@ class CompiledView:
 
     __slots__ = ("_constants", "_root", "_wheres", "view")
 
-    def __init__(self, view: ViewDefinition) -> None:
+    def __init__(self, view: ViewDefinition, fast_path: bool = True) -> None:
         self.view = view
         self._constants = {c.name: c.value for c in view.constant}
-        self._wheres = tuple(_Expression(w.path, view.resource) for w in view.where)
-        self._root = _CompiledSelect(Select(select=view.select), view.resource)
+        self._wheres = tuple(_Expression(w.path, view.resource, fast_path) for w in view.where)
+        self._root = _CompiledSelect(Select(select=view.select), view.resource, fast_path)
 
     def rows(self, resource: Mapping[str, Any]) -> list[dict[str, Any]]:
         """The view's rows for one resource ([] for another resource type or a where miss)."""
@@ -539,9 +546,13 @@ class CompiledView:
         return out
 
 
-def compile_view(view: ViewDefinition) -> CompiledView:
-    """Parse every expression of `view` once. Raises InvalidViewDefinition."""
-    return CompiledView(view)
+def compile_view(view: ViewDefinition, *, fast_path: bool = True) -> CompiledView:
+    """Parse every expression of `view` once. Raises InvalidViewDefinition.
+
+    Plain dotted paths skip fhirpathpy (same results, much faster); `fast_path=False`
+    sends every expression through fhirpathpy, for comparison.
+    """
+    return CompiledView(view, fast_path)
 
 
 def evaluate(view: ViewDefinition, resources: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
