@@ -231,7 +231,11 @@ def connect(settings: Settings) -> RedisClient:
     }
     if settings.redis_cluster:
         return RedisCluster.from_url(settings.redis_url, **common)
-    return aioredis.Redis.from_url(settings.redis_url, max_connections=64, **common)
+    # A blocking pool: a burst of requests waits for a connection instead of failing.
+    pool = aioredis.BlockingConnectionPool.from_url(
+        settings.redis_url, max_connections=64, timeout=5, **common
+    )
+    return aioredis.Redis(connection_pool=pool)
 
 
 def _decode(value: Any) -> str | None:

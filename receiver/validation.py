@@ -190,6 +190,9 @@ def validate_resource(
             [Issue("not-supported", "unknown resource type", "resourceType")],
         )
     resource_id = data.get("id")
+    if resource_id is None and path_id is not None:
+        # Some valid resources carry no id (the official Parameters example); the URL names it.
+        resource_id = path_id
     if not isinstance(resource_id, str):
         raise InvalidRequest("the resource has no id", [Issue("required", "id is missing", "id")])
     check_id(resource_id)

@@ -8,6 +8,7 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import hypothesis  # noqa: F401  (imported early: a late import at exit trips a CPython 3.11.7 AST bug)
 import psycopg
 import pytest
 import redis.asyncio as aioredis

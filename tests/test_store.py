@@ -1,0 +1,183 @@
+"""The speed-layer store against a real Redis: version order, tombstones, trims, indexes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import redis.asyncio as aioredis
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from receiver.store import BUCKETS, Derived, SpeedStore, is_newer, parse_instant, version_number
+from tests.conftest import TEST_REDIS_URL
+
+
+def body(pid: str, version: int) -> bytes:
+    return json.dumps(
+        {
+            "resourceType": "Patient",
+            "id": pid,
+            "meta": {"versionId": str(version)},
+            "gender": "male",
+        }
+    ).encode()
+
+
+async def write(store: SpeedStore, pid: str, version: int, deleted: bool) -> bool:
+    return await store.upsert(
+        "Patient",
+        pid,
+        body=None if deleted else body(pid, version),
+        version_id=str(version),
+        last_updated=f"2026-11-25T10:{version:02d}:00Z",
+        deleted=deleted,
+        derived=Derived(rows={"v": f'[{{"v":{version}}}]'.encode()}, index=(f"ver:{version}",)),
+    )
+
+
+# (version, deleted) events: every version has one fixed meaning (HAPI never reuses one).
+events = st.lists(
+    st.tuples(st.integers(min_value=1, max_value=12), st.booleans()), min_size=1, max_size=30
+)
+
+
+@settings(
+    max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(history=events, data=st.data())
+def test_any_order_of_any_multiset_ends_in_the_newest_state(
+    history: list[tuple[int, bool]], data: Any
+) -> None:
+    truth = {v: d for v, d in history}  # one meaning per version
+    deliveries = [(v, truth[v]) for v, _ in history]
+    deliveries += data.draw(st.lists(st.sampled_from(deliveries), max_size=10))  # duplicates
+    order = data.draw(st.permutations(deliveries))
+
+    async def run() -> None:
+        client = aioredis.Redis.from_url(TEST_REDIS_URL)
+        await client.flushdb()
+        try:
+            store = SpeedStore(client)
+            for version, deleted in order:
+                await write(store, "p1", version, deleted)
+            newest = max(truth)
+            entry = await store.get("Patient", "p1")
+            assert entry is not None
+            assert entry.version_id == str(newest)
+            assert entry.state == ("deleted" if truth[newest] else "present")
+            rows = await store.rows("Patient", "v")
+            members = {v for v in truth if "p1" in await store.index_members("Patient", f"ver:{v}")}
+            if truth[newest]:
+                assert rows == {} and members == set()
+            else:
+                assert json.loads(rows["p1"]) == [{"v": newest}] and members == {newest}
+            versions = await store.versions("Patient")
+            assert versions["p1"].version_id == str(newest)
+        finally:
+            await client.flushdb()
+            await client.aclose()
+
+    asyncio.run(run())
+
+
+async def test_trim_keeps_entries_newer_than_the_batch(store: SpeedStore) -> None:
+    await write(store, "a", 2, False)
+    await write(store, "b", 5, False)
+    await write(store, "c", 3, True)
+    removed = await store.trim_covered(
+        "Patient", [("a", 2.0, 0.0), ("b", 4.0, 0.0), ("c", 3.0, 0.0), ("zzz", 1.0, 0.0)]
+    )
+    assert removed == 2
+    assert await store.get("Patient", "a") is None
+    assert (await store.get("Patient", "b")).version_id == "5"  # type: ignore[union-attr]
+    assert await store.get("Patient", "c") is None
+    assert set(await store.versions("Patient")) == {"b"}
+    assert set(await store.rows("Patient", "v")) == {"b"}
+    assert await store.index_members("Patient", "ver:2") == set()
+
+
+async def test_non_numeric_versions_compare_by_last_updated(store: SpeedStore) -> None:
+    async def put(version: str, at: str) -> bool:
+        return await store.upsert("Patient", "x", body=b"{}", version_id=version, last_updated=at)
+
+    assert await put("abc", "2026-11-25T10:00:00Z")
+    assert not await put("abd", "2026-11-25T09:59:59.999+00:00")
+    assert await put("abe", "2026-11-25T12:00:00+02:00") is False  # same instant: not newer
+    assert await put("abf", "2026-11-25T10:00:00.0001Z")
+    assert (await store.get("Patient", "x")).version_id == "abf"  # type: ignore[union-attr]
+
+
+async def test_fan_out_reads_cover_every_bucket(store: SpeedStore) -> None:
+    ids = [f"p{n}" for n in range(200)]
+    for pid in ids:
+        await write(store, pid, 1, False)
+    assert await store.count("Patient") == 200
+    assert set(await store.versions("Patient")) == set(ids)
+    assert set(await store.changed_since("Patient", parse_instant("2026-11-25T10:01:00Z"))) == set(
+        ids
+    )
+    assert await store.changed_since("Patient", parse_instant("2026-11-25T10:02:00Z")) == []
+    assert await store.known_types() == ["Patient"]
+    oldest, newest = await store.oldest_newest("Patient")
+    assert oldest == newest == parse_instant("2026-11-25T10:01:00Z")
+    rows = await store.rows_for("Patient", "v", ["p1", "p2", "nope"])
+    assert set(rows) == {"p1", "p2"}
+    assert BUCKETS > 1
+
+
+async def test_expiry_is_only_a_safety_cap(redis_client: aioredis.Redis) -> None:
+    capped = SpeedStore(redis_client, max_age_hours=2)
+    await capped.upsert("Patient", "p", body=b"{}", version_id="1", last_updated=None)
+    assert (
+        0
+        < await redis_client.ttl(
+            "rf:{Patient." + str(__import__("receiver.store").store.bucket_of("p")) + "}:r:p"
+        )
+        <= 7200
+    )
+    uncapped = SpeedStore(redis_client)
+    await uncapped.upsert("Patient", "q", body=b"{}", version_id="1", last_updated=None)
+    from receiver.store import resource_key
+
+    assert await redis_client.ttl(resource_key("Patient", "q")) == -1
+
+
+async def test_epoch_catch_up_and_rejects(store: SpeedStore) -> None:
+    assert await store.epoch() is None
+    first = await store.mark_epoch()
+    assert await store.mark_epoch() == first
+    await store.request_catchup("test")
+    assert "test" in (await store.take_catchup() or "")
+    assert await store.take_catchup() is None
+    await store.count_missed(3)
+    assert await store.missed_count() == 3
+    changes = await store.hourly_changes(3)
+    assert len(changes) == 3
+
+
+async def test_warns_when_redis_may_evict(redis_client: aioredis.Redis, caplog: Any) -> None:
+    store = SpeedStore(redis_client)
+    old = (await redis_client.config_get("maxmemory-policy"))["maxmemory-policy"]
+    try:
+        await redis_client.config_set("maxmemory-policy", "allkeys-lru")
+        info = await store.warn_about_config()
+        assert info["maxmemory-policy"] == "allkeys-lru"
+        assert any("EVICT" in r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+    finally:
+        await redis_client.config_set("maxmemory-policy", old)
+
+
+def test_version_order_helpers() -> None:
+    assert (
+        version_number("12") == 12.0
+        and version_number("a1") == -1.0
+        and version_number(None) == -1.0
+    )
+    assert is_newer(2, 0, 1, 99) and not is_newer(1, 99, 2, 0)
+    assert is_newer(-1, 5, 3, 4) and not is_newer(-1, 3, 3, 4)
+    assert parse_instant("2026-11-25T10:00:00.123456789Z") == parse_instant(
+        "2026-11-25T10:00:00.123456Z"
+    )
+    assert parse_instant("garbage") == 0.0 and parse_instant(None) == 0.0
