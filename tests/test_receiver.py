@@ -275,7 +275,7 @@ async def test_official_examples_71_taken_and_questionnaire_refused(
             refused.append((path.name, response.status_code, response.json()))
     assert len(taken) == 71, refused
     assert [r[0] for r in refused] == ["bundle-questionnaire.json"]
-    name, status, outcome = refused[0]
+    _name, status, outcome = refused[0]
     assert status == 422
     expressions = [e for i in outcome["issue"] for e in i.get("expression", [])]
     assert any(e.endswith("linkId") for e in expressions), expressions
