@@ -27,6 +27,7 @@ from subscriptions.bootstrap import (
     status,
 )
 from subscriptions.fhir_client import FhirClient
+from subscriptions.standin import StandInHapi, serve_standin
 from subscriptions.watchdog import check_once, run_watchdog, watchdog_running
 
 BASE = "http://hapi.test/fhir"
@@ -313,3 +314,115 @@ async def test_watchdog_loop_survives_hapi_errors(fhir: FhirClient) -> None:
                 await asyncio.sleep(0.02)
             assert not task.done()
         assert task.done() and not task.cancelled()
+
+
+# -- end to end against the stand-in HAPI ---------------------------------------------------
+
+
+@pytest.fixture
+async def standin() -> AsyncIterator[tuple[StandInHapi, FhirClient]]:
+    hapi = StandInHapi(activation_delay=0.05)
+    async with serve_standin(hapi) as base_url, FhirClient(base_url, max_retries=1) as client:
+        yield hapi, client
+
+
+def standin_settings(**overrides: Any) -> Settings:
+    # Nothing but Subscriptions changes in these tests, so nothing is ever delivered here.
+    return make_settings(**{"receiver_url": "http://127.0.0.1:1/fhir", **overrides})
+
+
+async def subscriptions_on(hapi: StandInHapi) -> dict[str, dict[str, Any]]:
+    return {
+        rid: truth.resource
+        for (rtype, rid), truth in hapi.resources.items()
+        if rtype == "Subscription" and truth.resource is not None
+    }
+
+
+async def test_standin_bootstrap_idempotent_update_remove(
+    standin: tuple[StandInHapi, FhirClient],
+) -> None:
+    hapi, client = standin
+    foreign = await hapi.create(
+        {
+            "resourceType": "Subscription",
+            "status": "requested",
+            "criteria": "Patient?",
+            "channel": {"type": "rest-hook", "endpoint": "http://127.0.0.1:2/other"},
+        }
+    )
+    settings = standin_settings()
+    first = await bootstrap(settings, client, wait=10, progress=None)
+    assert [(r.resource_type, r.status) for r in first] == [
+        ("Patient", "active"),
+        ("Condition", "active"),
+        ("Observation", "active"),
+    ]
+    assert len(await subscriptions_on(hapi)) == 4
+
+    again = await bootstrap(settings, client, wait=10, progress=None)
+    assert [r.id for r in again] == [r.id for r in first]
+    assert {r.action for r in again} == {"unchanged"}
+    assert len(await subscriptions_on(hapi)) == 4
+
+    rotated = standin_settings(receiver_tokens=("tok-2",), receiver_url="http://127.0.0.1:3/fhir")
+    changed = await bootstrap(rotated, client, wait=10, progress=None)
+    assert [r.id for r in changed] == [r.id for r in first]
+    assert {(r.action, r.status) for r in changed} == {("updated", "active")}
+    subs = await subscriptions_on(hapi)
+    assert len(subs) == 4
+    for row in changed:
+        channel = subs[row.id]["channel"]
+        assert channel["header"] == ["Authorization: Bearer tok-2"]
+        assert channel["endpoint"] == "http://127.0.0.1:3/fhir"
+
+    rows = await status(rotated, client)
+    assert sorted(r.id for r in rows) == sorted(r.id for r in first)
+    assert await remove(rotated, client) == 3
+    assert list(await subscriptions_on(hapi)) == [foreign["id"]]
+    assert await status(rotated, client) == []
+
+
+async def test_standin_422_fails_with_its_text(standin: tuple[StandInHapi, FhirClient]) -> None:
+    _, client = standin
+    with pytest.raises(SubscriptionError, match="invalid/unsupported resource type: Bogus"):
+        await bootstrap(standin_settings(), client, types=["Bogus"], wait=5, progress=None)
+
+
+async def test_standin_error_status_fails_with_subscription_error(
+    standin: tuple[StandInHapi, FhirClient],
+) -> None:
+    hapi, client = standin
+    hapi.fail_activation("Failed to activate subscription: the endpoint is not reachable")
+    with pytest.raises(SubscriptionError, match="the endpoint is not reachable") as info:
+        await bootstrap(standin_settings(), client, types=["Patient"], wait=5, progress=None)
+    assert [r.status for r in info.value.results] == ["error"]
+
+
+async def test_standin_watchdog_rerequests(standin: tuple[StandInHapi, FhirClient]) -> None:
+    hapi, client = standin
+    settings = standin_settings()
+    rows = {r.resource_type: r for r in await bootstrap(settings, client, wait=10, progress=None)}
+    assert await check_once(settings, client) == []
+
+    # One ends in error (re-activation fails), one is deleted by someone.
+    hapi.fail_activation("endpoint refused")
+    patient = await hapi.read("Subscription", rows["Patient"].id)
+    await hapi.update({**patient, "status": "requested"})
+    await hapi.wait_idle()
+    assert (await hapi.read("Subscription", rows["Patient"].id))["status"] == "error"
+    await client.delete("Subscription", rows["Observation"].id)
+    hapi.fail_activation(None)
+
+    actions = await check_once(settings, client)
+    assert len(actions) == 2
+    assert any("re-requested Patient" in a and "endpoint refused" in a for a in actions)
+    assert any("created missing Observation" in a for a in actions)
+    await hapi.wait_idle()
+    now = await status(settings, client)
+    assert sorted((r.resource_type, r.status) for r in now) == [
+        ("Condition", "active"),
+        ("Observation", "active"),
+        ("Patient", "active"),
+    ]
+    assert await check_once(settings, client) == []
