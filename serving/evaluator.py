@@ -13,15 +13,13 @@ from fhirpathpy.engine.invocations import invocation_registry
 from fhirpathpy.engine.invocations.constants import constants as fhirpath_constants
 from fhirpathpy.engine.nodes import FP_Type, ResourceNode
 from fhirpathpy.models import models
-from fhirpathpy.parser import parse as _untyped_parse
 
 from receiver.errors import InvalidViewDefinition
-from serving.viewdef import Column, Select, ViewDefinition
+from serving.viewdef import Column, Select, ViewDefinition, parse_fhirpath
 
 __all__ = ["CompiledView", "ViewEvaluationError", "compile_view", "evaluate", "reference_key"]
 
 # fhirpathpy has no type hints: give the few entry points used here their types.
-parse_fhirpath = cast(Callable[[str], dict[str, Any]], _untyped_parse)
 do_eval = cast(Callable[[dict[str, Any], list[Any], Any], Any], _untyped_do_eval)
 _new_node = cast(Callable[[Any, "str | None"], Any], ResourceNode)
 _reset_constants = cast(Callable[[], None], fhirpath_constants.reset)

@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any, NamedTuple, cast
 
-from fhirpathpy.parser import parse as _untyped_parse
+from antlr4 import CommonTokenStream, InputStream, Token
+from antlr4.error.ErrorListener import ErrorListener
+from antlr4.tree.Tree import ParseTreeWalker
+from fhirpathpy.parser.ASTPathListener import ASTPathListener
+from fhirpathpy.parser.generated.FHIRPathLexer import FHIRPathLexer
+from fhirpathpy.parser.generated.FHIRPathParser import FHIRPathParser
 
 from receiver.errors import InvalidViewDefinition
 
@@ -24,10 +29,9 @@ __all__ = [
     "Where",
     "load_view",
     "load_view_file",
+    "parse_fhirpath",
     "shipped_views",
 ]
-
-parse_fhirpath = cast("Callable[[str], dict[str, Any]]", _untyped_parse)
 
 # SQL-on-FHIR names must be usable as SQL identifiers without quoting.
 _NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
@@ -173,6 +177,33 @@ class ViewDefinition:
                 yield col.path
             stack.extend(sel.select)
             stack.extend(sel.union_all)
+
+
+class _RaisingErrorListener(ErrorListener):  # type: ignore[misc]
+    # fhirpathpy's parser silently recovers from syntax errors ("name.(" parses).
+    def syntaxError(
+        self, recognizer: Any, offendingSymbol: Any, line: int, column: int, msg: str, e: Any
+    ) -> None:
+        raise ValueError(f"column {column}: {msg}")
+
+
+def parse_fhirpath(expression: str) -> dict[str, Any]:
+    """Parse FHIRPath into fhirpathpy's tree; ValueError (or antlr's) on any syntax error."""
+    listener = _RaisingErrorListener()
+    lexer = FHIRPathLexer(InputStream(expression))
+    lexer.removeErrorListeners()
+    lexer.addErrorListener(listener)
+    tokens = CommonTokenStream(lexer)
+    parser = FHIRPathParser(tokens)
+    parser.buildParseTrees = True
+    parser.removeErrorListeners()
+    parser.addErrorListener(listener)
+    tree = parser.expression()
+    if tokens.LA(1) != Token.EOF:
+        raise ValueError(f"unexpected {tokens.LT(1).text!r} after a complete expression")
+    ast = ASTPathListener()  # type: ignore[no-untyped-call]
+    ParseTreeWalker().walk(ast, tree)
+    return cast("dict[str, Any]", ast.parentStack[0])
 
 
 def load_view(data: Mapping[str, Any]) -> ViewDefinition:
