@@ -349,26 +349,24 @@ def _plain_values(result: list[Any]) -> list[Any]:
     out: list[Any] = []
     for item in result:
         value = item.data if isinstance(item, ResourceNode) else item
-        if value is None:
+        if value is None or _is_primitive_extension(item, value):
             continue
-        # fhirpathpy also yields the `_element` of a primitive (its extensions) as a
-        # sibling node; it is not a value.
-        if (
-            isinstance(value, dict)
-            and "resourceType" not in value
-            and set(value)
-            <= {
-                "id",
-                "extension",
-            }
-        ):
-            if isinstance(item, ResourceNode) and item.path not in ("Extension", None):
-                if item.path[:1].islower():
-                    continue
         if isinstance(value, FP_Type):
             value = str(value)
         out.append(value)
     return out
+
+
+def _is_primitive_extension(item: Any, value: Any) -> bool:
+    # fhirpathpy also yields a primitive's `_element` (its id/extensions) as a sibling
+    # node typed as the primitive (lower-case type name); it is not a value.
+    return (
+        isinstance(value, dict)
+        and isinstance(item, ResourceNode)
+        and isinstance(item.path, str)
+        and item.path[:1].islower()
+        and set(value) <= {"id", "extension"}
+    )
 
 
 def _column_value(value: Any, column: Column) -> Any:
