@@ -228,7 +228,9 @@ class FhirClient:
         self.backoff_max = backoff_max
         self.retry_after_max = retry_after_max
         self._owns_client = client is None
-        self._client = client or httpx.AsyncClient(timeout=timeout, limits=limits)
+        self._client = client or httpx.AsyncClient(
+            timeout=timeout, limits=limits, follow_redirects=True
+        )
         self._base = urlsplit(self.base_url)
         self._last_date: datetime | None = None
 
