@@ -14,11 +14,12 @@ import json
 import os
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from decimal import Decimal
 from typing import Any
 
 import psycopg
+from fhirpathpy.models import models as fhir_models
 from psycopg import sql
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
@@ -288,6 +289,8 @@ class _E:
     base: str | None = None
     path: str = ""
     literal: Any = None
+    fpath: str | None = None  # the FHIR element path, e.g. "Patient.birthDate", when known
+    ftype: str | None = None  # the FHIR type, when known (from the model or ofType)
 
 
 def _path_coll(base: str, path: str) -> _E:
@@ -299,6 +302,45 @@ def _coll_of(value_sql: str) -> str:
         f"(CASE WHEN ({value_sql}) IS NULL THEN '[]'::jsonb"
         f" ELSE jsonb_build_array({value_sql}) END)"
     )
+
+
+_MODEL: dict[str, Any] = fhir_models["r4"]
+_PATH_TO_TYPE: dict[str, str] = _MODEL["path2Type"]
+_DEFINED_ELSEWHERE: dict[str, str] = _MODEL["pathsDefinedElsewhere"]
+_DATE_RE = r"^(\d{4})(?:-(\d{2})(?:-(\d{2}))?)?(?:T([0-9:.]*)(Z|[+-]\d{2}:\d{2})?)?$"
+_TIME_RE = r"^(\d{2})(?::(\d{2})(?::(\d{2})(?:\.(\d+))?)?)?$"
+
+
+def _model_type(fpath: str | None) -> str | None:
+    if fpath is None:
+        return None
+    if "." not in fpath:
+        return fpath
+    return _PATH_TO_TYPE.get(fpath)
+
+
+def _time_boundary(text: str, high: bool) -> str:
+    fill, digit = ("59", "9") if high else ("00", "0")
+    t = f"regexp_match({text}, {_lit(_TIME_RE)})"
+    return (
+        f"(SELECT m[1] || ':' || COALESCE(m[2], '{fill}') || ':' || COALESCE(m[3], '{fill}')"
+        f" || '.' || rpad(left(COALESCE(m[4], ''), 3), 3, '{digit}') FROM (SELECT {t} AS m) AS t)"
+    )
+
+
+def _date_boundary(text: str, high: bool, with_time: bool) -> str:
+    month = "COALESCE(m[2], '12')" if high else "COALESCE(m[2], '01')"
+    last_day = (
+        f"to_char(make_date(m[1]::integer, {month}::integer, 1)"
+        " + interval '1 month' - interval '1 day', 'DD')"
+    )
+    day = f"COALESCE(m[3], {last_day})" if high else "COALESCE(m[3], '01')"
+    date = f"m[1] || '-' || {month} || '-' || {day}"
+    if with_time:
+        clock = _time_boundary(f"COALESCE(NULLIF(m[4], ''), '{'23' if high else '00'}')", high)
+        zone = f"COALESCE(m[5], '{'-12:00' if high else '+14:00'}')"
+        date = f"{date} || 'T' || {clock} || {zone}"
+    return f"(SELECT {date} FROM (SELECT regexp_match({text}, {_lit(_DATE_RE)}) AS m) AS d)"
 
 
 def _raise_sql(message_sql: str, sql_type: str) -> str:
@@ -315,6 +357,7 @@ class _Ctx:
     focus: str  # jsonb array: the focus collection ($this)
     row_index: str  # SQL integer
     root: str  # jsonb array holding the resource
+    fpath: str | None = None  # the FHIR element path of the focus, when known
 
 
 class _Compiler:
@@ -380,7 +423,7 @@ class _Compiler:
         if tag == "empty":
             return _E("coll", "'[]'::jsonb")
         if tag == "this":
-            return _E("coll", ctx.focus)
+            return _E("coll", ctx.focus, fpath=ctx.fpath, ftype=_model_type(ctx.fpath))
         if tag == "ext":
             return self.external(node[1], ctx)
         if tag == "member":
@@ -425,12 +468,17 @@ class _Compiler:
     def member(self, base: _E, name: str) -> _E:
         step = f".{_jp_string(name)}[*]"
         if base.kind == "coll" and base.base is not None:
-            return _path_coll(base.base, base.path + step)
-        return _path_coll(self.coll(base), "$[*]" + step)
+            out = _path_coll(base.base, base.path + step)
+        else:
+            out = _path_coll(self.coll(base), "$[*]" + step)
+        if base.fpath is None:
+            return out
+        fpath = _DEFINED_ELSEWHERE.get(f"{base.fpath}.{name}", f"{base.fpath}.{name}")
+        return replace(out, fpath=fpath, ftype=_model_type(fpath))
 
     def jsonpath(self, base: _E, tail: str) -> _E:
         """Apply SQL/JSON path `tail` (starting at `$`) to the collection as a whole."""
-        return _path_coll(self.coll(base), tail)
+        return replace(_path_coll(self.coll(base), tail), fpath=base.fpath, ftype=base.ftype)
 
     def index(self, base: _E, index_node: Node, ctx: _Ctx) -> _E:
         if index_node[0] == "lit" and type(index_node[1]) is int:
@@ -443,16 +491,19 @@ class _Compiler:
         a = self.alias()
         return f"jsonb_array_elements({coll}) WITH ORDINALITY AS {a}(e, o)", a
 
-    def lambda_ctx(self, alias: str, ctx: _Ctx) -> _Ctx:
-        return _Ctx(f"jsonb_build_array({alias}.e)", ctx.row_index, ctx.root)
+    def lambda_ctx(self, alias: str, ctx: _Ctx, base: _E | None = None) -> _Ctx:
+        fpath = base.fpath if base is not None else None
+        return _Ctx(f"jsonb_build_array({alias}.e)", ctx.row_index, ctx.root, fpath)
 
     def filter(self, base: _E, cond: Node, ctx: _Ctx) -> _E:
         src, a = self.elements(self.coll(base))
-        test = self.boolean(self.expr(cond, self.lambda_ctx(a, ctx)))
+        test = self.boolean(self.expr(cond, self.lambda_ctx(a, ctx, base)))
         return _E(
             "coll",
             f"(SELECT COALESCE(jsonb_agg({a}.e ORDER BY {a}.o), '[]'::jsonb) FROM {src}"
             f" WHERE {test})",
+            fpath=base.fpath,
+            ftype=base.ftype,
         )
 
     def of_type(self, base: _E, type_name: str) -> _E:
@@ -471,8 +522,8 @@ class _Compiler:
                 choice = name + type_name[:1].upper() + type_name[1:]
                 prefix = base.path[: match.start()]
                 typed = _path_coll(base.base, f"{prefix}.{_jp_string(choice)}[*]")
-                return _E("coll", f"({typed.sql} || {filtered.sql})")
-        return filtered
+                return _E("coll", f"({typed.sql} || {filtered.sql})", ftype=type_name)
+        return replace(filtered, fpath=None, ftype=type_name)
 
     def call(self, base_node: Node, name: str, args: tuple[Node, ...], ctx: _Ctx) -> _E:
         base = self.expr(base_node, ctx)
@@ -562,6 +613,9 @@ class _Compiler:
         if name == "distinct":
             arity(0)
             return self.distinct(self.coll(base))
+        if name in ("lowBoundary", "highBoundary"):
+            arity(0)
+            return self.boundary(base, high=name == "highBoundary")
         if name in ("lower", "upper", "length", "toString", "startsWith", "endsWith"):
             return self.string_function(name, base, args, ctx)
         raise InvalidViewDefinition(f"unsupported FHIRPath function {name}()")
@@ -581,6 +635,38 @@ class _Compiler:
             return _E("bool", f"starts_with({text}, {arg})")
         return _E("bool", f"(right({text}, length({arg})) = {arg})")
 
+    def boundary(self, base: _E, high: bool) -> _E:
+        """lowBoundary()/highBoundary() of decimals, dates, dateTimes and times."""
+        src, a = self.elements(self.coll(base))
+        text = f"({a}.e #>> '{{}}')"
+        number = f"({a}.e)::numeric"
+        decimal = (
+            f"to_jsonb({number} {'+' if high else '-'} 0.5 * power(10::numeric, -scale({number})))"
+        )
+        options = {
+            "decimal": decimal,
+            "date": f"to_jsonb({_date_boundary(text, high, with_time=False)})",
+            "dateTime": f"to_jsonb({_date_boundary(text, high, with_time=True)})",
+            "time": f"to_jsonb({_time_boundary(text, high)})",
+        }
+        kind = {"integer": "decimal", "instant": "dateTime"}.get(base.ftype or "", base.ftype)
+        if kind in options:
+            value = options[kind]
+        else:
+            value = (
+                f"(CASE WHEN jsonb_typeof({a}.e) = 'number' THEN {decimal}"
+                f" WHEN jsonb_typeof({a}.e) <> 'string' THEN NULL"
+                f" WHEN {text} ~ {_lit(_TIME_RE)} THEN {options['time']}"
+                f" ELSE {options['dateTime']} END)"
+            )
+        v = self.alias()
+        return _E(
+            "coll",
+            f"(SELECT COALESCE(jsonb_agg({v}.x ORDER BY {a}.o), '[]'::jsonb) FROM {src}"
+            f" CROSS JOIN LATERAL (SELECT {value} AS x) AS {v} WHERE {v}.x IS NOT NULL)",
+            ftype=base.ftype,
+        )
+
     def type_arg(self, node: Node) -> str:
         if node[0] == "member" and node[1] == ("this",):
             return str(node[2])
@@ -593,7 +679,9 @@ class _Compiler:
         src, a = self.elements(refs.sql)
         m = self.alias()
         wanted = f" AND {m}.v[1] = {_lit(type_name)}" if type_name else ""
-        pattern = _lit(r"([A-Za-z]+)/([A-Za-z0-9\-.]{1,64})(/_history/[^/]+)?$")
+        # Same keys as serving.evaluator.reference_key: "Patient/1", ".../fhir/Patient/1",
+        # "Patient/1/_history/2" all give "1"; contained ("#x") and URN references none.
+        pattern = _lit(r"^(?:.*/)?([A-Z][A-Za-z0-9]*)/([^/?#]+)(?:/_history/[^/?]+)?/?(?:\?.*)?$")
         return _E(
             "coll",
             f"(SELECT COALESCE(jsonb_agg(to_jsonb({m}.v[2]) ORDER BY {a}.o), '[]'::jsonb)"
@@ -721,12 +809,14 @@ class _Compiler:
         if sel.for_each is not None or sel.for_each_or_null is not None:
             path = sel.for_each if sel.for_each is not None else sel.for_each_or_null
             assert path is not None
-            src, a = self.elements(self.coll(self.compile(path, ctx)))
+            items = self.compile(path, ctx)
+            src, a = self.elements(self.coll(items))
             if sel.for_each is not None:
-                return src, _Ctx(f"jsonb_build_array({a}.e)", f"({a}.o - 1)", ctx.root)
+                focus = _Ctx(f"jsonb_build_array({a}.e)", f"({a}.o - 1)", ctx.root, items.fpath)
+                return src, focus
             return (
                 f"(VALUES (1)) AS {a}_one(x) LEFT JOIN LATERAL {src} ON true",
-                _Ctx(_coll_of(f"{a}.e"), f"COALESCE({a}.o - 1, 0)", ctx.root),
+                _Ctx(_coll_of(f"{a}.e"), f"COALESCE({a}.o - 1, 0)", ctx.root, items.fpath),
             )
         if sel.repeat:
             a = self.alias()
@@ -775,9 +865,10 @@ class _Compiler:
         return f"SELECT {', '.join(items)} FROM {source}", names
 
     def view_sql(self, table: str) -> str:
-        ctx = _Ctx("jsonb_build_array(_r.resource)", "0", "jsonb_build_array(_r.resource)")
-        root = Select(select=self.view.select)
-        body, names = self.rowsource(root, ctx)
+        root = "jsonb_build_array(_r.resource)"
+        ctx = _Ctx(root, "0", root, self.view.resource)
+        top = Select(select=self.view.select)
+        body, names = self.rowsource(top, ctx)
         conditions = [f"_r.resource_type = {_lit(self.view.resource)}", "NOT _r.deleted"]
         conditions.extend(self.where(w.path, ctx) for w in self.view.where)
         columns = ", ".join(f"_v.{_ident(n)}" for n in names)
