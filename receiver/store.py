@@ -7,6 +7,7 @@ Key schema (every key starts with `rf:`; `{...}` is a Redis Cluster hash tag):
     rf:{T.b}:chg             ZSET   id scored by change time (HAPI's lastUpdated, epoch ms)
     rf:{T.b}:rows:<view>     HASH   id -> JSON array of the view's rows (present entries only)
     rf:{T.b}:ix:<name>       SET    ids whose derived data carries index entry <name>
+    rf:{T.b}:log / :seq      ZSET   id scored by a per-bucket write sequence (incremental reads)
     rf:{meta}:...            global: epoch marker, rejects, catch-up flag, poller state, stats
 
 T is the resource type, b = crc32(id) % BUCKETS. A resource write touches only keys with
@@ -45,6 +46,7 @@ REJECTS_COUNT_KEY = META + "rejects:count"
 HOURLY_KEY = META + "hourly"  # HASH "YYYY-mm-ddTHH" -> changes received that hour
 MISSED_KEY = META + "missed"  # counter of notifications the poller found missing
 TYPES_KEY = META + "types"  # SET of resource types ever written
+GENERATION_KEY = META + "generation"  # bumped by every trim: incremental readers reload
 REJECTS_MAX = 1000
 REJECTS_SEEN_MAX = 100_000
 
@@ -174,6 +176,8 @@ redis.call('HSET', r, 'vn', ARGV[3], 'lum', ARGV[4], 'vid', ARGV[5], 'lu', ARGV[
 if st == 'p' then redis.call('HSET', r, 'body', ARGV[8]) else redis.call('HDEL', r, 'body') end
 redis.call('HSET', ver, id, st .. '|' .. ARGV[3] .. '|' .. ARGV[4] .. '|' .. ARGV[5])
 redis.call('ZADD', chg, tonumber(ARGV[9]), id)
+-- A per-bucket log in write order, so a reader can follow changes incrementally.
+redis.call('ZADD', prefix .. 'log', redis.call('INCR', prefix .. 'seq'), id)
 local i = 12
 local nviews = tonumber(ARGV[i])
 local views = {}
@@ -217,6 +221,7 @@ drop_derived(prefix, r, id)
 redis.call('DEL', r)
 redis.call('HDEL', ver, id)
 redis.call('ZREM', chg, id)
+redis.call('ZREM', prefix .. 'log', id)
 return 1
 """
 )
@@ -386,6 +391,11 @@ class SpeedStore:
                 except RedisError as exc:
                     raise SpeedLayerUnavailable(f"Redis did not take the trim: {exc}") from exc
             removed += sum(1 for r in results if r)
+        if removed:
+            try:
+                await self.client.incr(GENERATION_KEY)
+            except RedisError as exc:
+                raise SpeedLayerUnavailable(f"Redis did not take the trim: {exc}") from exc
         return removed
 
     # -- reads ---------------------------------------------------------------------------
@@ -457,6 +467,49 @@ class SpeedStore:
             lambda p, t: p.zrangebyscore(t + "chg", since_ms, "+inf"), resource_type
         )
         return [_decode(m) or "" for result in results for m in result]
+
+    async def log_since(
+        self, resource_type: str, after: Sequence[int]
+    ) -> list[tuple[int, list[str]]]:
+        """Per bucket: (newest sequence, ids written after `after[bucket]`), in write order.
+
+        An incremental reader keeps the sequences it saw and re-reads only what changed; it
+        reloads fully when `generation()` or `epoch()` changes (trims, or Redis lost its data).
+        """
+        try:
+            async with self.client.pipeline(transaction=False) as pipe:
+                for bucket in range(BUCKETS):
+                    key = tag(resource_type, bucket) + "log"
+                    pipe.zrangebyscore(key, f"({after[bucket]}", "+inf", withscores=True)
+                results = await pipe.execute()
+        except RedisError as exc:
+            raise SpeedLayerUnavailable(f"Redis cannot be read: {exc}") from exc
+        out: list[tuple[int, list[str]]] = []
+        for bucket, result in enumerate(results):
+            ids = [_decode(m) or "" for m, _ in result]
+            newest = int(result[-1][1]) if result else after[bucket]
+            out.append((newest, ids))
+        return out
+
+    async def generation(self) -> int:
+        """Bumped whenever a trim removed entries."""
+        try:
+            return int(_decode(await self.client.get(GENERATION_KEY)) or 0)
+        except RedisError as exc:
+            raise SpeedLayerUnavailable(f"Redis cannot be read: {exc}") from exc
+
+    async def entries(self, resource_type: str, ids: Sequence[str]) -> dict[str, Version]:
+        """Versions of the given ids (absent ones left out), one pipeline."""
+        if not ids:
+            return {}
+        try:
+            async with self.client.pipeline(transaction=False) as pipe:
+                for resource_id in ids:
+                    pipe.hget(tag(resource_type, bucket_of(resource_id)) + "ver", resource_id)
+                values = await pipe.execute()
+        except RedisError as exc:
+            raise SpeedLayerUnavailable(f"Redis cannot be read: {exc}") from exc
+        return {i: _parse_ver(i, v) for i, v in zip(ids, values, strict=True) if v is not None}
 
     async def count(self, resource_type: str) -> int:
         results = await self._fan_out(lambda p, t: p.hlen(t + "ver"), resource_type)

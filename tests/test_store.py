@@ -181,3 +181,22 @@ def test_version_order_helpers() -> None:
         "2026-11-25T10:00:00.123456Z"
     )
     assert parse_instant("garbage") == 0.0 and parse_instant(None) == 0.0
+
+
+async def test_log_since_follows_writes_incrementally(store: SpeedStore) -> None:
+    start = [0] * BUCKETS
+    await write(store, "a", 1, False)
+    await write(store, "b", 1, False)
+    first = await store.log_since("Patient", start)
+    assert sorted(i for _, ids in first for i in ids) == ["a", "b"]
+    seen = [seq for seq, _ in first]
+    assert await store.log_since("Patient", seen) == [(s, []) for s in seen]
+    await write(store, "a", 2, False)
+    await write(store, "a", 1, False)  # a no-op is not logged
+    again = await store.log_since("Patient", seen)
+    assert [i for _, ids in again for i in ids] == ["a"]
+    assert (await store.entries("Patient", ["a", "zz"]))["a"].version_id == "2"
+    generation = await store.generation()
+    await store.trim_covered("Patient", [("b", 1.0, 0.0)])
+    assert await store.generation() == generation + 1
+    assert all("b" not in ids for _, ids in await store.log_since("Patient", start))
