@@ -10,7 +10,10 @@ import orjson
 import psycopg
 import pytest
 
+from receiver.settings import Settings
+from receiver.store import SpeedStore
 from subscriptions.hapi_db import DbChange, changes_since, connect, decode_text, instant
+from subscriptions.poller import poll_once
 
 # The columns the poller reads, as HAPI's Hibernate creates them on PostgreSQL.
 HAPI_DDL = """
@@ -195,3 +198,37 @@ def test_decode_text_and_instant() -> None:
     with pytest.raises(ValueError):
         decode_text("JSON", None, None)
     assert instant(datetime(2026, 1, 2, 3, 4, 5, 678900)) == "2026-01-02T03:04:05.678Z"
+
+
+async def test_poll_once_from_hapi_database(hapi: Hapi, pg_url: str, store: SpeedStore) -> None:
+    await store.mark_epoch()
+    hapi.put("Patient", "a", 1, T0, body=patient("a", "One"))
+    hapi.put("Patient", "a", 2, T0 + timedelta(seconds=1), body=patient("a", "Two"))
+    hapi.put("Patient", "z", 1, T0 + timedelta(seconds=2), body=patient("z", "Z"), encoding="JSONC")
+    hapi.put("Patient", "c", 1, T0 + timedelta(seconds=3), body=patient("c", "Gone"))
+    hapi.put("Patient", "c", 2, T0 + timedelta(seconds=4), encoding="DEL")
+    bad = patient("bad", "Bad")
+    bad["gender"] = "robot"
+    hapi.put("Patient", "bad", 1, T0 + timedelta(seconds=5), body=bad)
+    settings = Settings(hapi_database_url=pg_url, poll_overlap_seconds=60)
+
+    result = await poll_once(settings, store, None)
+
+    assert (result.read, result.written, result.deletes, result.rejected) == (4, 3, 1, 1)
+    assert result.missed == 3
+    a = await store.get("Patient", "a")
+    assert a is not None and a.version_id == "2" and a.body is not None
+    assert orjson.loads(a.body)["meta"]["lastUpdated"] == "2026-11-25T10:00:01.000Z"
+    z = await store.get("Patient", "z")
+    assert z is not None and z.state == "present"
+    c = await store.get("Patient", "c")
+    assert c is not None and c.state == "deleted" and c.version_id == "2"
+    # The watermark is the newest RES_UPDATED read minus the overlap.
+    assert result.watermark == "2026-11-25T09:59:05.000Z"
+    again = await poll_once(settings, store, None)
+    assert again.since == result.watermark and again.read == 4 and again.written == 0
+    assert await store.reject_count() == 1
+    hapi.put("Patient", "a", 3, T0 + timedelta(seconds=9), body=patient("a", "Three"))
+    third = await poll_once(settings, store, None)
+    assert third.written == third.missed == 1
+    assert third.watermark == "2026-11-25T09:59:09.000Z"
