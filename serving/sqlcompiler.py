@@ -24,8 +24,9 @@ from psycopg import sql
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
-from receiver.errors import InvalidViewDefinition
+from receiver.errors import BatchLayerUnavailable, InvalidViewDefinition
 from serving.conformance import register_engine
+from serving.evaluator import ViewEvaluationError
 from serving.viewdef import Select, ViewDefinition, load_view
 
 __all__ = ["column_sql_types", "compile_view", "postgres_engine"]
@@ -929,12 +930,17 @@ def postgres_engine(
     Each call loads the resources into a temporary table (PostgreSQL's per-session
     temporary schema, dropped when the transaction ends), runs the compiled SQL and
     returns JSON-compatible rows. Errors the view raises at evaluation time become
-    InvalidViewDefinition.
+    ViewEvaluationError (an InvalidViewDefinition, as in the Python engine); an unreachable
+    database BatchLayerUnavailable.
     """
 
     def run(view: Mapping[str, Any], resources: list[dict[str, Any]]) -> list[dict[str, Any]]:
         query = compile_view(view, table="pg_temp.rf_sof_resources")
-        with psycopg.connect(dsn) as conn:
+        try:
+            conn = psycopg.connect(dsn)
+        except psycopg.OperationalError as exc:
+            raise BatchLayerUnavailable(f"cannot connect to PostgreSQL: {exc}") from exc
+        with conn:
             conn.execute(
                 "CREATE TEMP TABLE rf_sof_resources (resource_type text NOT NULL,"
                 " resource jsonb NOT NULL, deleted boolean NOT NULL DEFAULT false)"
@@ -943,13 +949,13 @@ def postgres_engine(
             with conn.cursor() as cur:
                 cur.executemany(
                     "INSERT INTO rf_sof_resources (resource_type, resource) VALUES (%s, %s)",
-                    [(r.get("resourceType"), Jsonb(r)) for r in resources if isinstance(r, dict)],
+                    [(str(r.get("resourceType", "")), Jsonb(r)) for r in resources],
                 )
             try:
                 with conn.cursor(row_factory=dict_row) as cur:
                     rows = cur.execute(query.encode()).fetchall()
             except psycopg.errors.DataError as exc:
-                raise InvalidViewDefinition(_evaluation_error(exc)) from exc
+                raise ViewEvaluationError(_evaluation_error(exc)) from exc
             finally:
                 conn.rollback()
         return [{k: _jsonable(v) for k, v in row.items()} for row in rows]

@@ -13,7 +13,7 @@ import psycopg
 import pytest
 from psycopg.types.json import Jsonb
 
-from receiver.errors import InvalidViewDefinition
+from receiver.errors import BatchLayerUnavailable, InvalidViewDefinition
 from serving.conformance import ENGINES, SuiteCase, compare_rows, load_suite, run_case
 from serving.evaluator import evaluate
 from serving.sqlcompiler import column_sql_types, compile_view, postgres_engine
@@ -249,6 +249,8 @@ HOSTILE = [
     "$$; SELECT 1; $$",
     "\\' OR 1=1 --",
     "é 😀 \u2028",
+    "%s %(x)s {} %%",
+    "\u0001\t\n",
 ]
 
 
@@ -327,6 +329,12 @@ def test_runtime_errors_name_the_reason(module_pg_url: str) -> None:
         postgres_engine(module_pg_url)(view, resources)
     with pytest.raises(InvalidViewDefinition, match=re.escape("where path 'name.family' returned")):
         postgres_engine(module_pg_url)(_id_view("name.family"), resources)
+
+
+def test_unreachable_database() -> None:
+    engine = postgres_engine("postgresql://127.0.0.1:1/nothing?connect_timeout=2")
+    with pytest.raises(BatchLayerUnavailable):
+        engine(_id_view("active"), [])
 
 
 def test_compile_view_is_one_select() -> None:
