@@ -342,3 +342,55 @@ def test_compile_view_is_one_select() -> None:
     assert query.startswith("SELECT ") and ";" not in query
     assert '"rf_batch"."resources"' in query
     assert "NOT _r.deleted" in query
+
+
+# --------------------------------------------------------------------------- beyond the suite
+
+EXTRA_PATIENT: dict[str, Any] = {
+    "resourceType": "Patient",
+    "id": "p1",
+    "gender": "male",
+    "birthDate": "1990-01-01",
+    "name": [{"family": "A", "given": ["x", "y"]}, {"family": "B"}],
+    "telecom": [{"system": "phone", "value": "1"}, {"system": "phone", "value": "1"}],
+}
+EXTRA_PATHS = [
+    "name.given.count()",
+    "name.select(given)",
+    "(name.family | name.given)",
+    "birthDate < @2000-01-01",
+    "name.family.first() + ' x'",
+    "gender in ('male' | 'female')",
+    "name.all(family.exists())",
+    "'a' & {}",
+    "telecom.where(system='phone').value.distinct()",
+    "%resource.id",
+    "Patient.name.family",
+    "name.first().given.first().upper()",
+    "name.family.first().startsWith('A')",
+    "name.exists(family = 'B')",
+    "2 * 3 - 1",
+    "7 div 2",
+    "7 mod 2",
+    "name.last().family",
+    "name.tail().family",
+    "name.skip(1).family",
+    "name.take(1).family",
+    "name.given.join('|')",
+    "-(1.5)",
+    "name.family.first().length()",
+    "true implies false",
+    "true xor false",
+    "name.family ~ name.family",
+    "gender != 'female'",
+]
+
+
+@pytest.mark.parametrize("path", EXTRA_PATHS)
+def test_fhirpath_agrees_with_python_engine(path: str, module_pg_url: str) -> None:
+    view = {
+        "resource": "Patient",
+        "select": [{"column": [{"name": "c", "path": path, "collection": True}]}],
+    }
+    rows = postgres_engine(module_pg_url)(view, [EXTRA_PATIENT])
+    assert compare_rows(rows, evaluate(load_view(view), [EXTRA_PATIENT])) is None, rows
