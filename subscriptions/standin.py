@@ -133,7 +133,17 @@ def _http_date(ms: int) -> str:
 
 
 class StandInHapi:
-    """An in-memory HAPI FHIR R4 server. Use from one event loop; `.app` is its ASGI app."""
+    """An in-memory HAPI FHIR R4 server. Use from one event loop; `.app` is its ASGI app.
+
+    activation_delay: seconds before a `requested` Subscription becomes `active` (or `error`).
+    retry_initial / retry_factor / retry_total: delivery back-off (HAPI: 1 s, x1.1, ~60 s).
+    deliverers / queue_depth: concurrent workers and queue size per subscription (HAPI: 2, 1000).
+    search_cache_seconds: identical searches reuse results this long (HAPI: 60 s).
+    default_page_size / max_page_size: `_count` default and cap (the starter's 20 / 200).
+    delivery_timeout: HTTP timeout of one delivery attempt.
+    validate_resources: 422 for resources the project's validation gate rejects.
+    clock_skew: seconds HAPI's clock runs ahead of this machine's (meta.lastUpdated, Date).
+    """
 
     def __init__(
         self,
@@ -686,12 +696,12 @@ class StandInHapi:
             since_ms = instant_ms(since) if since else None
         except ValueError as exc:
             raise StandInError(400, f"Invalid _since value: {since}") from exc
-        items = [
-            v
-            for v in reversed(source)
-            if (resource_type is None or v.resource_type == resource_type)
-            and (since_ms is None or v.last_updated_ms >= since_ms)
-        ]
+        items: list[_Version] = []
+        for v in reversed(source):  # the log is in time order: stop at the first older one
+            if since_ms is not None and v.last_updated_ms < since_ms:
+                break
+            if resource_type is None or v.resource_type == resource_type:
+                items.append(v)
         return self._store_pages("history", items)
 
     def _bundle(
@@ -774,6 +784,7 @@ class StandInHapi:
         return Starlette(routes=_Http(self).routes())
 
 
+_ALL_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 _Handler = Callable[[Request], Awaitable[Response]]
 
 
@@ -802,6 +813,7 @@ class _Http:
             route("/fhir/{type}/{id}", self.delete, "DELETE"),
             route("/fhir/{type}", self.search, "GET"),
             route("/fhir/{type}", self.create, "POST"),
+            route("/{path:path}", self.unknown, *_ALL_METHODS),
         ]
 
     def _wrap(
@@ -845,6 +857,14 @@ class _Http:
             raise StandInError(
                 400, f"Failed to parse request body as JSON resource: {exc}"
             ) from exc
+
+    async def unknown(self, request: Request) -> Response:
+        raise StandInError(
+            400,
+            "Invalid request: The FHIR endpoint on this server does not know how to handle "
+            f"{request.method} operation[{request.url.path.removeprefix('/fhir/')}]",
+            "not-supported",
+        )
 
     async def metadata(self, request: Request) -> Response:
         return self._json(

@@ -537,6 +537,9 @@ async def test_read_vread_and_error_statuses(hapi: StandInHapi, client: httpx.As
     assert (await client.get("/Patient/p-r")).status_code == 410
     assert (await client.get("/Patient/nope")).status_code == 404
     assert (await client.get("/Nonsense/x")).status_code == 404
+    patch = await client.patch("/Patient/p-r", json={})
+    assert patch.status_code == 400 and patch.json()["resourceType"] == "OperationOutcome"
+    assert "date" in patch.headers
     assert (
         await client.put("/Patient/123", json={"resourceType": "Patient", "id": "123"})
     ).status_code == 400
