@@ -163,6 +163,216 @@ def cmd_speed(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+# -- subscriptions, poll, views, batch ------------------------------------------------------
+
+
+def _types(raw: str) -> tuple[str, ...]:
+    from receiver.validation import is_resource_type
+
+    types = tuple(t.strip() for t in raw.split(",") if t.strip())
+    bad = [t for t in types if not is_resource_type(t)]
+    if not types or bad:
+        raise CommandError(f"--types: unknown resource type(s): {', '.join(bad) or raw!r}", 2)
+    return types
+
+
+async def _subscriptions(settings: Settings, args: argparse.Namespace) -> int:
+    from subscriptions import bootstrap
+    from subscriptions.fhir_client import FhirClient
+
+    async with FhirClient(settings.fhir_base_url) as client:
+        if args.sub_command == "bootstrap":
+            if not settings.receiver_tokens:
+                logger.warning("RECEIVER_TOKEN is not set: the Subscriptions carry no token")
+            try:
+                rows = await bootstrap.bootstrap(
+                    settings,
+                    client,
+                    _types(args.types),
+                    args.wait,
+                    progress=lambda line: print(line, file=sys.stderr),
+                )
+            except bootstrap.SubscriptionError as exc:
+                if exc.results:
+                    print(bootstrap.format_table(exc.results))
+                raise CommandError(exc.message) from exc
+        elif args.sub_command == "status":
+            rows = await bootstrap.status(settings, client)
+        else:
+            removed = await bootstrap.remove(settings, client)
+            print(f"removed {removed} Subscription(s) of instance {settings.instance}")
+            return 0
+    print(bootstrap.format_table(rows))
+    return 0
+
+
+def cmd_subscriptions(settings: Settings, args: argparse.Namespace) -> int:
+    return asyncio.run(_subscriptions(settings, args))
+
+
+def _batch_watermark(settings: Settings) -> Callable[[], Awaitable[str | None]]:
+    async def read() -> str | None:
+        from serving import batch
+
+        return await batch.batch_watermark_async(settings.database_url)
+
+    return read
+
+
+async def _poll(settings: Settings, args: argparse.Namespace) -> int:
+    from receiver.store import SpeedStore, connect
+    from serving.derive import default_deriver
+    from subscriptions.fhir_client import FhirClient
+    from subscriptions.poller import poll_once, run_poller
+
+    redis_client = connect(settings)
+    store = SpeedStore(redis_client, max_age_hours=settings.speed_max_age_hours)
+    await redis_client.ping()
+    derive = default_deriver()
+    try:
+        async with FhirClient(settings.fhir_base_url) as client:
+            if args.once:
+                progress = _progress("poll: resources read")
+                result = await poll_once(
+                    settings,
+                    store,
+                    client,
+                    since=args.since,
+                    derive=derive,
+                    progress=progress,
+                    batch_watermark=_batch_watermark(settings),
+                )
+                _end_progress()
+                print(
+                    json.dumps(
+                        {
+                            "read": result.read,
+                            "written": result.written,
+                            "deletes": result.deletes,
+                            "missed": result.missed,
+                            "rejected": result.rejected,
+                            "since": result.since,
+                            "watermark": result.watermark,
+                            "restored": result.restored,
+                            "skipped": result.skipped,
+                            "seconds": round(result.seconds, 3),
+                        }
+                    )
+                )
+                return 0
+            from subscriptions.watchdog import watchdog_running
+
+            stop = asyncio.Event()
+            _stop_on_signals(stop)
+            async with watchdog_running(settings, client):
+                await run_poller(
+                    settings,
+                    store,
+                    client,
+                    stop,
+                    derive,
+                    batch_watermark=_batch_watermark(settings),
+                )
+            return 0
+    finally:
+        await redis_client.aclose()
+
+
+def _stop_on_signals(stop: asyncio.Event) -> None:
+    import signal
+
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+
+
+def cmd_poll(settings: Settings, args: argparse.Namespace) -> int:
+    if args.since is not None:
+        try:
+            datetime.fromisoformat(args.since)
+        except ValueError:
+            raise CommandError(
+                f"--since must be an ISO-8601 instant, not {args.since!r}", 2
+            ) from None
+    return asyncio.run(_poll(settings, args))
+
+
+def _read_resources(path: str) -> list[dict[str, Any]]:
+    try:
+        text = open(path, encoding="utf-8").read()
+    except OSError as exc:
+        raise CommandError(f"cannot read {path}: {exc.strerror}", 2) from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        try:
+            data = [json.loads(line) for line in text.splitlines() if line.strip()]
+        except json.JSONDecodeError as exc:
+            raise CommandError(f"{path} is neither JSON nor NDJSON: {exc}", 2) from None
+    if isinstance(data, dict) and data.get("resourceType") == "Bundle":
+        data = [
+            e["resource"] for e in data.get("entry", []) if isinstance(e, dict) and "resource" in e
+        ]
+    elif isinstance(data, dict):
+        data = [data]
+    if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
+        raise CommandError(f"{path} must hold a JSON array of resources, a Bundle or NDJSON", 2)
+    return data
+
+
+def cmd_views(settings: Settings, args: argparse.Namespace) -> int:
+    from serving.viewdef import load_view
+
+    try:
+        raw_view = json.loads(open(args.view, encoding="utf-8").read())
+    except OSError as exc:
+        raise CommandError(f"cannot read {args.view}: {exc.strerror}", 2) from None
+    except json.JSONDecodeError as exc:
+        raise InvalidViewDefinition(f"{args.view} is not JSON: {exc}") from None
+    if not isinstance(raw_view, dict):
+        raise InvalidViewDefinition("a ViewDefinition must be a JSON object")
+    view = load_view(raw_view)
+    resources = _read_resources(args.resources)
+    if args.engine == "postgres":
+        from serving.sqlcompiler import postgres_engine
+
+        rows = postgres_engine(settings.database_url)(raw_view, resources)
+    else:
+        from serving.evaluator import evaluate
+
+        rows = evaluate(view, resources)
+    print(json.dumps(rows, default=str))
+    return 0
+
+
+def cmd_batch(settings: Settings, args: argparse.Namespace) -> int:
+    from serving import batch
+
+    if args.batch_command == "init":
+        for line in batch.init(settings.database_url, progress=lambda m: logger.info("%s", m)):
+            print(line)
+        return 0
+
+    async def refresh() -> int:
+        from receiver.store import SpeedStore, connect
+
+        redis_client = connect(settings)
+        try:
+            result = await batch.refresh(
+                settings,
+                full=args.full,
+                store=SpeedStore(redis_client),
+                progress=_progress("batch refresh: resources synced"),
+            )
+        finally:
+            await redis_client.aclose()
+        _end_progress()
+        print(json.dumps(result.as_dict(), default=str))
+        return 0
+
+    return asyncio.run(refresh())
+
+
 # -- the parser ----------------------------------------------------------------------------
 
 
@@ -188,6 +398,45 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("ref", metavar="TYPE/ID")
     speed.add_parser("stats", help="counts per type, oldest/newest, rejects, memory, persistence")
     p.set_defaults(func=cmd_speed)
+
+    p = sub.add_parser("subscriptions", help="manage this deployment's Subscriptions on HAPI")
+    subs = p.add_subparsers(dest="sub_command", required=True, metavar="SUBCOMMAND")
+    b = subs.add_parser("bootstrap", help="create or update one rest-hook Subscription per type")
+    b.add_argument("--types", default="Patient,Condition,Observation")
+    b.add_argument(
+        "--wait",
+        type=float,
+        default=90.0,
+        metavar="SECONDS",
+        help="how long to wait for HAPI to mark them active (default 90)",
+    )
+    subs.add_parser("status", help="a table of this deployment's Subscriptions")
+    subs.add_parser("remove", help="delete this deployment's Subscriptions, and only those")
+    p.set_defaults(func=cmd_subscriptions)
+
+    p = sub.add_parser(
+        "poll", help="the fallback fetcher: pull HAPI's changes into the speed layer"
+    )
+    p.add_argument("--once", action="store_true", help="one full catch-up, then exit")
+    p.add_argument("--since", metavar="ISO-8601", help="start here instead of the saved watermark")
+    p.set_defaults(func=cmd_poll)
+
+    p = sub.add_parser("batch", help="the batch layer (PostgreSQL materialized views)")
+    batch_sub = p.add_subparsers(dest="batch_command", required=True, metavar="SUBCOMMAND")
+    batch_sub.add_parser("init", help="create the batch schema and one view per ViewDefinition")
+    r = batch_sub.add_parser("refresh", help="sync from HAPI, refresh views, trim the speed layer")
+    r.add_argument("--full", action="store_true", help="reload every resource, not just changes")
+    p.set_defaults(func=cmd_batch)
+
+    p = sub.add_parser("views", help="SQL-on-FHIR ViewDefinitions")
+    views_sub = p.add_subparsers(dest="views_command", required=True, metavar="SUBCOMMAND")
+    v = views_sub.add_parser("run", help="evaluate a ViewDefinition over resources in a file")
+    v.add_argument("view", metavar="VIEW.json")
+    v.add_argument(
+        "--resources", required=True, metavar="FILE", help="a JSON array, a Bundle, or NDJSON"
+    )
+    v.add_argument("--engine", choices=["python", "postgres"], default="python")
+    p.set_defaults(func=cmd_views)
 
     for register in _EXTRA_COMMANDS:
         register(sub)
