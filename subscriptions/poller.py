@@ -30,7 +30,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
@@ -207,8 +207,28 @@ class _Writer:
         self.progress = progress
         self.seen: set[tuple[str, str]] = set()
         self.newest_ms = 0.0
+        self._pending: asyncio.Task[None] | None = None
 
     async def write(self, changes: Iterable[_Change]) -> None:
+        """Validate a page now; its Redis write runs while the next page is validated."""
+        items = await self._items(changes)
+        await self.flush()
+        self._pending = asyncio.create_task(self._commit(items))
+
+    async def flush(self) -> None:
+        """Wait for the last page's write (and raise its error, if any)."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            await pending
+
+    async def cancel(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.cancel()
+            with contextlib.suppress(BaseException):
+                await pending
+
+    async def _items(self, changes: Iterable[_Change]) -> list[UpsertItem]:
         items: list[UpsertItem] = []
         for change in changes:
             key = (change.resource_type, change.resource_id)
@@ -222,6 +242,9 @@ class _Writer:
             item = await self._item(change)
             if item is not None:
                 items.append(item)
+        return items
+
+    async def _commit(self, items: list[UpsertItem]) -> None:
         written = await self.store.upsert_many(items)
         for item, was_written in zip(items, written, strict=True):
             if not was_written:
@@ -358,12 +381,17 @@ async def _poll(
             start = await batch_watermark()
     result = PollResult(since=start, restored=restored)
     writer = _Writer(store, derive, result, progress)
-    if settings.hapi_database_url:
-        clock = await _traverse_database(settings.hapi_database_url, start, writer, lease, types)
-    else:
-        if client is None:
-            raise ValueError("the REST poller needs a FhirClient")
-        clock = await _traverse_history(client, start, writer, lease, types)
+    try:
+        if settings.hapi_database_url:
+            clock = await _traverse_database(
+                settings.hapi_database_url, start, writer, lease, types
+            )
+        else:
+            if client is None:
+                raise ValueError("the REST poller needs a FhirClient")
+            clock = await _traverse_history(client, start, writer, lease, types)
+    finally:
+        await writer.cancel()  # after a failure; a no-op once everything was flushed
     lease.check()
     # Everything is written: now the watermark may move (never backwards).
     if clock is None and writer.newest_ms:
@@ -401,7 +429,8 @@ async def _traverse_history(
     """Write every `_history` page; HAPI's clock at the first answer (its `Date`)."""
     clock: datetime | None = None
     for resource_type in list(types) if types else [None]:
-        async for page in client.history(resource_type, since, HISTORY_COUNT):
+        pages = client.history(resource_type, since, HISTORY_COUNT)
+        async for page in _prefetched(pages):
             if clock is None and page.server_date is not None:
                 clock = page.server_date
             await writer.write(
@@ -416,7 +445,37 @@ async def _traverse_history(
                 for entry in page.entries
             )
             lease.check()
+    await writer.flush()
     return clock
+
+
+async def _prefetched(pages: AsyncIterator[Any], depth: int = 2) -> AsyncIterator[Any]:
+    """Iterate `pages` while fetching up to `depth` pages ahead (HAPI answers the next page
+    while this one is validated and written)."""
+    queue: asyncio.Queue[tuple[Any, BaseException | None, bool]] = asyncio.Queue(depth)
+
+    async def fetch() -> None:
+        try:
+            async for page in pages:
+                await queue.put((page, None, False))
+        except Exception as exc:
+            await queue.put((None, exc, True))
+        else:
+            await queue.put((None, None, True))
+
+    task = asyncio.create_task(fetch())
+    try:
+        while True:
+            page, error, done = await queue.get()
+            if error is not None:
+                raise error
+            if done:
+                return
+            yield page
+    finally:
+        task.cancel()
+        with contextlib.suppress(BaseException):
+            await task
 
 
 async def _traverse_database(
@@ -445,6 +504,7 @@ async def _traverse_database(
             )
             newest = page[-1].updated_at
             lease.check()
+        await writer.flush()
     finally:
         await conn.close()
     return newest
