@@ -373,6 +373,82 @@ def cmd_batch(settings: Settings, args: argparse.Namespace) -> int:
     return asyncio.run(refresh())
 
 
+# -- serve, run, demo ----------------------------------------------------------------------
+
+
+def _api_app(settings: Settings, insecure: bool) -> Any:
+    from serving.api import create_app
+
+    return create_app(settings, insecure=insecure)
+
+
+def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
+    _require_tokens(settings.serving_tokens, "SERVING_TOKEN", args.insecure)
+    _serve_apps([(_api_app(settings, args.insecure), args.host, args.port)])
+    return 0
+
+
+async def _run_all(settings: Settings, args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from receiver.app import create_app as create_receiver
+    from receiver.store import SpeedStore, connect
+    from serving.derive import default_deriver
+    from subscriptions.fhir_client import FhirClient
+    from subscriptions.poller import run_poller
+    from subscriptions.watchdog import watchdog_running
+
+    derive = default_deriver()
+    apps = [
+        (create_receiver(settings, derive=derive, insecure=args.insecure), args.receiver_port),
+        (_api_app(settings, args.insecure), args.serve_port),
+    ]
+    servers = [
+        uvicorn.Server(
+            uvicorn.Config(app, host=args.host, port=port, log_level="info", access_log=False)
+        )
+        for app, port in apps
+    ]
+    redis_client = connect(settings)
+    store = SpeedStore(redis_client, max_age_hours=settings.speed_max_age_hours)
+    stop = asyncio.Event()
+    try:
+        async with FhirClient(settings.fhir_base_url) as client, watchdog_running(settings, client):
+            poller = asyncio.create_task(
+                run_poller(
+                    settings,
+                    store,
+                    client,
+                    stop,
+                    derive,
+                    batch_watermark=_batch_watermark(settings),
+                )
+            )
+            try:
+                await asyncio.gather(*(s.serve() for s in servers))
+            finally:
+                stop.set()
+                try:
+                    await asyncio.wait_for(poller, timeout=10)
+                except TimeoutError:
+                    poller.cancel()
+    finally:
+        await redis_client.aclose()
+    return 0
+
+
+def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
+    _require_tokens(settings.receiver_tokens, "RECEIVER_TOKEN", args.insecure)
+    _require_tokens(settings.serving_tokens, "SERVING_TOKEN", args.insecure)
+    return asyncio.run(_run_all(settings, args))
+
+
+def cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
+    from serving.demo import main_demo
+
+    return main_demo(settings, args)
+
+
 # -- the parser ----------------------------------------------------------------------------
 
 
@@ -391,6 +467,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8081)
     p.add_argument("--insecure", action="store_true", help="allow running without RECEIVER_TOKEN")
     p.set_defaults(func=cmd_receiver)
+
+    p = sub.add_parser("serve", help="run the query API and status page")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8082)
+    p.add_argument("--insecure", action="store_true", help="allow running without SERVING_TOKEN")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser(
+        "run", help="receiver, query API, poller and subscription watchdog in one process"
+    )
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--receiver-port", type=int, default=8081)
+    p.add_argument("--serve-port", type=int, default=8082)
+    p.add_argument("--insecure", action="store_true", help="allow running without tokens")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser(
+        "demo", help="the whole flow on one machine with a stand-in HAPI and synthetic data"
+    )
+    p.add_argument("--patients", type=int, default=300, help="synthetic patients (default 300)")
+    p.add_argument(
+        "--duration", type=float, default=45.0, help="seconds of streamed changes (default 45)"
+    )
+    p.add_argument("--receiver-port", type=int, default=8081)
+    p.add_argument("--serve-port", type=int, default=8082)
+    p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("speed", help="inspect the speed layer (Redis)")
     speed = p.add_subparsers(dest="speed_command", required=True, metavar="SUBCOMMAND")

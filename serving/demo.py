@@ -1,0 +1,231 @@
+"""`researchflow demo`: the whole flow on one machine, with the stand-in HAPI as the source."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import secrets
+import socket
+import sys
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
+from typing import Any
+
+import httpx
+import uvicorn
+
+from receiver.settings import Settings
+from receiver.store import SpeedStore, connect
+from subscriptions import synthetic
+
+logger = logging.getLogger(__name__)
+
+COHORT_QUERY = {"gender": "male", "condition": "http://snomed.info/sct|44054006", "ids": "false"}
+
+
+def _port_or_free(port: int) -> int:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+            return port
+        except OSError:
+            sock.bind(("127.0.0.1", 0))
+            return int(sock.getsockname()[1])
+
+
+@contextlib.asynccontextmanager
+async def _serve(app: Any, port: int) -> AsyncIterator[None]:
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
+    )
+    task = asyncio.create_task(server.serve())
+    while not server.started:
+        if task.done():
+            await task
+            raise RuntimeError(f"could not serve on 127.0.0.1:{port}")
+        await asyncio.sleep(0.02)
+    try:
+        yield
+    finally:
+        server.should_exit = True
+        await task
+
+
+class _Changes:
+    """A stream of realistic changes made on the stand-in, which pushes them as HAPI does."""
+
+    def __init__(self, hapi: Any, patients: int, rnd: random.Random) -> None:
+        self.hapi = hapi
+        self.rnd = rnd
+        self.next_patient = patients
+        self.next_item = patients * 10 + 10
+        self.made = 0
+
+    async def one(self) -> str:
+        rnd = self.rnd
+        roll = rnd.random()
+        self.made += 1
+        if roll < 0.35:
+            n = self.next_patient
+            self.next_patient += 1
+            p = synthetic.patient(n, rnd)
+            p["gender"] = "male"
+            await self.hapi.update(p)
+            cond = synthetic.condition(self.next_item, n, rnd)
+            cond["code"]["coding"][0].update(code="44054006", display="Diabetes mellitus type 2")
+            self.next_item += 1
+            await self.hapi.update(cond)
+            return f"new male patient pat-{n} with diabetes"
+        truth = self.hapi.resources
+        live = [k for k, v in truth.items() if not v.deleted and k[0] in {"Patient", "Condition"}]
+        if not live:
+            return "nothing to change"
+        resource_type, resource_id = rnd.choice(live)
+        if roll < 0.75 and resource_type == "Patient":
+            current = dict(truth[(resource_type, resource_id)].resource or {})
+            current["gender"] = rnd.choice(["male", "female"])
+            await self.hapi.update(current)
+            return f"Patient/{resource_id} gender -> {current['gender']}"
+        await self.hapi.delete(resource_type, resource_id)
+        return f"deleted {resource_type}/{resource_id}"
+
+
+async def run_demo(
+    settings: Settings,
+    *,
+    patients: int = 300,
+    duration: float = 45.0,
+    rate: float = 5.0,
+    receiver_port: int = 8081,
+    serve_port: int = 8082,
+    out: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Run the demo; returns the last cohort answer."""
+    from receiver.app import create_app as create_receiver
+    from serving import batch
+    from serving.api import create_app as create_api
+    from serving.derive import default_deriver
+    from subscriptions import bootstrap
+    from subscriptions.fhir_client import FhirClient
+    from subscriptions.poller import run_poller
+    from subscriptions.standin import StandInHapi, serve_standin
+
+    receiver_port = _port_or_free(receiver_port)
+    serve_port = _port_or_free(serve_port)
+    receiver_token = (
+        settings.receiver_tokens[0] if settings.receiver_tokens else secrets.token_urlsafe(16)
+    )
+    serving_token = (
+        settings.serving_tokens[0] if settings.serving_tokens else secrets.token_urlsafe(16)
+    )
+    rnd = random.Random(2026)
+    hapi = StandInHapi(activation_delay=0.2, retry_initial=0.5, retry_total=10.0)
+    last: dict[str, Any] = {}
+    async with serve_standin(hapi) as fhir_base:
+        settings = replace(
+            settings,
+            fhir_base_url=fhir_base,
+            receiver_url=f"http://127.0.0.1:{receiver_port}/fhir",
+            receiver_tokens=(receiver_token,),
+            serving_tokens=(serving_token,),
+            poll_interval_seconds=min(settings.poll_interval_seconds, 15),
+            instance="researchflow-demo",
+        )
+        out(f"stand-in HAPI FHIR server: {fhir_base}")
+        started = time.perf_counter()
+        for resource in synthetic.population(patients, seed=7):
+            await hapi.update(resource)
+        out(
+            f"seeded {len(hapi.resources):,} resources ({patients} patients) in "
+            f"{time.perf_counter() - started:.1f}s"
+        )
+
+        for line in batch.init(settings.database_url):
+            out(f"batch init: {line}")
+        redis_client = connect(settings)
+        store = SpeedStore(redis_client)
+        try:
+            result = await batch.refresh(settings, full=True, store=store)
+            out(f"batch refresh: {result.as_dict()}")
+            derive = default_deriver()
+            receiver_app = create_receiver(settings, derive=derive)
+            api_app = create_api(settings)
+            async with (
+                _serve(receiver_app, receiver_port),
+                _serve(api_app, serve_port),
+                FhirClient(settings.fhir_base_url) as client,
+            ):
+                subs = await bootstrap.bootstrap(settings, client, wait=15.0)
+                out(bootstrap.format_table(subs))
+                stop = asyncio.Event()
+                poller = asyncio.create_task(
+                    run_poller(
+                        settings,
+                        store,
+                        client,
+                        stop,
+                        derive,
+                        batch_watermark=lambda: batch.batch_watermark_async(settings.database_url),
+                    )
+                )
+                api = f"http://127.0.0.1:{serve_port}"
+                out("")
+                out(
+                    f"query API:   {api}/cohort?gender=male&condition=http://snomed.info/sct|44054006"
+                )
+                out(f"status page: {api}/status   (user: any, password: the serving token)")
+                out(f"serving token: {serving_token}")
+                out("")
+                changes = _Changes(hapi, patients, rnd)
+                deadline = time.monotonic() + duration
+                next_print = 0.0
+                async with httpx.AsyncClient(
+                    base_url=api, headers={"Authorization": f"Bearer {serving_token}"}
+                ) as http:
+                    while time.monotonic() < deadline:
+                        what = await changes.one()
+                        logger.debug("change: %s", what)
+                        if time.monotonic() >= next_print:
+                            next_print = time.monotonic() + 2.0
+                            response = await http.get("/cohort", params=COHORT_QUERY)
+                            last = response.json()
+                            out(
+                                f"male patients with diabetes: total {last.get('total_count')} "
+                                f"(batch {last.get('batch_count')}, +{last.get('added_count')} "
+                                f"-{last.get('removed_count')} from the speed layer; "
+                                f"{changes.made} changes pushed; last: {what})"
+                            )
+                        await asyncio.sleep(1.0 / rate)
+                    await hapi.wait_idle(timeout=30)
+                    response = await http.get("/cohort", params=COHORT_QUERY)
+                    last = response.json()
+                out(f"final answer: {last}")
+                stop.set()
+                await asyncio.wait_for(poller, timeout=10)
+        finally:
+            await redis_client.aclose()
+    return last
+
+
+def main_demo(settings: Settings, args: Any) -> int:
+    def out(line: str) -> None:
+        print(line, flush=True)
+
+    try:
+        answer = asyncio.run(
+            run_demo(
+                settings,
+                patients=args.patients,
+                duration=args.duration,
+                receiver_port=args.receiver_port,
+                serve_port=args.serve_port,
+                out=out,
+            )
+        )
+    except KeyboardInterrupt:
+        print("demo interrupted", file=sys.stderr)
+        return 130
+    return 0 if answer.get("total_count") is not None else 1
