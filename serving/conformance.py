@@ -255,9 +255,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="write the official JSON test report here")
     parser.add_argument("--suite", type=Path, default=None, help="the suite's directory")
     args = parser.parse_args(argv)
-    factory = ENGINES.get(args.engine)
+    if args.engine == "postgres":
+        import serving.sqlcompiler  # noqa: F401  (registers the postgres engine)
+    # Under `python -m` this module runs as __main__; engines register in serving.conformance.
+    import serving.conformance as registry
+
+    engines = {**registry.ENGINES, **ENGINES}
+    factory = engines.get(args.engine)
     if factory is None:
-        print(f"unknown engine {args.engine!r}; known: {', '.join(sorted(ENGINES))}")
+        print(f"unknown engine {args.engine!r}; known: {', '.join(sorted(engines))}")
         return 2
     report = run_suite(args.suite, factory())
     print(report.table())

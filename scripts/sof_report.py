@@ -1,0 +1,48 @@
+"""Write the official SQL-on-FHIR v2 reports of both engines and print the README's pass table.
+
+Run: `DATABASE_URL=postgresql://127.0.0.1:5432/test .venv/bin/python scripts/sof_report.py`
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPORTS = Path(__file__).resolve().parents[1] / "reports"
+
+
+def main() -> int:
+    REPORTS.mkdir(exist_ok=True)
+    for engine in ("python", "postgres"):
+        out = REPORTS / f"sof-{engine}.json"
+        subprocess.run(
+            [sys.executable, "-m", "serving.conformance", "--engine", engine, "--out", str(out)],
+            check=False,
+            stdout=subprocess.DEVNULL,
+        )
+    reports = {
+        e: json.loads((REPORTS / f"sof-{e}.json").read_text()) for e in ("python", "postgres")
+    }
+    print("| file | tests | python | postgres |")
+    print("| --- | ---: | ---: | ---: |")
+    totals = {"tests": 0, "python": 0, "postgres": 0}
+    for name in sorted(reports["python"]):
+        tests = reports["python"][name]["tests"]
+        passed = {
+            e: sum(1 for t in reports[e].get(name, {}).get("tests", []) if t["result"]["passed"])
+            for e in reports
+        }
+        totals["tests"] += len(tests)
+        for e in reports:
+            totals[e] += passed[e]
+        print(f"| {name} | {len(tests)} | {passed['python']} | {passed['postgres']} |")
+    print(
+        f"| **all** | **{totals['tests']}** | **{totals['python']}** | **{totals['postgres']}** |"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
