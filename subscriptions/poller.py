@@ -440,7 +440,7 @@ async def _traverse_history(
                     entry.version_id,
                     entry.last_updated,
                     entry.deleted,
-                    entry.raw if entry.resource is not None else None,
+                    entry.resource,  # a dict: the gate serialises it once, compactly
                 )
                 for entry in page.entries
             )
