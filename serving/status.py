@@ -142,6 +142,14 @@ async def read_subscriptions(
     return SubscriptionsStatus(error=f"HAPI unreachable: {reason}", checked_at=now)
 
 
+async def _watermark_row(conn: psycopg.AsyncConnection[Any]) -> tuple[Any, ...] | None:
+    # Look before reading, so a never-initialised batch layer leaves no ERROR in the server log.
+    exists = await (await conn.execute("SELECT to_regclass('rf_batch.watermark')")).fetchone()
+    if exists is None or exists[0] is None:
+        return None
+    return await (await conn.execute(WATERMARK_SQL)).fetchone()
+
+
 async def read_batch_watermark(database: Database, now: datetime | None = None) -> BatchStatus:
     """The row of `rf_batch.watermark`; a missing table means the batch was never refreshed."""
     now = now or datetime.now(UTC)
@@ -151,10 +159,10 @@ async def read_batch_watermark(database: Database, now: datetime | None = None) 
                 async with await psycopg.AsyncConnection.connect(
                     database, connect_timeout=int(DATABASE_TIMEOUT_SECONDS), autocommit=True
                 ) as conn:
-                    row = await (await conn.execute(WATERMARK_SQL)).fetchone()
+                    row = await _watermark_row(conn)
             else:
                 async with database.connection() as conn:
-                    row = await (await conn.execute(WATERMARK_SQL)).fetchone()
+                    row = await _watermark_row(conn)
     except (pg_errors.UndefinedTable, pg_errors.InvalidSchemaName):
         return BatchStatus()
     except TimeoutError:
