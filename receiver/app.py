@@ -344,6 +344,7 @@ def create_app(
         store = SpeedStore(client, max_age_hours=settings.speed_max_age_hours)
         async with contextlib.AsyncExitStack() as stack:
             stack.push_async_callback(client.aclose)
+            stack.push_async_callback(_flush_quietly, store)
             try:
                 await store.warn_about_config()
             except Exception as exc:
@@ -372,6 +373,13 @@ def create_app(
     app.state.insecure = insecure
     app.state.metrics = metrics or Metrics.create()
     return app
+
+
+async def _flush_quietly(store: SpeedStore) -> None:
+    try:
+        await store.flush_stats()
+    except Exception as exc:  # shutting down: statistics only
+        logger.info("statistics not flushed at shutdown: %s", exc)
 
 
 @contextlib.asynccontextmanager

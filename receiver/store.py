@@ -269,6 +269,9 @@ class SpeedStore:
         self._upsert = client.register_script(_UPSERT_LUA)
         self._trim = client.register_script(_TRIM_LUA)
         self._known_types: set[str] = set()
+        self._pending_hours: dict[str, int] = {}
+        self._pending_types: set[str] = set()
+        self._last_flush_ms = 0.0
 
     # -- writes --------------------------------------------------------------------------
 
@@ -289,56 +292,50 @@ class SpeedStore:
         `body` is kept byte for byte. A tombstone (`deleted=True`) keeps the version and hides
         the resource. Raises SpeedLayerUnavailable when Redis cannot take the write.
         """
-        # `order` overrides the (version number, lastUpdated ms) pair the guard compares.
-        vn, lum = (
-            order
-            if order is not None
-            else (version_number(version_id), parse_instant(last_updated))
+        item = UpsertItem(
+            resource_type, resource_id, body, version_id, last_updated, deleted, derived, order
         )
-        bucket = bucket_of(resource_id)
-        prefix = tag(resource_type, bucket)
         now_ms = time.time() * 1000.0
-        score = lum or now_ms
-        args: list[Any] = [
-            prefix,
-            resource_id,
-            repr(vn),
-            repr(lum),
-            version_id or "",
-            last_updated or "",
-            "d" if deleted else "p",
-            b"" if deleted or body is None else body,
-            repr(score),
-            repr(now_ms),
-            self.expire_seconds,
-        ]
-        rows = {} if deleted or derived is None else derived.rows
-        args.append(len(rows))
-        for view, view_rows in rows.items():
-            args.extend([view, view_rows])
-        index = () if deleted or derived is None else derived.index
-        args.append(len(index))
-        args.extend(index)
-        keys = [prefix + "r:" + resource_id, prefix + "ver", prefix + "chg"]
+        keys, args = self._upsert_call(item, now_ms)
         try:
             written = await self._upsert(keys=keys, args=args)
         except RedisError as exc:
             raise SpeedLayerUnavailable(f"Redis did not take the write: {exc}") from exc
         if written:
-            await self._count_change(resource_type, now_ms)
+            await self._count_changes(resource_type, 1, now_ms)
         return bool(written)
 
-    async def _count_change(self, resource_type: str, now_ms: float) -> None:
+    async def _count_changes(self, resource_type: str, n: int, now_ms: float) -> None:
+        """Statistics for the status page, flushed at most once a second.
+
+        They live under the {meta} tag (another slot than the resource), so they cannot join
+        the atomic write; batching keeps them off the per-write round trip.
+        """
         hour = datetime.fromtimestamp(now_ms / 1000.0, UTC).strftime("%Y-%m-%dT%H")
+        self._pending_hours[hour] = self._pending_hours.get(hour, 0) + n
+        self._pending_types.add(resource_type)
+        if now_ms - self._last_flush_ms < 1000.0:
+            return
+        await self.flush_stats(now_ms)
+
+    async def flush_stats(self, now_ms: float | None = None) -> None:
+        """Write the batched statistics now (also called on shutdown and by tests)."""
+        self._last_flush_ms = time.time() * 1000.0 if now_ms is None else now_ms
+        hours, self._pending_hours = self._pending_hours, {}
+        types = self._pending_types - self._known_types
+        self._pending_types = set()
+        if not hours and not types:
+            return
         try:
             async with self.client.pipeline(transaction=False) as pipe:
-                pipe.hincrby(HOURLY_KEY, hour, 1)
-                if resource_type not in self._known_types:
-                    pipe.sadd(TYPES_KEY, resource_type)
+                for hour, count in hours.items():
+                    pipe.hincrby(HOURLY_KEY, hour, count)
+                if types:
+                    pipe.sadd(TYPES_KEY, *types)
                 await pipe.execute()
-            self._known_types.add(resource_type)
-        except RedisError:  # statistics only: the resource itself is written
-            logger.warning("could not count a change in %s", HOURLY_KEY)
+            self._known_types |= types
+        except RedisError:  # statistics only: the resources themselves are written
+            logger.warning("could not count changes in %s", HOURLY_KEY)
 
     async def known_types(self) -> list[str]:
         """Resource types the speed layer has held (for stats and the status page)."""
@@ -712,22 +709,24 @@ class SpeedStore:
         except RedisError as exc:
             raise SpeedLayerUnavailable(f"Redis did not take the write: {exc}") from exc
         written = [bool(r) for r in results]
-        if any(written):
-            hour = datetime.fromtimestamp(now_ms / 1000.0, UTC).strftime("%Y-%m-%dT%H")
-            try:
-                await self.client.hincrby(HOURLY_KEY, hour, sum(written))
-            except RedisError:  # statistics only
-                logger.warning("could not count changes in %s", HOURLY_KEY)
+        for item, was_written in zip(items, written, strict=True):
+            if was_written:
+                await self._count_changes(item.resource_type, 1, now_ms)
         return written
 
     def _upsert_call(self, item: UpsertItem, now_ms: float) -> tuple[list[str], list[Any]]:
-        # Same ARGV layout as `upsert` (and _UPSERT_LUA).
-        lum = parse_instant(item.last_updated)
+        """KEYS and ARGV of one _UPSERT_LUA call."""
+        # `order` overrides the (version number, lastUpdated ms) pair the guard compares.
+        vn, lum = (
+            item.order
+            if item.order is not None
+            else (version_number(item.version_id), parse_instant(item.last_updated))
+        )
         prefix = tag(item.resource_type, bucket_of(item.resource_id))
         args: list[Any] = [
             prefix,
             item.resource_id,
-            repr(version_number(item.version_id)),
+            repr(vn),
             repr(lum),
             item.version_id or "",
             item.last_updated or "",
@@ -771,3 +770,4 @@ class UpsertItem:
     last_updated: str | None
     deleted: bool = False
     derived: Derived | None = None
+    order: tuple[float, float] | None = None
