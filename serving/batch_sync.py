@@ -1,0 +1,465 @@
+"""`batch refresh`: sync the batch layer from HAPI, refresh its views, trim the speed layer.
+
+How a refresh stays all-or-nothing:
+
+1. Read from HAPI (`_history` since the watermark, or with `full` a search of every type)
+   through the one gate (`receiver.validation.validate_resource`) into a session-local
+   temporary table. Nothing shared is touched: a failure here (HAPI breaks on page 2, the
+   process is killed) leaves the batch layer, its watermark and the speed layer as they were.
+2. One transaction: upsert the staged rows by version (only newer versions replace; deletes
+   stay as rows), with `full` mark rows HAPI no longer has as deleted, run
+   `REFRESH MATERIALIZED VIEW CONCURRENTLY` on every view, advance the watermark. PostgreSQL
+   runs a concurrent refresh inside a transaction block (unlike CREATE INDEX CONCURRENTLY),
+   so readers see either the old resources, views and watermark or all the new ones, and
+   are never blocked while it runs.
+3. After the commit, record the gate's rejects and trim the speed layer: only entries the
+   batch now holds at the same or a newer version go (`SpeedStore.trim_covered`). When
+   Redis fails here the batch has advanced and the error is raised; what was not trimmed
+   stays in the speed layer, which is harmless (the newer layer wins a merge).
+
+The watermark is HAPI's clock: the `Date` of the traversal's first answer minus
+`poll_overlap_seconds` (late commits), never this machine's, and never moves backwards.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from receiver.errors import (
+    BatchLayerUnavailable,
+    InvalidRequest,
+    Issue,
+    ResearchFlowError,
+)
+from receiver.settings import Settings
+from receiver.store import SpeedStore, parse_instant, version_number
+from receiver.validation import check_id, is_resource_type, validate_resource
+from serving.batch import LOCK_KEY, VIEW_SCHEMA, BatchNotInitialized
+from subscriptions.fhir_client import FhirClient, HistoryEntry
+
+logger = logging.getLogger(__name__)
+
+HISTORY_COUNT = 500  # `_count` per `_history` page
+SEARCH_COUNT = 500  # `_count` per search page (--full)
+FLUSH_ROWS = 2000  # staged rows per COPY
+TRIM_CHUNK = 10_000  # ids per batch look-up while trimming
+# Subscriptions carry the receiver's token in channel.header: never copied into the batch.
+NOT_SYNCED = frozenset({"Subscription"})
+
+Progress = Callable[[int], None]
+
+_STAGING_COLUMNS = (
+    "resource_type, id, version_id, version_number, last_updated, last_updated_ms,"
+    " deleted, resource, rejected"
+)
+
+_APPLY_SQL = """
+INSERT INTO rf_batch.resources AS r
+    (resource_type, id, version_id, version_number, last_updated, last_updated_ms, deleted,
+     resource)
+SELECT DISTINCT ON (resource_type, id)
+    resource_type, id, version_id, version_number, last_updated, last_updated_ms, deleted,
+    resource
+FROM rf_staging WHERE NOT rejected
+ORDER BY resource_type, id, version_number DESC, last_updated_ms DESC
+ON CONFLICT (resource_type, id) DO UPDATE SET
+    version_id = EXCLUDED.version_id, version_number = EXCLUDED.version_number,
+    last_updated = EXCLUDED.last_updated, last_updated_ms = EXCLUDED.last_updated_ms,
+    deleted = EXCLUDED.deleted, resource = EXCLUDED.resource
+WHERE CASE WHEN EXCLUDED.version_number >= 0 AND r.version_number >= 0
+    THEN EXCLUDED.version_number > r.version_number
+        -- a row a --full refresh marked deleted (absent from HAPI) comes back at its version
+        OR (EXCLUDED.version_number = r.version_number AND r.deleted AND NOT EXCLUDED.deleted)
+    ELSE EXCLUDED.last_updated_ms > r.last_updated_ms
+        OR (EXCLUDED.last_updated_ms = r.last_updated_ms AND r.deleted AND NOT EXCLUDED.deleted)
+    END
+"""
+
+# --full: current rows of the searched types that HAPI no longer lists become deletions.
+# They keep their last content (a deletion HAPI reported has resource null): the trim then
+# knows the batch never saw this version deleted, and keeps a speed entry at the same version.
+_MARK_ABSENT_SQL = """
+UPDATE rf_batch.resources AS r SET deleted = true
+WHERE r.resource_type = ANY(%s) AND NOT r.deleted AND r.last_updated_ms < %s
+  AND NOT EXISTS (SELECT 1 FROM rf_staging s WHERE s.resource_type = r.resource_type
+                  AND s.id = r.id)
+"""
+
+
+class RefreshFailed(ResearchFlowError):
+    """PostgreSQL refused part of the refresh (e.g. a view's SQL raised); nothing changed."""
+
+
+@dataclass
+class RefreshResult:
+    """What one refresh did.
+
+    `read`: entries read from HAPI (versions, deletions, search matches); `staged`: the
+    newest of each resource that passed the gate; `changed`: rows inserted or replaced in
+    rf_batch.resources (`deletes` of the staged are deletions); `marked_deleted`: with
+    `full`, rows HAPI no longer has; `rejected`: refused by the gate (recorded in the speed
+    layer's reject store); `trimmed`: speed-layer entries the batch now covers;
+    `views`: rows per view after the refresh; `watermark`: the batch watermark after it.
+    """
+
+    full: bool
+    since: str | None
+    watermark: str | None = None
+    read: int = 0
+    staged: int = 0
+    deletes: int = 0
+    changed: int = 0
+    marked_deleted: int = 0
+    rejected: int = 0
+    trimmed: int = 0
+    views: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def format_instant(value: datetime) -> str:
+    """A FHIR instant in UTC with milliseconds (as `_since` takes it)."""
+    return value.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+@dataclass(frozen=True)
+class _Reject:
+    resource_type: str
+    resource_id: str
+    version_id: str | None
+    issues: list[Issue]
+
+
+class _Stager:
+    """Passes what HAPI lists through the gate into the session's temporary table."""
+
+    def __init__(self, conn: psycopg.AsyncConnection[Any], progress: Progress | None) -> None:
+        self.conn = conn
+        self.progress = progress
+        self.read = 0
+        self.staged = 0
+        self.deletes = 0
+        self.newest_ms = 0.0
+        self.types: set[str] = set()
+        self.rejects: list[_Reject] = []
+        self._held: dict[tuple[str, str], tuple[float, float]] = {}
+        self._rows: list[tuple[Any, ...]] = []
+
+    def _is_new(self, key: tuple[str, str], vn: float, lum: float) -> bool:
+        held = self._held.get(key)
+        if held is None:
+            return True
+        if vn >= 0 and held[0] >= 0:
+            return vn > held[0]
+        return lum > held[1]
+
+    def offer_deletion(self, entry: HistoryEntry) -> None:
+        self.read += 1
+        key = (entry.resource_type, entry.id)
+        vn, lum = version_number(entry.version_id), parse_instant(entry.last_updated)
+        self.newest_ms = max(self.newest_ms, lum)
+        if entry.resource_type in NOT_SYNCED or not self._is_new(key, vn, lum):
+            return
+        if not is_resource_type(entry.resource_type):
+            return
+        try:
+            check_id(entry.id)
+        except InvalidRequest:
+            return
+        self._held[key] = (vn, lum)
+        self._add(key, entry.version_id, vn, entry.last_updated, lum, True, None, False)
+
+    def offer_resource(self, resource: dict[str, Any], rtype: str, rid: str) -> None:
+        self.read += 1
+        raw_meta = resource.get("meta")
+        meta: dict[str, Any] = raw_meta if isinstance(raw_meta, dict) else {}
+        vid = meta.get("versionId") if isinstance(meta.get("versionId"), str) else None
+        lu = meta.get("lastUpdated") if isinstance(meta.get("lastUpdated"), str) else None
+        key = (rtype, rid)
+        vn, lum = version_number(vid), parse_instant(lu)
+        self.newest_ms = max(self.newest_ms, lum)
+        if rtype in NOT_SYNCED or not self._is_new(key, vn, lum):
+            return
+        self._held[key] = (vn, lum)
+        try:
+            valid = validate_resource(resource, path_type=rtype, path_id=rid)
+        except InvalidRequest as exc:  # InvalidResource (422) included
+            self.rejects.append(_Reject(rtype[:64], rid[:64], vid, exc.issues))
+            # Staged as seen (a --full refresh must not take it for gone), never applied.
+            self._add(key, vid, vn, lu, lum, False, None, True)
+            return
+        vn = version_number(valid.version_id)
+        lum = parse_instant(valid.last_updated)
+        self._add(
+            key, valid.version_id, vn, valid.last_updated, lum, False, valid.body.decode(), False
+        )
+
+    def _add(
+        self,
+        key: tuple[str, str],
+        vid: str | None,
+        vn: float,
+        lu: str | None,
+        lum: float,
+        deleted: bool,
+        body: str | None,
+        rejected: bool,
+    ) -> None:
+        self._rows.append((key[0], key[1], vid, vn, lu, lum, deleted, body, rejected))
+        self.types.add(key[0])
+        if not rejected:
+            self.staged += 1
+            self.deletes += deleted
+
+    async def flush(self, force: bool = False) -> None:
+        if self._rows and (force or len(self._rows) >= FLUSH_ROWS):
+            async with self.conn.cursor() as cur:
+                async with cur.copy(f"COPY rf_staging ({_STAGING_COLUMNS}) FROM STDIN") as copy:
+                    for row in self._rows:
+                        await copy.write_row(row)
+            self._rows.clear()
+        if self.progress is not None:
+            self.progress(self.read)
+
+
+async def _connect(database_url: str) -> psycopg.AsyncConnection[Any]:
+    try:
+        return await psycopg.AsyncConnection.connect(
+            database_url, autocommit=True, connect_timeout=10
+        )
+    except psycopg.OperationalError as exc:
+        raise BatchLayerUnavailable(f"PostgreSQL cannot be reached: {exc}") from exc
+
+
+async def _scalar(
+    conn: psycopg.AsyncConnection[Any], query: str | sql.Composed, params: Any = None
+) -> Any:
+    cur = await conn.execute(query, params)
+    row = await cur.fetchone()
+    return None if row is None else row[0]
+
+
+async def _traverse_history(
+    client: FhirClient, since: str | None, stager: _Stager
+) -> datetime | None:
+    clock: datetime | None = None
+    async for page in client.history(None, since, HISTORY_COUNT):
+        if clock is None:
+            clock = page.server_date
+        for entry in page.entries:
+            if entry.deleted or entry.resource is None:
+                stager.offer_deletion(entry)
+            else:
+                stager.offer_resource(entry.resource, entry.resource_type, entry.id)
+        await stager.flush()
+    return clock
+
+
+async def _traverse_search(
+    client: FhirClient, types: Iterable[str], stager: _Stager
+) -> datetime | None:
+    clock: datetime | None = None
+    for resource_type in types:
+        count = 0
+        async for resource in client.search(resource_type, [("_count", SEARCH_COUNT)]):
+            if clock is None:
+                clock = client.server_date()
+            rid = resource.get("id")
+            stager.offer_resource(resource, resource_type, rid if isinstance(rid, str) else "")
+            count += 1
+            if count % SEARCH_COUNT == 0:
+                await stager.flush()
+        if clock is None:
+            clock = client.server_date()
+        await stager.flush()
+    return clock
+
+
+async def _full_types(conn: psycopg.AsyncConnection[Any], store: SpeedStore | None) -> list[str]:
+    """Every type the batch layer holds or a view reads (or the speed layer has seen)."""
+    cur = await conn.execute(
+        "SELECT definition->>'resource' FROM rf_batch.views"
+        " UNION SELECT DISTINCT resource_type FROM rf_batch.resources"
+    )
+    types = {row[0] for row in await cur.fetchall() if row[0]}
+    if store is not None:
+        types.update(await store.known_types())
+    return sorted(t for t in types if t not in NOT_SYNCED and is_resource_type(t))
+
+
+async def _apply(
+    conn: psycopg.AsyncConnection[Any],
+    *,
+    full_types: list[str] | None,
+    clock_ms: float,
+    watermark: str | None,
+) -> tuple[int, int, dict[str, int]]:
+    """Staging -> resources, views, watermark: one transaction. (changed, marked, view rows)."""
+    cur = await conn.execute("SELECT name FROM rf_batch.views ORDER BY name")
+    names = [row[0] for row in await cur.fetchall()]
+    view_rows: dict[str, int] = {}
+    async with conn.transaction():
+        cur = await conn.execute(_APPLY_SQL)
+        changed = max(cur.rowcount, 0)
+        marked = 0
+        if full_types is not None:
+            cur = await conn.execute(_MARK_ABSENT_SQL, (full_types, clock_ms))
+            marked = max(cur.rowcount, 0)
+        for name in names:
+            target = sql.Identifier(VIEW_SCHEMA, name)
+            exists = await _scalar(conn, "SELECT to_regclass(%s)", (f'{VIEW_SCHEMA}."{name}"',))
+            if exists is None:
+                continue
+            await conn.execute(sql.SQL("REFRESH MATERIALIZED VIEW CONCURRENTLY {}").format(target))
+            count = await _scalar(conn, sql.SQL("SELECT count(*) FROM {}").format(target))
+            view_rows[name] = int(count or 0)
+        await conn.execute("UPDATE rf_batch.views SET built_at = now()")
+        await conn.execute(
+            "INSERT INTO rf_batch.watermark (id, watermark, refreshed_at, resources)"
+            " VALUES (1, %s, now(), (SELECT count(*) FROM rf_batch.resources WHERE NOT deleted))"
+            " ON CONFLICT (id) DO UPDATE SET watermark = EXCLUDED.watermark,"
+            " refreshed_at = EXCLUDED.refreshed_at, resources = EXCLUDED.resources",
+            (watermark,),
+        )
+    return changed, marked, view_rows
+
+
+async def trim_speed_layer(
+    conn: psycopg.AsyncConnection[Any], store: SpeedStore, extra_types: Iterable[str] = ()
+) -> int:
+    """Drop the speed-layer entries the batch layer holds at the same or a newer version."""
+    cur = await conn.execute("SELECT DISTINCT resource_type FROM rf_batch.resources")
+    types = {row[0] for row in await cur.fetchall()}
+    types.update(await store.known_types())
+    types.update(extra_types)
+    trimmed = 0
+    for resource_type in sorted(types):
+        held = await store.versions(resource_type)
+        ids = list(held)
+        for start in range(0, len(ids), TRIM_CHUNK):
+            cur = await conn.execute(
+                "SELECT id, version_number, last_updated_ms, deleted AND resource IS NOT NULL"
+                " FROM rf_batch.resources WHERE resource_type = %s AND id = ANY(%s)",
+                (resource_type, ids[start : start + TRIM_CHUNK]),
+            )
+            covered: list[tuple[str, float, float]] = []
+            for rid, vn, lum, absent in await cur.fetchall():
+                if absent:
+                    # Marked deleted because HAPI no longer listed it, not a deletion HAPI
+                    # reported at this version: it covers only strictly older entries.
+                    vn, lum = (vn - 0.5 if vn >= 0 else vn), lum - 0.001
+                covered.append((rid, float(vn), float(lum)))
+            if covered:
+                trimmed += await store.trim_covered(resource_type, covered)
+    return trimmed
+
+
+async def refresh(
+    settings: Settings,
+    *,
+    full: bool = False,
+    store: SpeedStore | None = None,
+    client: FhirClient | None = None,
+    progress: Progress | None = None,
+) -> RefreshResult:
+    """Sync rf_batch.resources from HAPI, refresh every view, advance the watermark, trim.
+
+    Incremental: HAPI's `_history` since the batch watermark (from the beginning before the
+    first refresh). `full`: every current resource of every type the batch layer knows (the
+    views' types, the types it holds, the speed layer's), by search, plus `_history` since the
+    watermark for the deletions' versions; rows of those types that HAPI no longer lists at
+    all become deletions (keeping their last content and version). Every resource passes the
+    one gate; rejects are recorded in `store`'s reject store (after the commit) and never
+    enter the batch.
+
+    Raises (and changes nothing) when HAPI or PostgreSQL fails before the commit:
+    FhirTemporaryError/FhirFatalError, BatchLayerUnavailable, RefreshFailed,
+    BatchNotInitialized. A SpeedLayerUnavailable raised while trimming comes after the
+    commit (the batch layer has advanced). `progress` gets the count of entries read.
+    """
+    started = time.perf_counter()
+    own_client = client is None
+    fhir = client or FhirClient(settings.fhir_base_url)
+    conn = await _connect(settings.database_url)
+    try:
+        async with conn:
+            if await _scalar(conn, "SELECT to_regclass('rf_batch.views')") is None:
+                raise BatchNotInitialized(
+                    "the batch layer has no schema: run `researchflow batch init` first"
+                )
+            # One refresh (or init) at a time; the session lock goes with the connection.
+            await conn.execute("SELECT pg_advisory_lock(%s)", (LOCK_KEY,))
+            saved = await _scalar(conn, "SELECT watermark FROM rf_batch.watermark WHERE id = 1")
+            result = RefreshResult(full=full, since=None if full else saved)
+            await conn.execute(
+                "CREATE TEMP TABLE rf_staging (resource_type text, id text, version_id text,"
+                " version_number double precision, last_updated text,"
+                " last_updated_ms double precision, deleted boolean, resource jsonb,"
+                " rejected boolean)"
+            )
+            stager = _Stager(conn, progress)
+            full_types = await _full_types(conn, store) if full else None
+            if full_types is not None:
+                clock = await _traverse_search(fhir, full_types, stager)
+                if saved is not None:
+                    # Deletions since the last refresh, at HAPI's versions: only what
+                    # vanished without a trace is then marked absent.
+                    await _traverse_history(fhir, saved, stager)
+            else:
+                clock = await _traverse_history(fhir, saved, stager)
+            await stager.flush(force=True)
+            if clock is None and stager.newest_ms:
+                clock = datetime.fromtimestamp(stager.newest_ms / 1000.0, UTC)
+            watermark = saved
+            clock_ms = float("inf")
+            if clock is not None:
+                # HTTP's Date has whole seconds: a row written in that second is not "after".
+                clock_ms = clock.timestamp() * 1000.0 + 1000.0
+                candidate = clock - timedelta(seconds=settings.poll_overlap_seconds)
+                if saved is None or candidate.timestamp() * 1000.0 > parse_instant(saved):
+                    watermark = format_instant(candidate)
+            if full_types is not None and clock is None:
+                # Without HAPI's clock nothing proves a row absent: mark none.
+                full_types = []
+            await conn.execute("ANALYZE rf_staging")
+            try:
+                changed, marked, view_rows = await _apply(
+                    conn, full_types=full_types, clock_ms=clock_ms, watermark=watermark
+                )
+            except psycopg.OperationalError as exc:
+                raise BatchLayerUnavailable(f"PostgreSQL failed the refresh: {exc}") from exc
+            except psycopg.Error as exc:
+                message = exc.diag.message_primary or str(exc)
+                raise RefreshFailed(f"the batch refresh was rolled back: {message}") from exc
+            result.read, result.staged, result.deletes = stager.read, stager.staged, stager.deletes
+            result.changed, result.marked_deleted, result.views = changed, marked, view_rows
+            result.rejected, result.watermark = len(stager.rejects), watermark
+            logger.info(
+                "batch refresh committed: %d read, %d changed, %d marked deleted, %d rejected;"
+                " watermark %s",
+                result.read,
+                changed,
+                marked,
+                result.rejected,
+                watermark,
+            )
+            if store is not None:
+                for reject in stager.rejects:
+                    await store.record_reject(
+                        reject.resource_type, reject.resource_id, reject.version_id, reject.issues
+                    )
+                result.trimmed = await trim_speed_layer(conn, store, stager.types)
+    except psycopg.OperationalError as exc:
+        raise BatchLayerUnavailable(f"PostgreSQL failed during the refresh: {exc}") from exc
+    finally:
+        if own_client:
+            await fhir.aclose()
+    result.seconds = time.perf_counter() - started
+    return result
