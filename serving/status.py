@@ -354,9 +354,9 @@ def _error(text: str) -> str:
     return f'<p class="error">{_e(text)}</p>'
 
 
-def _speed_sections(data: StatusData) -> list[str]:
+def _speed_sections(data: StatusData) -> dict[str, str]:
     if data.speed_error:
-        return [_section("Speed layer", "speed", _error(data.speed_error))]
+        return {"coverage": _section("Speed layer", "speed", _error(data.speed_error))}
     total = sum(c for _, c in data.hourly)
     state = (
         "complete (epoch marker since " + _e(data.epoch) + ")"
@@ -403,12 +403,12 @@ def _speed_sections(data: StatusData) -> list[str]:
         if reject_rows
         else "<p>No rejects.</p>"
     )
-    return [
-        _section("Speed-layer coverage", "coverage", coverage),
-        _section("Entries per resource type", "entries", types),
-        _section("Poller", "poller", poller),
-        _section(f"Recent rejects (newest {REJECTS_SHOWN})", "recent-rejects", rejects),
-    ]
+    return {
+        "coverage": _section("Speed-layer coverage", "coverage", coverage),
+        "entries": _section("Entries per resource type", "entries", types),
+        "poller": _section("Poller", "poller", poller),
+        "rejects": _section(f"Recent rejects (newest {REJECTS_SHOWN})", "recent-rejects", rejects),
+    }
 
 
 def _batch_section(batch: BatchStatus) -> str:
@@ -480,11 +480,16 @@ svg .base{stroke:#999}
 def render_status(data: StatusData) -> str:
     """The status page as one self-contained HTML document (no scripts, no outside assets)."""
     generated = data.generated_at.isoformat(timespec="seconds")
+    speed = _speed_sections(data)
+    # What an operator checks first (is data flowing, how far behind) above the details.
     body = "".join(
         [
-            *_speed_sections(data),
+            speed["coverage"],
+            speed.get("poller", ""),
             _batch_section(data.batch),
             _subscriptions_section(data.subscriptions),
+            speed.get("entries", ""),
+            speed.get("rejects", ""),
         ]
     )
     return (

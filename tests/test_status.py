@@ -157,6 +157,7 @@ async def fill(store: SpeedStore, database_url: str, *, poller_lag: timedelta) -
         [Issue(code="invalid", diagnostics="<script>alert('x')</script>", expression="a<b")],
     )
     await store.count_missed(4)
+    await store.flush_stats()  # the store batches its statistics (at most one flush a second)
     labels = [label for label, _ in await store.hourly_changes(24)]
     await store.client.hset(HOURLY_KEY, labels[20], 9)
     watermark = datetime.now(UTC) - poller_lag
