@@ -1,0 +1,388 @@
+"""The query API: GET /cohort, /views, /views/{name}/rows, /health and /metrics (Starlette)."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any, TypedDict
+from urllib.parse import urlencode
+
+import orjson
+import psycopg
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import BaseRoute, Route
+
+from receiver import auth
+from receiver.errors import DependencyUnavailable, InvalidRequest, Issue
+from receiver.metrics import Metrics, metrics_response
+from receiver.settings import Settings
+from receiver.store import SpeedStore, connect
+from receiver.validation import operation_outcome
+from serving.cohort import DEFAULT_COUNT, MAX_COUNT, parse_query
+from serving.merge import BatchCounts, SpeedView, cohort, now_iso, read_speed, view_rows
+from serving.speed_index import SpeedMirror
+from serving.viewdef import ViewDefinition, shipped_views
+
+logger = logging.getLogger(__name__)
+audit = logging.getLogger("serving.audit")
+
+FHIR_JSON = "application/fhir+json"
+PG_TIMEOUT_SECONDS = 3.0
+FORMATS = {"json": "application/json", "ndjson": "application/x-ndjson", "csv": "text/csv"}
+
+
+class State(TypedDict):
+    store: SpeedStore | None
+    pool: AsyncConnectionPool[Any]
+    mirror: SpeedMirror
+    batch_counts: BatchCounts
+
+
+class Unauthorized(Exception):
+    """Missing or invalid credentials (401)."""
+
+
+class NotFound(Exception):
+    """An unknown view (404)."""
+
+
+def require_token(request: Request, allow_basic: bool = False) -> int:
+    """Position of the SERVING_TOKEN the request carries (Bearer, or Basic password when
+    `allow_basic`); -1 in insecure mode without one. Raises Unauthorized."""
+    settings: Settings = request.app.state.settings
+    header = request.headers.get("authorization")
+    position = auth.bearer_position(header, settings.serving_tokens)
+    if position is None and allow_basic:
+        position = auth.basic_position(header, settings.serving_tokens)
+    if position is not None:
+        return position
+    if request.app.state.insecure:
+        return -1
+    raise Unauthorized
+
+
+def outcome(
+    status: int, code: str, message: str, headers: dict[str, str] | None = None
+) -> Response:
+    return JSONResponse(
+        operation_outcome([Issue(code, message)]),
+        status_code=status,
+        media_type=FHIR_JSON,
+        headers=headers,
+    )
+
+
+def map_error(exc: BaseException, allow_basic: bool = False) -> Response:
+    """Every error a handler can meet, as an OperationOutcome response (the one place)."""
+    if isinstance(exc, Unauthorized):
+        challenge = 'Bearer, Basic realm="researchflow"' if allow_basic else "Bearer"
+        return outcome(
+            401,
+            "login",
+            "missing or invalid credentials (Authorization: Bearer <token>)",
+            {"WWW-Authenticate": challenge},
+        )
+    if isinstance(exc, InvalidRequest):
+        return JSONResponse(
+            operation_outcome(exc.issues), status_code=exc.status_code, media_type=FHIR_JSON
+        )
+    if isinstance(exc, NotFound):
+        return outcome(404, "not-found", str(exc))
+    if isinstance(exc, HTTPException):
+        return outcome(exc.status_code, "not-found", str(exc.detail))
+    if isinstance(exc, PoolTimeout | psycopg.OperationalError | DependencyUnavailable):
+        logger.error("batch layer unavailable: %s", exc)
+        return outcome(
+            503,
+            "transient",
+            "the batch layer (PostgreSQL) cannot be reached; retry later",
+            {"Retry-After": "5"},
+        )
+    if isinstance(exc, psycopg.errors.UndefinedTable):
+        return outcome(503, "transient", "the batch layer is not initialised (batch init)")
+    logger.error("unexpected error: %r", exc, exc_info=exc)
+    return outcome(500, "exception", "internal error; see the query API's log")
+
+
+Handler = Callable[[Request, int], Awaitable[Response]]
+
+
+def endpoint(
+    name: str, handler: Handler, *, allow_basic: bool = False
+) -> Callable[[Request], Awaitable[Response]]:
+    """Authenticate, time (metric per endpoint), and map errors for one route."""
+
+    async def run(request: Request) -> Response:
+        metrics: Metrics = request.app.state.metrics
+        started = time.perf_counter()
+        try:
+            token = require_token(request, allow_basic)
+            return await handler(request, token)
+        except Exception as exc:
+            return map_error(exc, allow_basic)
+        finally:
+            metrics.query_latency.labels(name).observe(time.perf_counter() - started)
+
+    return run
+
+
+def _audit(request: Request, token: int, count: int | None) -> None:
+    audit.info(
+        "%s",
+        json.dumps(
+            {
+                "time": now_iso(),
+                "token": token,
+                "path": request.url.path,
+                "parameters": list(request.query_params.multi_items()),
+                "count": count,
+            }
+        ),
+    )
+
+
+def _next_url(request: Request, drop: str, value: str) -> str:
+    pairs = [(k, v) for k, v in request.query_params.multi_items() if k != drop]
+    pairs.append((drop, value))
+    return str(request.url.replace(query=urlencode(pairs)))
+
+
+async def _speed(request: Request) -> SpeedView:
+    settings: Settings = request.app.state.settings
+    return await read_speed(request.state.store, request.state.mirror, settings.use_speed_layer)
+
+
+async def get_cohort(request: Request, token: int) -> Response:
+    settings: Settings = request.app.state.settings
+    query = parse_query(request.query_params.multi_items())
+    speed = await _speed(request)  # the speed layer first, then one batch snapshot
+    pool: AsyncConnectionPool[Any] = request.state.pool
+    async with pool.connection(timeout=PG_TIMEOUT_SECONDS) as conn, conn.transaction():
+        answer = await cohort(conn, query, speed, request.state.batch_counts)
+    body: dict[str, Any] = {"total_count": answer.total_count}
+    if query.ids:
+        body["patient_ids"] = answer.patient_ids
+    body["next"] = (
+        _next_url(request, "_after", answer.patient_ids[-1])
+        if query.ids and answer.has_more and answer.patient_ids
+        else None
+    )
+    body.update(
+        batch_count=answer.batch_count,
+        added_count=answer.added_count,
+        removed_count=answer.removed_count,
+        sources=answer.sources,
+        batch_as_of=answer.batch_as_of,
+        speed_as_of=answer.speed_as_of,
+        degraded=answer.degraded,
+        query_timestamp=now_iso(),
+        suppressed=False,
+    )
+    minimum = settings.min_cell_count
+    if minimum:
+        small = [k for k in ("total_count", "batch_count") if 0 < (body[k] or 0) < minimum]
+        if small:
+            for k in small:
+                body[k] = None
+            body["added_count"] = body["removed_count"] = None
+        if "total_count" in small:
+            body["suppressed"] = True
+            body["next"] = None
+            if query.ids:
+                body["patient_ids"] = []
+    _audit(request, token, body["total_count"])
+    return Response(orjson.dumps(body), media_type="application/json")
+
+
+async def list_views(request: Request, token: int) -> Response:
+    views: dict[str, ViewDefinition] = request.app.state.views
+    speed = await _speed(request)
+    pool: AsyncConnectionPool[Any] = request.state.pool
+    out: list[dict[str, Any]] = []
+    async with pool.connection(timeout=PG_TIMEOUT_SECONDS) as conn, conn.transaction():
+        cur = await conn.execute("SELECT watermark FROM rf_batch.watermark WHERE id = 1")
+        row = await cur.fetchone()
+        batch_as_of = row[0] if row else None
+        for name, view in views.items():
+            cur = await conn.execute(f'SELECT count(*) FROM sqlonfhir."{name}"'.encode())
+            counted = await cur.fetchone()
+            tm = speed.mirror.types.get(view.resource) if speed.mirror else None
+            out.append(
+                {
+                    "name": name,
+                    "resource": view.resource,
+                    "columns": list(view.column_names),
+                    "batch_as_of": batch_as_of,
+                    "batch_rows": int(counted[0]) if counted else 0,
+                    "speed_resources": len(tm.entries) if tm is not None else None,
+                }
+            )
+    _audit(request, token, len(out))
+    return Response(orjson.dumps({"views": out}), media_type="application/json")
+
+
+def _int_param(request: Request, name: str, default: int, maximum: int) -> int:
+    raw = request.query_params.get(name)
+    if raw is None:
+        return default
+    if not raw.isdigit() or int(raw) > maximum:
+        message = f"{name} must be a whole number from 0 to {maximum}"
+        raise InvalidRequest(message, [Issue("invalid", message, name)])
+    return int(raw)
+
+
+async def get_view_rows(request: Request, token: int) -> Response:
+    views: dict[str, ViewDefinition] = request.app.state.views
+    name = request.path_params["name"]
+    view = views.get(name)
+    if view is None:
+        raise NotFound(f"unknown view {name!r}")
+    fmt = request.query_params.get("_format", "json")
+    if fmt not in FORMATS:
+        message = "_format must be json, ndjson or csv"
+        raise InvalidRequest(message, [Issue("invalid", message, "_format")])
+    count = _int_param(request, "_count", DEFAULT_COUNT, MAX_COUNT)
+    offset = _int_param(request, "_offset", 0, 2**62)
+    filters = [(k, v) for k, v in request.query_params.multi_items() if not k.startswith("_")]
+    speed = await _speed(request)
+    pool: AsyncConnectionPool[Any] = request.state.pool
+    async with pool.connection(timeout=PG_TIMEOUT_SECONDS) as conn, conn.transaction():
+        page = await view_rows(conn, name, view, filters, offset, count, speed)
+    next_url = _next_url(request, "_offset", str(offset + count)) if page.has_more else None
+    headers = {"Link": f'<{next_url}>; rel="next"'} if next_url else {}
+    _audit(request, token, len(page.rows))
+    if fmt == "ndjson":
+        text = b"".join(orjson.dumps(r) + b"\n" for r in page.rows)
+        return Response(text, media_type=FORMATS[fmt], headers=headers)
+    if fmt == "csv":
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        writer.writerow(page.columns)
+        for r in page.rows:
+            writer.writerow(["" if r[c] is None else _csv_value(r[c]) for c in page.columns])
+        return Response(buffer.getvalue(), media_type=FORMATS[fmt], headers=headers)
+    body = {
+        "name": name,
+        "rows": page.rows,
+        "next": next_url,
+        "sources": ["batch_layer", "speed_layer"] if speed.consulted else ["batch_layer"],
+        "batch_as_of": page.batch_as_of,
+        "speed_as_of": speed.speed_as_of,
+        "degraded": speed.degraded,
+    }
+    return Response(orjson.dumps(body), media_type="application/json", headers=headers)
+
+
+def _csv_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+async def health(request: Request) -> Response:
+    settings: Settings = request.app.state.settings
+    pool: AsyncConnectionPool[Any] = request.state.pool
+    store: SpeedStore | None = request.state.store
+    try:
+        async with pool.connection(timeout=PG_TIMEOUT_SECONDS) as conn:
+            await conn.execute("SELECT 1")
+        postgresql = "up"
+    except Exception:
+        postgresql = "down"
+    redis_state, complete = "disabled", None
+    if settings.use_speed_layer and store is not None:
+        try:
+            await store.client.ping()
+            complete = await store.epoch() is not None
+            redis_state = "up"
+        except Exception:
+            redis_state = "down"
+    if postgresql == "down":
+        status = "unavailable"
+    elif redis_state == "down" or complete is False:
+        status = "degraded"
+    else:
+        status = "ok"
+    body = {
+        "status": status,
+        "postgresql": postgresql,
+        "redis": redis_state,
+        "speed_layer_complete": complete,
+    }
+    return JSONResponse(body, status_code=503 if postgresql == "down" else 200)
+
+
+async def not_found(request: Request, exc: HTTPException) -> Response:
+    return map_error(exc)
+
+
+def create_app(
+    settings: Settings,
+    *,
+    insecure: bool = False,
+    metrics: Metrics | None = None,
+    extra_routes: Sequence[BaseRoute] | None = None,
+) -> Starlette:
+    """The query API. Its lifespan owns the Redis client, the PostgreSQL pool and the mirror.
+
+    Handlers of `extra_routes` find `request.state.store` (SpeedStore or None),
+    `request.state.pool` (psycopg AsyncConnectionPool) and authenticate with `require_token`.
+    """
+    if not settings.serving_tokens and not insecure:
+        raise ValueError("SERVING_TOKEN is required (or run with --insecure)")
+    views = shipped_views()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[State]:
+        pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
+            settings.database_url,
+            min_size=1,
+            max_size=16,
+            open=False,
+            kwargs={"connect_timeout": 5},
+            name="serving",
+        )
+        await pool.open(wait=False)
+        store: SpeedStore | None = None
+        client = connect(settings) if settings.use_speed_layer else None
+        try:
+            if client is not None:
+                store = SpeedStore(client)
+            yield {
+                "store": store,
+                "pool": pool,
+                "mirror": SpeedMirror(views),
+                "batch_counts": BatchCounts(),
+            }
+        finally:
+            await pool.close()
+            if client is not None:
+                await client.aclose()
+
+    routes: list[BaseRoute] = [
+        Route("/health", health, methods=["GET"]),
+        Route("/metrics", metrics_response, methods=["GET"]),
+        Route("/cohort", endpoint("cohort", get_cohort), methods=["GET"]),
+        Route("/views", endpoint("views", list_views), methods=["GET"]),
+        Route("/views/{name}/rows", endpoint("view_rows", get_view_rows), methods=["GET"]),
+        *(extra_routes or ()),
+    ]
+    app = Starlette(
+        routes=routes,
+        lifespan=lifespan,
+        exception_handlers={HTTPException: not_found},  # type: ignore[dict-item]
+    )
+    app.state.settings = settings
+    app.state.insecure = insecure
+    app.state.metrics = metrics or Metrics.create()
+    app.state.views = views
+    return app

@@ -1,0 +1,433 @@
+"""GET /cohort: parsing the FHIR-style parameters, matching view rows, and the batch SQL."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
+from typing import Any, Literal
+
+from receiver.errors import InvalidRequest, Issue
+from serving.derive import counts
+
+DEFAULT_COUNT = 1000
+MAX_COUNT = 10000
+PARAMETERS = frozenset(
+    {"gender", "birthdate", "condition", "condition-text", "observation", "observation-value"}
+)
+CONTROL = frozenset({"ids", "_count", "_after"})
+PREFIXES = ("eq", "ne", "gt", "lt", "ge", "le")
+
+PD = "sqlonfhir.patient_demographics"
+CS = "sqlonfhir.condition_simple"
+OS = "sqlonfhir.observation_simple"
+
+Kind = Literal["condition", "condition-text", "observation"]
+Row = Mapping[str, Any]
+
+
+# --------------------------------------------------------------------------- values
+
+
+@dataclass(frozen=True)
+class DateCriterion:
+    """One birthdate alternative: prefix and the day range the search value covers."""
+
+    prefix: str
+    low: str
+    high: str
+
+
+@dataclass(frozen=True)
+class CodeCriterion:
+    """`system|code` (system "" = no system, None = any), optional comparison on the value."""
+
+    system: str | None
+    code: str
+    comparator: str | None = None
+    value: Decimal | None = None
+
+
+@dataclass(frozen=True)
+class Criterion:
+    """One Condition/Observation parameter: ORed alternatives a single resource must meet."""
+
+    kind: Kind
+    codes: tuple[CodeCriterion, ...] = ()
+    texts: tuple[str, ...] = ()  # lower-cased substrings
+
+    @property
+    def resource_type(self) -> str:
+        return "Observation" if self.kind == "observation" else "Condition"
+
+
+@dataclass(frozen=True)
+class CohortQuery:
+    """A parsed /cohort request: repeated parameters AND, alternatives inside one OR."""
+
+    genders: tuple[tuple[str, ...], ...] = ()
+    birthdates: tuple[tuple[DateCriterion, ...], ...] = ()
+    criteria: tuple[Criterion, ...] = ()
+    ids: bool = True
+    count: int = DEFAULT_COUNT
+    after: str | None = None
+    parameters: tuple[tuple[str, str], ...] = field(default=())
+
+    @property
+    def has_patient_criteria(self) -> bool:
+        return bool(self.genders or self.birthdates)
+
+    def signature(self) -> tuple[Any, ...]:
+        """What the answer's counts depend on (not paging)."""
+        return (self.genders, self.birthdates, self.criteria)
+
+
+def _bad(name: str, message: str) -> InvalidRequest:
+    return InvalidRequest(message, [Issue("invalid", message, name)])
+
+
+def split_alternatives(value: str) -> list[str]:
+    """Split on commas not escaped as `\\,` (FHIR search escaping)."""
+    parts: list[str] = []
+    current: list[str] = []
+    chars = iter(value)
+    for ch in chars:
+        if ch == "\\":
+            nxt = next(chars, "")
+            current.append(nxt if nxt in {",", "$", "|", "\\"} else ch + nxt)
+        elif ch == ",":
+            parts.append("".join(current))
+            current = []
+        else:
+            current.append(ch)
+    parts.append("".join(current))
+    return parts
+
+
+def _leap(year: int) -> bool:
+    return year % 4 == 0 and (year % 100 != 0 or year % 400 == 0)
+
+
+def _last_day(year: int, month: int) -> int:
+    if month == 2:
+        return 29 if _leap(year) else 28
+    return 30 if month in (4, 6, 9, 11) else 31
+
+
+_YEAR = re.compile(r"[0-9]{4}")
+_MONTH = re.compile(r"([0-9]{4})-(0[1-9]|1[0-2])")
+_DAY = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
+
+
+def date_range(text: Any) -> tuple[str, str] | None:
+    """The day range [low, high] a FHIR date covers ("1970" is the whole year); None if not one.
+
+    Mirrors `_SQL_LOW` / `_SQL_HIGH` so both layers read the data the same way.
+    """
+    if not isinstance(text, str):
+        return None
+    if _YEAR.fullmatch(text):
+        return f"{text}-01-01", f"{text}-12-31"
+    month = _MONTH.fullmatch(text)
+    if month:
+        year, mon = int(month.group(1)), int(month.group(2))
+        return f"{text}-01", f"{text}-{_last_day(year, mon):02d}"
+    if _DAY.fullmatch(text):
+        return text, text
+    return None
+
+
+def _day_valid(text: str) -> bool:
+    year, month, day = int(text[:4]), int(text[5:7]), int(text[8:10])
+    return 1 <= month <= 12 and 1 <= day <= _last_day(year, month)
+
+
+def date_matches(target: tuple[str, str] | None, crit: DateCriterion) -> bool:
+    """FHIR's date-range rules (search range vs. the data's range)."""
+    if target is None:
+        return False
+    low, high = target
+    contained = low >= crit.low and high <= crit.high
+    if crit.prefix == "eq":
+        return contained
+    if crit.prefix == "ne":
+        return not contained
+    if crit.prefix == "gt":
+        return high > crit.high
+    if crit.prefix == "lt":
+        return low < crit.low
+    if crit.prefix == "ge":
+        return high > crit.high or contained
+    return low < crit.low or contained  # le
+
+
+def _parse_date(name: str, raw: str) -> DateCriterion:
+    prefix = "eq"
+    if raw[:2] in PREFIXES:
+        prefix, raw = raw[:2], raw[2:]
+    elif raw[:2].isalpha():
+        raise _bad(name, f"{name}: unsupported prefix {raw[:2]!r} (use eq, ne, gt, lt, ge, le)")
+    span = date_range(raw)
+    if span is None or (len(raw) == 10 and not _day_valid(raw)):
+        raise _bad(name, f"{name}: {raw!r} is not a date (YYYY, YYYY-MM or YYYY-MM-DD)")
+    return DateCriterion(prefix, *span)
+
+
+def _parse_comparison(name: str, raw: str) -> tuple[str, Decimal]:
+    prefix = "eq"
+    if raw[:2] in PREFIXES:
+        prefix, raw = raw[:2], raw[2:]
+    try:
+        value = Decimal(raw)
+    except InvalidOperation:
+        raise _bad(name, f"{name}: {raw!r} is not a number (e.g. gt6.5)") from None
+    if not value.is_finite():
+        raise _bad(name, f"{name}: {raw!r} is not a finite number")
+    return prefix, value
+
+
+def _parse_code(name: str, raw: str, allow_value: bool) -> CodeCriterion:
+    comparator: str | None = None
+    value: Decimal | None = None
+    if "$" in raw:
+        if not allow_value:
+            raise _bad(name, f"{name}: a value comparison ($) is not allowed here")
+        raw, _, cmp_text = raw.partition("$")
+        comparator, value = _parse_comparison(name, cmp_text)
+    system: str | None = None
+    code = raw
+    if "|" in raw:
+        system, _, code = raw.partition("|")
+    if not code:
+        raise _bad(name, f"{name}: a code is required (system|code or code)")
+    return CodeCriterion(system, code, comparator, value)
+
+
+def parse_query(params: Sequence[tuple[str, str]]) -> CohortQuery:
+    """Parse the query string pairs; raises InvalidRequest naming the parameter."""
+    genders: list[tuple[str, ...]] = []
+    dates: list[tuple[DateCriterion, ...]] = []
+    criteria: list[Criterion] = []
+    observation_values: list[str] = []
+    ids, count, after = True, DEFAULT_COUNT, None
+    kept: list[tuple[str, str]] = []
+    for name, value in params:
+        if name not in PARAMETERS and name not in CONTROL:
+            if name.startswith("_"):
+                continue
+            raise _bad(name, f"unknown parameter {name!r}")
+        kept.append((name, value))
+        if name == "ids":
+            if value not in ("true", "false"):
+                raise _bad(name, "ids must be true or false")
+            ids = value == "true"
+            continue
+        if name == "_count":
+            if not value.isdigit() or int(value) > MAX_COUNT:
+                raise _bad(name, f"_count must be a whole number from 0 to {MAX_COUNT}")
+            count = int(value)
+            continue
+        if name == "_after":
+            after = value
+            continue
+        alternatives = split_alternatives(value)
+        if any(a == "" for a in alternatives):
+            raise _bad(name, f"{name}: empty value")
+        if name == "gender":
+            genders.append(tuple(alternatives))
+        elif name == "birthdate":
+            dates.append(tuple(_parse_date(name, a) for a in alternatives))
+        elif name == "condition":
+            codes = tuple(_parse_code(name, a, False) for a in alternatives)
+            criteria.append(Criterion("condition", codes=codes))
+        elif name == "condition-text":
+            criteria.append(
+                Criterion("condition-text", texts=tuple(a.lower() for a in alternatives))
+            )
+        elif name == "observation":
+            codes = tuple(_parse_code(name, a, True) for a in alternatives)
+            criteria.append(Criterion("observation", codes=codes))
+        else:  # observation-value
+            observation_values.append(value)
+    if observation_values:
+        observations = [i for i, c in enumerate(criteria) if c.kind == "observation"]
+        if len(observation_values) > 1 or len(observations) != 1:
+            raise _bad(
+                "observation-value",
+                "observation-value needs exactly one observation parameter (and is given once)",
+            )
+        comparator, number = _parse_comparison("observation-value", observation_values[0])
+        index = observations[0]
+        if any(c.comparator for c in criteria[index].codes):
+            raise _bad("observation-value", "observation already carries a $ comparison")
+        criteria[index] = Criterion(
+            "observation",
+            codes=tuple(
+                CodeCriterion(c.system, c.code, comparator, number) for c in criteria[index].codes
+            ),
+        )
+    return CohortQuery(
+        genders=tuple(genders),
+        birthdates=tuple(dates),
+        criteria=tuple(criteria),
+        ids=ids,
+        count=count,
+        after=after,
+        parameters=tuple(kept),
+    )
+
+
+# --------------------------------------------------------------------------- rows (Python)
+
+
+def _number(value: Any) -> Decimal | None:
+    if isinstance(value, bool) or value is None:
+        return None
+    if isinstance(value, int | float | Decimal):
+        return Decimal(str(value))
+    return None
+
+
+def compare(prefix: str, left: Decimal, right: Decimal) -> bool:
+    if prefix == "eq":
+        return left == right
+    if prefix == "ne":
+        return left != right
+    if prefix == "gt":
+        return left > right
+    if prefix == "lt":
+        return left < right
+    if prefix == "ge":
+        return left >= right
+    return left <= right
+
+
+def patient_matches(query: CohortQuery, row: Row) -> bool:
+    """A patient_demographics row meets every gender/birthdate parameter."""
+    for alternatives in query.genders:
+        if row.get("gender") not in alternatives:
+            return False
+    if query.birthdates:
+        span = date_range(row.get("birth_date"))
+        for dates in query.birthdates:
+            if not any(date_matches(span, d) for d in dates):
+                return False
+    return True
+
+
+def code_matches(code: CodeCriterion, row: Row) -> bool:
+    if row.get("code") != code.code:
+        return False
+    if code.system is not None and (row.get("code_system") or "") != code.system:
+        return False
+    if code.comparator is not None and code.value is not None:
+        value = _number(row.get("value"))
+        return value is not None and compare(code.comparator, value, code.value)
+    return True
+
+
+def _contains(text: Any, needle: str) -> bool:
+    return isinstance(text, str) and needle in text.lower()
+
+
+def criterion_matches(criterion: Criterion, row: Row) -> bool:
+    """A condition_simple/observation_simple row meets one Condition/Observation parameter."""
+    if not counts(criterion.resource_type, row):
+        return False
+    if criterion.kind == "condition-text":
+        return any(
+            _contains(row.get("code_text"), t) or _contains(row.get("code_display"), t)
+            for t in criterion.texts
+        )
+    return any(code_matches(c, row) for c in criterion.codes)
+
+
+# --------------------------------------------------------------------------- SQL
+
+# The day range of a FHIR date column, as `date_range` computes it; NULL when unreadable.
+_YEAR_SQL = "substr({c}, 1, 4)::int"
+_LEAP_SQL = (
+    f"(mod({_YEAR_SQL}, 4) = 0 AND (mod({_YEAR_SQL}, 100) <> 0 OR mod({_YEAR_SQL}, 400) = 0))"
+)
+_SQL_LOW = (
+    "(CASE WHEN {c} ~ '^[0-9]{{4}}$' THEN {c} || '-01-01'"
+    " WHEN {c} ~ '^[0-9]{{4}}-(0[1-9]|1[0-2])$' THEN {c} || '-01'"
+    " WHEN {c} ~ '^[0-9]{{4}}-[0-9]{{2}}-[0-9]{{2}}$' THEN {c} END)"
+)
+_SQL_HIGH = (
+    "(CASE WHEN {c} ~ '^[0-9]{{4}}$' THEN {c} || '-12-31'"
+    " WHEN {c} ~ '^[0-9]{{4}}-(0[1-9]|1[0-2])$' THEN {c} || '-' || (CASE substr({c}, 6, 2)"
+    " WHEN '02' THEN (CASE WHEN " + _LEAP_SQL + " THEN '29' ELSE '28' END)"
+    " WHEN '04' THEN '30' WHEN '06' THEN '30' WHEN '09' THEN '30' WHEN '11' THEN '30'"
+    " ELSE '31' END)"
+    " WHEN {c} ~ '^[0-9]{{4}}-[0-9]{{2}}-[0-9]{{2}}$' THEN {c} END)"
+)
+
+
+def _date_sql(crit: DateCriterion, params: list[Any]) -> str:
+    low = _SQL_LOW.format(c="birth_date")
+    high = _SQL_HIGH.format(c="birth_date")
+    contained = f"({low} >= %s AND {high} <= %s)"
+    if crit.prefix in ("eq", "ne"):
+        params.extend([crit.low, crit.high])
+        return contained if crit.prefix == "eq" else f"NOT {contained}"
+    if crit.prefix == "gt":
+        params.append(crit.high)
+        return f"({high} > %s)"
+    if crit.prefix == "lt":
+        params.append(crit.low)
+        return f"({low} < %s)"
+    if crit.prefix == "ge":
+        params.extend([crit.high, crit.low, crit.high])
+        return f"({high} > %s OR {contained})"
+    params.extend([crit.low, crit.low, crit.high])
+    return f"({low} < %s OR {contained})"
+
+
+def patient_sql(query: CohortQuery, params: list[Any]) -> str:
+    """WHERE conditions on patient_demographics for the gender/birthdate parameters."""
+    parts = ["TRUE"]
+    for genders in query.genders:
+        parts.append("gender = ANY(%s::text[])")
+        params.append(list(genders))
+    for dates in query.birthdates:
+        alternatives = []
+        for d in dates:
+            alternatives.append(_date_sql(d, params))
+        parts.append("COALESCE(" + " OR ".join(alternatives) + ", FALSE)")
+    return " AND ".join(parts)
+
+
+def criterion_sql(criterion: Criterion, params: list[Any]) -> str:
+    """WHERE conditions on condition_simple/observation_simple for one parameter."""
+    if criterion.resource_type == "Condition":
+        parts = ["verification_status IS DISTINCT FROM 'entered-in-error'"]
+    else:
+        parts = ["(status IS NULL OR status NOT IN ('entered-in-error', 'cancelled'))"]
+    alternatives: list[str] = []
+    if criterion.kind == "condition-text":
+        for text in criterion.texts:
+            alternatives.append(
+                "(strpos(lower(code_text), %s) > 0 OR strpos(lower(code_display), %s) > 0)"
+            )
+            params.extend([text, text])
+    for code in criterion.codes:
+        pieces = ["code = %s"]
+        params.append(code.code)
+        if code.system == "":
+            pieces.append("code_system IS NULL")
+        elif code.system is not None:
+            pieces.append("code_system = %s")
+            params.append(code.system)
+        if code.comparator is not None:
+            op = {"eq": "=", "ne": "<>", "gt": ">", "lt": "<", "ge": ">=", "le": "<="}
+            pieces.append(f"value {op[code.comparator]} %s::numeric")
+            params.append(code.value)
+        alternatives.append("(" + " AND ".join(pieces) + ")")
+    parts.append("COALESCE(" + " OR ".join(alternatives) + ", FALSE)")
+    return " AND ".join(parts)
+
+
+def view_of(criterion: Criterion) -> str:
+    return OS if criterion.kind == "observation" else CS

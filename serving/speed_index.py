@@ -1,0 +1,334 @@
+"""The query API's in-memory mirror of the speed layer, kept current incrementally.
+
+Per resource type it holds every speed entry's version and decoded view rows, the batch
+layer's version of the same ids (looked up once per batch snapshot), and two row indexes:
+`speed` (rows of the entries that win over the batch layer) and `over` (the batch rows those
+entries hide). A query then costs a few set operations, never a SCAN of Redis.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from receiver.store import BUCKETS, SpeedStore, is_newer
+from serving.cohort import (
+    CohortQuery,
+    Criterion,
+    DateCriterion,
+    criterion_matches,
+    patient_matches,
+)
+from serving.derive import counts, index_entries
+from serving.evaluator import CompiledView, compile_view
+from serving.viewdef import ViewDefinition, shipped_views
+
+MAIN_VIEWS = {
+    "Patient": "patient_demographics",
+    "Condition": "condition_simple",
+    "Observation": "observation_simple",
+}
+Rows = list[dict[str, Any]]
+BatchKey = tuple[Any, ...]
+
+
+@dataclass
+class Held:
+    """One version (speed or batch) of a resource with its rows per view."""
+
+    vn: float
+    lum: float
+    deleted: bool
+    rows: dict[str, Rows]
+
+
+class RowIndex:
+    """Rows of one view by resource id, indexed by the keys cohort parameters look up."""
+
+    def __init__(self, resource_type: str) -> None:
+        self.resource_type = resource_type
+        self.rows: dict[str, Rows] = {}
+        self.keys: dict[str, set[str]] = {}
+        self.texts: dict[str, set[str]] = {}
+        self._of: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {}
+
+    def add(self, rid: str, rows: Rows) -> None:
+        self.remove(rid)
+        self.rows[rid] = rows
+        keys = index_entries(self.resource_type, rows)
+        texts: dict[str, None] = {}
+        for row in rows:
+            if counts(self.resource_type, row):
+                for col in ("code_text", "code_display"):
+                    if isinstance(row.get(col), str):
+                        texts[row[col].lower()] = None
+        for key in keys:
+            self.keys.setdefault(key, set()).add(rid)
+        for text in texts:
+            self.texts.setdefault(text, set()).add(rid)
+        self._of[rid] = (keys, tuple(texts))
+
+    def remove(self, rid: str) -> None:
+        if self.rows.pop(rid, None) is None:
+            return
+        keys, texts = self._of.pop(rid)
+        for name, table in ((keys, self.keys), (texts, self.texts)):
+            for key in name:
+                ids = table.get(key)
+                if ids is not None:
+                    ids.discard(rid)
+                    if not ids:
+                        del table[key]
+
+    def _union(self, keys: Iterable[str]) -> set[str]:
+        out: set[str] = set()
+        for key in keys:
+            out |= self.keys.get(key, set())
+        return out
+
+    def patient_candidates(self, query: CohortQuery) -> Iterable[str]:
+        """A superset of the patients meeting the gender/birthdate parameters."""
+        if query.genders:
+            sets = [self._union(f"gender:{g}" for g in alts) for alts in query.genders]
+            return set.intersection(*sets)
+        if query.birthdates:
+            years = [k for k in self.keys if k.startswith("birthyear:")]
+            keep = [
+                k for k in years if any(_year_may_match(k[10:], d) for d in query.birthdates[0])
+            ]
+            return self._union(keep)
+        return self.rows.keys()
+
+    def criterion_candidates(self, criterion: Criterion) -> set[str]:
+        """A superset of the resources meeting one Condition/Observation parameter."""
+        if criterion.kind == "condition-text":
+            out: set[str] = set()
+            for text, ids in self.texts.items():
+                if any(t in text for t in criterion.texts):
+                    out |= ids
+            return out
+        keys = [
+            f"code:{c.code}" if c.system is None else f"code:{c.system}|{c.code}"
+            for c in criterion.codes
+        ]
+        return self._union(keys)
+
+
+def _year_may_match(year: str, crit: DateCriterion) -> bool:
+    low, high = f"{year}-01-01", f"{year}-12-31"
+    if crit.prefix in ("eq",):
+        return high >= crit.low and low <= crit.high
+    if crit.prefix in ("gt", "ge"):
+        return high >= crit.low
+    if crit.prefix in ("lt", "le"):
+        return low <= crit.high
+    return True
+
+
+@dataclass
+class Plan:
+    """What the speed layer changes for one query (see serving.merge)."""
+
+    speed_patients: list[str]  # patients meeting the patient parameters only in the speed layer
+    hidden_patients: list[str]  # batch patients whose winning speed version no longer meets them
+    criteria: list[tuple[list[str], list[str]]]  # per parameter: (speed patient ids, hidden ids)
+    removal_candidates: list[str]  # batch members the speed layer may take away
+
+
+@dataclass
+class TypeMirror:
+    """The mirror of one resource type."""
+
+    resource_type: str
+    views: list[tuple[str, CompiledView]]
+    main: str | None
+    entries: dict[str, Held] = field(default_factory=dict)
+    batch: dict[str, Held | None] = field(default_factory=dict)
+    unchecked: set[str] = field(default_factory=set)
+    overriding: set[str] = field(default_factory=set)  # winning speed entries with a batch row
+    winning: set[str] = field(default_factory=set)
+    seqs: list[int] = field(default_factory=lambda: [0] * BUCKETS)
+
+    def __post_init__(self) -> None:
+        self.speed = RowIndex(self.resource_type)
+        self.over = RowIndex(self.resource_type)
+
+    def rows_of(self, data: Mapping[str, Any]) -> dict[str, Rows]:
+        return {name: view.rows(data) for name, view in self.views}
+
+    def set_entry(self, rid: str, held: Held | None) -> None:
+        if held is None:
+            self.entries.pop(rid, None)
+        else:
+            self.entries[rid] = held
+            if rid not in self.batch:
+                self.unchecked.add(rid)
+        self._status(rid)
+
+    def set_batch(self, rid: str, held: Held | None) -> None:
+        self.batch[rid] = held
+        self.unchecked.discard(rid)
+        self._status(rid)
+
+    def _status(self, rid: str) -> None:
+        self.speed.remove(rid)
+        self.over.remove(rid)
+        self.winning.discard(rid)
+        self.overriding.discard(rid)
+        held = self.entries.get(rid)
+        if held is None or rid in self.unchecked:
+            return
+        old = self.batch.get(rid)
+        if old is not None and not is_newer(held.vn, held.lum, old.vn, old.lum):
+            return  # the batch layer holds this version or a newer one
+        self.winning.add(rid)
+        if not held.deleted and self.main:
+            self.speed.add(rid, held.rows.get(self.main, []))
+        if old is not None and not old.deleted:
+            self.overriding.add(rid)
+            if self.main:
+                self.over.add(rid, old.rows.get(self.main, []))
+
+    def winning_rows(self, view: str) -> dict[str, Rows]:
+        """Rows of `view` for every present speed entry that wins."""
+        return {
+            rid: self.entries[rid].rows.get(view, [])
+            for rid in self.winning
+            if not self.entries[rid].deleted
+        }
+
+
+class SpeedMirror:
+    """Every shipped view's type, mirrored; `sync` then `sync_batch` before `plan`."""
+
+    def __init__(self, views: Mapping[str, ViewDefinition] | None = None) -> None:
+        by_type: dict[str, list[tuple[str, CompiledView]]] = {}
+        for name, view in (views or shipped_views()).items():
+            by_type.setdefault(view.resource, []).append((name, compile_view(view)))
+        self.types = {
+            t: TypeMirror(t, v, MAIN_VIEWS.get(t) if MAIN_VIEWS.get(t) in dict(v) else None)
+            for t, v in by_type.items()
+        }
+        self.lock = asyncio.Lock()
+        self.marker: tuple[str, int] | None = None
+        self.batch_key: BatchKey | None = None
+
+    async def sync(self, store: SpeedStore) -> bool:
+        """Bring the mirror up to date; False when the epoch marker is missing (incomplete).
+
+        Raises SpeedLayerUnavailable when Redis cannot be read.
+        """
+        epoch = await store.epoch()
+        if epoch is None:
+            return False
+        marker = (epoch, await store.generation())
+        full = marker != self.marker
+        for tm in self.types.values():
+            await self._sync_type(store, tm, full)
+        self.marker = marker
+        return True
+
+    async def _sync_type(self, store: SpeedStore, tm: TypeMirror, full: bool) -> None:
+        t = tm.resource_type
+        log = await store.log_since(t, [0] * BUCKETS if full else tm.seqs)
+        seqs = [newest for newest, _ in log]
+        if full:
+            versions = await store.versions(t)
+            rows = {name: await store.rows(t, name) for name, _ in tm.views}
+            for rid in list(tm.entries):
+                if rid not in versions:
+                    tm.set_entry(rid, None)
+            ids = list(versions)
+        else:
+            ids = list(dict.fromkeys(i for _, batch in log for i in batch))
+            versions = await store.entries(t, ids)
+            rows = {name: await store.rows_for(t, name, ids) for name, _ in tm.views}
+        for rid in ids:
+            version = versions.get(rid)
+            if version is None:
+                tm.set_entry(rid, None)
+                continue
+            deleted = version.state == "deleted"
+            decoded: dict[str, Rows] = {}
+            missing = False
+            for name, _ in tm.views:
+                raw = rows[name].get(rid)
+                if raw is None:
+                    missing = True
+                else:
+                    decoded[name] = orjson.loads(raw)
+            if missing and not deleted:
+                # Written without derived rows (a receiver run without the deriver).
+                entry = await store.get(t, rid)
+                data = orjson.loads(entry.body) if entry is not None and entry.body else {}
+                decoded = tm.rows_of(data)
+            held = Held(version.version_number, version.last_updated_ms, deleted, decoded)
+            tm.set_entry(rid, held)
+        tm.seqs = seqs
+
+    async def sync_batch(self, conn: Any, key: BatchKey) -> None:
+        """Look up the batch versions of speed ids, inside the query's snapshot."""
+        if key != self.batch_key:
+            for tm in self.types.values():
+                tm.batch.clear()
+                tm.unchecked = set(tm.entries)
+                for rid in list(tm.winning):
+                    tm._status(rid)
+            self.batch_key = key
+        for tm in self.types.values():
+            pending = list(tm.unchecked)
+            for start in range(0, len(pending), 20000):
+                chunk = pending[start : start + 20000]
+                cur = await conn.execute(
+                    "SELECT id, version_number, last_updated_ms, deleted, resource"
+                    " FROM rf_batch.resources WHERE resource_type = %s AND id = ANY(%s)",
+                    (tm.resource_type, chunk),
+                )
+                found = set()
+                for rid, vn, lum, deleted, resource in await cur.fetchall():
+                    found.add(rid)
+                    rows = {} if deleted or resource is None else tm.rows_of(resource)
+                    tm.set_batch(rid, Held(float(vn), float(lum), bool(deleted), rows))
+                for rid in chunk:
+                    if rid not in found:
+                        tm.set_batch(rid, None)
+
+    def plan(self, query: CohortQuery) -> Plan:
+        """The speed layer's part of one cohort query (call under `lock`, after syncing)."""
+        patients = self.types["Patient"]
+        speed_match = {
+            rid
+            for rid in patients.speed.patient_candidates(query)
+            if any(patient_matches(query, r) for r in patients.speed.rows.get(rid, []))
+        }
+        batch_match = {
+            rid
+            for rid in patients.over.patient_candidates(query)
+            if any(patient_matches(query, r) for r in patients.over.rows.get(rid, []))
+        }
+        hidden = batch_match - speed_match
+        removal = set(hidden)
+        criteria: list[tuple[list[str], list[str]]] = []
+        for criterion in query.criteria:
+            tm = self.types[criterion.resource_type]
+            speed_ids: set[str] = set()
+            for rid in tm.speed.criterion_candidates(criterion):
+                for row in tm.speed.rows.get(rid, []):
+                    if row.get("patient_id") and criterion_matches(criterion, row):
+                        speed_ids.add(row["patient_id"])
+            hidden_ids: list[str] = []
+            for rid in tm.over.criterion_candidates(criterion):
+                owners = {
+                    r["patient_id"]
+                    for r in tm.over.rows.get(rid, [])
+                    if r.get("patient_id") and criterion_matches(criterion, r)
+                }
+                if owners - speed_ids:
+                    hidden_ids.append(rid)
+                    removal |= owners - speed_ids
+            criteria.append((sorted(speed_ids), hidden_ids))
+        return Plan(sorted(speed_match - batch_match), sorted(hidden), criteria, sorted(removal))

@@ -1,0 +1,378 @@
+"""Cohort parameters and the merge, on a real batch layer (PostgreSQL) and speed layer (Redis)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+import pytest
+
+from receiver.errors import InvalidRequest
+from receiver.ingest import ingest, ingest_deletion
+from receiver.store import SpeedStore, parse_instant, version_number
+from serving import batch
+from serving.cohort import date_matches, date_range, parse_query
+from serving.derive import default_deriver
+from serving.merge import BatchCounts, cohort
+from serving.speed_index import SpeedMirror
+
+LU = "2024-01-01T00:00:00Z"
+
+
+def patient(
+    pid: str, gender: str | None = "male", birth: str | None = "1970-01-01", v: int = 1
+) -> dict[str, Any]:
+    data: dict[str, Any] = {
+        "resourceType": "Patient",
+        "id": pid,
+        "meta": {"versionId": str(v), "lastUpdated": f"2024-01-01T00:00:{v:02d}Z"},
+    }
+    if gender:
+        data["gender"] = gender
+    if birth:
+        data["birthDate"] = birth
+    return data
+
+
+def condition(
+    cid: str,
+    pid: str,
+    code: str = "44054006",
+    system: str = "http://snomed.info/sct",
+    text: str | None = None,
+    display: str | None = None,
+    verification: str | None = None,
+    v: int = 1,
+) -> dict[str, Any]:
+    coding: dict[str, Any] = {"system": system, "code": code}
+    if display:
+        coding["display"] = display
+    data: dict[str, Any] = {
+        "resourceType": "Condition",
+        "id": cid,
+        "meta": {"versionId": str(v), "lastUpdated": f"2024-01-01T00:00:{v:02d}Z"},
+        "subject": {"reference": f"Patient/{pid}"},
+        "code": {"coding": [coding]},
+    }
+    if text:
+        data["code"]["text"] = text
+    if verification:
+        data["verificationStatus"] = {
+            "coding": [
+                {
+                    "system": "http://terminology.hl7.org/CodeSystem/condition-ver-status",
+                    "code": verification,
+                }
+            ]
+        }
+    return data
+
+
+def observation(
+    oid: str,
+    pid: str,
+    code: str = "4548-4",
+    value: float | None = 7.0,
+    status: str = "final",
+    v: int = 1,
+) -> dict[str, Any]:
+    data: dict[str, Any] = {
+        "resourceType": "Observation",
+        "id": oid,
+        "meta": {"versionId": str(v), "lastUpdated": f"2024-01-01T00:00:{v:02d}Z"},
+        "status": status,
+        "subject": {"reference": f"Patient/{pid}"},
+        "code": {"coding": [{"system": "http://loinc.org", "code": code}]},
+    }
+    if value is not None:
+        data["valueQuantity"] = {"value": value, "unit": "%"}
+    return data
+
+
+@dataclass(frozen=True)
+class Deleted:
+    resource_type: str
+    id: str
+    version: int
+
+
+def load_batch(
+    database_url: str,
+    resources: Iterable[dict[str, Any]],
+    deleted: Iterable[Deleted] = (),
+    watermark: str = "2024-01-01T00:00:00Z",
+    replace: bool = True,
+) -> None:
+    """The batch layer holding exactly these versions, views refreshed, watermark advanced."""
+    batch.init(database_url)
+    with psycopg.connect(database_url) as conn:
+        if replace:
+            conn.execute("DELETE FROM rf_batch.resources")
+        with conn.cursor() as cur:
+            cur.executemany(
+                "INSERT INTO rf_batch.resources VALUES (%s, %s, %s, %s, %s, %s, %s, %s::jsonb)"
+                " ON CONFLICT (resource_type, id) DO UPDATE SET version_id = EXCLUDED.version_id,"
+                " version_number = EXCLUDED.version_number, last_updated = EXCLUDED.last_updated,"
+                " last_updated_ms = EXCLUDED.last_updated_ms, deleted = EXCLUDED.deleted,"
+                " resource = EXCLUDED.resource",
+                [
+                    (
+                        r["resourceType"],
+                        r["id"],
+                        r["meta"]["versionId"],
+                        version_number(r["meta"]["versionId"]),
+                        r["meta"]["lastUpdated"],
+                        parse_instant(r["meta"]["lastUpdated"]),
+                        False,
+                        json.dumps(r),
+                    )
+                    for r in resources
+                ]
+                + [
+                    (
+                        d.resource_type,
+                        d.id,
+                        str(d.version),
+                        float(d.version),
+                        LU,
+                        parse_instant(LU),
+                        True,
+                        None,
+                    )
+                    for d in deleted
+                ],
+            )
+        for name in ("patient_demographics", "condition_simple", "observation_simple"):
+            conn.execute(f'REFRESH MATERIALIZED VIEW sqlonfhir."{name}"'.encode())
+        conn.execute(
+            "INSERT INTO rf_batch.watermark (id, watermark, refreshed_at, resources)"
+            " VALUES (1, %s, clock_timestamp(), (SELECT count(*) FROM rf_batch.resources))"
+            " ON CONFLICT (id) DO UPDATE SET watermark = EXCLUDED.watermark,"
+            " refreshed_at = EXCLUDED.refreshed_at, resources = EXCLUDED.resources",
+            (watermark,),
+        )
+
+
+async def put(store: SpeedStore, resource: dict[str, Any]) -> None:
+    await ingest(store, json.dumps(resource).encode(), derive=DERIVE)
+
+
+async def delete(store: SpeedStore, resource_type: str, rid: str, version: int) -> None:
+    await ingest_deletion(
+        store,
+        resource_type,
+        rid,
+        version_id=str(version),
+        last_updated=f"2024-01-01T00:00:{version:02d}Z",
+    )
+
+
+DERIVE = default_deriver()
+
+
+@dataclass
+class Run:
+    """Runs cohort queries against one store and database, as the API does."""
+
+    store: SpeedStore
+    database_url: str
+    mirror: SpeedMirror
+    counts: BatchCounts
+
+    async def ask(self, query: str, use_speed: bool = True) -> dict[str, Any]:
+        from urllib.parse import parse_qsl
+
+        from serving.merge import read_speed
+
+        q = parse_query(parse_qsl(query, keep_blank_values=True))
+        speed = await read_speed(self.store, self.mirror, use_speed)
+        async with await psycopg.AsyncConnection.connect(self.database_url) as conn:
+            async with conn.transaction():
+                a = await cohort(conn, q, speed, self.counts)
+        return {
+            "total": a.total_count,
+            "ids": a.patient_ids,
+            "batch": a.batch_count,
+            "added": a.added_count,
+            "removed": a.removed_count,
+            "sources": a.sources,
+            "degraded": a.degraded,
+        }
+
+
+@pytest.fixture
+async def run(store: SpeedStore, pg_url: str) -> Run:
+    await store.mark_epoch()
+    return Run(store, pg_url, SpeedMirror(), BatchCounts())
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+def test_date_ranges_follow_fhir_rules() -> None:
+    q = parse_query([("birthdate", "ge1970-01-01"), ("birthdate", "lt2000")])
+    assert [d.prefix for (d,) in q.birthdates] == ["ge", "lt"]
+    assert date_range("1970") == ("1970-01-01", "1970-12-31")
+    assert date_range("2000-02") == ("2000-02-01", "2000-02-29")
+    assert date_range("1900-02") == ("1900-02-01", "1900-02-28")
+    (eq1970,) = parse_query([("birthdate", "1970")]).birthdates[0]
+    assert date_matches(("1970-05-01", "1970-05-01"), eq1970)
+    assert not date_matches(("1969-12-31", "1970-12-31"), eq1970)
+    (gt,) = parse_query([("birthdate", "gt1970-06-01")]).birthdates[0]
+    assert date_matches(date_range("1970"), gt)  # the year reaches past June 1st
+    (lt,) = parse_query([("birthdate", "lt1970")]).birthdates[0]
+    assert not date_matches(date_range("1970-03"), lt)
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("birthdate", "xx1970"),
+        ("birthdate", "1970-13"),
+        ("birthdate", "1970-02-30"),
+        ("birthdate", "sa1970"),
+        ("observation", "http://loinc.org|4548-4$gtx"),
+        ("condition", "http://snomed.info/sct|"),
+        ("condition", "a$gt1"),
+        ("observation-value", "gt6"),
+        ("ids", "maybe"),
+        ("_count", "10001"),
+        ("_count", "-1"),
+        ("gender", ""),
+        ("colour", "red"),
+    ],
+)
+def test_malformed_parameters_name_themselves(name: str, value: str) -> None:
+    with pytest.raises(InvalidRequest) as info:
+        parse_query([(name, value)])
+    assert info.value.issues[0].expression == name
+
+
+def test_underscore_parameters_are_ignored_and_commas_or() -> None:
+    q = parse_query([("_pretty", "true"), ("_format", "json"), ("gender", "male,female")])
+    assert q.genders == (("male", "female"),)
+    q = parse_query(
+        [("observation", "http://loinc.org|1,http://loinc.org|2"), ("observation-value", "ge5")]
+    )
+    assert all(c.comparator == "ge" for c in q.criteria[0].codes)
+
+
+# --------------------------------------------------------------------------- merge
+
+
+async def test_speed_layer_adds_changes_and_removes(run: Run) -> None:
+    load_batch(
+        run.database_url,
+        [
+            patient("p1", "male"),
+            patient("p2", "female"),
+            patient("p3", "male", "1980"),
+            condition("c1", "p1"),
+            condition("c3", "p3", text="Diabetes mellitus"),
+            observation("o1", "p1", value=7.0),
+        ],
+    )
+    r = await run.ask("gender=male&condition=44054006")
+    assert (r["total"], r["ids"], r["batch"], r["added"], r["removed"]) == (
+        2,
+        ["p1", "p3"],
+        2,
+        0,
+        0,
+    )
+    assert r["sources"] == ["batch_layer", "speed_layer"]
+    # A new patient with a condition, p3 becomes female, c1 moves from p1 to p2.
+    await put(run.store, patient("p4", "male", "1990-05"))
+    await put(run.store, condition("c4", "p4"))
+    await put(run.store, patient("p3", "female", v=2))
+    await put(run.store, condition("c1", "p2", v=2))
+    r = await run.ask("condition=44054006")
+    assert r["ids"] == ["p2", "p3", "p4"]
+    assert (r["batch"], r["added"], r["removed"]) == (2, 2, 1)
+    r = await run.ask("gender=male&condition=http://snomed.info/sct|44054006")
+    assert r["ids"] == ["p4"] and r["removed"] == 2 and r["added"] == 1
+    # A late older version is ignored; a delete hides the batch row.
+    await put(run.store, condition("c1", "p1", v=1))
+    await delete(run.store, "Patient", "p2", 2)
+    r = await run.ask("condition=44054006")
+    assert r["ids"] == ["p3", "p4"]
+    # Batch-only answers.
+    r = await run.ask("condition=44054006", use_speed=False)
+    assert r["ids"] == ["p1", "p3"] and r["sources"] == ["batch_layer"] and not r["degraded"]
+
+
+async def test_entered_in_error_and_cancelled_never_count(run: Run) -> None:
+    load_batch(
+        run.database_url,
+        [
+            patient("p1"),
+            patient("p2"),
+            condition("c1", "p1", verification="entered-in-error"),
+            condition("c2", "p2", verification="confirmed"),
+            observation("o1", "p1", status="cancelled"),
+            observation("o2", "p2", status="entered-in-error"),
+        ],
+    )
+    assert (await run.ask("condition=44054006"))["ids"] == ["p2"]
+    assert (await run.ask("observation=4548-4"))["ids"] == []
+    await put(run.store, condition("c2", "p2", verification="entered-in-error", v=2))
+    await put(run.store, observation("o1", "p1", status="final", v=2))
+    r = await run.ask("condition=44054006")
+    assert r["ids"] == [] and r["removed"] == 1
+    assert (await run.ask("observation=4548-4"))["ids"] == ["p1"]
+
+
+async def test_text_value_and_birthdate_parameters(run: Run) -> None:
+    load_batch(
+        run.database_url,
+        [
+            patient("p1", birth="1970"),
+            patient("p2", birth="1985-06-15"),
+            patient("p3", birth=None),
+            condition("c1", "p1", text="Type 2 DIABETES"),
+            condition("c2", "p2", display="Diabetic foot"),
+            observation("o1", "p1", value=6.5),
+            observation("o2", "p2", value=8),
+        ],
+    )
+    await put(run.store, patient("p4", birth="1970-03"))
+    await put(run.store, condition("c4", "p4", code="1", text="no match"))
+    await put(run.store, observation("o4", "p4", value=9.25))
+    assert (await run.ask("condition-text=diabet"))["ids"] == ["p1", "p2"]
+    assert (await run.ask("condition-text=FOOT,match"))["ids"] == ["p2", "p4"]
+    assert (await run.ask("observation=http://loinc.org|4548-4$gt6.5"))["ids"] == ["p2", "p4"]
+    assert (await run.ask("observation=4548-4&observation-value=le6.5"))["ids"] == ["p1"]
+    assert (await run.ask("birthdate=1970"))["ids"] == ["p1", "p4"]
+    assert (await run.ask("birthdate=ge1970-06-01&birthdate=lt1986"))["ids"] == ["p1", "p2"]
+    assert (await run.ask("birthdate=ne1970"))["ids"] == ["p2"]
+    assert (await run.ask("birthdate=gt1970-12-31,lt1970-01-02"))["ids"] == ["p1", "p2"]
+
+
+async def test_degraded_without_epoch(run: Run) -> None:
+    load_batch(run.database_url, [patient("p1")])
+    await put(run.store, patient("p2"))
+    await run.store.client.delete("rf:{meta}:epoch")
+    r = await run.ask("gender=male")
+    assert r["ids"] == ["p1"] and r["degraded"] and r["sources"] == ["batch_layer"]
+
+
+async def test_trim_and_refresh_keep_the_answer(run: Run) -> None:
+    load_batch(run.database_url, [patient("p1"), condition("c1", "p1")])
+    await put(run.store, condition("c1", "p1", code="999", v=2))
+    await put(run.store, patient("p2"))
+    assert (await run.ask("condition=999"))["ids"] == ["p1"]
+    # The batch layer catches up (refresh), then the speed layer is trimmed.
+    load_batch(
+        run.database_url, [patient("p1"), patient("p2"), condition("c1", "p1", code="999", v=2)]
+    )
+    assert (await run.ask("condition=999"))["ids"] == ["p1"]
+    removed = await run.store.trim_covered(
+        "Condition", [("c1", 2.0, parse_instant("2024-01-01T00:00:02Z"))]
+    )
+    assert removed == 1
+    r = await run.ask("condition=999")
+    assert r["ids"] == ["p1"] and r["added"] == 0 and r["batch"] == 1
+    assert (await run.ask("gender=male"))["total"] == 2
