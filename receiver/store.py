@@ -28,7 +28,11 @@ from typing import Any, Literal
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from receiver.errors import Issue, SpeedLayerUnavailable
 from receiver.settings import Settings
@@ -233,6 +237,9 @@ def connect(settings: Settings) -> RedisClient:
         "socket_timeout": 5.0,
         "socket_connect_timeout": 2.0,
         "health_check_interval": 30,
+        # A pooled connection dies with a Redis restart; retry such errors on a fresh one.
+        "retry": Retry(ExponentialBackoff(cap=0.5, base=0.05), retries=2),
+        "retry_on_error": [RedisConnectionError, RedisTimeoutError],
     }
     if settings.redis_cluster:
         return RedisCluster.from_url(settings.redis_url, **common)
