@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import signal
@@ -9,6 +10,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -72,3 +74,14 @@ class RedisProcess:
     def stop(self) -> None:
         self.kill()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+async def eventually(
+    predicate: Callable[[], bool], timeout: float = 60.0, step: float = 0.01
+) -> None:
+    """Wait until `predicate()` holds, or fail the test after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition still false after {timeout}s")
+        await asyncio.sleep(step)

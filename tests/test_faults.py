@@ -27,7 +27,7 @@ from subscriptions import bootstrap, synthetic
 from subscriptions.fhir_client import FhirClient
 from subscriptions.poller import poll_once
 from subscriptions.standin import StandInHapi, serve_asgi, serve_standin
-from tests.procs import RedisProcess, free_port, wait_port
+from tests.procs import RedisProcess, eventually, free_port, wait_port
 
 TOKEN = "fault-token"
 
@@ -103,8 +103,7 @@ async def test_redis_killed_during_a_burst_loses_no_acknowledged_notification(
             async with FhirClient(fhir_base) as client:
                 await bootstrap.bootstrap(settings, client, wait=10)
             burst = asyncio.create_task(seed_changes(hapi, 150))
-            while hapi.delivered < 80:
-                await asyncio.sleep(0.01)
+            await eventually(lambda: hapi.delivered >= 80)
             durable_redis.kill()
             await asyncio.sleep(1.0)
             failed_meanwhile = [a for a in hapi.attempts if a.status == 503]
@@ -206,15 +205,13 @@ async def test_receiver_sigkilled_mid_load_keeps_every_acknowledged_write(
 
     senders = [asyncio.create_task(sender(w)) for w in range(8)]
     try:
-        while len(acknowledged) < 300:
-            await asyncio.sleep(0.01)
+        await eventually(lambda: len(acknowledged) >= 300)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=10)
         killed_at = len(acknowledged)
         await asyncio.sleep(0.3)
         proc = start_receiver(port, durable_redis.url)
-        while len(acknowledged) < killed_at + 200:
-            await asyncio.sleep(0.01)
+        await eventually(lambda: len(acknowledged) >= killed_at + 200)
     finally:
         stop.set()
         await asyncio.gather(*senders)
