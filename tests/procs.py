@@ -77,11 +77,11 @@ class RedisProcess:
 
 
 async def eventually(
-    predicate: Callable[[], bool], timeout: float = 60.0, step: float = 0.01
+    predicate: Callable[[], bool], seconds: float = 60.0, step: float = 0.01
 ) -> None:
-    """Wait until `predicate()` holds, or fail the test after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
+    """Wait until `predicate()` holds, or fail the test after `seconds`."""
+    deadline = time.monotonic() + seconds
     while not predicate():
         if time.monotonic() > deadline:
-            raise AssertionError(f"condition still false after {timeout}s")
+            raise AssertionError(f"condition still false after {seconds}s")
         await asyncio.sleep(step)
