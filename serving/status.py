@@ -23,7 +23,6 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
 from starlette.routing import Route
 
-from receiver.auth import basic_position, bearer_position
 from receiver.errors import ResearchFlowError
 from receiver.metrics import Metrics
 from receiver.settings import Settings
@@ -40,7 +39,7 @@ REJECTS_SHOWN = 50
 # HAPI is asked at most this often; the page may be reloaded by many people.
 SUBSCRIPTIONS_TTL_SECONDS = 30.0
 SUBSCRIPTIONS_TIMEOUT_SECONDS = 5.0
-DATABASE_TIMEOUT_SECONDS = 5.0
+DATABASE_TIMEOUT_SECONDS = 3.0
 WATERMARK_SQL = "SELECT watermark, refreshed_at, resources FROM rf_batch.watermark WHERE id = 1"
 
 Database = str | AsyncConnectionPool[Any]
@@ -83,6 +82,7 @@ class StatusData:
 
     generated_at: datetime
     speed_error: str | None = None
+    speed_disabled: bool = False
     epoch: str | None = None
     hourly: tuple[tuple[str, int], ...] = ()
     type_counts: tuple[tuple[str, int], ...] = ()
@@ -154,14 +154,14 @@ async def read_batch_watermark(database: Database, now: datetime | None = None) 
     """The row of `rf_batch.watermark`; a missing table means the batch was never refreshed."""
     now = now or datetime.now(UTC)
     try:
-        async with asyncio.timeout(DATABASE_TIMEOUT_SECONDS):
+        async with asyncio.timeout(DATABASE_TIMEOUT_SECONDS + 1):
             if isinstance(database, str):
                 async with await psycopg.AsyncConnection.connect(
                     database, connect_timeout=int(DATABASE_TIMEOUT_SECONDS), autocommit=True
                 ) as conn:
                     row = await _watermark_row(conn)
             else:
-                async with database.connection() as conn:
+                async with database.connection(timeout=DATABASE_TIMEOUT_SECONDS) as conn:
                     row = await _watermark_row(conn)
     except (pg_errors.UndefinedTable, pg_errors.InvalidSchemaName):
         return BatchStatus()
@@ -227,7 +227,7 @@ async def _read_speed(store: SpeedStore, now: datetime) -> dict[str, Any]:
 
 async def gather_status(
     settings: Settings,
-    store: SpeedStore,
+    store: SpeedStore | None,
     database: Database,
     fhir_client: FhirClient | None,
     *,
@@ -236,6 +236,7 @@ async def gather_status(
 ) -> StatusData:
     """Read every section of the status page; a dependency that fails becomes a message.
 
+    `store` is None when the speed layer is off (USE_SPEED_LAYER=false).
     `database` is a libpq URL or a psycopg pool. With `cache`, HAPI is asked at most once
     per its TTL; without `fhir_client` only the cache's last answer (if any) is shown.
     """
@@ -250,6 +251,8 @@ async def gather_status(
         return await read_subscriptions(settings, fhir_client)
 
     async def speed() -> dict[str, Any]:
+        if store is None:
+            return {"speed_disabled": True}
         try:
             return await _read_speed(store, now)
         except Exception as exc:  # redis-py raises more than RedisError on a dead socket
@@ -262,14 +265,17 @@ async def gather_status(
     return StatusData(generated_at=now, batch=batch, subscriptions=subs, **speed_values)
 
 
-async def update_gauges(metrics: Metrics, store: SpeedStore, database: Database) -> None:
+async def update_gauges(metrics: Metrics, store: SpeedStore | None, database: Database) -> None:
     """Set `speed_size` per type, `batch_watermark_age` and `poller_lag` from the stores.
 
-    Call it before rendering `/metrics` (or periodically). A gauge whose source cannot be
+    Call it before rendering `/metrics` (or periodically); `database` is a libpq URL or a
+    psycopg pool, `store` None when the speed layer is off. A gauge whose source cannot be
     read keeps its last value; the failure is logged, never raised.
     """
     now = datetime.now(UTC)
     try:
+        if store is None:
+            raise LookupError("speed layer disabled")
         for resource_type in await store.known_types():
             metrics.speed_size.labels(resource_type=resource_type).set(
                 await store.count(resource_type)
@@ -355,6 +361,14 @@ def _error(text: str) -> str:
 
 
 def _speed_sections(data: StatusData) -> dict[str, str]:
+    if data.speed_disabled:
+        return {
+            "coverage": _section(
+                "Speed layer",
+                "speed",
+                "<p>Disabled (USE_SPEED_LAYER=false): answers come from the batch layer.</p>",
+            )
+        }
     if data.speed_error:
         return {"coverage": _section("Speed layer", "speed", _error(data.speed_error))}
     total = sum(c for _, c in data.hourly)
@@ -514,30 +528,25 @@ def _unauthorized() -> Response:
     )
 
 
-def _state(request: Request, *names: str) -> Any:
-    for name in names:
-        value = getattr(request.state, name, None)
-        if value is not None:
-            return value
-    return None
-
-
 def status_route(
     settings: Settings,
     *,
-    insecure: bool = False,
     path: str = "/status",
     fhir_client_factory: Callable[[], FhirClient] | None = None,
 ) -> Route:
-    """`GET /status` for `serving.api.create_app(extra_routes=[...])`.
+    """`GET /status`, for `serving.api.create_app(settings, extra_routes=[status_route(settings)])`.
 
-    Authenticates with `Authorization: Bearer <SERVING_TOKEN>` or HTTP Basic with the token
-    as the password (401 with `WWW-Authenticate: Basic` so a browser asks); `insecure`
-    skips that. Reads `request.state.store` (a SpeedStore), `request.state.pool` (a psycopg
-    pool; else `settings.database_url`) and `request.state.fhir_client` when the app's
-    lifespan provides them; otherwise HAPI is asked through a short-lived client of its own
-    (no retries, short timeout) at most every 30 s.
+    Authenticates through the app's `require_token` (Bearer, or HTTP Basic with a token as
+    the password; none needed when the app is `insecure`) and answers 401 with
+    `WWW-Authenticate: Basic realm="ResearchFlow"` so a browser asks for it. Reads
+    `request.state.store` (SpeedStore, None when the speed layer is off) and
+    `request.state.pool` (psycopg pool) from the app's lifespan. HAPI is asked through a
+    short-lived client of the route's own (`fhir_client_factory`; default: no retries, 5 s
+    timeout) at most every 30 s.
     """
+    # Imported here, not at the top: serving.api may come to import this module.
+    from serving.api import Unauthorized, require_token
+
     cache = SubscriptionCache()
 
     def default_factory() -> FhirClient:
@@ -550,23 +559,21 @@ def status_route(
     factory = fhir_client_factory or default_factory
 
     async def status_page(request: Request) -> Response:
-        authorization = request.headers.get("authorization")
-        tokens = settings.serving_tokens
-        position = bearer_position(authorization, tokens)
-        if position is None:
-            position = basic_position(authorization, tokens)
-        if position is None and not insecure:
+        started = time.perf_counter()
+        try:
+            require_token(request, allow_basic=True)
+        except Unauthorized:
             return _unauthorized()
-        store: SpeedStore | None = _state(request, "store", "speed_store")
-        if store is None:
-            raise RuntimeError("the app's lifespan provides no speed store (request.state.store)")
-        database: Database = _state(request, "pool", "db_pool") or settings.database_url
-        fhir: FhirClient | None = _state(request, "fhir_client", "fhir")
-        if fhir is not None or cache.fresh() is not None:
-            data = await gather_status(settings, store, database, fhir, cache=cache)
+        store: SpeedStore | None = getattr(request.state, "store", None)
+        database: Database = getattr(request.state, "pool", None) or settings.database_url
+        if cache.fresh() is not None:
+            data = await gather_status(settings, store, database, None, cache=cache)
         else:
-            async with factory() as own:
-                data = await gather_status(settings, store, database, own, cache=cache)
+            async with factory() as fhir:
+                data = await gather_status(settings, store, database, fhir, cache=cache)
+        metrics: Metrics | None = getattr(request.app.state, "metrics", None)
+        if metrics is not None:
+            metrics.query_latency.labels("status").observe(time.perf_counter() - started)
         return HTMLResponse(
             render_status(data),
             headers={

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import base64
-import contextlib
 import json
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from html.parser import HTMLParser
 from typing import Any
@@ -21,6 +19,7 @@ from receiver.ingest import ingest
 from receiver.metrics import Metrics
 from receiver.settings import Settings
 from receiver.store import HOURLY_KEY, SpeedStore
+from serving.api import create_app
 from serving.batch import SCHEMA_SQL
 from serving.status import (
     StatusData,
@@ -101,17 +100,8 @@ def basic(user: str, password: str) -> dict[str, str]:
 
 
 def status_app(settings: Settings, *, insecure: bool = False) -> Starlette:
-    """An app serving /status as the query API does: a lifespan that owns the speed store."""
-
-    @contextlib.asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
-        client = aioredis.Redis.from_url(settings.redis_url)
-        try:
-            yield {"store": SpeedStore(client)}
-        finally:
-            await client.aclose()
-
-    return Starlette(routes=[status_route(settings, insecure=insecure)], lifespan=lifespan)
+    """The query API with the status page, as `researchflow serve` builds it."""
+    return create_app(settings, insecure=insecure, extra_routes=[status_route(settings)])
 
 
 def patient(resource_id: str, version: str, last_updated: str, **extra: Any) -> bytes:
@@ -285,7 +275,7 @@ async def test_postgres_and_hapi_down_still_render(store: SpeedStore, settings: 
         response = await client.get("/status", headers={"Authorization": "Bearer serve-token"})
     assert response.status_code == 200
     page = Page(response.text)
-    assert "PostgreSQL unreachable: connection failed" in page.text("batch")
+    assert "PostgreSQL unreachable: " in page.text("batch")
     assert "HAPI unreachable:" in page.text("subscriptions")
     assert page.text("missed") == "4"  # the speed-layer sections are unaffected
     assert page.text("poller-lag") == "5 min"
@@ -456,3 +446,14 @@ def test_render_is_self_contained() -> None:
 )
 def test_format_age(seconds: float | None, text: str) -> None:
     assert format_age(seconds) == text
+
+
+async def test_speed_layer_disabled(settings: Settings) -> None:
+    off = Settings(**{**settings.__dict__, "use_speed_layer": False})
+    async with running(status_app(off)) as client:
+        response = await client.get("/status", headers={"Authorization": "Bearer serve-token"})
+    assert response.status_code == 200
+    assert "Disabled (USE_SPEED_LAYER=false)" in Page(response.text).text("speed")
+    metrics = Metrics.create()
+    await update_gauges(metrics, None, off.database_url)  # logs, never raises
+    assert metrics.registry.get_sample_value("researchflow_poller_lag_seconds") == 0
