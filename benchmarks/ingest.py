@@ -23,9 +23,9 @@ import os
 import platform
 import random
 import statistics
+import sys
 import time
 from pathlib import Path
-import sys
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from typing import Any
@@ -63,7 +63,9 @@ def bodies(count: int, seed: int = 5) -> list[tuple[str, bytes]]:
         else:
             resource = synthetic.observation(n, n - 2, rnd)
         resource["meta"] = {"versionId": "1", "lastUpdated": "2026-11-25T10:00:00.000+00:00"}
-        out.append((f"/fhir/{resource['resourceType']}/{resource['id']}", json.dumps(resource).encode()))
+        out.append(
+            (f"/fhir/{resource['resourceType']}/{resource['id']}", json.dumps(resource).encode())
+        )
     return out
 
 
@@ -82,8 +84,15 @@ def serve_receiver(port: int) -> None:
 
     settings = Settings(redis_url=BENCH_REDIS_URL, receiver_tokens=(TOKEN,))
     app = create_app(settings, derive=default_deriver(), latest_version=no_hapi)
-    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False,
-                loop="uvloop", http="httptools")
+    uvicorn.run(
+        app,
+        host="127.0.0.1",
+        port=port,
+        log_level="warning",
+        access_log=False,
+        loop="uvloop",
+        http="httptools",
+    )
 
 
 def serve_bare(port: int) -> None:
@@ -99,8 +108,15 @@ def serve_bare(port: int) -> None:
         return Response(status_code=204)
 
     app = Starlette(routes=[Route("/fhir/{type}/{id}", put, methods=["PUT"])])
-    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False,
-                loop="uvloop", http="httptools")
+    uvicorn.run(
+        app,
+        host="127.0.0.1",
+        port=port,
+        log_level="warning",
+        access_log=False,
+        loop="uvloop",
+        http="httptools",
+    )
 
 
 # -- the load generator --------------------------------------------------------------------
@@ -121,7 +137,7 @@ class Connection:
     async def put(self, path: str, body: bytes) -> int:
         head = (
             f"PUT {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {TOKEN}\r\n"
-            f"Content-Type: application/fhir+json; charset=UTF-8\r\nIf-Match: \"1\"\r\n"
+            f'Content-Type: application/fhir+json; charset=UTF-8\r\nIf-Match: "1"\r\n'
             f"Content-Length: {len(body)}\r\n\r\n"
         ).encode()
         self.writer.write(head + body)
@@ -138,7 +154,9 @@ class Connection:
         return int(status_line.split()[1])
 
 
-async def saturate(port: int, work: list[tuple[str, bytes]], seconds: float, connections: int) -> dict[str, Any]:
+async def saturate(
+    port: int, work: list[tuple[str, bytes]], seconds: float, connections: int
+) -> dict[str, Any]:
     conns = [await Connection.open(port) for _ in range(connections)]
     statuses: dict[int, int] = {}
     index = 0
@@ -158,10 +176,17 @@ async def saturate(port: int, work: list[tuple[str, bytes]], seconds: float, con
     for c in conns:
         c.writer.close()
     done = sum(statuses.values())
-    return {"requests": done, "seconds": elapsed, "per_second": done / elapsed, "statuses": statuses}
+    return {
+        "requests": done,
+        "seconds": elapsed,
+        "per_second": done / elapsed,
+        "statuses": statuses,
+    }
 
 
-async def fixed_rate(port: int, work: list[tuple[str, bytes]], rate: float, seconds: float) -> dict[str, Any]:
+async def fixed_rate(
+    port: int, work: list[tuple[str, bytes]], rate: float, seconds: float
+) -> dict[str, Any]:
     pool = [await Connection.open(port) for _ in range(64)]
     free: asyncio.Queue[Connection] = asyncio.Queue()
     for c in pool:
@@ -262,18 +287,18 @@ def main() -> None:
         r, b = results["receiver_saturate"], results["bare_saturate"]
         r1, b1 = results["receiver_1000"], results["bare_1000"]
         section = f"""
-## Ingest (`benchmarks/ingest.py`, {time.strftime('%Y-%m-%d')})
+## Ingest (`benchmarks/ingest.py`, {time.strftime("%Y-%m-%d")})
 
-Machine: {results['machine']}. One uvicorn worker (uvloop, httptools) per server; load
+Machine: {results["machine"]}. One uvicorn worker (uvloop, httptools) per server; load
 generator and Redis on the same 2 cores. {args.seconds:.0f} s per measurement, realistic
 Patient/Condition/Observation PUTs as HAPI sends them, each a new resource.
 
 | server | saturated writes/s (32 connections) | at 1,000/s: p50 | p99 | max |
 | --- | ---: | ---: | ---: | ---: |
-| bare Starlette, JSON parse only (baseline) | {b['per_second']:,.0f} | {b1['p50_ms']:.2f} ms | {b1['p99_ms']:.2f} ms | {b1['max_ms']:.1f} ms |
-| receiver: validate + derive rows + Lua write to Redis | {r['per_second']:,.0f} | {r1['p50_ms']:.2f} ms | {r1['p99_ms']:.2f} ms | {r1['max_ms']:.1f} ms |
+| bare Starlette, JSON parse only (baseline) | {b["per_second"]:,.0f} | {b1["p50_ms"]:.2f} ms | {b1["p99_ms"]:.2f} ms | {b1["max_ms"]:.1f} ms |
+| receiver: validate + derive rows + Lua write to Redis | {r["per_second"]:,.0f} | {r1["p50_ms"]:.2f} ms | {r1["p99_ms"]:.2f} ms | {r1["max_ms"]:.1f} ms |
 
-Statuses: receiver saturated {r['statuses']}, at 1,000/s {r1['statuses']}.
+Statuses: receiver saturated {r["statuses"]}, at 1,000/s {r1["statuses"]}.
 Targets: at least 3,000 validated, durable writes/s per process; p99 at most 10 ms at 1,000/s.
 """
         with README.open("a") as handle:
