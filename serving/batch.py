@@ -16,7 +16,7 @@ numbers its rows the same way, identical rows are interchangeable), so a refresh
 rows that really changed, and `(id, _row)` is unique even when a resource holds two identical
 codings, where `(id, code_system, code)` would not be.
 
-The sync from HAPI (`refresh`) lives in `serving.batch_sync`.
+The sync from HAPI lives in `serving.batch_sync`; `refresh` here calls it.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import json
 import logging
 from collections.abc import Callable, Mapping
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psycopg
 from psycopg import sql
@@ -34,6 +34,12 @@ from psycopg import sql
 from receiver.errors import BatchLayerUnavailable, ResearchFlowError
 from serving.sqlcompiler import compile_view
 from serving.viewdef import Select, ViewDefinition, shipped_views
+
+if TYPE_CHECKING:
+    from receiver.settings import Settings
+    from receiver.store import SpeedStore
+    from serving.batch_sync import RefreshResult
+    from subscriptions.fhir_client import FhirClient
 
 logger = logging.getLogger(__name__)
 
@@ -284,3 +290,31 @@ def view_stats(database_url: str) -> dict[str, tuple[int, datetime | None]]:
             ).fetchone()
             out[name] = (int(row[0]) if row else 0, built_at)
     return out
+
+
+async def refresh(
+    settings: Settings,
+    *,
+    full: bool = False,
+    store: SpeedStore | None = None,
+    client: FhirClient | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> RefreshResult:
+    """Sync from HAPI, refresh every view, advance the watermark, trim the speed layer.
+
+    See `serving.batch_sync.refresh` (where the work is done) for the guarantees.
+    """
+    from serving import batch_sync
+
+    return await batch_sync.refresh(
+        settings, full=full, store=store, client=client, progress=progress
+    )
+
+
+def __getattr__(name: str) -> Any:
+    # `from serving.batch import RefreshResult, RefreshFailed` without an import cycle.
+    if name in ("RefreshResult", "RefreshFailed"):
+        from serving import batch_sync
+
+        return getattr(batch_sync, name)
+    raise AttributeError(name)

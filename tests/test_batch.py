@@ -25,9 +25,10 @@ from serving.batch import (
     batch_watermark_async,
     init,
     plan_view,
+    refresh,
     view_stats,
 )
-from serving.batch_sync import RefreshFailed, refresh
+from serving.batch_sync import RefreshFailed
 from serving.evaluator import evaluate
 from serving.viewdef import Column, Select, load_view, shipped_views
 from subscriptions.fhir_client import FhirClient
