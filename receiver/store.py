@@ -30,8 +30,9 @@ import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
+from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from receiver.errors import Issue, SpeedLayerUnavailable
@@ -275,6 +276,7 @@ class SpeedStore:
         self.expire_seconds = max_age_hours * 3600 if max_age_hours else 0
         self._upsert = client.register_script(_UPSERT_LUA)
         self._trim = client.register_script(_TRIM_LUA)
+        self._is_cluster = isinstance(client, RedisCluster)
         self._known_types: set[str] = set()
         self._pending_hours: dict[str, int] = {}
         self._pending_types: set[str] = set()
@@ -384,16 +386,15 @@ class SpeedStore:
         removed = 0
         pipe_items: list[tuple[str, float, float]] = list(covered)
         for start in range(0, len(pipe_items), 500):
-            async with self.client.pipeline(transaction=False) as pipe:
-                for resource_id, vn, lum in pipe_items[start : start + 500]:
-                    prefix = tag(resource_type, bucket_of(resource_id))
-                    keys = [prefix + "r:" + resource_id, prefix + "ver", prefix + "chg"]
-                    args = [prefix, resource_id, repr(vn), repr(lum)]
-                    await self._trim(keys=keys, args=args, client=pipe)  # type: ignore[arg-type]
-                try:
-                    results = await pipe.execute()
-                except RedisError as exc:
-                    raise SpeedLayerUnavailable(f"Redis did not take the trim: {exc}") from exc
+            calls: list[tuple[list[str], list[Any]]] = []
+            for resource_id, vn, lum in pipe_items[start : start + 500]:
+                prefix = tag(resource_type, bucket_of(resource_id))
+                keys = [prefix + "r:" + resource_id, prefix + "ver", prefix + "chg"]
+                calls.append((keys, [prefix, resource_id, repr(vn), repr(lum)]))
+            try:
+                results = await self._eval_many(self._trim, calls)
+            except RedisError as exc:
+                raise SpeedLayerUnavailable(f"Redis did not take the trim: {exc}") from exc
             removed += sum(1 for r in results if r)
         if removed:
             try:
@@ -633,9 +634,17 @@ class SpeedStore:
     async def server_config(self) -> dict[str, str]:
         """Persistence mode and eviction policy, for start-up logs and `speed stats`."""
         info: dict[str, str] = {}
+        # A Cluster answers CONFIG GET from one node unless asked for all; one evicting node
+        # is enough to lose entries, so every node's value is reported (distinct ones joined).
+        per_node = {"target_nodes": RedisCluster.ALL_NODES} if self._is_cluster else {}
         try:
             for name in ("maxmemory-policy", "appendonly", "appendfsync", "save"):
-                got = await self.client.config_get(name)
+                got = await self.client.config_get(name, **per_node)
+                nodes = list(got.values()) if isinstance(got, dict) and self._is_cluster else []
+                if nodes and all(isinstance(n, dict) for n in nodes):
+                    values = {_decode(n.get(name)) or "" for n in nodes}  # type: ignore[union-attr]
+                    info[name] = ",".join(sorted(values))
+                    continue
                 if isinstance(got, dict) and got:
                     # RedisCluster answers per node; take the first.
                     first = next(iter(got.values()))
@@ -708,11 +717,9 @@ class SpeedStore:
             return []
         now_ms = time.time() * 1000.0
         try:
-            async with self.client.pipeline(transaction=False) as pipe:
-                for item in items:
-                    keys, args = self._upsert_call(item, now_ms)
-                    await self._upsert(keys=keys, args=args, client=pipe)  # type: ignore[arg-type]
-                results = await pipe.execute()
+            results = await self._eval_many(
+                self._upsert, [self._upsert_call(item, now_ms) for item in items]
+            )
         except RedisError as exc:
             raise SpeedLayerUnavailable(f"Redis did not take the write: {exc}") from exc
         written = [bool(r) for r in results]
@@ -720,6 +727,41 @@ class SpeedStore:
             if was_written:
                 await self._count_changes(item.resource_type, 1, now_ms)
         return written
+
+    async def _eval_many(
+        self, script: AsyncScript, calls: Sequence[tuple[list[str], list[Any]]]
+    ) -> list[Any]:
+        """Run `script` once per (KEYS, ARGV) in one pipeline, results in order."""
+        if not isinstance(self.client, RedisCluster):
+            async with self.client.pipeline(transaction=False) as pipe:
+                for keys, args in calls:
+                    await script(keys=keys, args=args, client=pipe)
+                return list(await pipe.execute())
+        # redis-py refuses EVALSHA in a cluster pipeline (it could not load a missing script
+        # on the right node), so queue the raw command: it is routed by its keys' slot and the
+        # pipeline goes to every node at once. NOSCRIPT means the call did not run: load the
+        # script on every primary and send those calls again.
+        results: list[Any] = [None] * len(calls)
+        todo = list(range(len(calls)))
+        for attempt in range(2):
+            async with self.client.pipeline(transaction=False) as pipe:
+                for i in todo:
+                    keys, args = calls[i]
+                    pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
+                answers = await pipe.execute(raise_on_error=False)
+            missing: list[int] = []
+            for i, answer in zip(todo, answers, strict=True):
+                if isinstance(answer, NoScriptError) and attempt == 0:
+                    missing.append(i)
+                elif isinstance(answer, Exception):
+                    raise answer
+                else:
+                    results[i] = answer
+            if not missing:
+                break
+            await self.client.script_load(script.script)
+            todo = missing
+        return results
 
     def _upsert_call(self, item: UpsertItem, now_ms: float) -> tuple[list[str], list[Any]]:
         """KEYS and ARGV of one _UPSERT_LUA call."""
