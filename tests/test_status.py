@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import base64
+import contextlib
+import dataclasses
 import json
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from html.parser import HTMLParser
 from typing import Any
@@ -35,8 +38,35 @@ from serving.status import (
 from subscriptions.bootstrap import desired_subscription
 from subscriptions.fhir_client import FhirClient
 from tests.asgi import running
+from tests.conftest import TEST_REDIS_URL
 
 BATCH_WATERMARK = "2026-11-24T02:00:00.000+00:00"
+# Its own Redis database (db 9 is flushed by other modules' tests, 10 and 11 are taken), so
+# these page checks hold while other test runs share the server.
+STATUS_REDIS_URL = TEST_REDIS_URL.rsplit("/", 1)[0] + "/12"
+
+
+@contextlib.asynccontextmanager
+async def isolated_redis() -> AsyncIterator[aioredis.Redis]:
+    """A client of the status tests' own Redis database, empty before and after."""
+    client = aioredis.Redis.from_url(STATUS_REDIS_URL)
+    await client.flushdb()
+    try:
+        yield client
+    finally:
+        await client.flushdb()
+        await client.aclose()
+
+
+@pytest.fixture
+async def redis_client() -> AsyncIterator[aioredis.Redis]:
+    async with isolated_redis() as client:
+        yield client
+
+
+@pytest.fixture
+def settings(settings: Settings) -> Settings:
+    return dataclasses.replace(settings, redis_url=STATUS_REDIS_URL)
 
 
 # -- helpers shared with the browser test -------------------------------------------------

@@ -7,6 +7,7 @@ is missing this test fails (never skips), naming the package to install.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import shutil
 import struct
 import tempfile
@@ -20,7 +21,14 @@ import uvicorn
 from receiver.settings import Settings
 from receiver.store import SpeedStore
 from tests.conftest import free_port
-from tests.test_status import Page, check_page, fill, status_app
+from tests.test_status import (
+    STATUS_REDIS_URL,
+    Page,
+    check_page,
+    fill,
+    isolated_redis,
+    status_app,
+)
 
 CHROMIUM_FLAGS = (
     "--headless",
@@ -71,11 +79,22 @@ async def run_browser(*args: str) -> bytes:
 
 
 @pytest.fixture
-async def served(settings: Settings) -> AsyncIterator[str]:
+async def status_store() -> AsyncIterator[SpeedStore]:
+    async with isolated_redis() as client:
+        yield SpeedStore(client)
+
+
+@pytest.fixture
+def status_settings(settings: Settings) -> Settings:
+    return dataclasses.replace(settings, redis_url=STATUS_REDIS_URL)
+
+
+@pytest.fixture
+async def served(status_settings: Settings) -> AsyncIterator[str]:
     """The status page on uvicorn at a free loopback port; yields host:port."""
     port = free_port()
     config = uvicorn.Config(
-        status_app(settings),
+        status_app(status_settings),
         host="127.0.0.1",
         port=port,
         log_level="warning",
@@ -103,8 +122,9 @@ def png_size(data: bytes) -> tuple[int, int]:
 
 
 async def test_status_page_in_chromium(
-    store: SpeedStore, settings: Settings, served: str, tmp_path: Path
+    status_store: SpeedStore, status_settings: Settings, served: str, tmp_path: Path
 ) -> None:
+    store, settings = status_store, status_settings
     await fill(store, settings.database_url, poller_lag=timedelta(seconds=90))
     hourly = await store.hourly_changes(24)
     token = settings.serving_tokens[0]
