@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
@@ -345,6 +346,8 @@ def create_app(
         async with contextlib.AsyncExitStack() as stack:
             stack.push_async_callback(client.aclose)
             stack.push_async_callback(_flush_quietly, store)
+            flusher = asyncio.create_task(_flush_every_second(store), name="stats-flush")
+            stack.callback(flusher.cancel)
             try:
                 await store.warn_about_config()
             except Exception as exc:
@@ -368,11 +371,21 @@ def create_app(
         lifespan=lifespan,
         exception_handlers={HTTPException: not_allowed, Exception: server_error},  # type: ignore[dict-item]
     )
+    # No 307 to the slash-less path: it would answer a PUT with an empty redirect (not an
+    # OperationOutcome) whose Location echoes the client's Host header.
+    app.router.redirect_slashes = False
     app.state.settings = settings
     app.state.derive = derive
     app.state.insecure = insecure
     app.state.metrics = metrics or Metrics.create()
     return app
+
+
+async def _flush_every_second(store: SpeedStore) -> None:
+    """Statistics are batched off the write path; after a burst, write them within a second."""
+    while True:
+        await asyncio.sleep(1.0)
+        await _flush_quietly(store)
 
 
 async def _flush_quietly(store: SpeedStore) -> None:

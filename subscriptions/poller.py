@@ -350,6 +350,7 @@ async def poll_once(
         )
     finally:
         await lease.release()
+        await store.flush_stats()
 
 
 async def _poll(
