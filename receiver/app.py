@@ -347,7 +347,7 @@ def create_app(
             stack.push_async_callback(client.aclose)
             stack.push_async_callback(_flush_quietly, store)
             flusher = asyncio.create_task(_flush_every_second(store), name="stats-flush")
-            stack.callback(flusher.cancel)
+            stack.push_async_callback(_stop_task, flusher)
             try:
                 await store.warn_about_config()
             except Exception as exc:
@@ -379,6 +379,12 @@ def create_app(
     app.state.insecure = insecure
     app.state.metrics = metrics or Metrics.create()
     return app
+
+
+async def _stop_task(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 async def _flush_every_second(store: SpeedStore) -> None:
