@@ -378,8 +378,9 @@ def cmd_batch(settings: Settings, args: argparse.Namespace) -> int:
 
 def _api_app(settings: Settings, insecure: bool) -> Any:
     from serving.api import create_app
+    from serving.status import status_route
 
-    return create_app(settings, insecure=insecure)
+    return create_app(settings, insecure=insecure, extra_routes=[status_route(settings)])
 
 
 def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:

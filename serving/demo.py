@@ -108,6 +108,7 @@ async def run_demo(
     from serving import batch
     from serving.api import create_app as create_api
     from serving.derive import default_deriver
+    from serving.status import status_route
     from subscriptions import bootstrap
     from subscriptions.fhir_client import FhirClient
     from subscriptions.poller import run_poller
@@ -152,7 +153,7 @@ async def run_demo(
             out(f"batch refresh: {result.as_dict()}")
             derive = default_deriver()
             receiver_app = create_receiver(settings, derive=derive)
-            api_app = create_api(settings)
+            api_app = create_api(settings, extra_routes=[status_route(settings)])
             async with (
                 _serve(receiver_app, receiver_port),
                 _serve(api_app, serve_port),
