@@ -243,7 +243,9 @@ def connect(settings: Settings) -> RedisClient:
         "retry_on_error": [RedisConnectionError, RedisTimeoutError],
     }
     if settings.redis_cluster:
-        return RedisCluster.from_url(settings.redis_url, **common)
+        # Its pool does not block: past max_connections per node a command fails at once
+        # (MaxConnectionsError, default 100), so allow what a burst of concurrent writes needs.
+        return RedisCluster.from_url(settings.redis_url, max_connections=1024, **common)
     # A blocking pool: a burst of requests waits for a connection instead of failing.
     pool = aioredis.BlockingConnectionPool.from_url(
         settings.redis_url, max_connections=64, timeout=5, **common
