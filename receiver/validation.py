@@ -15,6 +15,10 @@ from receiver.errors import InvalidRequest, InvalidResource, Issue
 
 # FHIR R4 id datatype.
 ID_PATTERN = re.compile(r"[A-Za-z0-9\-\.]{1,64}")
+# JSON nesting allowed in a resource. Real ones stay far below (the official examples: 16
+# levels); the models validate recursively (RecursionError at ~250 levels of extensions) and
+# orjson writes at most 255, so deeper input must be refused before either sees it.
+MAX_DEPTH = 100
 
 # Required bindings of the elements our views read, which fhir.resources does not check
 # (it accepts Patient.gender "robot"). Path -> (coding system or None for a plain code, codes).
@@ -68,6 +72,18 @@ def is_resource_type(name: str) -> bool:
     return bool(name) and name[0].isupper() and name.isalpha() and _model(name) is not None
 
 
+def _deeper_than(value: Any, limit: int) -> bool:
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict | list):
+            if depth >= limit:
+                return True
+            children = item.values() if isinstance(item, dict) else item
+            stack.extend((child, depth + 1) for child in children)
+    return False
+
+
 def check_id(resource_id: str) -> None:
     if not ID_PATTERN.fullmatch(resource_id):
         raise InvalidRequest(
@@ -100,7 +116,9 @@ def _binding_issues(resource_type: str, data: dict[str, Any]) -> list[Issue]:
     issues: list[Issue] = []
 
     def check_code(path: str, value: Any, allowed: frozenset[str]) -> None:
-        if value is not None and value not in allowed:
+        # Only a string can be off the value set; another JSON type is the model's issue (and
+        # a dict or list is unhashable: `in` would raise).
+        if isinstance(value, str) and value not in allowed:
             issues.append(
                 Issue(
                     "code-invalid",
@@ -113,7 +131,10 @@ def _binding_issues(resource_type: str, data: dict[str, Any]) -> list[Issue]:
         if not isinstance(concept, dict):
             return
         system, allowed = binding
-        for n, coding in enumerate(concept.get("coding") or []):
+        codings = concept.get("coding")
+        if not isinstance(codings, list):
+            return  # the model reports the wrong type
+        for n, coding in enumerate(codings):
             if isinstance(coding, dict) and coding.get("system") == system:
                 check_code(f"{path}.coding[{n}].code", coding.get("code"), allowed)
 
@@ -164,15 +185,19 @@ def validate_resource(
     """
     if isinstance(body, dict):
         data: Any = body
-        raw = orjson.dumps(body)
     else:
-        raw = body
         data = parse_json(body)
     if not isinstance(data, dict):
         raise InvalidRequest(
             "the body must be a JSON object (a FHIR resource)",
             [Issue("structure", "the body is not a JSON object")],
         )
+    if _deeper_than(data, MAX_DEPTH):
+        raise InvalidResource(
+            f"the resource nests JSON deeper than {MAX_DEPTH} levels",
+            [Issue("too-costly", f"JSON nested deeper than {MAX_DEPTH} levels")],
+        )
+    raw = orjson.dumps(data) if isinstance(body, dict) else body
     resource_type = data.get("resourceType")
     if not isinstance(resource_type, str) or not resource_type:
         raise InvalidRequest(
