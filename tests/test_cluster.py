@@ -559,3 +559,52 @@ async def test_two_receiver_processes_end_where_one_receiver_ends(
         assert set(statuses) == {204}
         assert await snapshot(store) == reference
         await check_final_state(store, ids, deleted, newest=5)
+
+
+# -- the query API's speed side on a cluster ----------------------------------------------------
+
+
+async def test_cohort_queries_fan_out_over_the_cluster(
+    cluster_url: str,  # noqa: F811
+    store: SpeedStore,
+    pg_url: str,
+) -> None:
+    from serving import batch
+    from serving.api import create_app as create_api
+
+    batch.init(pg_url)  # an empty batch layer: every member comes from the cluster
+    settings = cluster_settings(cluster_url, database_url=pg_url, serving_tokens=("serve",))
+    ids = [f"c{n}" for n in range(30)]
+    async with running(create_app(settings, derive=default_deriver())) as receiver:
+        for n, pid in enumerate(ids):
+            body = json.dumps(patient(pid, 1 + n % 2))
+            response = await receiver.put(f"/fhir/Patient/{pid}", content=body, headers=HEADERS)
+            assert response.status_code == 204
+            condition = {
+                "resourceType": "Condition",
+                "id": f"k{n}",
+                "meta": {"versionId": "1", "lastUpdated": "2026-11-25T10:00:00Z"},
+                "subject": {"reference": f"Patient/{pid}"},
+                "code": {"coding": [{"system": "http://snomed.info/sct", "code": str(n % 3)}]},
+            }
+            response = await receiver.put(
+                f"/fhir/Condition/k{n}", content=json.dumps(condition), headers=HEADERS
+            )
+            assert response.status_code == 204
+    await store.mark_epoch()  # a complete speed layer, as after a catch-up
+
+    async with running(create_api(settings)) as api:
+        auth = {"Authorization": "Bearer serve"}
+        male = (await api.get("/cohort", params={"gender": "male"}, headers=auth)).json()
+        assert male["sources"] == ["batch_layer", "speed_layer"] and not male["degraded"]
+        assert male["patient_ids"] == sorted(ids[0::2])
+        assert male["total_count"] == 15 and male["batch_count"] == 0
+        both = (
+            await api.get(
+                "/cohort",
+                params=[("gender", "female"), ("condition", "http://snomed.info/sct|1")],
+                headers=auth,
+            )
+        ).json()
+        expected = sorted(p for n, p in enumerate(ids) if n % 2 == 1 and n % 3 == 1)
+        assert both["patient_ids"] == expected
