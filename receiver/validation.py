@@ -192,12 +192,6 @@ def validate_resource(
             "the body must be a JSON object (a FHIR resource)",
             [Issue("structure", "the body is not a JSON object")],
         )
-    if _deeper_than(data, MAX_DEPTH):
-        raise InvalidResource(
-            f"the resource nests JSON deeper than {MAX_DEPTH} levels",
-            [Issue("too-costly", f"JSON nested deeper than {MAX_DEPTH} levels")],
-        )
-    raw = orjson.dumps(data) if isinstance(body, dict) else body
     resource_type = data.get("resourceType")
     if not isinstance(resource_type, str) or not resource_type:
         raise InvalidRequest(
@@ -226,6 +220,11 @@ def validate_resource(
             f"the body id {resource_id!r} does not match the path id {path_id!r}",
             [Issue("invalid", "id does not match the URL", "id")],
         )
+    if _deeper_than(data, MAX_DEPTH):
+        raise InvalidResource(
+            f"{resource_type}/{resource_id} nests JSON deeper than {MAX_DEPTH} levels",
+            [Issue("too-costly", f"JSON nested deeper than {MAX_DEPTH} levels")],
+        )
     issues = check_resource(data)
     if issues:
         raise InvalidResource(
@@ -234,6 +233,7 @@ def validate_resource(
     meta: dict[str, Any] = data["meta"] if isinstance(data.get("meta"), dict) else {}
     version_id = meta.get("versionId") if isinstance(meta.get("versionId"), str) else None
     last_updated = meta.get("lastUpdated") if isinstance(meta.get("lastUpdated"), str) else None
+    raw = orjson.dumps(data) if isinstance(body, dict) else body
     return ValidResource(resource_type, resource_id, version_id, last_updated, raw, data)
 
 
