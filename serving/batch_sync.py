@@ -294,6 +294,14 @@ async def _full_types(conn: psycopg.AsyncConnection[Any], store: SpeedStore | No
     return sorted(t for t in types if t not in NOT_SYNCED and is_resource_type(t))
 
 
+def _counted(statement: str) -> str:
+    """`statement` (an INSERT or UPDATE of rf_batch.resources AS r) -> rows per type."""
+    return (
+        f"WITH done AS ({statement.rstrip()} RETURNING r.resource_type)"
+        " SELECT resource_type, count(*) FROM done GROUP BY resource_type"
+    )
+
+
 async def _apply(
     conn: psycopg.AsyncConnection[Any],
     *,
@@ -302,25 +310,37 @@ async def _apply(
     watermark: str | None,
 ) -> tuple[int, int, dict[str, int]]:
     """Staging -> resources, views, watermark: one transaction. (changed, marked, view rows)."""
-    cur = await conn.execute("SELECT name FROM rf_batch.views ORDER BY name")
-    names = [row[0] for row in await cur.fetchall()]
+    cur = await conn.execute(
+        "SELECT name, definition->>'resource' FROM rf_batch.views ORDER BY name"
+    )
+    views = [(row[0], row[1]) for row in await cur.fetchall()]
     view_rows: dict[str, int] = {}
     async with conn.transaction():
-        cur = await conn.execute(_APPLY_SQL)
-        changed = max(cur.rowcount, 0)
+        changed_types: dict[str, int] = {}
+        cur = await conn.execute(_counted(_APPLY_SQL))
+        changed_types.update({t: int(n) for t, n in await cur.fetchall()})
+        changed = sum(changed_types.values())
         marked = 0
         if full_types is not None:
-            cur = await conn.execute(_MARK_ABSENT_SQL, (full_types, clock_ms))
-            marked = max(cur.rowcount, 0)
-        for name in names:
+            cur = await conn.execute(_counted(_MARK_ABSENT_SQL), (full_types, clock_ms))
+            for t, n in await cur.fetchall():
+                marked += int(n)
+                changed_types[t] = changed_types.get(t, 0) + int(n)
+        for name, resource_type in views:
             target = sql.Identifier(VIEW_SCHEMA, name)
             exists = await _scalar(conn, "SELECT to_regclass(%s)", (f'{VIEW_SCHEMA}."{name}"',))
             if exists is None:
                 continue
-            await conn.execute(sql.SQL("REFRESH MATERIALIZED VIEW CONCURRENTLY {}").format(target))
+            # A view reads only rows of its own resource type: untouched, it is current.
+            if resource_type is None or resource_type in changed_types:
+                await conn.execute(
+                    sql.SQL("REFRESH MATERIALIZED VIEW CONCURRENTLY {}").format(target)
+                )
+                await conn.execute(
+                    "UPDATE rf_batch.views SET built_at = now() WHERE name = %s", (name,)
+                )
             count = await _scalar(conn, sql.SQL("SELECT count(*) FROM {}").format(target))
             view_rows[name] = int(count or 0)
-        await conn.execute("UPDATE rf_batch.views SET built_at = now()")
         await conn.execute(
             "INSERT INTO rf_batch.watermark (id, watermark, refreshed_at, resources)"
             " VALUES (1, %s, now(), (SELECT count(*) FROM rf_batch.resources WHERE NOT deleted))"

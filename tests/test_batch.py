@@ -349,7 +349,12 @@ async def test_refresh_twice_changes_nothing(standin: Hapi) -> None:
     init(standin.settings.database_url)
     first = await refresh(standin.settings, client=standin.client)
     before = batch_state(standin.settings.database_url)
+    built = table(standin.settings.database_url, "SELECT name, built_at FROM rf_batch.views")
     second = await refresh(standin.settings, client=standin.client)
+    # Nothing changed: no view was recomputed.
+    assert (
+        table(standin.settings.database_url, "SELECT name, built_at FROM rf_batch.views") == built
+    )
     assert second.changed == 0 and second.since == first.watermark
     after = batch_state(standin.settings.database_url)
     assert after["resources"] == before["resources"] and after["views"] == before["views"]
