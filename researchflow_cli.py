@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import logging
 import sys
@@ -37,6 +38,8 @@ def _setup_logging() -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    # One line per HTTP request is noise for an operator; our own modules log what matters.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 def _progress(label: str) -> Callable[[int], None]:
@@ -367,7 +370,7 @@ def cmd_batch(settings: Settings, args: argparse.Namespace) -> int:
         finally:
             await redis_client.aclose()
         _end_progress()
-        print(json.dumps(result.as_dict(), default=str))
+        print(json.dumps(dataclasses.asdict(result), default=str))
         return 0
 
     return asyncio.run(refresh())
