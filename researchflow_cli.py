@@ -496,6 +496,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--receiver-port", type=int, default=8081)
     p.add_argument("--serve-port", type=int, default=8082)
+    p.add_argument(
+        "--reset",
+        action="store_true",
+        help="empty the Redis database and drop the batch schema first (they hold a demo's data)",
+    )
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("speed", help="inspect the speed layer (Redis)")

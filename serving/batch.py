@@ -247,6 +247,18 @@ def init(
     return done
 
 
+def drop(database_url: str) -> None:
+    """Drop the batch layer (its views and tables): for the demo's fresh start and tests."""
+    with connect(database_url, autocommit=True) as conn:
+        conn.execute("SELECT pg_advisory_lock(%s)", (LOCK_KEY,))
+        try:
+            with conn.transaction():
+                conn.execute(f"DROP SCHEMA IF EXISTS {VIEW_SCHEMA} CASCADE")
+                conn.execute("DROP SCHEMA IF EXISTS rf_batch CASCADE")
+        finally:
+            conn.execute("SELECT pg_advisory_unlock(%s)", (LOCK_KEY,))
+
+
 def batch_watermark(database_url: str) -> str | None:
     """The batch watermark (HAPI's clock, ISO), or None before the first refresh or init."""
     with connect(database_url, autocommit=True) as conn:

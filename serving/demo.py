@@ -18,11 +18,17 @@ from typing import Any
 import httpx
 import uvicorn
 
+from receiver.errors import ResearchFlowError
 from receiver.settings import Settings
 from receiver.store import SpeedStore, connect
 from subscriptions import synthetic
 
 logger = logging.getLogger(__name__)
+
+
+class DemoError(ResearchFlowError):
+    """The demo cannot run as asked."""
+
 
 COHORT_QUERY = {"gender": "male", "condition": "http://snomed.info/sct|44054006", "ids": "false"}
 
@@ -115,6 +121,7 @@ async def run_demo(
     rate: float = 5.0,
     receiver_port: int = 8081,
     serve_port: int = 8082,
+    reset: bool = False,
     out: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Run the demo; returns the last cohort answer."""
@@ -158,11 +165,23 @@ async def run_demo(
             f"{time.perf_counter() - started:.1f}s"
         )
 
-        for line in batch.init(settings.database_url):
-            out(f"batch init: {line}")
         redis_client = connect(settings)
         store = SpeedStore(redis_client)
         try:
+            # The stand-in numbers versions from 1 again: a speed layer or batch layer left by
+            # another source would hold "newer" versions of the same ids and win the merge.
+            if await store.epoch() is not None or await store.known_types():
+                if not reset:
+                    raise DemoError(
+                        "the speed layer at REDIS_URL already holds data; run the demo on an "
+                        "empty Redis database or pass --reset to empty this one"
+                    )
+                await redis_client.flushdb()
+                out("emptied the speed layer's Redis database (--reset)")
+            if reset:
+                batch.drop(settings.database_url)
+            for line in batch.init(settings.database_url):
+                out(f"batch init: {line}")
             result = await batch.refresh(settings, full=True, store=store)
             out(f"batch refresh: {dataclasses.asdict(result)}")
             derive = default_deriver()
@@ -250,6 +269,7 @@ def main_demo(settings: Settings, args: Any) -> int:
                 duration=args.duration,
                 receiver_port=args.receiver_port,
                 serve_port=args.serve_port,
+                reset=args.reset,
                 out=out,
             )
         )
