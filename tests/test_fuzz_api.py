@@ -353,8 +353,12 @@ VIEW_COLUMNS = {
     "observation_simple": ["id", "patient_id", "code", "value", "status"],
 }
 view_names = st.sampled_from(
-    [*VIEW_COLUMNS, *VIEW_COLUMNS, *VIEW_COLUMNS]
-    + ["nope", "", "..", "patient_demographics;drop", "Patient_Demographics"]
+    [
+        *VIEW_COLUMNS,
+        *VIEW_COLUMNS,
+        *VIEW_COLUMNS,
+        *["nope", "", "..", "patient_demographics;drop", "Patient_Demographics"],
+    ]
 )
 view_values = st.one_of(
     anything,
