@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import psycopg
 import pytest
+import redis.asyncio as aioredis
 
 from receiver.errors import InvalidRequest
 from receiver.ingest import ingest, ingest_deletion
@@ -18,6 +19,7 @@ from serving.cohort import date_matches, date_range, parse_query
 from serving.derive import default_deriver
 from serving.merge import BatchCounts, cohort
 from serving.speed_index import SpeedMirror
+from tests.conftest import TEST_REDIS_URL
 
 LU = "2024-01-01T00:00:00Z"
 
@@ -203,10 +205,26 @@ class Run:
         }
 
 
+# Redis databases of these tests' own: other suites flush TEST_REDIS_URL's database at will.
+OWN_REDIS_URL = TEST_REDIS_URL.rsplit("/", 1)[0] + "/11"
+DIFF_REDIS_URL = TEST_REDIS_URL.rsplit("/", 1)[0] + "/12"
+
+
 @pytest.fixture
-async def run(store: SpeedStore, pg_url: str) -> Run:
-    await store.mark_epoch()
-    return Run(store, pg_url, SpeedMirror(), BatchCounts())
+async def own_store() -> AsyncIterator[SpeedStore]:
+    client = aioredis.Redis.from_url(OWN_REDIS_URL)
+    await client.flushdb()
+    try:
+        yield SpeedStore(client)
+    finally:
+        await client.flushdb()
+        await client.aclose()
+
+
+@pytest.fixture
+async def run(own_store: SpeedStore, pg_url: str) -> Run:
+    await own_store.mark_epoch()
+    return Run(own_store, pg_url, SpeedMirror(), BatchCounts())
 
 
 # --------------------------------------------------------------------------- parsing
