@@ -99,8 +99,10 @@ def scenario(draw: st.DrawFn) -> tuple[list[Spec], list[Spec], list[list[tuple[s
     for _ in range(draw(st.integers(0, 14))):
         resource_type, rid = draw(st.sampled_from(universe))
         writes.append(spec(resource_type, rid, draw(st.sampled_from(VERSIONS))))
-    if writes and draw(st.booleans()):
-        writes.append(writes[draw(st.integers(0, len(writes) - 1))])  # a duplicate delivery
+    duplicate: bool = draw(st.booleans())
+    if writes and duplicate:
+        again: int = draw(st.integers(0, len(writes) - 1))
+        writes.append(writes[again])  # a duplicate delivery
     one = st.sampled_from(
         [
             ("gender", "male"),
