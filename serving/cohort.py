@@ -396,6 +396,16 @@ def patient_sql(query: CohortQuery, params: list[Any]) -> str:
         for d in dates:
             alternatives.append(_date_sql(d, params))
         parts.append("COALESCE(" + " OR ".join(alternatives) + ", FALSE)")
+        if len(dates) == 1:
+            # Index-usable bounds the exact test implies: a date string sorts at or after
+            # its year and at or before its own first day.
+            (d,) = dates
+            if d.prefix in ("eq", "gt", "ge"):
+                parts.append("birth_date >= %s")
+                params.append(d.high[:4] if d.prefix == "gt" else d.low[:4])
+            if d.prefix in ("eq", "lt", "le"):
+                parts.append("birth_date <= %s")
+                params.append(d.high if d.prefix != "lt" else d.low)
     return " AND ".join(parts)
 
 

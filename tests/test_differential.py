@@ -109,6 +109,8 @@ def scenario(draw: st.DrawFn) -> tuple[list[Spec], list[Spec], list[list[tuple[s
             ("gender", "female,male"),
             ("birthdate", "1970"),
             ("birthdate", "ge1970-03-10"),
+            ("birthdate", "ge1970"),
+            ("birthdate", "le1970-03"),
             ("birthdate", "lt1971"),
             ("birthdate", "ne1970-03"),
             ("birthdate", "gt1985-12-30,le1970-03-15"),
