@@ -27,7 +27,7 @@ from receiver.metrics import Metrics, metrics_response
 from receiver.settings import Settings
 from receiver.store import SpeedStore, connect
 from receiver.validation import operation_outcome
-from serving.cohort import DEFAULT_COUNT, MAX_COUNT, parse_query
+from serving.cohort import DEFAULT_COUNT, MAX_COUNT, parse_query, whole_number
 from serving.merge import BatchCounts, SpeedView, cohort, now_iso, read_speed, view_rows
 from serving.speed_index import SpeedMirror
 from serving.viewdef import ViewDefinition, shipped_views
@@ -234,10 +234,11 @@ def _int_param(request: Request, name: str, default: int, maximum: int) -> int:
     raw = request.query_params.get(name)
     if raw is None:
         return default
-    if not raw.isdigit() or int(raw) > maximum:
+    value = whole_number(raw, maximum)
+    if value is None:
         message = f"{name} must be a whole number from 0 to {maximum}"
         raise InvalidRequest(message, [Issue("invalid", message, name)])
-    return int(raw)
+    return value
 
 
 async def get_view_rows(request: Request, token: int) -> Response:

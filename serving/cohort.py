@@ -204,6 +204,14 @@ def _parse_code(name: str, raw: str, allow_value: bool) -> CodeCriterion:
     return CodeCriterion(system, code, comparator, value)
 
 
+def whole_number(raw: str, maximum: int) -> int | None:
+    """`raw` as a whole number from 0 to `maximum`, or None (ASCII digits only: "²" is no 2)."""
+    if not raw.isascii() or not raw.isdigit() or len(raw) > len(str(maximum)):
+        return None
+    value = int(raw)
+    return value if value <= maximum else None
+
+
 def parse_query(params: Sequence[tuple[str, str]]) -> CohortQuery:
     """Parse the query string pairs; raises InvalidRequest naming the parameter."""
     genders: list[tuple[str, ...]] = []
@@ -213,6 +221,8 @@ def parse_query(params: Sequence[tuple[str, str]]) -> CohortQuery:
     ids, count, after = True, DEFAULT_COUNT, None
     kept: list[tuple[str, str]] = []
     for name, value in params:
+        if "\x00" in value and (name in PARAMETERS or name in CONTROL):
+            raise _bad(name, f"{name} contains a NUL character")
         if name not in PARAMETERS and name not in CONTROL:
             if name.startswith("_"):
                 continue
@@ -224,9 +234,10 @@ def parse_query(params: Sequence[tuple[str, str]]) -> CohortQuery:
             ids = value == "true"
             continue
         if name == "_count":
-            if not value.isdigit() or int(value) > MAX_COUNT:
+            parsed = whole_number(value, MAX_COUNT)
+            if parsed is None:
                 raise _bad(name, f"_count must be a whole number from 0 to {MAX_COUNT}")
-            count = int(value)
+            count = parsed
             continue
         if name == "_after":
             after = value

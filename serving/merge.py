@@ -9,6 +9,7 @@ hidden batch resources whose rows would have matched. PostgreSQL does the counti
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -255,6 +256,8 @@ async def view_rows(
                 f"unknown column {column!r} of view {name}",
                 [Issue("invalid", f"unknown column {column!r} of view {name}", column)],
             )
+    for column, value in filters:
+        _check_filter_value(column, type_of[column], value)
     key, batch_as_of = await begin_snapshot(conn)
     hidden: list[str] = []
     speed_rows: list[Mapping[str, Any]] = []
@@ -292,10 +295,37 @@ async def view_rows(
     params.extend([count + 1, offset])
     try:
         cur = await conn.execute(query, params)
-    except psycopg.errors.DataError as exc:
-        raise InvalidRequest(
-            f"a filter value does not fit its column: {exc.diag.message_primary}"
-        ) from exc
+    except psycopg.errors.DataError as exc:  # a value the checks above let through
+        names = ", ".join(sorted({c for c, _ in filters})) or "a filter"
+        message = f"a filter value does not fit its column ({names}): {exc.diag.message_primary}"
+        raise InvalidRequest(message, [Issue("invalid", message, c) for c, _ in filters]) from exc
     fetched = await cur.fetchall()
     rows = [{c: jsonable(v) for c, v in zip(columns, r, strict=True)} for r in fetched[:count]]
     return ViewRows(rows, len(fetched) > count, batch_as_of, columns)
+
+
+_INTEGER = re.compile(r"-?[0-9]{1,18}")
+_DECIMAL = re.compile(r"-?[0-9]{1,30}(\.[0-9]{1,30})?")
+
+
+def _check_filter_value(column: str, sql_type: str, value: str) -> None:
+    """A 400 that names the column when a filter value cannot be of the column's type."""
+    fits = True
+    if sql_type == "boolean":
+        fits = value in ("true", "false")
+    elif sql_type in ("integer", "bigint"):
+        fits = bool(_INTEGER.fullmatch(value)) and (
+            sql_type == "bigint" or -(2**31) <= int(value) < 2**31
+        )
+    elif sql_type == "numeric":
+        fits = bool(_DECIMAL.fullmatch(value))
+    elif sql_type == "jsonb":
+        try:
+            orjson.loads(value)
+        except orjson.JSONDecodeError:
+            fits = False
+    elif "\x00" in value:
+        fits = False  # PostgreSQL text cannot hold NUL
+    if not fits:
+        message = f"{value[:40]!r} is not a valid {sql_type} for column {column!r}"
+        raise InvalidRequest(message, [Issue("invalid", message, column)])

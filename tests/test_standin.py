@@ -488,7 +488,10 @@ async def test_history_is_newest_first_with_deletes_and_paging(
     await hapi.create({"resourceType": "Patient", "id": "p-h1"})
     await hapi.update({"resourceType": "Patient", "id": "p-h1", "gender": "male"})
     await hapi.create({"resourceType": "Observation", "id": "o-h", "status": "final"})
+    # Stamps have millisecond resolution and _since is inclusive: keep `since` off them.
+    await asyncio.sleep(0.003)
     since = hapi.now()
+    await asyncio.sleep(0.003)
     await hapi.create({"resourceType": "Patient", "id": "p-h2"})
     await hapi.delete("Patient", "p-h1")
 
