@@ -85,3 +85,79 @@ async def eventually(
         if time.monotonic() > deadline:
             raise AssertionError(f"condition still false after {seconds}s")
         await asyncio.sleep(step)
+
+
+PG_BIN = (
+    Path("/usr/lib/postgresql")
+    / (
+        sorted(p.name for p in Path("/usr/lib/postgresql").iterdir())[-1]
+        if Path("/usr/lib/postgresql").exists()
+        else "15"
+    )
+    / "bin"
+)
+
+
+class PostgresProcess:
+    """A PostgreSQL server of the test's own (initdb in a temporary directory), by PID."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.dir = Path(tempfile.mkdtemp(prefix="rf-pg-"))
+        self.data = self.dir / "data"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._as_postgres = os.geteuid() == 0  # PostgreSQL refuses to run as root
+        user = os.environ.get("USER") or "root"
+        self.user = user
+        self._run(
+            [str(PG_BIN / "initdb"), "-D", str(self.data), "-A", "trust", "-U", user, "--no-sync"],
+        )
+
+    def _command(self, argv: list[str]) -> list[str]:
+        return ["runuser", "-u", "postgres", "--", *argv] if self._as_postgres else argv
+
+    def _run(self, argv: list[str]) -> None:
+        if self._as_postgres:
+            shutil.chown(self.dir, "postgres")
+        subprocess.run(
+            self._command(argv), check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+
+    @property
+    def url(self) -> str:
+        return f"postgresql://{self.user}@127.0.0.1:{self.port}/postgres"
+
+    def start(self) -> PostgresProcess:
+        self.proc = subprocess.Popen(
+            self._command(
+                [
+                    str(PG_BIN / "postgres"),
+                    "-D",
+                    str(self.data),
+                    "-p",
+                    str(self.port),
+                    "-c",
+                    "listen_addresses=127.0.0.1",
+                    "-c",
+                    f"unix_socket_directories={self.dir}",
+                    "-c",
+                    "fsync=off",
+                ]
+            ),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        wait_port(self.port, timeout=30)
+        return self
+
+    def kill(self) -> None:
+        """Immediate shutdown of the server and every backend (SIGQUIT to the postmaster)."""
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGQUIT)
+            self.proc.wait(timeout=20)
+        self.proc = None
+
+    def stop(self) -> None:
+        self.kill()
+        shutil.rmtree(self.dir, ignore_errors=True)
