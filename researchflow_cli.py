@@ -403,9 +403,10 @@ async def _run_all(settings: Settings, args: argparse.Namespace) -> int:
     from subscriptions.watchdog import watchdog_running
 
     derive = default_deriver()
+    api_app = _api_app(settings, args.insecure)
     apps = [
         (create_receiver(settings, derive=derive, insecure=args.insecure), args.receiver_port),
-        (_api_app(settings, args.insecure), args.serve_port),
+        (api_app, args.serve_port),
     ]
     servers = [
         uvicorn.Server(
@@ -426,6 +427,7 @@ async def _run_all(settings: Settings, args: argparse.Namespace) -> int:
                     stop,
                     derive,
                     batch_watermark=_batch_watermark(settings),
+                    metrics=api_app.state.metrics,  # missed notifications on the API's /metrics
                 )
             )
             try:

@@ -326,6 +326,14 @@ async def not_found(request: Request, exc: HTTPException) -> Response:
     return map_error(exc)
 
 
+async def metrics_with_gauges(request: Request) -> Response:
+    """GET /metrics (no auth): gauges read from the stores first, then the registry."""
+    from serving.status import update_gauges  # the status module imports this one
+
+    await update_gauges(request.app.state.metrics, request.state.store, request.state.pool)
+    return metrics_response(request)
+
+
 def create_app(
     settings: Settings,
     *,
@@ -371,7 +379,7 @@ def create_app(
 
     routes: list[BaseRoute] = [
         Route("/health", health, methods=["GET"]),
-        Route("/metrics", metrics_response, methods=["GET"]),
+        Route("/metrics", metrics_with_gauges, methods=["GET"]),
         Route("/cohort", endpoint("cohort", get_cohort), methods=["GET"]),
         Route("/views", endpoint("views", list_views), methods=["GET"]),
         Route("/views/{name}/rows", endpoint("view_rows", get_view_rows), methods=["GET"]),

@@ -35,7 +35,6 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
-from prometheus_client import CollectorRegistry, Counter
 from redis.exceptions import RedisError
 
 from receiver.errors import (
@@ -47,6 +46,7 @@ from receiver.errors import (
     SpeedLayerUnavailable,
 )
 from receiver.ingest import Deriver, ingest
+from receiver.metrics import Metrics
 from receiver.settings import Settings
 from receiver.store import SpeedStore, UpsertItem, parse_instant
 from receiver.validation import validate_resource
@@ -102,25 +102,6 @@ class PollResult:
     missed_by_type: dict[str, int] = field(default_factory=dict)
     missed_sample: list[str] = field(default_factory=list)
     seconds: float = 0.0
-
-
-@dataclass(frozen=True)
-class PollerMetrics:
-    """The poller's Prometheus metrics (optional: pass to `poll_once` / `run_poller`)."""
-
-    missed: Counter
-
-
-def register_metrics(registry: CollectorRegistry) -> PollerMetrics:
-    """Create the poller's metrics in `registry` (the app's or the CLI's)."""
-    return PollerMetrics(
-        missed=Counter(
-            "researchflow_missed_notifications",
-            "Changes the fallback poller found that no notification had delivered",
-            ["resource_type"],
-            registry=registry,
-        )
-    )
 
 
 def format_instant(value: datetime) -> str:
@@ -319,7 +300,7 @@ async def poll_once(
     derive: Deriver | None = None,
     progress: Progress | None = None,
     batch_watermark: BatchWatermark | None = None,
-    metrics: PollerMetrics | None = None,
+    metrics: Metrics | None = None,
     types: Sequence[str] | None = None,
 ) -> PollResult:
     """One full catch-up: every change after the saved watermark (or `since`) into the speed
@@ -363,7 +344,7 @@ async def _poll(
     derive: Deriver | None,
     progress: Progress | None,
     batch_watermark: BatchWatermark | None,
-    metrics: PollerMetrics | None,
+    metrics: Metrics | None,
     types: Sequence[str] | None,
 ) -> PollResult:
     started = time.perf_counter()
@@ -542,7 +523,7 @@ async def run_poller(
     derive: Deriver | None = None,
     *,
     batch_watermark: BatchWatermark | None = None,
-    metrics: PollerMetrics | None = None,
+    metrics: Metrics | None = None,
     types: Sequence[str] | None = None,
 ) -> None:
     """Poll every `poll_interval_seconds`, and at once on a catch-up request, until `stop`.

@@ -14,11 +14,11 @@ import redis.asyncio as aioredis
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
-from prometheus_client import CollectorRegistry
 from starlette.responses import Response
 
 from receiver.errors import FhirTemporaryError
 from receiver.ingest import ingest, ingest_deletion
+from receiver.metrics import Metrics
 from receiver.settings import Settings
 from receiver.store import SpeedStore
 from subscriptions.fhir_client import FhirClient, HistoryPage, history_entry
@@ -26,7 +26,6 @@ from subscriptions.poller import (
     LEASE_TTL_MS,
     PollResult,
     poll_once,
-    register_metrics,
     run_poller,
 )
 from subscriptions.standin import StandInHapi, serve_asgi
@@ -165,8 +164,8 @@ async def test_poll_restores_dropped_deliveries_and_counts_them(
     delivered = await deliver(store, hapi, keep=lambda rid: int(rid[1:]) % 3 != 1)
     dropped = len(hapi.resources) - delivered
     assert dropped > 5
-    registry = CollectorRegistry()
-    metrics = register_metrics(registry)
+    metrics = Metrics.create()
+    registry = metrics.registry
     seen: list[int] = []
 
     result = await poll_once(
