@@ -1,0 +1,216 @@
+"""The `researchflow` commands that talk to HAPI and run services, against the stand-in HAPI."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+import redis
+
+import researchflow_cli
+from subscriptions import synthetic
+from subscriptions.standin import StandInHapi, ThreadedStandIn, serve_standin_in_thread
+from tests.conftest import TEST_REDIS_URL
+from tests.procs import free_port, wait_port
+
+CLI_REDIS_URL = TEST_REDIS_URL.rsplit("/", 1)[0] + "/6"
+
+
+@pytest.fixture
+def standin() -> Iterator[ThreadedStandIn]:
+    hapi = StandInHapi(activation_delay=0.05)
+    with serve_standin_in_thread(hapi) as handle:
+        rnd = random.Random(2)
+        for resource in synthetic.population(15, seed=2):
+            handle.call(hapi.update(resource))
+        del rnd
+        yield handle
+
+
+@pytest.fixture
+def env(monkeypatch: pytest.MonkeyPatch, pg_url: str, standin: ThreadedStandIn) -> dict[str, str]:
+    values = {
+        "REDIS_URL": CLI_REDIS_URL,
+        "DATABASE_URL": pg_url,
+        "FHIR_BASE_URL": standin.base_url,
+        "RECEIVER_URL": "http://127.0.0.1:9/fhir",
+        "RECEIVER_TOKEN": "cli-receiver-token",
+        "SERVING_TOKEN": "cli-serving-token",
+        "RESEARCHFLOW_INSTANCE": "cli-test",
+    }
+    for name, value in values.items():
+        monkeypatch.setenv(name, value)
+    r = redis.Redis.from_url(CLI_REDIS_URL)
+    r.flushdb()
+    yield values
+    r.flushdb()
+    r.close()
+
+
+def run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    code = researchflow_cli.main(argv)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_subscriptions_bootstrap_status_remove(
+    env: dict[str, str], standin: ThreadedStandIn, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, err = run(["subscriptions", "bootstrap", "--wait", "10"], capsys)
+    assert code == 0, err
+    assert out.count("active") == 3 and "Patient?" in out
+    code, out, _ = run(["subscriptions", "bootstrap", "--wait", "10"], capsys)
+    assert code == 0
+    subs = [
+        r for (t, _), r in standin.hapi.resources.items() if t == "Subscription" and not r.deleted
+    ]
+    assert len(subs) == 3, "re-running never duplicates"
+    assert all(
+        "Authorization: Bearer cli-receiver-token" in s.resource["channel"]["header"]
+        for s in subs
+        if s.resource
+    )
+    code, out, _ = run(["subscriptions", "status"], capsys)
+    assert code == 0 and out.count("http://127.0.0.1:9/fhir") == 3
+    code, out, _ = run(["subscriptions", "remove"], capsys)
+    assert code == 0 and "removed 3" in out
+    code, _, err = run(["subscriptions", "bootstrap", "--types", "Patient,Nope"], capsys)
+    assert code == 2 and "Nope" in err
+
+
+def test_subscriptions_bootstrap_reports_hapi_refusal(
+    env: dict[str, str], standin: ThreadedStandIn, capsys: pytest.CaptureFixture[str]
+) -> None:
+    standin.hapi.fail_activation("endpoint unreachable: connection refused")
+    code, _, err = run(["subscriptions", "bootstrap", "--wait", "5"], capsys)
+    assert code == 1
+    assert "connection refused" in err and "Traceback" not in err
+    standin.hapi.fail_activation(None)
+
+
+def test_batch_init_refresh_and_poll_once(
+    env: dict[str, str], standin: ThreadedStandIn, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, err = run(["batch", "refresh"], capsys)
+    assert code == 1 and "batch init" in err, "refresh before init names the fix"
+    code, out, _ = run(["batch", "init"], capsys)
+    assert code == 0 and "created view sqlonfhir.patient_demographics" in out
+    code, out, _ = run(["batch", "init"], capsys)
+    assert "unchanged view sqlonfhir.patient_demographics" in out
+    code, out, err = run(["batch", "refresh"], capsys)
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["views"]["patient_demographics"] == 15 and result["watermark"]
+
+    standin.call(standin.hapi.update({**synthetic.patient(99, random.Random(1))}))
+    code, out, err = run(["poll", "--once"], capsys)
+    assert code == 0, err
+    polled = json.loads(out)
+    assert polled["read"] >= 1 and polled["written"] >= 1
+    code, out, _ = run(["speed", "get", "Patient/pat-99"], capsys)
+    assert json.loads(out)["state"] == "present"
+    code, _, err = run(["poll", "--once", "--since", "yesterday"], capsys)
+    assert code == 2 and "--since" in err
+
+
+def test_poll_with_hapi_unreachable_is_one_line(
+    env: dict[str, str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("FHIR_BASE_URL", f"http://127.0.0.1:{free_port()}/fhir")
+    code, _, err = run(["poll", "--once"], capsys)
+    assert code == 1
+    assert "Traceback" not in err and err.strip()
+
+
+RUN_MAIN = """
+import sys
+from researchflow_cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_run_hosts_receiver_api_poller_and_watchdog(
+    env: dict[str, str], standin: ThreadedStandIn
+) -> None:
+    assert researchflow_cli.main(["batch", "init"]) == 0
+    receiver_port, serve_port = free_port(), free_port()
+    child_env: dict[str, Any] = {**os.environ, **env, "POLL_INTERVAL_SECONDS": "1"}
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            RUN_MAIN,
+            "run",
+            "--receiver-port",
+            str(receiver_port),
+            "--serve-port",
+            str(serve_port),
+        ],
+        env=child_env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        wait_port(receiver_port, timeout=30)
+        wait_port(serve_port, timeout=30)
+        with httpx.Client(timeout=10) as http:
+            assert http.get(f"http://127.0.0.1:{receiver_port}/health").status_code == 200
+            body = {
+                "resourceType": "Patient",
+                "id": "via-run",
+                "gender": "female",
+                "meta": {"versionId": "1"},
+            }
+            put = http.put(
+                f"http://127.0.0.1:{receiver_port}/fhir/Patient/via-run",
+                content=json.dumps(body),
+                headers={
+                    "Authorization": f"Bearer {env['RECEIVER_TOKEN']}",
+                    "Content-Type": "application/fhir+json",
+                },
+            )
+            assert put.status_code == 204
+            auth = {"Authorization": f"Bearer {env['SERVING_TOKEN']}"}
+            answer: dict[str, Any] = {}
+            for _ in range(100):  # until the poller has made the speed layer complete
+                answer = http.get(
+                    f"http://127.0.0.1:{serve_port}/cohort",
+                    params={"gender": "female"},
+                    headers=auth,
+                ).json()
+                if not answer.get("degraded"):
+                    break
+                __import__("time").sleep(0.1)
+            assert answer["degraded"] is False
+            assert "via-run" in answer["patient_ids"]
+            assert (
+                http.get(
+                    f"http://127.0.0.1:{serve_port}/cohort", params={"gender": "female"}
+                ).status_code
+                == 401
+            )
+            metrics = http.get(f"http://127.0.0.1:{serve_port}/metrics").text
+            assert "researchflow_missed_notifications_total" in metrics
+        # The watchdog created this deployment's Subscriptions (none existed before).
+        subs = [
+            k for k, r in standin.hapi.resources.items() if k[0] == "Subscription" and not r.deleted
+        ]
+        assert len(subs) == 3
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    stderr = proc.stderr.read().decode() if proc.stderr else ""
+    assert "Traceback" not in stderr, stderr[-2000:]
+    assert env["RECEIVER_TOKEN"] not in stderr and env["SERVING_TOKEN"] not in stderr
