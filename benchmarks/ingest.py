@@ -72,7 +72,7 @@ def bodies(count: int, seed: int = 5) -> list[tuple[str, bytes]]:
 # -- servers -------------------------------------------------------------------------------
 
 
-def serve_receiver(port: int) -> None:
+def serve_receiver(port: int, redis_url: str = BENCH_REDIS_URL) -> None:
     import uvicorn
 
     from receiver.app import create_app
@@ -82,7 +82,7 @@ def serve_receiver(port: int) -> None:
     async def no_hapi(resource_type: str, resource_id: str) -> None:
         return None
 
-    settings = Settings(redis_url=BENCH_REDIS_URL, receiver_tokens=(TOKEN,))
+    settings = Settings(redis_url=redis_url, receiver_tokens=(TOKEN,))
     app = create_app(settings, derive=default_deriver(), latest_version=no_hapi)
     uvicorn.run(
         app,
@@ -247,11 +247,11 @@ def run_load(port: int, mode: str, seconds: float) -> dict[str, Any]:
     return result
 
 
-def start_server(target: Any) -> tuple[multiprocessing.Process, int]:
+def start_server(target: Any, *args: Any) -> tuple[multiprocessing.Process, int]:
     from tests.procs import free_port, wait_port
 
     port = free_port()
-    proc = multiprocessing.Process(target=target, args=(port,), daemon=True)
+    proc = multiprocessing.Process(target=target, args=(port, *args), daemon=True)
     proc.start()
     wait_port(port, timeout=30)
     return proc, port
@@ -269,23 +269,36 @@ def main() -> None:
     parser.add_argument("--append-readme", action="store_true")
     args = parser.parse_args()
     results: dict[str, Any] = {"machine": machine()}
-    for name, target in (("bare", serve_bare), ("receiver", serve_receiver)):
-        flush_redis()
-        proc, port = start_server(target)
-        try:
-            run_load(port, "saturate", 2.0)  # warm up
+    from tests.procs import RedisProcess
+
+    # The durable variant: a private Redis that fsyncs every write before answering.
+    durable = RedisProcess(None, "--appendonly", "yes", "--appendfsync", "always").start()
+    servers: list[tuple[str, Any, tuple[Any, ...]]] = [
+        ("bare", serve_bare, ()),
+        ("receiver", serve_receiver, ()),
+        ("receiver_fsync", serve_receiver, (durable.url,)),
+    ]
+    try:
+        for name, target, extra in servers:
             flush_redis()
-            results[f"{name}_saturate"] = run_load(port, "saturate", args.seconds)
-            flush_redis()
-            results[f"{name}_1000"] = run_load(port, "rate", args.seconds)
-        finally:
-            proc.terminate()
-            proc.join()
+            proc, port = start_server(target, *extra)
+            try:
+                run_load(port, "saturate", 2.0)  # warm up
+                flush_redis()
+                results[f"{name}_saturate"] = run_load(port, "saturate", args.seconds)
+                flush_redis()
+                results[f"{name}_1000"] = run_load(port, "rate", args.seconds)
+            finally:
+                proc.terminate()
+                proc.join()
+    finally:
+        durable.stop()
     flush_redis()
     print(json.dumps(results, indent=2))
     if args.append_readme:
         r, b = results["receiver_saturate"], results["bare_saturate"]
         r1, b1 = results["receiver_1000"], results["bare_1000"]
+        f, f1 = results["receiver_fsync_saturate"], results["receiver_fsync_1000"]
         section = f"""
 ## Ingest (`benchmarks/ingest.py`, {time.strftime("%Y-%m-%d")})
 
@@ -297,6 +310,7 @@ Patient/Condition/Observation PUTs as HAPI sends them, each a new resource.
 | --- | ---: | ---: | ---: | ---: |
 | bare Starlette, JSON parse only (baseline) | {b["per_second"]:,.0f} | {b1["p50_ms"]:.2f} ms | {b1["p99_ms"]:.2f} ms | {b1["max_ms"]:.1f} ms |
 | receiver: validate + derive rows + Lua write to Redis | {r["per_second"]:,.0f} | {r1["p50_ms"]:.2f} ms | {r1["p99_ms"]:.2f} ms | {r1["max_ms"]:.1f} ms |
+| receiver, Redis with `appendfsync always` (private server) | {f["per_second"]:,.0f} | {f1["p50_ms"]:.2f} ms | {f1["p99_ms"]:.2f} ms | {f1["max_ms"]:.1f} ms |
 
 Statuses: receiver saturated {r["statuses"]}, at 1,000/s {r1["statuses"]}.
 Targets: at least 3,000 validated, durable writes/s per process; p99 at most 10 ms at 1,000/s.
