@@ -16,10 +16,14 @@ every one through the validation gate) with the views' refresh and the watermark
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path as _Path
+
+sys.path.insert(0, str(_Path(__file__).resolve().parents[1]))
+
 import argparse
 import asyncio
 import os
-import platform
 import random
 import time
 import uuid
@@ -30,6 +34,7 @@ from typing import Any
 import orjson
 import psycopg
 
+from benchmarks import common
 from receiver.settings import Settings
 from receiver.store import parse_instant
 from serving.batch import init, refresh
@@ -194,27 +199,10 @@ async def bench_incremental(changes: int, base_size: int) -> dict[str, Any]:
 
 
 def machine() -> str:
-    cpu = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-        mem_kb = next(
-            int(line.split()[1])
-            for line in Path("/proc/meminfo").read_text().splitlines()
-            if line.startswith("MemTotal")
-        )
-        ram = f"{mem_kb / 1024 / 1024:.1f} GiB"
-    except (OSError, StopIteration, ValueError):
-        ram = "unknown"
     with psycopg.connect(ADMIN_URL) as conn:
         row = conn.execute("SHOW server_version").fetchone()
     pg = row[0] if row else "?"
-    return (
-        f"nproc {os.cpu_count()}, {cpu}, RAM {ram}, Python {platform.python_version()},"
-        f" PostgreSQL {pg}"
-    )
+    return f"{common.machine()}, PostgreSQL {pg}"
 
 
 async def main() -> None:

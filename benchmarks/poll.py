@@ -10,11 +10,15 @@ FhirClient and a real Redis (`BENCH_REDIS_URL`, default db 14, flushed before an
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path as _Path
+
+sys.path.insert(0, str(_Path(__file__).resolve().parents[1]))
+
 import argparse
 import asyncio
 import multiprocessing
 import os
-import platform
 import random
 import time
 from multiprocessing.connection import Connection
@@ -23,116 +27,15 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
+from benchmarks.common import machine
 from receiver.settings import Settings
 from receiver.store import SpeedStore
+from subscriptions import synthetic
 from subscriptions.fhir_client import FhirClient
 from subscriptions.poller import HISTORY_COUNT, poll_once
 
 BENCH_REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/14")
 README = Path(__file__).with_name("README.md")
-
-SNOMED = [
-    ("44054006", "Diabetes mellitus type 2"),
-    ("38341003", "Hypertensive disorder"),
-    ("195967001", "Asthma"),
-    ("13645005", "Chronic obstructive lung disease"),
-    ("49436004", "Atrial fibrillation"),
-]
-LOINC = [
-    ("4548-4", "Hemoglobin A1c/Hemoglobin.total in Blood", "%", 4.0, 11.0),
-    ("2339-0", "Glucose [Mass/volume] in Blood", "mg/dL", 60.0, 250.0),
-    ("8480-6", "Systolic blood pressure", "mm[Hg]", 90.0, 190.0),
-    ("29463-7", "Body weight", "kg", 40.0, 140.0),
-]
-
-
-def patient(n: int, rnd: random.Random) -> dict[str, Any]:
-    return {
-        "resourceType": "Patient",
-        "id": f"pat-{n}",
-        "identifier": [{"system": "urn:oid:1.2.36.146.595.217.0.1", "value": f"MRN{n:08d}"}],
-        "active": True,
-        "name": [
-            {
-                "use": "official",
-                "family": rnd.choice(["Smith", "Müller", "Garcia", "Nguyen", "Okafor"]),
-                "given": [rnd.choice(["Anna", "Ben", "Chloé", "Dev", "Eva"])],
-            }
-        ],
-        "telecom": [{"system": "phone", "value": f"+41 44 {n % 1000:03d} {n % 97:02d} 00"}],
-        "gender": rnd.choice(["male", "female", "other", "unknown"]),
-        "birthDate": f"{rnd.randint(1930, 2020)}-{rnd.randint(1, 12):02d}-{rnd.randint(1, 28):02d}",
-        "address": [{"city": "Zürich", "postalCode": f"80{n % 100:02d}", "country": "CH"}],
-    }
-
-
-def condition(n: int, rnd: random.Random) -> dict[str, Any]:
-    code, display = rnd.choice(SNOMED)
-    return {
-        "resourceType": "Condition",
-        "id": f"cond-{n}",
-        "clinicalStatus": {
-            "coding": [
-                {
-                    "system": "http://terminology.hl7.org/CodeSystem/condition-clinical",
-                    "code": "active",
-                }
-            ]
-        },
-        "verificationStatus": {
-            "coding": [
-                {
-                    "system": "http://terminology.hl7.org/CodeSystem/condition-ver-status",
-                    "code": "confirmed",
-                }
-            ]
-        },
-        "category": [
-            {
-                "coding": [
-                    {
-                        "system": "http://terminology.hl7.org/CodeSystem/condition-category",
-                        "code": "problem-list-item",
-                    }
-                ]
-            }
-        ],
-        "code": {
-            "coding": [{"system": "http://snomed.info/sct", "code": code, "display": display}],
-            "text": display,
-        },
-        "subject": {"reference": f"Patient/pat-{n}"},
-        "onsetDateTime": f"{rnd.randint(1990, 2025)}-0{rnd.randint(1, 9)}-15",
-        "recordedDate": "2025-06-01",
-    }
-
-
-def observation(n: int, rnd: random.Random) -> dict[str, Any]:
-    code, display, unit, low, high = rnd.choice(LOINC)
-    return {
-        "resourceType": "Observation",
-        "id": f"obs-{n}",
-        "status": "final",
-        "category": [
-            {
-                "coding": [
-                    {
-                        "system": "http://terminology.hl7.org/CodeSystem/observation-category",
-                        "code": "laboratory",
-                    }
-                ]
-            }
-        ],
-        "code": {"coding": [{"system": "http://loinc.org", "code": code, "display": display}]},
-        "subject": {"reference": f"Patient/pat-{n}"},
-        "effectiveDateTime": f"2025-{rnd.randint(1, 12):02d}-{rnd.randint(1, 28):02d}T08:30:00Z",
-        "valueQuantity": {
-            "value": round(rnd.uniform(low, high), 1),
-            "unit": unit,
-            "system": "http://unitsofmeasure.org",
-            "code": unit,
-        },
-    }
 
 
 async def seed(hapi: Any, changes: int) -> None:
@@ -140,13 +43,14 @@ async def seed(hapi: Any, changes: int) -> None:
     creates = int(changes * 0.9) // 3 * 3
     per_type = creates // 3
     for n in range(per_type):
-        await hapi.update(patient(n, rnd))
-        await hapi.update(condition(n, rnd))
-        await hapi.update(observation(n, rnd))
+        await hapi.update(synthetic.patient(n, rnd))
+        await hapi.update(synthetic.condition(n, n, rnd))
+        await hapi.update(synthetic.observation(n, n, rnd))
     left = changes - creates
     deletes = left // 5
     for _ in range(left - deletes):  # updates: new values for existing Observations
-        await hapi.update(observation(rnd.randrange(per_type), rnd))
+        n = rnd.randrange(per_type)
+        await hapi.update(synthetic.observation(n, n, rnd))
     deleted = rnd.sample(range(per_type), deletes)
     for n in deleted:
         await hapi.delete("Condition", f"cond-{n}")
@@ -165,26 +69,6 @@ def standin_process(changes: int, page_size: int, conn: Connection) -> None:
             await asyncio.get_running_loop().run_in_executor(None, conn.recv)
 
     asyncio.run(main())
-
-
-def machine() -> str:
-    cpu = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    ram = "unknown"
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal"):
-                ram = f"{int(line.split()[1]) / 1024 / 1024:.1f} GiB"
-                break
-    except OSError:
-        pass
-    return f"nproc {os.cpu_count()}, {cpu}, RAM {ram}, Python {platform.python_version()}"
 
 
 async def run(changes: int, page_size: int) -> dict[str, Any]:

@@ -26,7 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 # Before importing the ingest benchmark, whose receiver reads it at import.
 BENCH_REDIS_URL = os.environ.setdefault("BENCH_REDIS_URL", "redis://127.0.0.1:6379/12")
 
-from benchmarks.ingest import Connection, machine, serve_receiver  # noqa: E402
+from benchmarks.common import machine  # noqa: E402
+from benchmarks.ingest import Connection, serve_receiver  # noqa: E402
 
 README = Path(__file__).with_name("README.md")
 
