@@ -348,12 +348,38 @@ def cmd_views(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+async def _rederive_speed_rows(settings: Settings, views: list[str]) -> None:
+    """A rebuilt view's rows in the speed layer were derived from the old definition."""
+    from receiver.store import SpeedStore, connect
+    from receiver.validation import validate_resource
+    from serving.derive import default_deriver
+    from serving.viewdef import shipped_views
+
+    derive = default_deriver()
+    shipped = shipped_views()
+    types = sorted({shipped[v].resource for v in views if v in shipped})
+    client = connect(settings)
+    try:
+        store = SpeedStore(client)
+        for resource_type in types:
+            changed = await store.rederive(
+                resource_type, lambda body: derive(validate_resource(body))
+            )
+            print(f"re-derived {changed} speed-layer {resource_type} entries")
+    finally:
+        await client.aclose()
+
+
 def cmd_batch(settings: Settings, args: argparse.Namespace) -> int:
     from serving import batch
 
     if args.batch_command == "init":
-        for line in batch.init(settings.database_url, progress=lambda m: logger.info("%s", m)):
+        lines = batch.init(settings.database_url)
+        for line in lines:
             print(line)
+        rebuilt = [line.rsplit(".", 1)[1] for line in lines if line.startswith("rebuilt view ")]
+        if rebuilt:
+            asyncio.run(_rederive_speed_rows(settings, rebuilt))
         return 0
 
     async def refresh() -> int:

@@ -21,7 +21,7 @@ import json
 import logging
 import time
 import zlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -232,6 +232,42 @@ return 1
 )
 
 
+# Replace the derived rows and index entries of an entry, only if it still holds the same
+# present version (a newer write meanwhile derived its own). Logged, so mirrors re-read it.
+# KEYS as upsert; ARGV: prefix, id, vn, lum, nviews, view1, rows1, ..., nix, ix1, ...
+_REDERIVE_LUA = (
+    _LUA_COMMON
+    + """
+local r = KEYS[1]
+local prefix, id = ARGV[1], ARGV[2]
+local old = redis.call('HMGET', r, 'vn', 'lum', 'st')
+if not old[1] or old[3] ~= 'p' then return 0 end
+if tonumber(old[1]) ~= tonumber(ARGV[3]) or tonumber(old[2]) ~= tonumber(ARGV[4]) then
+  return 0
+end
+drop_derived(prefix, r, id)
+local i = 5
+local nviews = tonumber(ARGV[i])
+local views = {}
+for k = 1, nviews do
+  redis.call('HSET', prefix .. 'rows:' .. ARGV[i + 2 * k - 1], id, ARGV[i + 2 * k])
+  views[#views + 1] = ARGV[i + 2 * k - 1]
+end
+i = i + 2 * nviews + 1
+local nix = tonumber(ARGV[i])
+local ix = {}
+for k = 1, nix do
+  redis.call('SADD', prefix .. 'ix:' .. ARGV[i + k], id)
+  ix[#ix + 1] = ARGV[i + k]
+end
+redis.call('HSET', r, 'views', #views > 0 and cjson.encode(views) or '',
+  'ix', #ix > 0 and cjson.encode(ix) or '')
+redis.call('ZADD', prefix .. 'log', redis.call('INCR', prefix .. 'seq'), id)
+return 1
+"""
+)
+
+
 def connect(settings: Settings) -> RedisClient:
     """A client for the speed layer: a plain Redis or, with REDIS_CLUSTER, a Cluster."""
     common: dict[str, Any] = {
@@ -278,6 +314,7 @@ class SpeedStore:
         self.expire_seconds = max_age_hours * 3600 if max_age_hours else 0
         self._upsert = client.register_script(_UPSERT_LUA)
         self._trim = client.register_script(_TRIM_LUA)
+        self._rederive = client.register_script(_REDERIVE_LUA)
         self._is_cluster = isinstance(client, RedisCluster)
         self._known_types: set[str] = set()
         self._pending_hours: dict[str, int] = {}
@@ -404,6 +441,52 @@ class SpeedStore:
             except RedisError as exc:
                 raise SpeedLayerUnavailable(f"Redis did not take the trim: {exc}") from exc
         return removed
+
+    async def rederive(self, resource_type: str, derive: Callable[[bytes], Derived | None]) -> int:
+        """Recompute every present entry's derived rows and index entries of a type.
+
+        For a ViewDefinition that changed (`batch init` rebuilt its view): `derive` maps a
+        stored body to its new Derived data (None: leave the entry as it is). An entry written
+        meanwhile at another version keeps what its own write derived. Returns how many changed.
+        """
+        held = [v for v in (await self.versions(resource_type)).values() if v.state == "present"]
+        changed = 0
+        for start in range(0, len(held), 500):
+            chunk = held[start : start + 500]
+            try:
+                async with self.client.pipeline(transaction=False) as pipe:
+                    for version in chunk:
+                        pipe.hget(resource_key(resource_type, version.resource_id), "body")
+                    bodies = await pipe.execute()
+            except RedisError as exc:
+                raise SpeedLayerUnavailable(f"Redis cannot be read: {exc}") from exc
+            calls: list[tuple[list[str], list[Any]]] = []
+            for version, body in zip(chunk, bodies, strict=True):
+                derived = derive(body) if isinstance(body, bytes) else None
+                if derived is None:
+                    continue
+                prefix = tag(resource_type, bucket_of(version.resource_id))
+                args: list[Any] = [
+                    prefix,
+                    version.resource_id,
+                    repr(version.version_number),
+                    repr(version.last_updated_ms),
+                    len(derived.rows),
+                ]
+                for view, rows in derived.rows.items():
+                    args.extend([view, rows])
+                args.append(len(derived.index))
+                args.extend(derived.index)
+                keys = [prefix + "r:" + version.resource_id, prefix + "ver", prefix + "chg"]
+                calls.append((keys, args))
+            if not calls:
+                continue
+            try:
+                results = await self._eval_many(self._rederive, calls)
+            except RedisError as exc:
+                raise SpeedLayerUnavailable(f"Redis did not take the write: {exc}") from exc
+            changed += sum(1 for r in results if r)
+        return changed
 
     # -- reads ---------------------------------------------------------------------------
 

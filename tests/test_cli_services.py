@@ -14,6 +14,7 @@ from typing import Any
 import httpx
 import pytest
 import redis
+import redis.asyncio
 
 import researchflow_cli
 from subscriptions import synthetic
@@ -214,3 +215,61 @@ def test_run_hosts_receiver_api_poller_and_watchdog(
     stderr = proc.stderr.read().decode() if proc.stderr else ""
     assert "Traceback" not in stderr, stderr[-2000:]
     assert env["RECEIVER_TOKEN"] not in stderr and env["SERVING_TOKEN"] not in stderr
+
+
+def test_batch_init_after_a_view_changed_rebuilds_it_and_its_speed_rows(
+    env: dict[str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    import asyncio
+
+    from receiver.ingest import ingest
+    from receiver.store import Derived, SpeedStore
+    from serving import batch
+    from serving.viewdef import load_view, shipped_views
+
+    shipped = shipped_views()
+    old = dict(shipped)
+    old["patient_demographics"] = load_view(
+        {
+            "resourceType": "ViewDefinition",
+            "name": "patient_demographics",
+            "resource": "Patient",
+            "select": [{"column": [{"name": "id", "path": "getResourceKey()"}]}],
+        }
+    )
+    batch.init(env["DATABASE_URL"], old)  # the batch layer as an older release built it
+
+    async def write_with_old_rows() -> None:
+        client = redis.asyncio.Redis.from_url(CLI_REDIS_URL)
+        try:
+            await ingest(
+                SpeedStore(client),
+                json.dumps(
+                    {
+                        "resourceType": "Patient",
+                        "id": "p1",
+                        "gender": "female",
+                        "meta": {"versionId": "1"},
+                    }
+                ).encode(),
+                derive=lambda r: Derived(rows={"patient_demographics": b'[{"id":"p1"}]'}),
+            )
+        finally:
+            await client.aclose()
+
+    async def rows_now() -> Any:
+        client = redis.asyncio.Redis.from_url(CLI_REDIS_URL)
+        try:
+            return json.loads(
+                (await SpeedStore(client).rows("Patient", "patient_demographics"))["p1"]
+            )
+        finally:
+            await client.aclose()
+
+    asyncio.run(write_with_old_rows())
+    code, out, _ = run(["batch", "init"], capsys)
+    assert code == 0
+    assert "rebuilt view sqlonfhir.patient_demographics" in out
+    assert "unchanged view sqlonfhir.condition_simple" in out
+    assert "re-derived 1 speed-layer Patient entries" in out
+    assert asyncio.run(rows_now())[0]["gender"] == "female"

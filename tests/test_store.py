@@ -200,3 +200,21 @@ async def test_log_since_follows_writes_incrementally(store: SpeedStore) -> None
     await store.trim_covered("Patient", [("b", 1.0, 0.0)])
     assert await store.generation() == generation + 1
     assert all("b" not in ids for _, ids in await store.log_since("Patient", start))
+
+
+async def test_rederive_replaces_rows_and_index_of_the_held_version_only(store: SpeedStore) -> None:
+    await write(store, "a", 1, False)
+    await write(store, "b", 1, True)  # a tombstone has no rows to re-derive
+    seen = [seq for seq, _ in await store.log_since("Patient", [0] * BUCKETS)]
+
+    def new_rows(body: bytes) -> Derived:
+        pid = json.loads(body)["id"]
+        return Derived(rows={"v": f'[{{"new":"{pid}"}}]'.encode()}, index=("fresh",))
+
+    assert await store.rederive("Patient", new_rows) == 1
+    assert json.loads((await store.rows("Patient", "v"))["a"]) == [{"new": "a"}]
+    assert await store.index_members("Patient", "fresh") == {"a"}
+    assert await store.index_members("Patient", "ver:1") == set()
+    assert [i for _, ids in await store.log_since("Patient", seen) for i in ids] == ["a"]
+    assert (await store.get("Patient", "a")).version_id == "1"  # type: ignore[union-attr]
+    assert await store.rederive("Patient", lambda body: None) == 0
