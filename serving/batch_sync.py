@@ -262,6 +262,46 @@ async def _traverse_history(
     return clock
 
 
+async def _traverse_database(url: str, since: str | None, stager: _Stager) -> datetime | None:
+    """HAPI_DATABASE_URL mode: the changed rows of HAPI's own tables (their current versions,
+    deletions included) since `since`; returns the newest RES_UPDATED read (HAPI's clock)."""
+    from subscriptions import hapi_db
+
+    since_at = datetime.fromtimestamp(parse_instant(since) / 1000.0, UTC) if since else None
+    newest: datetime | None = None
+    conn = await hapi_db.connect(url)
+    try:
+        async for page in hapi_db.changes_since(conn, since_at):
+            for change in page:
+                if change.unreadable is not None:
+                    logger.warning(
+                        "skipped %s/%s: %s",
+                        change.resource_type,
+                        change.resource_id,
+                        change.unreadable,
+                    )
+                    continue
+                if change.deleted or change.resource is None:
+                    stager.offer_deletion(
+                        HistoryEntry(
+                            change.resource_type,
+                            change.resource_id,
+                            change.version_id,
+                            change.last_updated,
+                            True,
+                            "DELETE",
+                            None,
+                        )
+                    )
+                else:
+                    stager.offer_resource(change.resource, change.resource_type, change.resource_id)
+            newest = page[-1].updated_at
+            await stager.flush()
+    finally:
+        await conn.close()
+    return newest
+
+
 async def _traverse_search(
     client: FhirClient, types: Iterable[str], stager: _Stager
 ) -> datetime | None:
@@ -426,7 +466,12 @@ async def refresh(
             )
             stager = _Stager(conn, progress)
             full_types = await _full_types(conn, store) if full else None
-            if full_types is not None:
+            if settings.hapi_database_url:
+                # Every current row when full (absent ones are then marked), else the changes.
+                clock = await _traverse_database(
+                    settings.hapi_database_url, None if full else saved, stager
+                )
+            elif full_types is not None:
                 clock = await _traverse_search(fhir, full_types, stager)
                 if saved is not None:
                     # Deletions since the last refresh, at HAPI's versions: only what
