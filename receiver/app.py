@@ -237,7 +237,7 @@ async def post_root(request: Request) -> Response:
                 415, [Issue("not-supported", "a notification Bundle must be FHIR JSON")]
             )
         data = parse_json(body)
-        await apply_notification_bundle(store, derive, data)
+        await apply_notification_bundle(store, derive, data, request.state.latest_version)
         return Response(status_code=204)
 
     return await _guarded(request, handle)
@@ -295,8 +295,8 @@ async def apply_notification_bundle(store: SpeedStore, derive: Deriver | None, d
     for resource in valid:
         await ingest_valid(store, resource, derive)
     for type_, id_ in deletes:
-        await store.tombstone_after_held(type_, id_)
-    if ids_only or deletes or len(entries) <= 1:
+        await apply_delete(store, latest_version, type_, id_)
+    if ids_only or len(entries) <= 1:
         await store.request_catchup("topic notification without full resources")
 
 

@@ -506,3 +506,23 @@ async def test_health_and_metrics(client: httpx.AsyncClient) -> None:
     assert 'researchflow_notifications_total{outcome="written",resource_type="Patient"} 1.0' in text
     assert 'researchflow_rejects_total{resource_type="Patient"} 1.0' in text
     assert "researchflow_write_seconds_count 1.0" in text
+
+
+async def test_topic_notification_delete_entry_uses_hapis_version(
+    redis_client: aioredis.Redis,
+) -> None:
+    async def hapi(resource_type: str, resource_id: str) -> tuple[str, str, bool]:
+        return ("7", "2026-11-25T12:00:00Z", True)
+
+    app = create_app(receiver_settings(), latest_version=hapi)
+    bundle = topic_bundle({"request": {"method": "DELETE", "url": "Patient/p1"}})
+    async with running(app) as client:
+        await client.put(
+            "/fhir/Patient/p1", content=json.dumps(patient(version=6)), headers=HEADERS
+        )
+        response = await client.post("/fhir", content=json.dumps(bundle), headers=HEADERS)
+        assert response.status_code == 204
+    store = SpeedStore(redis_client)
+    entry = await store.get("Patient", "p1")
+    assert entry is not None and entry.state == "deleted" and entry.version_id == "7"
+    assert await store.take_catchup() is None
