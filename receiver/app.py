@@ -243,7 +243,12 @@ async def post_root(request: Request) -> Response:
     return await _guarded(request, handle)
 
 
-async def apply_notification_bundle(store: SpeedStore, derive: Deriver | None, data: Any) -> None:
+async def apply_notification_bundle(
+    store: SpeedStore,
+    derive: Deriver | None,
+    data: Any,
+    latest_version: LatestVersion | None = None,
+) -> None:
     """A topic-based (R4 backport) notification: a history Bundle led by its status Parameters.
 
     Every resource is validated before anything is written, so a bad one writes nothing.
