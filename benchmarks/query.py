@@ -130,7 +130,19 @@ def load(url: str, patients: int, conditions: int, rng: random.Random) -> float:
             " (SELECT count(*) FROM rf_batch.resources))"
         )
         conn.execute("ANALYZE")
-    return time.perf_counter() - started
+        seconds = time.perf_counter() - started
+        conn.execute("CREATE TABLE rf_bench_load AS SELECT %s::float8 AS seconds", (seconds,))
+    return seconds
+
+
+def loaded(url: str) -> float | None:
+    """The load time recorded by an earlier run's `load` into this database, if it finished."""
+    with psycopg.connect(url) as conn:
+        try:
+            row = conn.execute("SELECT seconds FROM rf_bench_load").fetchone()
+        except psycopg.errors.UndefinedTable:
+            return None
+    return float(row[0]) if row else None
 
 
 async def speed_writes(store: SpeedStore, n: int, patients: int, conditions: int) -> float:
@@ -192,17 +204,26 @@ async def main() -> None:
     parser.add_argument("--speed", type=int, default=100_000)
     parser.add_argument("--runs", type=int, default=50)
     parser.add_argument("--scan-runs", type=int, default=3)
+    parser.add_argument(
+        "--database",
+        help="keep the batch layer in this database (created and loaded when missing, reused"
+        " as it is when present: the full-scale load takes a quarter of an hour)",
+    )
     args = parser.parse_args()
-    name = f"rf_bench_{uuid.uuid4().hex[:8]}"
+    name = args.database or f"rf_bench_{uuid.uuid4().hex[:8]}"
     with psycopg.connect(ADMIN, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"'.encode())
+        exists = admin.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone()
+        if not exists:
+            admin.execute(f'CREATE DATABASE "{name}"'.encode())
     url = ADMIN.rsplit("/", 1)[0] + "/" + name
     client = aioredis.Redis.from_url(REDIS)
     try:
         await client.flushdb()
         store = SpeedStore(client)
         await store.mark_epoch()
-        load_s = load(url, args.patients, args.conditions, random.Random(1))
+        load_s = loaded(url) if exists else None
+        if load_s is None:
+            load_s = load(url, args.patients, args.conditions, random.Random(1))
         write_s = await speed_writes(store, args.speed, args.patients, args.conditions)
         mirror, counts = SpeedMirror(), BatchCounts()
         started = time.perf_counter()
@@ -221,6 +242,8 @@ async def main() -> None:
 
                 async def merged(q: Any = q) -> Any:
                     speed = await read_speed(store, mirror, True)
+                    if speed.mirror is None:
+                        raise RuntimeError("Redis db 14 lost the speed layer during the run")
                     async with conn.transaction():
                         return await cohort(conn, q, speed, counts)
 
@@ -242,6 +265,7 @@ async def main() -> None:
                 m50, m99 = await timed(merged, args.runs)
                 s50, s99 = await timed(speed_side, args.runs)
                 b50, b99 = await timed(batch_only, args.runs)
+
                 async def scan(query: str = query) -> int:
                     return await scan_baseline(client, query)
 
@@ -255,8 +279,9 @@ async def main() -> None:
     finally:
         await client.flushdb()
         await client.aclose()
-        with psycopg.connect(ADMIN, autocommit=True) as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'.encode())
+        if not args.database:
+            with psycopg.connect(ADMIN, autocommit=True) as admin:
+                admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'.encode())
 
 
 if __name__ == "__main__":

@@ -421,7 +421,10 @@ def patient_sql(query: CohortQuery, params: list[Any]) -> str:
 
 
 def criterion_sql(criterion: Criterion, params: list[Any]) -> str:
-    """WHERE conditions on condition_simple/observation_simple for one parameter."""
+    """WHERE conditions on condition_simple/observation_simple for one parameter.
+
+    Only for a WHERE clause (or EXISTS): it may be NULL where it does not hold.
+    """
     if criterion.resource_type == "Condition":
         parts = ["verification_status IS DISTINCT FROM 'entered-in-error'"]
     else:
@@ -446,7 +449,9 @@ def criterion_sql(criterion: Criterion, params: list[Any]) -> str:
             pieces.append(f"value {op[code.comparator]} %s::numeric")
             params.append(code.value)
         alternatives.append("(" + " AND ".join(pieces) + ")")
-    parts.append("COALESCE(" + " OR ".join(alternatives) + ", FALSE)")
+    # A WHERE condition only (NULL is false there): no COALESCE, which would hide the
+    # alternatives from the (code) and (code_system, code) indexes.
+    parts.append("(" + " OR ".join(alternatives) + ")")
     return " AND ".join(parts)
 
 

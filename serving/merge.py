@@ -8,9 +8,10 @@ hidden batch resources whose rows would have matched. PostgreSQL does the counti
 
 from __future__ import annotations
 
+import heapq
 import logging
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -25,6 +26,7 @@ from receiver.store import SpeedStore
 from serving.cohort import (
     PD,
     CohortQuery,
+    Criterion,
     criterion_sql,
     patient_sql,
     view_of,
@@ -36,6 +38,23 @@ from serving.viewdef import ViewDefinition
 logger = logging.getLogger(__name__)
 
 BATCH_COUNT_CACHE_MAX = 4096
+# The serving transaction's settings. The views are read hot from memory, so an index probe
+# costs about as much as a sequential page (else the planner hashes 1,000,000 patients to
+# look up 8,000 of them); JIT compiles for longer than these queries run; the distinct
+# patient ids of a broad criterion (500,000) fit in memory instead of a sort on disk.
+SERVING_SETTINGS = (
+    "SET LOCAL random_page_cost = 1.1",
+    "SET LOCAL jit = off",
+    "SET LOCAL work_mem = '32MB'",
+)
+SNAPSHOT_SQL = "; ".join(
+    [
+        "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY",
+        *SERVING_SETTINGS,
+        "SELECT xmin::text, watermark, refreshed_at, resources"
+        " FROM rf_batch.watermark WHERE id = 1",
+    ]
+)
 
 
 @dataclass
@@ -74,10 +93,11 @@ async def read_speed(
     try:
         async with mirror.lock:
             complete = await mirror.sync(store)
+            watermark = mirror.poller_watermark
         if not complete:
             logger.warning("speed layer has no epoch marker: answering from the batch layer")
             return SpeedView(None, None, True)
-        return SpeedView(mirror, await store.poller_watermark(), False)
+        return SpeedView(mirror, watermark, False)
     except SpeedLayerUnavailable as exc:
         logger.warning("speed layer unavailable, answering from the batch layer: %s", exc)
         return SpeedView(None, None, True)
@@ -85,56 +105,129 @@ async def read_speed(
 
 async def begin_snapshot(conn: psycopg.AsyncConnection[Any]) -> tuple[BatchKey, str | None]:
     """First statement of the transaction: one snapshot; the batch layer's identity in it."""
-    await conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-    cur = await conn.execute(
-        "SELECT xmin::text, watermark, refreshed_at, resources FROM rf_batch.watermark WHERE id = 1"
-    )
+    # No parameters: every statement goes in one round trip (simple query protocol).
+    cur = await conn.execute(SNAPSHOT_SQL)
+    while cur.nextset():
+        pass
     row = await cur.fetchone()
     if row is None:
         return (None,), None
     return tuple(row), row[1]
 
 
-def _array(values: Sequence[str], params: list[Any]) -> str:
-    params.append(list(values))
-    return "%s::text[]"
+class _Sql:
+    """Named parameters of one statement, so fragments may be built in any order."""
+
+    def __init__(self) -> None:
+        self.params: dict[str, Any] = {}
+
+    def value(self, value: Any) -> str:
+        name = f"p{len(self.params)}"
+        self.params[name] = value
+        return f"%({name})s"
+
+    def array(self, values: Sequence[str]) -> str:
+        # A Const once bound: `= ANY` / `<> ALL` over it is a hash lookup (PostgreSQL >= 14/15).
+        return self.value(list(values)) + "::text[]"
+
+    def fragment(self, build: Callable[[list[Any]], str]) -> str:
+        """A fragment from serving.cohort (positional `%s`), renamed to named parameters."""
+        values: list[Any] = []
+        pieces = build(values).split("%s")
+        assert len(pieces) == len(values) + 1
+        out = [pieces[0]]
+        for value, piece in zip(values, pieces[1:], strict=True):
+            out.append(self.value(value) + piece)
+        return "".join(out)
+
+    def patient(self, query: CohortQuery) -> str:
+        return self.fragment(lambda params: patient_sql(query, params))
+
+    def criterion(self, criterion: Criterion) -> str:
+        return self.fragment(lambda params: criterion_sql(criterion, params))
 
 
-def members_sql(query: CohortQuery, plan: Plan | None, params: list[Any]) -> str:
-    """SELECT of the member patient ids (merged with `plan`, batch alone without)."""
-    patients = f"SELECT id FROM {PD} WHERE {patient_sql(query, params)}"
-    if plan is not None and plan.hidden_patients:
-        patients += f" AND id NOT IN (SELECT unnest({_array(plan.hidden_patients, params)}))"
-    if plan is not None and plan.speed_patients:
-        patients += f" UNION ALL SELECT unnest({_array(plan.speed_patients, params)})"
-    conditions: list[str] = []
+def _criterion_part(
+    criterion: Criterion, speed_ids: Sequence[str], hidden: Sequence[str], q: _Sql, distinct: bool
+) -> str:
+    """Patient ids with a merged row meeting one parameter (`distinct`: each once)."""
+    where = q.criterion(criterion) + " AND patient_id IS NOT NULL"
+    if hidden:
+        where += f" AND id <> ALL({q.array(hidden)})"
+    select = "SELECT DISTINCT" if distinct and not speed_ids else "SELECT"
+    part = f"{select} patient_id FROM {view_of(criterion)} WHERE {where}"
+    if speed_ids:
+        return f"{part} UNION SELECT unnest({q.array(speed_ids)})"
+    return part
+
+
+def members_cte(query: CohortQuery, plan: Plan | None, q: _Sql, name: str = "j") -> str:
+    """CTE `name`(id, member, absent): candidate patients, whether each is a member by the
+    batch rows, and whether the batch layer has no such patient at all (with parameters on
+    Conditions/Observations; then only the speed layer can make it a member).
+
+    The parameters on Conditions/Observations are met first (INTERSECT of their patient ids,
+    the selective side, by their indexes), then joined to patient_demographics on its unique
+    id: the existence check and the patient parameters apply to that small set only.
+    """
+    hidden_p = plan.hidden_patients if plan else []
+    speed_p = plan.speed_patients if plan else []
+    patient_where = q.patient(query)
+    if not query.criteria:
+        text = f"SELECT id, TRUE AS member, FALSE AS absent FROM {PD} WHERE {patient_where}"
+        if hidden_p:
+            text += f" AND id <> ALL({q.array(hidden_p)})"
+        if speed_p:
+            text += f" UNION ALL SELECT unnest({q.array(speed_p)}), TRUE, FALSE"
+        return f"{name} AS MATERIALIZED ({text})"
+    parts = []
     for n, criterion in enumerate(query.criteria):
-        sub = (
-            f"SELECT patient_id FROM {view_of(criterion)} WHERE {criterion_sql(criterion, params)}"
-        )
-        if plan is not None:
-            speed_ids, hidden = plan.criteria[n]
-            if hidden:
-                sub += f" AND id NOT IN (SELECT unnest({_array(hidden, params)}))"
-            if speed_ids:
-                sub += f" UNION ALL SELECT unnest({_array(speed_ids, params)})"
-        conditions.append(f"d.id IN ({sub})")
-    where = (" WHERE " + " AND ".join(conditions)) if conditions else ""
-    return f"SELECT d.id FROM ({patients}) AS d(id){where}"
+        speed_ids, hidden = plan.criteria[n] if plan else ([], [])
+        parts.append(_criterion_part(criterion, speed_ids, hidden, q, len(query.criteria) == 1))
+    candidates = " INTERSECT ".join(f"({p})" for p in parts)
+    member = f"d.id IS NOT NULL AND COALESCE({patient_where}, FALSE)"
+    if hidden_p:
+        member = f"({member} AND c.id <> ALL({q.array(hidden_p)}))"
+    if speed_p:
+        member = f"({member} OR c.id = ANY({q.array(speed_p)}))"
+    return (
+        f"{name}_c(id) AS ({candidates}), {name} AS MATERIALIZED ("
+        f"SELECT c.id, {member} AS member, d.id IS NULL AS absent"
+        f" FROM {name}_c AS c LEFT JOIN {PD} AS d ON d.id = c.id)"
+    )
 
 
-def batch_member_exists_sql(query: CohortQuery, column: str, params: list[Any]) -> str:
-    """Conditions true when the patient `column` is a member by the batch layer alone."""
-    parts = [
-        f"EXISTS (SELECT 1 FROM {PD} WHERE {PD}.id = {column} AND {patient_sql(query, params)})"
-    ]
-    for criterion in query.criteria:
+def _removed_sql(query: CohortQuery, plan: Plan, q: _Sql) -> str:
+    """Count of removal candidates that are batch members but not merged members.
+
+    Checked by index probes per candidate (a few), never against the member set.
+    """
+    batch = [f"EXISTS (SELECT 1 FROM {PD} AS d WHERE d.id = r.id AND {q.patient(query)})"]
+    lost = []
+    if plan.hidden_patients:
+        lost.append(f"r.id = ANY({q.array(plan.hidden_patients)})")
+    for n, criterion in enumerate(query.criteria):
         view = view_of(criterion)
-        parts.append(
-            f"EXISTS (SELECT 1 FROM {view} WHERE {view}.patient_id = {column}"
-            f" AND {criterion_sql(criterion, params)})"
+        batch.append(
+            f"EXISTS (SELECT 1 FROM {view} AS v WHERE v.patient_id = r.id"
+            f" AND {q.criterion(criterion)})"
         )
-    return " AND ".join(parts)
+        speed_ids, hidden = plan.criteria[n]
+        if not hidden:
+            continue  # every batch row still counts: a batch member keeps meeting it
+        keeps = (
+            f"EXISTS (SELECT 1 FROM {view} AS v WHERE v.patient_id = r.id"
+            f" AND {q.criterion(criterion)} AND v.id <> ALL({q.array(hidden)}))"
+        )
+        if speed_ids:
+            keeps += f" OR r.id = ANY({q.array(speed_ids)})"
+        lost.append(f"NOT ({keeps})")
+    if not lost:
+        return "0"
+    return (
+        f"(SELECT count(*) FROM unnest({q.array(plan.removal_candidates)}) AS r(id)"
+        f" WHERE {' AND '.join(batch)} AND ({' OR '.join(lost)}))"
+    )
 
 
 class BatchCounts:
@@ -143,21 +236,13 @@ class BatchCounts:
     def __init__(self) -> None:
         self._cache: dict[tuple[Any, ...], int] = {}
 
-    async def get(
-        self, conn: psycopg.AsyncConnection[Any], key: BatchKey, query: CohortQuery
-    ) -> int:
-        cache_key = (key, query.signature())
-        if cache_key in self._cache:
-            return self._cache[cache_key]
-        params: list[Any] = []
-        text = f"SELECT count(*) FROM ({members_sql(query, None, params)}) AS b"
-        cur = await conn.execute(text.encode(), params)
-        row = await cur.fetchone()
-        value = int(row[0]) if row else 0
+    def get(self, key: BatchKey, query: CohortQuery) -> int | None:
+        return self._cache.get((key, query.signature()))
+
+    def put(self, key: BatchKey, query: CohortQuery, value: int) -> None:
         if len(self._cache) >= BATCH_COUNT_CACHE_MAX:
             self._cache.clear()
-        self._cache[cache_key] = value
-        return value
+        self._cache[(key, query.signature())] = value
 
 
 async def cohort(
@@ -166,42 +251,57 @@ async def cohort(
     speed: SpeedView,
     batch_counts: BatchCounts,
 ) -> CohortAnswer:
-    """The merged cohort answer; call inside a transaction on `conn` (one snapshot)."""
+    """The merged cohort answer; call inside a transaction on `conn` (one snapshot).
+
+    One statement gives the merged count, the page, the ids without a batch patient (checked
+    against the speed layer here), the removed count and, unless cached, the batch-only count.
+    """
     key, batch_as_of = await begin_snapshot(conn)
     plan: Plan | None = None
-    if speed.mirror is not None:
-        async with speed.mirror.lock:
-            await speed.mirror.sync_batch(conn, key)
-            plan = speed.mirror.plan(query)
-    params: list[Any] = []
-    members = members_sql(query, plan, params)
+    mirror = speed.mirror
+    if mirror is not None:
+        async with mirror.lock:
+            await mirror.sync_batch(conn, key)
+            plan = mirror.plan(query)
+        if plan.touches_nothing:
+            plan = None  # the batch SQL alone, and batch_count = total
+    q = _Sql()
+    ctes = [members_cte(query, plan, q)]
     page = query.count if query.ids else 0
-    params.extend([query.after, query.after, page + 1])
-    text = (
-        f"WITH m AS MATERIALIZED ({members}) SELECT (SELECT count(*) FROM m),"
-        " (SELECT coalesce(array_agg(id ORDER BY id COLLATE \"C\"), '{}') FROM"
-        ' (SELECT id FROM m WHERE (%s::text IS NULL OR id COLLATE "C" > %s)'
-        ' ORDER BY id COLLATE "C" LIMIT %s) AS p)'
+    fresh = plan is not None and bool(plan.fresh)
+    columns = [
+        "(SELECT count(*) FROM j WHERE member)",
+        "(SELECT coalesce(array_agg(id ORDER BY id COLLATE \"C\"), '{}') FROM"
+        f" (SELECT id FROM j WHERE member AND ({q.value(query.after)}::text IS NULL"
+        f' OR id COLLATE "C" > {q.value(query.after)}) ORDER BY id COLLATE "C"'
+        f" LIMIT {q.value(page + 1)}) AS p)",
+    ]
+    columns.append(
+        "(SELECT coalesce(array_agg(id), '{}') FROM j WHERE absent)" if fresh else "'{}'::text[]"
     )
-    if plan is not None and plan.removal_candidates:
-        candidates = _array(plan.removal_candidates, params)
-        exists = batch_member_exists_sql(query, "r.id", params)
-        text += (
-            f", (SELECT count(*) FROM unnest({candidates}) AS r(id)"
-            f" WHERE r.id NOT IN (SELECT id FROM m) AND {exists})"
-        )
-    else:
-        text += ", 0"
-    cur = await conn.execute(text.encode(), params)
+    columns.append(_removed_sql(query, plan, q) if plan and plan.removal_candidates else "0")
+    batch_count = batch_counts.get(key, query) if plan is not None else None
+    if plan is not None and batch_count is None:
+        ctes.append(members_cte(query, None, q, "b"))
+        columns.append("(SELECT count(*) FROM b WHERE member)")
+    text = f"WITH {', '.join(ctes)} SELECT {', '.join(columns)}"
+    cur = await conn.execute(text.encode(), q.params)
     row = await cur.fetchone()
     assert row is not None
-    total, ids, removed = int(row[0]), list(row[1]), int(row[2])
+    total, ids, removed = int(row[0]), list(row[1]), int(row[3])
+    if plan is not None and mirror is not None and row[2]:
+        extra = sorted(mirror.fresh_members(query, plan, row[2]))
+        total += len(extra)
+        if query.after is not None:
+            extra = [i for i in extra if i > query.after]
+        ids = list(heapq.merge(ids, extra))[: page + 1]
     has_more = len(ids) > page
     ids = ids[:page]
     if plan is None:
         batch_count, removed = total, 0
-    else:
-        batch_count = await batch_counts.get(conn, key, query)
+    elif batch_count is None:
+        batch_count = int(row[4])
+        batch_counts.put(key, query, batch_count)
     return CohortAnswer(
         total_count=total,
         patient_ids=ids,

@@ -14,8 +14,19 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
+from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import RedisError
 
-from receiver.store import BUCKETS, SpeedStore, is_newer
+from receiver.errors import SpeedLayerUnavailable
+from receiver.store import (
+    BUCKETS,
+    EPOCH_KEY,
+    GENERATION_KEY,
+    POLLER_WATERMARK_KEY,
+    SpeedStore,
+    is_newer,
+    tag,
+)
 from serving.cohort import (
     CohortQuery,
     Criterion,
@@ -131,12 +142,31 @@ def _year_may_match(year: str, crit: DateCriterion) -> bool:
 
 @dataclass
 class Plan:
-    """What the speed layer changes for one query (see serving.merge)."""
+    """What the speed layer changes for one query (see serving.merge).
 
-    speed_patients: list[str]  # patients meeting the patient parameters only in the speed layer
+    `speed_patients` are the patients meeting the patient parameters only in the speed layer.
+    With Condition/Observation parameters it holds only those with a batch row (their batch row
+    did not meet them); patients the batch layer does not hold at all are in `fresh`, checked
+    against the few ids the SQL finds without a batch row (so 100,000 new patients are never
+    shipped to PostgreSQL for a condition query).
+    """
+
+    speed_patients: list[str]
     hidden_patients: list[str]  # batch patients whose winning speed version no longer meets them
     criteria: list[tuple[list[str], list[str]]]  # per parameter: (speed patient ids, hidden ids)
     removal_candidates: list[str]  # batch members the speed layer may take away
+    fresh: Mapping[str, Rows] = field(default_factory=dict)  # speed-only patients: their rows
+
+    @property
+    def touches_nothing(self) -> bool:
+        """The speed layer changes nothing this query looks at (the batch SQL alone answers)."""
+        return not (
+            self.speed_patients
+            or self.hidden_patients
+            or self.removal_candidates
+            or self.fresh
+            or any(s or h for s, h in self.criteria)
+        )
 
 
 @dataclass
@@ -152,6 +182,11 @@ class TypeMirror:
     overriding: set[str] = field(default_factory=set)  # winning speed entries with a batch row
     winning: set[str] = field(default_factory=set)
     seqs: list[int] = field(default_factory=lambda: [0] * BUCKETS)
+    counters: list[int] = field(default_factory=lambda: [-1] * BUCKETS)  # `seq` at last read
+    # Rows of winning present entries without a present batch row. Copy-on-write: a Plan keeps
+    # the dict it was given while later syncs change a copy.
+    fresh: dict[str, Rows] = field(default_factory=dict)
+    fresh_shared: bool = False
 
     def __post_init__(self) -> None:
         self.speed = RowIndex(self.resource_type)
@@ -174,24 +209,45 @@ class TypeMirror:
         self.unchecked.discard(rid)
         self._status(rid)
 
+    def share_fresh(self) -> Mapping[str, Rows]:
+        self.fresh_shared = True
+        return self.fresh
+
+    def _set_fresh(self, rid: str, rows: Rows | None) -> None:
+        if rows is None and rid not in self.fresh:
+            return
+        if self.fresh_shared:
+            self.fresh = dict(self.fresh)
+            self.fresh_shared = False
+        if rows is None:
+            del self.fresh[rid]
+        else:
+            self.fresh[rid] = rows
+
     def _status(self, rid: str) -> None:
         self.speed.remove(rid)
         self.over.remove(rid)
         self.winning.discard(rid)
         self.overriding.discard(rid)
-        held = self.entries.get(rid)
-        if held is None or rid in self.unchecked:
-            return
-        old = self.batch.get(rid)
-        if old is not None and not is_newer(held.vn, held.lum, old.vn, old.lum):
-            return  # the batch layer holds this version or a newer one
-        self.winning.add(rid)
-        if not held.deleted and self.main:
-            self.speed.add(rid, held.rows.get(self.main, []))
-        if old is not None and not old.deleted:
-            self.overriding.add(rid)
-            if self.main:
-                self.over.add(rid, old.rows.get(self.main, []))
+        fresh: Rows | None = None
+        try:
+            held = self.entries.get(rid)
+            if held is None or rid in self.unchecked:
+                return
+            old = self.batch.get(rid)
+            if old is not None and not is_newer(held.vn, held.lum, old.vn, old.lum):
+                return  # the batch layer holds this version or a newer one
+            self.winning.add(rid)
+            if not held.deleted and self.main:
+                self.speed.add(rid, held.rows.get(self.main, []))
+            if old is not None and not old.deleted:
+                self.overriding.add(rid)
+                if self.main:
+                    self.over.add(rid, old.rows.get(self.main, []))
+            elif not held.deleted and self.main:
+                fresh = held.rows.get(self.main, [])
+        finally:
+            self._set_fresh(rid, fresh)
 
     def winning_rows(self, view: str) -> dict[str, Rows]:
         """Rows of `view` for every present speed entry that wins."""
@@ -216,19 +272,37 @@ class SpeedMirror:
         self.lock = asyncio.Lock()
         self.marker: tuple[str, int] | None = None
         self.batch_key: BatchKey | None = None
+        self.poller_watermark: str | None = None
 
     async def sync(self, store: SpeedStore) -> bool:
         """Bring the mirror up to date; False when the epoch marker is missing (incomplete).
 
-        Raises SpeedLayerUnavailable when Redis cannot be read.
+        One MGET of the epoch, the trim generation, the poller's watermark and every bucket's
+        write counter tells what changed; only types with new writes read their logs. Raises
+        SpeedLayerUnavailable when Redis cannot be read.
         """
-        epoch = await store.epoch()
-        if epoch is None:
+        types = list(self.types.values())
+        keys = [EPOCH_KEY, GENERATION_KEY, POLLER_WATERMARK_KEY] + [
+            tag(tm.resource_type, b) + "seq" for tm in types for b in range(BUCKETS)
+        ]
+        try:
+            if isinstance(store.client, RedisCluster):
+                values = await store.client.mget_nonatomic(keys)
+            else:
+                values = await store.client.mget(keys)
+        except RedisError as exc:
+            raise SpeedLayerUnavailable(f"Redis cannot be read: {exc}") from exc
+        text = [v.decode() if isinstance(v, bytes) else v for v in values]
+        if text[0] is None:
             return False
-        marker = (epoch, await store.generation())
+        self.poller_watermark = text[2]
+        marker = (str(text[0]), int(text[1] or 0))
         full = marker != self.marker
-        for tm in self.types.values():
-            await self._sync_type(store, tm, full)
+        for n, tm in enumerate(types):
+            counters = [int(v or 0) for v in text[3 + n * BUCKETS : 3 + (n + 1) * BUCKETS]]
+            if full or counters != tm.counters:
+                await self._sync_type(store, tm, full)
+                tm.counters = counters
         self.marker = marker
         return True
 
@@ -300,17 +374,30 @@ class SpeedMirror:
     def plan(self, query: CohortQuery) -> Plan:
         """The speed layer's part of one cohort query (call under `lock`, after syncing)."""
         patients = self.types["Patient"]
-        speed_match = {
-            rid
-            for rid in patients.speed.patient_candidates(query)
-            if any(patient_matches(query, r) for r in patients.speed.rows.get(rid, []))
-        }
+
+        def speed_meets(rid: str) -> bool:
+            return any(patient_matches(query, r) for r in patients.speed.rows.get(rid, []))
+
         batch_match = {
             rid
             for rid in patients.over.patient_candidates(query)
             if any(patient_matches(query, r) for r in patients.over.rows.get(rid, []))
         }
-        hidden = batch_match - speed_match
+        # Patients with a batch row whose winning speed version meets the patient parameters.
+        known = {rid for rid in patients.overriding if rid in patients.speed.rows}
+        known_match = {rid for rid in known if speed_meets(rid)}
+        hidden = batch_match - known_match
+        fresh: Mapping[str, Rows] = {}
+        if query.criteria:
+            speed_patients = known_match - batch_match
+            fresh = patients.share_fresh()
+        else:  # no Condition/Observation parameter to narrow them down: ship them all
+            new = {
+                rid
+                for rid in patients.speed.patient_candidates(query)
+                if rid not in patients.overriding and speed_meets(rid)
+            }
+            speed_patients = (known_match - batch_match) | new
         removal = set(hidden)
         criteria: list[tuple[list[str], list[str]]] = []
         for criterion in query.criteria:
@@ -330,5 +417,12 @@ class SpeedMirror:
                 if owners - speed_ids:
                     hidden_ids.append(rid)
                     removal |= owners - speed_ids
-            criteria.append((sorted(speed_ids), hidden_ids))
-        return Plan(sorted(speed_match - batch_match), sorted(hidden), criteria, sorted(removal))
+            criteria.append((list(speed_ids), hidden_ids))
+        return Plan(list(speed_patients), list(hidden), criteria, list(removal), fresh)
+
+    def fresh_members(self, query: CohortQuery, plan: Plan, ids: Iterable[str]) -> list[str]:
+        """Of `ids` (patients the batch layer does not hold), those the speed layer holds and
+        that meet the patient parameters, by the plan's own view of the speed layer."""
+        return [
+            rid for rid in ids if any(patient_matches(query, r) for r in plan.fresh.get(rid, ()))
+        ]
