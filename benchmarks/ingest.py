@@ -71,8 +71,11 @@ def serve_receiver(port: int, redis_url: str = BENCH_REDIS_URL) -> None:
     async def no_hapi(resource_type: str, resource_id: str) -> None:
         return None
 
+    from researchflow_cli import freeze_startup_objects
+
     settings = Settings(redis_url=redis_url, receiver_tokens=(TOKEN,))
     app = create_app(settings, derive=default_deriver(), latest_version=no_hapi)
+    freeze_startup_objects()  # as `researchflow receiver` does
     uvicorn.run(
         app,
         host="127.0.0.1",
