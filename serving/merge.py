@@ -285,7 +285,9 @@ async def cohort(
         ctes.append(members_cte(query, None, q, "b"))
         columns.append("(SELECT count(*) FROM b WHERE member)")
     text = f"WITH {', '.join(ctes)} SELECT {', '.join(columns)}"
-    cur = await conn.execute(text.encode(), q.params)
+    # Never prepared: a generic plan would treat the arrays as unknown parameters (no hashed
+    # `= ANY`, no row estimates from their length).
+    cur = await conn.execute(text.encode(), q.params, prepare=False)
     row = await cur.fetchone()
     assert row is not None
     total, ids, removed = int(row[0]), list(row[1]), int(row[3])

@@ -109,7 +109,9 @@ class RowIndex:
         if query.birthdates:
             years = [k for k in self.keys if k.startswith("birthyear:")]
             keep = [
-                k for k in years if any(_year_may_match(k[10:], d) for d in query.birthdates[0])
+                k
+                for k in years
+                if all(any(_year_may_match(k[10:], d) for d in dates) for dates in query.birthdates)
             ]
             return self._union(keep)
         return self.rows.keys()
