@@ -220,7 +220,16 @@ def validate_resource(
             f"the body id {resource_id!r} does not match the path id {path_id!r}",
             [Issue("invalid", "id does not match the URL", "id")],
         )
-    if _deeper_than(data, MAX_DEPTH):
+    raw: bytes | None = body if isinstance(body, bytes) else None
+    if raw is None:
+        try:
+            raw = orjson.dumps(data)
+        except orjson.JSONEncodeError:  # orjson refuses more than 255 levels
+            raw = None
+    # Each level opens a bracket: with fewer brackets than the limit no walk is needed.
+    if raw is None or (
+        raw.count(b"{") + raw.count(b"[") >= MAX_DEPTH and _deeper_than(data, MAX_DEPTH)
+    ):
         raise InvalidResource(
             f"{resource_type}/{resource_id} nests JSON deeper than {MAX_DEPTH} levels",
             [Issue("too-costly", f"JSON nested deeper than {MAX_DEPTH} levels")],
@@ -233,7 +242,6 @@ def validate_resource(
     meta: dict[str, Any] = data["meta"] if isinstance(data.get("meta"), dict) else {}
     version_id = meta.get("versionId") if isinstance(meta.get("versionId"), str) else None
     last_updated = meta.get("lastUpdated") if isinstance(meta.get("lastUpdated"), str) else None
-    raw = orjson.dumps(data) if isinstance(body, dict) else body
     return ValidResource(resource_type, resource_id, version_id, last_updated, raw, data)
 
 
