@@ -376,9 +376,10 @@ _SQL_HIGH = (
 )
 
 
-def _date_sql(crit: DateCriterion, params: list[Any]) -> str:
-    low = _SQL_LOW.format(c="birth_date")
-    high = _SQL_HIGH.format(c="birth_date")
+_DAY_SQL = "birth_date ~ '^[0-9]{4}-[0-9]{2}-[0-9]{2}$'"
+
+
+def _range_sql(crit: DateCriterion, params: list[Any], low: str, high: str) -> str:
     contained = f"({low} >= %s AND {high} <= %s)"
     if crit.prefix in ("eq", "ne"):
         params.extend([crit.low, crit.high])
@@ -402,11 +403,28 @@ def patient_sql(query: CohortQuery, params: list[Any]) -> str:
     for genders in query.genders:
         parts.append("gender = ANY(%s::text[])")
         params.append(list(genders))
+    if query.birthdates:
+        # A full date (nearly every row) is its own range: one regex per row picks the plain
+        # comparisons instead of the dozen regexes the general range expressions evaluate.
+        day_params: list[Any] = []
+        general_params: list[Any] = []
+        low, high = _SQL_LOW.format(c="birth_date"), _SQL_HIGH.format(c="birth_date")
+        day = [
+            "("
+            + " OR ".join(_range_sql(d, day_params, "birth_date", "birth_date") for d in ds)
+            + ")"
+            for ds in query.birthdates
+        ]
+        general = [
+            "(" + " OR ".join(_range_sql(d, general_params, low, high) for d in ds) + ")"
+            for ds in query.birthdates
+        ]
+        parts.append(
+            f"COALESCE(CASE WHEN {_DAY_SQL} THEN {' AND '.join(day)}"
+            f" ELSE {' AND '.join(general)} END, FALSE)"
+        )
+        params.extend(day_params + general_params)
     for dates in query.birthdates:
-        alternatives = []
-        for d in dates:
-            alternatives.append(_date_sql(d, params))
-        parts.append("COALESCE(" + " OR ".join(alternatives) + ", FALSE)")
         if len(dates) == 1:
             # Index-usable bounds the exact test implies: a date string sorts at or after
             # its year and at or before its own first day.

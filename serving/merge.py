@@ -269,22 +269,25 @@ async def cohort(
     ctes = [members_cte(query, plan, q)]
     page = query.count if query.ids else 0
     fresh = plan is not None and bool(plan.fresh)
+    # The count and the ids without a batch patient in one pass over j.
+    absent = "coalesce(array_agg(id) FILTER (WHERE absent), '{}')" if fresh else "'{}'::text[]"
     columns = [
-        "(SELECT count(*) FROM j WHERE member)",
+        "a.n",
         "(SELECT coalesce(array_agg(id ORDER BY id COLLATE \"C\"), '{}') FROM"
         f" (SELECT id FROM j WHERE member AND ({q.value(query.after)}::text IS NULL"
         f' OR id COLLATE "C" > {q.value(query.after)}) ORDER BY id COLLATE "C"'
         f" LIMIT {q.value(page + 1)}) AS p)",
     ]
-    columns.append(
-        "(SELECT coalesce(array_agg(id), '{}') FROM j WHERE absent)" if fresh else "'{}'::text[]"
-    )
+    columns.append("a.absent")
     columns.append(_removed_sql(query, plan, q) if plan and plan.removal_candidates else "0")
     batch_count = batch_counts.get(key, query) if plan is not None else None
     if plan is not None and batch_count is None:
         ctes.append(members_cte(query, None, q, "b"))
         columns.append("(SELECT count(*) FROM b WHERE member)")
-    text = f"WITH {', '.join(ctes)} SELECT {', '.join(columns)}"
+    text = (
+        f"WITH {', '.join(ctes)} SELECT {', '.join(columns)} FROM (SELECT"
+        f" count(*) FILTER (WHERE member) AS n, {absent} AS absent FROM j) AS a"
+    )
     # Never prepared: a generic plan would treat the arrays as unknown parameters (no hashed
     # `= ANY`, no row estimates from their length).
     cur = await conn.execute(text.encode(), q.params, prepare=False)

@@ -64,36 +64,58 @@ class RowIndex:
         self.resource_type = resource_type
         self.rows: dict[str, Rows] = {}
         self.keys: dict[str, set[str]] = {}
-        self.texts: dict[str, set[str]] = {}
+        # lower-cased code text or display -> {resource id: patients of its counting rows
+        # carrying that text}: a condition-text parameter is met without a per-row check.
+        self.texts: dict[str, dict[str, frozenset[str]]] = {}
         self._of: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {}
 
     def add(self, rid: str, rows: Rows) -> None:
         self.remove(rid)
         self.rows[rid] = rows
         keys = index_entries(self.resource_type, rows)
-        texts: dict[str, None] = {}
+        texts: dict[str, set[str]] = {}
         for row in rows:
             if counts(self.resource_type, row):
                 for col in ("code_text", "code_display"):
                     if isinstance(row.get(col), str):
-                        texts[row[col].lower()] = None
+                        owners = texts.setdefault(row[col].lower(), set())
+                        if row.get("patient_id"):
+                            owners.add(row["patient_id"])
         for key in keys:
             self.keys.setdefault(key, set()).add(rid)
-        for text in texts:
-            self.texts.setdefault(text, set()).add(rid)
+        for text, owners in texts.items():
+            self.texts.setdefault(text, {})[rid] = frozenset(owners)
         self._of[rid] = (keys, tuple(texts))
 
     def remove(self, rid: str) -> None:
         if self.rows.pop(rid, None) is None:
             return
         keys, texts = self._of.pop(rid)
-        for name, table in ((keys, self.keys), (texts, self.texts)):
-            for key in name:
-                ids = table.get(key)
-                if ids is not None:
-                    ids.discard(rid)
-                    if not ids:
-                        del table[key]
+        for key in keys:
+            ids = self.keys.get(key)
+            if ids is not None:
+                ids.discard(rid)
+                if not ids:
+                    del self.keys[key]
+        for text in texts:
+            by_rid = self.texts.get(text)
+            if by_rid is not None:
+                by_rid.pop(rid, None)
+                if not by_rid:
+                    del self.texts[text]
+
+    def text_owners(self, criterion: Criterion) -> dict[str, set[str]]:
+        """Per resource, the patients of its counting rows meeting a condition-text parameter
+        (exactly `criterion_matches`: a row counts and a text or display contains a needle)."""
+        out: dict[str, set[str]] = {}
+        for text, by_rid in self.texts.items():
+            if any(t in text for t in criterion.texts):
+                for rid, owners in by_rid.items():
+                    if rid in out:
+                        out[rid] |= owners
+                    else:
+                        out[rid] = set(owners)
+        return out
 
     def _union(self, keys: Iterable[str]) -> set[str]:
         out: set[str] = set()
@@ -119,11 +141,7 @@ class RowIndex:
     def criterion_candidates(self, criterion: Criterion) -> set[str]:
         """A superset of the resources meeting one Condition/Observation parameter."""
         if criterion.kind == "condition-text":
-            out: set[str] = set()
-            for text, ids in self.texts.items():
-                if any(t in text for t in criterion.texts):
-                    out |= ids
-            return out
+            return set(self.text_owners(criterion))
         keys = [
             f"code:{c.code}" if c.system is None else f"code:{c.system}|{c.code}"
             for c in criterion.codes
@@ -405,17 +423,25 @@ class SpeedMirror:
         for criterion in query.criteria:
             tm = self.types[criterion.resource_type]
             speed_ids: set[str] = set()
-            for rid in tm.speed.criterion_candidates(criterion):
-                for row in tm.speed.rows.get(rid, []):
-                    if row.get("patient_id") and criterion_matches(criterion, row):
-                        speed_ids.add(row["patient_id"])
-            hidden_ids: list[str] = []
-            for rid in tm.over.criterion_candidates(criterion):
-                owners = {
-                    r["patient_id"]
-                    for r in tm.over.rows.get(rid, [])
-                    if r.get("patient_id") and criterion_matches(criterion, r)
+            if criterion.kind == "condition-text":
+                for owners in tm.speed.text_owners(criterion).values():
+                    speed_ids |= owners
+                over = tm.over.text_owners(criterion)
+            else:
+                for rid in tm.speed.criterion_candidates(criterion):
+                    for row in tm.speed.rows.get(rid, []):
+                        if row.get("patient_id") and criterion_matches(criterion, row):
+                            speed_ids.add(row["patient_id"])
+                over = {
+                    rid: {
+                        r["patient_id"]
+                        for r in tm.over.rows.get(rid, [])
+                        if r.get("patient_id") and criterion_matches(criterion, r)
+                    }
+                    for rid in tm.over.criterion_candidates(criterion)
                 }
+            hidden_ids: list[str] = []
+            for rid, owners in over.items():
                 if owners - speed_ids:
                     hidden_ids.append(rid)
                     removal |= owners - speed_ids
