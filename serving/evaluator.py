@@ -286,12 +286,32 @@ def _static_type(parent_type: str, key: str) -> str:
     return _PATH_TO_TYPE.get(child, child)
 
 
+_OF_TYPE_RE = re.compile(
+    r"^(?P<name>[a-z][A-Za-z0-9]*)\.ofType\((?P<type>[A-Za-z]+)\)(?P<rest>(?:\..*)?)$"
+)
+
+
+def _concrete_choice(text: str, context_type: str) -> str:
+    """`onset.ofType(dateTime)...` -> `onsetDateTime...` when `onset` is a choice element of
+    the context type with that type: the JSON holds exactly that key (FHIR's JSON form)."""
+    match = _OF_TYPE_RE.match(text)
+    if match is None:
+        return text
+    name, wanted = match["name"], match["type"]
+    suffix = wanted[0].upper() + wanted[1:]
+    if suffix not in _CHOICE_PATHS.get(f"{context_type}.{name}", ()):
+        return text
+    return f"{name}{suffix}{match['rest']}"
+
+
 def _compile_fast(
     text: str, context_type: str | None
 ) -> tuple[Callable[[list[Any]], list[Any]], str | None]:
     """A direct JSON walk equivalent to fhirpathpy for a plain path, or _Unsupported."""
-    match = _FAST_RE.match(text.strip())
-    if match is None or context_type is None:
+    if context_type is None:
+        raise _Unsupported(text)
+    match = _FAST_RE.match(_concrete_choice(text.strip(), context_type))
+    if match is None:
         raise _Unsupported(text)
     keys = tuple(match["path"].split(".")) if match["path"] else ()
     if any(key in _KEYWORDS for key in keys):

@@ -23,7 +23,13 @@ from serving.conformance import (
     run_case,
     run_suite,
 )
-from serving.evaluator import ViewEvaluationError, compile_view, evaluate, reference_key
+from serving.evaluator import (
+    ViewEvaluationError,
+    _Expression,
+    compile_view,
+    evaluate,
+    reference_key,
+)
 from serving.viewdef import ColumnInfo, load_view, load_view_file, shipped_views
 
 SUITE = load_suite(default_suite_dir())
@@ -586,3 +592,38 @@ def test_constants_and_view_metadata() -> None:
     assert sorted(view.expressions()) == sorted(
         ["name.where(family = %fam).exists()", "name[%n].family"]
     )
+
+
+CHOICE_CASES = [
+    ("Condition", "onset.ofType(dateTime)", {"onsetDateTime": "2025-06"}),
+    ("Condition", "onset.ofType(dateTime)", {"onsetString": "childhood"}),
+    ("Condition", "onset.ofType(string)", {"onsetString": "childhood"}),
+    ("Condition", "onset.ofType(Period).start", {"onsetPeriod": {"start": "2020-01-01"}}),
+    ("Observation", "value.ofType(Quantity).value", {"valueQuantity": {"value": 6.5, "unit": "%"}}),
+    ("Observation", "value.ofType(Quantity).unit", {"valueString": "high"}),
+    ("Observation", "value.ofType(string)", {"valueString": "high"}),
+    ("Observation", "value.ofType(integer)", {"valueInteger": 3}),
+    ("Observation", "value.ofType(boolean)", {"valueBoolean": False}),
+    ("Observation", "effective.ofType(dateTime)", {"effectiveDateTime": "2025-01-02T08:30:00Z"}),
+    ("Patient", "deceased.ofType(boolean)", {"deceasedBoolean": True}),
+    ("Patient", "deceased.ofType(dateTime)", {"deceasedBoolean": True}),
+]
+
+
+@pytest.mark.parametrize(("resource_type", "path", "fields"), CHOICE_CASES)
+def test_choice_of_type_fast_path_equals_fhirpathpy(
+    resource_type: str, path: str, fields: dict[str, Any]
+) -> None:
+    view = load_view(
+        {
+            "resourceType": "ViewDefinition",
+            "resource": resource_type,
+            "select": [{"column": [{"name": "v", "path": path}]}],
+        }
+    )
+    resource = {"resourceType": resource_type, "id": "x", **fields}
+    fast = compile_view(view).rows(resource)
+    slow = compile_view(view, fast_path=False).rows(resource)
+    assert fast == slow
+    # The fast path does take these (a JSON key lookup, not fhirpathpy's interpreter).
+    assert _Expression(path, resource_type).fast is not None
