@@ -67,6 +67,7 @@ class RowIndex:
         # lower-cased code text or display -> {resource id: patients of its counting rows
         # carrying that text}: a condition-text parameter is met without a per-row check.
         self.texts: dict[str, dict[str, frozenset[str]]] = {}
+        self.text_patients: dict[str, dict[str, int]] = {}  # text -> patient -> resources
         self._of: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {}
 
     def add(self, rid: str, rows: Rows) -> None:
@@ -85,6 +86,9 @@ class RowIndex:
             self.keys.setdefault(key, set()).add(rid)
         for text, owners in texts.items():
             self.texts.setdefault(text, {})[rid] = frozenset(owners)
+            counted = self.text_patients.setdefault(text, {})
+            for pid in owners:
+                counted[pid] = counted.get(pid, 0) + 1
         self._of[rid] = (keys, tuple(texts))
 
     def remove(self, rid: str) -> None:
@@ -99,10 +103,25 @@ class RowIndex:
                     del self.keys[key]
         for text in texts:
             by_rid = self.texts.get(text)
-            if by_rid is not None:
-                by_rid.pop(rid, None)
-                if not by_rid:
-                    del self.texts[text]
+            if by_rid is None:
+                continue
+            counted = self.text_patients[text]
+            for pid in by_rid.pop(rid, ()):
+                if counted[pid] == 1:
+                    del counted[pid]
+                else:
+                    counted[pid] -= 1
+            if not by_rid:
+                del self.texts[text]
+                del self.text_patients[text]
+
+    def text_patients_of(self, criterion: Criterion) -> set[str]:
+        """The patients of counting rows meeting a condition-text parameter."""
+        out: set[str] = set()
+        for text, counted in self.text_patients.items():
+            if any(t in text for t in criterion.texts):
+                out.update(counted)
+        return out
 
     def text_owners(self, criterion: Criterion) -> dict[str, set[str]]:
         """Per resource, the patients of its counting rows meeting a condition-text parameter
@@ -424,8 +443,7 @@ class SpeedMirror:
             tm = self.types[criterion.resource_type]
             speed_ids: set[str] = set()
             if criterion.kind == "condition-text":
-                for owners in tm.speed.text_owners(criterion).values():
-                    speed_ids |= owners
+                speed_ids = tm.speed.text_patients_of(criterion)
                 over = tm.over.text_owners(criterion)
             else:
                 for rid in tm.speed.criterion_candidates(criterion):
