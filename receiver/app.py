@@ -130,7 +130,12 @@ async def _guarded(request: Request, handler: Callable[[bytes], Awaitable[Respon
         )
 
 
-def _check_path(resource_type: str, resource_id: str) -> None:
+def _check_path(resource_type: str, resource_id: str, allowed: tuple[str, ...] = ()) -> None:
+    if allowed and resource_type not in allowed:
+        message = (
+            f"resource type {resource_type[:80]!r} is not taken here (RECEIVER_RESOURCE_TYPES)"
+        )
+        raise InvalidRequest(message, [Issue("not-supported", message, "resourceType")])
     if not is_resource_type(resource_type):
         raise InvalidRequest(
             f"unknown resource type {resource_type[:80]!r}",
@@ -152,7 +157,7 @@ async def put_resource(request: Request) -> Response:
 
     async def handle(body: bytes) -> Response:
         started = time.perf_counter()
-        _check_path(resource_type, resource_id)
+        _check_path(resource_type, resource_id, request.app.state.settings.receiver_resource_types)
         if not _is_json(request.headers.get("content-type")):
             return outcome_response(
                 415,
@@ -179,7 +184,7 @@ async def delete_resource(request: Request) -> Response:
     metrics: Metrics = request.app.state.metrics
 
     async def handle(_: bytes) -> Response:
-        _check_path(resource_type, resource_id)
+        _check_path(resource_type, resource_id, request.app.state.settings.receiver_resource_types)
         await apply_delete(store, latest_version, resource_type, resource_id)
         metrics.notifications.labels(resource_type, "deleted").inc()
         return Response(status_code=204)
@@ -237,7 +242,13 @@ async def post_root(request: Request) -> Response:
                 415, [Issue("not-supported", "a notification Bundle must be FHIR JSON")]
             )
         data = parse_json(body)
-        await apply_notification_bundle(store, derive, data, request.state.latest_version)
+        await apply_notification_bundle(
+            store,
+            derive,
+            data,
+            request.state.latest_version,
+            request.app.state.settings.receiver_resource_types,
+        )
         return Response(status_code=204)
 
     return await _guarded(request, handle)
@@ -248,6 +259,7 @@ async def apply_notification_bundle(
     derive: Deriver | None,
     data: Any,
     latest_version: LatestVersion | None = None,
+    allowed: tuple[str, ...] = (),
 ) -> None:
     """A topic-based (R4 backport) notification: a history Bundle led by its status Parameters.
 
@@ -281,6 +293,8 @@ async def apply_notification_bundle(
             entry["request"] if isinstance(entry.get("request"), dict) else {}
         )
         if isinstance(resource, dict):
+            if allowed and resource.get("resourceType") not in allowed:
+                _check_path(str(resource.get("resourceType"))[:80], "x", allowed)
             try:
                 valid.append(validate_resource(resource))
             except InvalidResource as exc:
@@ -293,7 +307,7 @@ async def apply_notification_bundle(
                 raise InvalidResource(exc.message, issues) from exc
         elif request_part.get("method") == "DELETE" and isinstance(request_part.get("url"), str):
             type_, _, id_ = request_part["url"].partition("/")
-            _check_path(type_, id_.split("/", 1)[0])
+            _check_path(type_, id_.split("/", 1)[0], allowed)
             deletes.append((type_, id_.split("/", 1)[0]))
         else:
             ids_only = True  # id-only or empty content: the poller fetches what changed

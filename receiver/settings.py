@@ -65,6 +65,9 @@ class Settings:
     poll_interval_seconds: int = 300
     hapi_database_url: str | None = None
     receiver_max_body_bytes: int = 8 * 1024 * 1024
+    # Resource types the receiver takes (empty: every FHIR resource type). Not in the
+    # contract's table: an operator's limit (issue "Reliability, security and scale-out").
+    receiver_resource_types: tuple[str, ...] = ()
     speed_max_age_hours: int | None = None
     min_cell_count: int | None = None
     instance: str = field(default="")
@@ -98,6 +101,7 @@ class Settings:
                 env, "RECEIVER_MAX_BODY_BYTES", defaults.receiver_max_body_bytes
             )
             or defaults.receiver_max_body_bytes,
+            receiver_resource_types=_tokens(env, "RECEIVER_RESOURCE_TYPES"),
             speed_max_age_hours=_int(env, "SPEED_MAX_AGE_HOURS", None),
             min_cell_count=_int(env, "MIN_CELL_COUNT", None),
             instance=env.get("RESEARCHFLOW_INSTANCE") or instance_from_url(receiver_url),

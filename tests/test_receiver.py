@@ -526,3 +526,38 @@ async def test_topic_notification_delete_entry_uses_hapis_version(
     entry = await store.get("Patient", "p1")
     assert entry is not None and entry.state == "deleted" and entry.version_id == "7"
     assert await store.take_catchup() is None
+
+
+async def test_resource_types_can_be_limited(redis_client: aioredis.Redis) -> None:
+    app = create_app(
+        receiver_settings(receiver_resource_types=("Patient", "Condition")), latest_version=no_hapi
+    )
+    observation = {
+        "resourceType": "Observation",
+        "id": "o1",
+        "status": "final",
+        "code": {"text": "x"},
+    }
+    async with running(app) as client:
+        assert (
+            await client.put("/fhir/Patient/p1", content=json.dumps(patient()), headers=HEADERS)
+        ).status_code == 204
+        refused = await client.put(
+            "/fhir/Observation/o1", content=json.dumps(observation), headers=HEADERS
+        )
+        assert refused.status_code == 400
+        assert "RECEIVER_RESOURCE_TYPES" in refused.json()["issue"][0]["diagnostics"]
+        bundle = topic_bundle({"resource": observation})
+        assert (
+            await client.post("/fhir", content=json.dumps(bundle), headers=HEADERS)
+        ).status_code == 400
+        assert (
+            await client.delete(
+                "/fhir/Observation/o1", headers={"Authorization": f"Bearer {TOKEN}"}
+            )
+        ).status_code == 400
+    store = SpeedStore(redis_client)
+    assert await store.get("Observation", "o1") is None
+    assert Settings.from_env(
+        {"RECEIVER_RESOURCE_TYPES": "Patient, Condition"}
+    ).receiver_resource_types == ("Patient", "Condition")
