@@ -159,6 +159,26 @@ local function drop_derived(prefix, r, id)
     end
   end
 end
+-- Write the derived data laid out in ARGV from position i: nviews, (view, rows)..., nix,
+-- ix..., and remember on the resource hash which keys hold it (for drop_derived).
+local function write_derived(prefix, r, id, i)
+  local nviews = tonumber(ARGV[i])
+  local views = {}
+  for k = 1, nviews do
+    local v = ARGV[i + 2 * k - 1]
+    redis.call('HSET', prefix .. 'rows:' .. v, id, ARGV[i + 2 * k])
+    views[#views + 1] = v
+  end
+  i = i + 2 * nviews + 1
+  local nix = tonumber(ARGV[i])
+  local ix = {}
+  for k = 1, nix do
+    redis.call('SADD', prefix .. 'ix:' .. ARGV[i + k], id)
+    ix[#ix + 1] = ARGV[i + k]
+  end
+  redis.call('HSET', r, 'views', #views > 0 and cjson.encode(views) or '',
+    'ix', #ix > 0 and cjson.encode(ix) or '')
+end
 """
 
 # KEYS[1] resource hash, KEYS[2] ver hash, KEYS[3] chg zset
@@ -183,23 +203,7 @@ redis.call('HSET', ver, id, st .. '|' .. ARGV[3] .. '|' .. ARGV[4] .. '|' .. ARG
 redis.call('ZADD', chg, tonumber(ARGV[9]), id)
 -- A per-bucket log in write order, so a reader can follow changes incrementally.
 redis.call('ZADD', prefix .. 'log', redis.call('INCR', prefix .. 'seq'), id)
-local i = 12
-local nviews = tonumber(ARGV[i])
-local views = {}
-for k = 1, nviews do
-  local v, rows = ARGV[i + 2 * k - 1], ARGV[i + 2 * k]
-  redis.call('HSET', prefix .. 'rows:' .. v, id, rows)
-  views[#views + 1] = v
-end
-i = i + 2 * nviews + 1
-local nix = tonumber(ARGV[i])
-local ix = {}
-for k = 1, nix do
-  redis.call('SADD', prefix .. 'ix:' .. ARGV[i + k], id)
-  ix[#ix + 1] = ARGV[i + k]
-end
-redis.call('HSET', r, 'views', #views > 0 and cjson.encode(views) or '',
-  'ix', #ix > 0 and cjson.encode(ix) or '')
+write_derived(prefix, r, id, 12)
 local ttl = tonumber(ARGV[11])
 if ttl > 0 then redis.call('EXPIRE', r, ttl) else redis.call('PERSIST', r) end
 return 1
@@ -246,26 +250,23 @@ if tonumber(old[1]) ~= tonumber(ARGV[3]) or tonumber(old[2]) ~= tonumber(ARGV[4]
   return 0
 end
 drop_derived(prefix, r, id)
-local i = 5
-local nviews = tonumber(ARGV[i])
-local views = {}
-for k = 1, nviews do
-  redis.call('HSET', prefix .. 'rows:' .. ARGV[i + 2 * k - 1], id, ARGV[i + 2 * k])
-  views[#views + 1] = ARGV[i + 2 * k - 1]
-end
-i = i + 2 * nviews + 1
-local nix = tonumber(ARGV[i])
-local ix = {}
-for k = 1, nix do
-  redis.call('SADD', prefix .. 'ix:' .. ARGV[i + k], id)
-  ix[#ix + 1] = ARGV[i + k]
-end
-redis.call('HSET', r, 'views', #views > 0 and cjson.encode(views) or '',
-  'ix', #ix > 0 and cjson.encode(ix) or '')
+write_derived(prefix, r, id, 5)
 redis.call('ZADD', prefix .. 'log', redis.call('INCR', prefix .. 'seq'), id)
 return 1
 """
 )
+
+
+def _derived_args(derived: Derived | None) -> list[Any]:
+    """The ARGV tail the Lua `write_derived` reads: nviews, (view, rows)..., nix, ix..."""
+    if derived is None:
+        return [0, 0]
+    args: list[Any] = [len(derived.rows)]
+    for view, rows in derived.rows.items():
+        args.extend([view, rows])
+    args.append(len(derived.index))
+    args.extend(derived.index)
+    return args
 
 
 def connect(settings: Settings) -> RedisClient:
@@ -471,12 +472,8 @@ class SpeedStore:
                     version.resource_id,
                     repr(version.version_number),
                     repr(version.last_updated_ms),
-                    len(derived.rows),
+                    *_derived_args(derived),
                 ]
-                for view, rows in derived.rows.items():
-                    args.extend([view, rows])
-                args.append(len(derived.index))
-                args.extend(derived.index)
                 keys = [prefix + "r:" + version.resource_id, prefix + "ver", prefix + "chg"]
                 calls.append((keys, args))
             if not calls:
@@ -870,13 +867,7 @@ class SpeedStore:
             repr(now_ms),
             self.expire_seconds,
         ]
-        rows = {} if item.deleted or item.derived is None else item.derived.rows
-        args.append(len(rows))
-        for view, view_rows in rows.items():
-            args.extend([view, view_rows])
-        index = () if item.deleted or item.derived is None else item.derived.index
-        args.append(len(index))
-        args.extend(index)
+        args.extend(_derived_args(None if item.deleted else item.derived))
         keys = [prefix + "r:" + item.resource_id, prefix + "ver", prefix + "chg"]
         return keys, args
 
