@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import uuid
@@ -49,18 +50,24 @@ async def store(redis_client: aioredis.Redis) -> SpeedStore:
     return SpeedStore(redis_client)
 
 
+@contextlib.contextmanager
+def fresh_database(prefix: str = "rf_test") -> Iterator[str]:
+    """A new, empty PostgreSQL database (its URL), dropped afterwards."""
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(TEST_PG_ADMIN_URL, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"'.encode())
+    try:
+        yield TEST_PG_ADMIN_URL.rsplit("/", 1)[0] + "/" + name
+    finally:
+        with psycopg.connect(TEST_PG_ADMIN_URL, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'.encode())
+
+
 @pytest.fixture
 def pg_url() -> Iterator[str]:
     """A fresh, empty PostgreSQL database for one test, dropped afterwards."""
-    name = f"rf_test_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(TEST_PG_ADMIN_URL, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    url = TEST_PG_ADMIN_URL.rsplit("/", 1)[0] + "/" + name
-    try:
+    with fresh_database() as url:
         yield url
-    finally:
-        with psycopg.connect(TEST_PG_ADMIN_URL, autocommit=True) as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @pytest.fixture

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -12,22 +11,15 @@ import pytest
 
 from receiver.settings import Settings
 from serving import batch
-from tests.conftest import TEST_PG_ADMIN_URL
+from tests.conftest import fresh_database
 from tests.test_hapi_db import HAPI_DDL, Hapi
 
 
 @pytest.fixture
 def hapi_url() -> Iterator[str]:
     """HAPI's database: a second fresh database with HAPI's tables."""
-    name = f"rf_hapi_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(TEST_PG_ADMIN_URL, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    url = TEST_PG_ADMIN_URL.rsplit("/", 1)[0] + "/" + name
-    try:
+    with fresh_database("rf_hapi") as url:
         yield url
-    finally:
-        with psycopg.connect(TEST_PG_ADMIN_URL, autocommit=True) as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def rows(url: str, sql: str) -> list[tuple[Any, ...]]:

@@ -15,7 +15,6 @@ from __future__ import annotations
 from typing import Any
 
 import hypothesis.strategies as st
-import psycopg
 import pytest
 import redis.asyncio as aioredis
 from hypothesis import HealthCheck, given, settings
@@ -176,18 +175,10 @@ def _query(pairs: list[tuple[str, str]]) -> str:
 
 @pytest.fixture(scope="module")
 def database() -> Any:
-    import uuid
+    from tests.conftest import fresh_database
 
-    from tests.conftest import TEST_PG_ADMIN_URL
-
-    name = f"rf_diff_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(TEST_PG_ADMIN_URL, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"'.encode())
-    try:
-        yield TEST_PG_ADMIN_URL.rsplit("/", 1)[0] + "/" + name
-    finally:
-        with psycopg.connect(TEST_PG_ADMIN_URL, autocommit=True) as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'.encode())
+    with fresh_database("rf_diff") as url:
+        yield url
 
 
 @settings(

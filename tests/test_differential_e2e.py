@@ -13,12 +13,10 @@ state. At least 30 examples per run (`@settings(max_examples=30)`), about a minu
 from __future__ import annotations
 
 import dataclasses
-import uuid
 from collections.abc import Iterator
 from typing import Any
 
 import hypothesis.strategies as st
-import psycopg
 import pytest
 import redis.asyncio as aioredis
 from hypothesis import HealthCheck, given, settings
@@ -33,7 +31,7 @@ from subscriptions import bootstrap
 from subscriptions.fhir_client import FhirClient
 from subscriptions.standin import StandInHapi, serve_asgi, serve_standin
 from tests.asgi import running
-from tests.conftest import TEST_PG_ADMIN_URL, TEST_REDIS_URL
+from tests.conftest import TEST_REDIS_URL, fresh_database
 
 E2E_REDIS_URL = TEST_REDIS_URL.rsplit("/", 1)[0] + "/15"
 PATIENTS = [f"p{i}" for i in range(5)]
@@ -128,14 +126,8 @@ queries = st.lists(
 
 @pytest.fixture(scope="module")
 def database() -> Iterator[str]:
-    name = f"rf_e2e_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(TEST_PG_ADMIN_URL, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"'.encode())
-    try:
-        yield TEST_PG_ADMIN_URL.rsplit("/", 1)[0] + "/" + name
-    finally:
-        with psycopg.connect(TEST_PG_ADMIN_URL, autocommit=True) as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'.encode())
+    with fresh_database("rf_e2e") as url:
+        yield url
 
 
 async def apply(hapi: StandInHapi, changes: list[Op]) -> None:

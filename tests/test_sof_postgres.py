@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,7 @@ from serving.conformance import ENGINES, SuiteCase, compare_rows, load_suite, ru
 from serving.evaluator import evaluate
 from serving.sqlcompiler import column_sql_types, compile_view, postgres_engine
 from serving.viewdef import load_view
-from tests.conftest import TEST_PG_ADMIN_URL
+from tests.conftest import fresh_database
 
 SUITE = load_suite()
 CASES = [(case, suite_file.resources) for suite_file in SUITE for case in suite_file.cases]
@@ -28,15 +27,8 @@ VIEWDEFS = Path(__file__).resolve().parents[1] / "serving" / "viewdefs"
 @pytest.fixture(scope="module")
 def module_pg_url() -> Iterator[str]:
     """One empty database for the whole module: the engine only uses temporary tables."""
-    name = f"rf_test_sof_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(TEST_PG_ADMIN_URL, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    url = TEST_PG_ADMIN_URL.rsplit("/", 1)[0] + "/" + name
-    try:
+    with fresh_database("rf_test_sof") as url:
         yield url
-    finally:
-        with psycopg.connect(TEST_PG_ADMIN_URL, autocommit=True) as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def test_suite_is_complete() -> None:
