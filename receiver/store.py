@@ -321,6 +321,8 @@ class SpeedStore:
         self._pending_hours: dict[str, int] = {}
         self._pending_types: set[str] = set()
         self._last_flush_ms = 0.0
+        self._hour_number = -1
+        self._hour = ""
 
     # -- writes --------------------------------------------------------------------------
 
@@ -360,7 +362,11 @@ class SpeedStore:
         They live under the {meta} tag (another slot than the resource), so they cannot join
         the atomic write; batching keeps them off the per-write round trip.
         """
-        hour = datetime.fromtimestamp(now_ms / 1000.0, UTC).strftime("%Y-%m-%dT%H")
+        hour_number = int(now_ms // 3_600_000)
+        if hour_number != self._hour_number:  # formatting the hour costs more than the count
+            self._hour_number = hour_number
+            self._hour = datetime.fromtimestamp(hour_number * 3600.0, UTC).strftime("%Y-%m-%dT%H")
+        hour = self._hour
         self._pending_hours[hour] = self._pending_hours.get(hour, 0) + n
         self._pending_types.add(resource_type)
         if now_ms - self._last_flush_ms < 1000.0:
