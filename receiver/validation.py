@@ -166,8 +166,10 @@ def check_resource(data: dict[str, Any]) -> list[Issue]:
                     _path(error["loc"]) or None,
                 )
             )
-    except (ValueError, TypeError) as exc:  # fhir.resources raises plain errors now and then
-        issues.append(Issue("invalid", str(exc)[:500]))
+    except (ValueError, TypeError, LookupError) as exc:
+        # fhir.resources raises plain errors now and then, e.g. KeyError('R4.Type') for a
+        # contained resource whose resourceType is "": invalid input, never a 500.
+        issues.append(Issue("invalid", f"{type(exc).__name__}: {str(exc)[:500]}"))
     issues.extend(_binding_issues(resource_type, data))  # type: ignore[arg-type]
     return issues
 

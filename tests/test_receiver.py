@@ -561,3 +561,14 @@ async def test_resource_types_can_be_limited(redis_client: aioredis.Redis) -> No
     assert Settings.from_env(
         {"RECEIVER_RESOURCE_TYPES": "Patient, Condition"}
     ).receiver_resource_types == ("Patient", "Condition")
+
+
+async def test_contained_resource_without_a_type_is_422(
+    client: httpx.AsyncClient, store: SpeedStore
+) -> None:
+    # Found by the fuzzer: fhir.resources raised KeyError('R4.Type') here (a 500).
+    body = {**patient(), "contained": [{"resourceType": "", "id": "pr1"}]}
+    response = await client.put("/fhir/Patient/p1", content=json.dumps(body), headers=HEADERS)
+    assert response.status_code == 422
+    assert response.json()["resourceType"] == "OperationOutcome"
+    assert await store.get("Patient", "p1") is None
