@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-import os
 import shutil
-import signal
 import subprocess
-import tempfile
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
-from tests.procs import free_port, wait_port
+from tests.procs import RedisProcess, free_port
 
 
 class RedisClusterProcesses:
@@ -23,8 +19,7 @@ class RedisClusterProcesses:
         self.ports = [free_port() for _ in range(nodes)]
         # The bus defaults to port + 10000, which overflows for high ephemeral ports.
         self.bus_ports = [free_port() for _ in range(nodes)]
-        self.dir = Path(tempfile.mkdtemp(prefix="rf-cluster-"))
-        self.procs: list[subprocess.Popen[bytes]] = []
+        self.nodes: list[RedisProcess] = []
 
     @property
     def url(self) -> str:
@@ -36,38 +31,16 @@ class RedisClusterProcesses:
         return [f"redis://127.0.0.1:{port}/0" for port in self.ports]
 
     def start(self, timeout: float = 20.0) -> RedisClusterProcesses:
-        server = shutil.which("redis-server") or "redis-server"
         try:
             for port, bus_port in zip(self.ports, self.bus_ports, strict=True):
-                self.procs.append(
-                    subprocess.Popen(
-                        [
-                            server,
-                            "--cluster-enabled",
-                            "yes",
-                            "--cluster-config-file",
-                            str(self.dir / f"nodes-{port}.conf"),
-                            "--cluster-node-timeout",
-                            "5000",
-                            "--port",
-                            str(port),
-                            "--cluster-port",
-                            str(bus_port),
-                            "--bind",
-                            "127.0.0.1",
-                            "--save",
-                            "",
-                            "--appendonly",
-                            "no",
-                            "--dir",
-                            str(self.dir),
-                        ],
-                        stdout=subprocess.DEVNULL,
-                        stderr=subprocess.DEVNULL,
-                    )
-                )
-            for port in self.ports:
-                wait_port(port)
+                node = RedisProcess(
+                    port,
+                    "--cluster-enabled", "yes",
+                    "--cluster-config-file", "nodes.conf",  # in the node's own --dir
+                    "--cluster-node-timeout", "5000",
+                    "--cluster-port", str(bus_port),
+                )  # fmt: skip
+                self.nodes.append(node.start())
             self._cli(
                 "--cluster",
                 "create",
@@ -119,12 +92,9 @@ class RedisClusterProcesses:
             self._cli("flushall", port=port)
 
     def stop(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                os.kill(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=10)
-        self.procs = []
-        shutil.rmtree(self.dir, ignore_errors=True)
+        for node in self.nodes:
+            node.stop()
+        self.nodes = []
 
 
 @pytest.fixture(scope="module")

@@ -34,15 +34,27 @@ def shared_dir() -> Path:
     return SHARED
 
 
-@pytest.fixture
-async def redis_client() -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.Redis.from_url(TEST_REDIS_URL)
+def redis_db(number: int) -> str:
+    """The URL of another database of the test Redis (a module that must not share db 9)."""
+    return TEST_REDIS_URL.rsplit("/", 1)[0] + f"/{number}"
+
+
+@contextlib.asynccontextmanager
+async def empty_redis(url: str = TEST_REDIS_URL) -> AsyncIterator[aioredis.Redis]:
+    """A client of that Redis database, emptied before and after."""
+    client = aioredis.Redis.from_url(url)
     await client.flushdb()
     try:
         yield client
     finally:
         await client.flushdb()
         await client.aclose()
+
+
+@pytest.fixture
+async def redis_client() -> AsyncIterator[aioredis.Redis]:
+    async with empty_redis() as client:
+        yield client
 
 
 @pytest.fixture

@@ -33,22 +33,17 @@ from serving.evaluator import evaluate
 from serving.viewdef import Column, Select, load_view, shipped_views
 from subscriptions.fhir_client import FhirClient
 from subscriptions.standin import StandInHapi, serve_asgi
-from tests.conftest import TEST_REDIS_URL
+from tests.conftest import empty_redis, redis_db
 
 PAGE = 7  # the stand-in's largest page: every traversal has several
 # Its own Redis database: other modules' tests flush theirs (db 9) while these run.
-BATCH_REDIS_URL = TEST_REDIS_URL.rsplit("/", 1)[0] + "/11"
+BATCH_REDIS_URL = redis_db(11)
 
 
 @pytest.fixture
 async def redis_client() -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.Redis.from_url(BATCH_REDIS_URL)
-    await client.flushdb()
-    try:
+    async with empty_redis(BATCH_REDIS_URL) as client:
         yield client
-    finally:
-        await client.flushdb()
-        await client.aclose()
 
 
 class Faults:

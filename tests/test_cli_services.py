@@ -19,10 +19,10 @@ import redis.asyncio
 import researchflow_cli
 from subscriptions import synthetic
 from subscriptions.standin import StandInHapi, ThreadedStandIn, serve_standin_in_thread
-from tests.conftest import TEST_REDIS_URL
+from tests.conftest import redis_db
 from tests.procs import free_port, wait_port
 
-CLI_REDIS_URL = TEST_REDIS_URL.rsplit("/", 1)[0] + "/6"
+CLI_REDIS_URL = redis_db(6)
 
 
 @pytest.fixture

@@ -9,7 +9,6 @@ from typing import Any
 
 import psycopg
 import pytest
-import redis.asyncio as aioredis
 
 from receiver.errors import InvalidRequest
 from receiver.ingest import ingest, ingest_deletion
@@ -19,7 +18,7 @@ from serving.cohort import date_matches, date_range, parse_query
 from serving.derive import default_deriver
 from serving.merge import BatchCounts, cohort
 from serving.speed_index import SpeedMirror
-from tests.conftest import TEST_REDIS_URL
+from tests.conftest import empty_redis, redis_db
 
 LU = "2024-01-01T00:00:00Z"
 
@@ -206,19 +205,14 @@ class Run:
 
 
 # Redis databases of these tests' own: other suites flush TEST_REDIS_URL's database at will.
-OWN_REDIS_URL = TEST_REDIS_URL.rsplit("/", 1)[0] + "/11"
-DIFF_REDIS_URL = TEST_REDIS_URL.rsplit("/", 1)[0] + "/12"
+OWN_REDIS_URL = redis_db(11)
+DIFF_REDIS_URL = redis_db(12)
 
 
 @pytest.fixture
 async def own_store() -> AsyncIterator[SpeedStore]:
-    client = aioredis.Redis.from_url(OWN_REDIS_URL)
-    await client.flushdb()
-    try:
+    async with empty_redis(OWN_REDIS_URL) as client:
         yield SpeedStore(client)
-    finally:
-        await client.flushdb()
-        await client.aclose()
 
 
 @pytest.fixture

@@ -31,9 +31,9 @@ from subscriptions import bootstrap
 from subscriptions.fhir_client import FhirClient
 from subscriptions.standin import StandInHapi, serve_asgi, serve_standin
 from tests.asgi import running
-from tests.conftest import TEST_REDIS_URL, fresh_database
+from tests.conftest import fresh_database, redis_db
 
-E2E_REDIS_URL = TEST_REDIS_URL.rsplit("/", 1)[0] + "/15"
+E2E_REDIS_URL = redis_db(15)
 PATIENTS = [f"p{i}" for i in range(5)]
 CONDITIONS = [f"c{i}" for i in range(5)]
 OBSERVATIONS = [f"o{i}" for i in range(4)]

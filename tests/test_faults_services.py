@@ -28,13 +28,13 @@ from subscriptions.fhir_client import FhirClient
 from subscriptions.poller import run_poller
 from subscriptions.standin import StandInHapi, serve_asgi
 from tests.asgi import running
-from tests.conftest import TEST_REDIS_URL
+from tests.conftest import empty_redis, redis_db
 from tests.procs import PostgresProcess, eventually, free_port
 
 SERVE = "serve-token"
 RECEIVE = "receive-token"
 # Their own Redis database: these tests run whole processes against it.
-FAULTS_REDIS_URL = TEST_REDIS_URL.rsplit("/", 1)[0] + "/7"
+FAULTS_REDIS_URL = redis_db(7)
 
 
 @pytest.fixture
@@ -48,13 +48,8 @@ def private_pg() -> Iterator[PostgresProcess]:
 
 @pytest.fixture
 async def redis_7() -> Any:
-    client = aioredis.Redis.from_url(FAULTS_REDIS_URL)
-    await client.flushdb()
-    try:
+    async with empty_redis(FAULTS_REDIS_URL) as client:
         yield client
-    finally:
-        await client.flushdb()
-        await client.aclose()
 
 
 def patient(pid: str, version: int = 1, gender: str = "male") -> bytes:

@@ -40,7 +40,7 @@ from receiver.app import create_app
 from receiver.settings import Settings
 from receiver.store import HOURLY_KEY, TYPES_KEY, SpeedStore
 from serving.derive import default_deriver
-from tests.conftest import SHARED
+from tests.conftest import SHARED, empty_redis
 
 # A database of its own: other test runs sharing the Redis flush theirs (9) at any moment, and
 # this module compares whole-database snapshots.
@@ -181,13 +181,8 @@ class Fuzzed:
 
 @pytest.fixture
 async def fuzz_redis() -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.Redis.from_url(FUZZ_REDIS_URL)
-    await client.flushdb()
-    try:
+    async with empty_redis(FUZZ_REDIS_URL) as client:
         yield client
-    finally:
-        await client.flushdb()
-        await client.aclose()
 
 
 @pytest.fixture

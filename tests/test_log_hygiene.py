@@ -37,6 +37,7 @@ from serving.status import status_route
 from subscriptions.fhir_client import FhirClient
 from subscriptions.poller import poll_once
 from subscriptions.standin import StandInHapi, _bound_socket, serve_standin
+from tests.conftest import empty_redis
 
 RECEIVER_TOKEN = "rcv-tok-QX7f3a91c2"
 SERVING_TOKEN = "srv-tok-LB2c4d6e8f"
@@ -234,13 +235,8 @@ async def api_flow(base: str) -> None:
 
 @pytest.fixture
 async def hygiene_redis() -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.Redis.from_url(HYGIENE_REDIS_URL)
-    await client.flushdb()
-    try:
+    async with empty_redis(HYGIENE_REDIS_URL) as client:
         yield client
-    finally:
-        await client.flushdb()
-        await client.aclose()
 
 
 async def test_no_secret_or_body_in_any_log_record(

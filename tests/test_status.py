@@ -38,24 +38,17 @@ from serving.status import (
 from subscriptions.bootstrap import desired_subscription
 from subscriptions.fhir_client import FhirClient
 from tests.asgi import running
-from tests.conftest import TEST_REDIS_URL
+from tests.conftest import empty_redis, redis_db
 
 BATCH_WATERMARK = "2026-11-24T02:00:00.000+00:00"
 # Its own Redis database (db 9 is flushed by other modules' tests, 10 and 11 are taken), so
 # these page checks hold while other test runs share the server.
-STATUS_REDIS_URL = TEST_REDIS_URL.rsplit("/", 1)[0] + "/12"
+STATUS_REDIS_URL = redis_db(12)
 
 
-@contextlib.asynccontextmanager
-async def isolated_redis() -> AsyncIterator[aioredis.Redis]:
+def isolated_redis() -> contextlib.AbstractAsyncContextManager[aioredis.Redis]:
     """A client of the status tests' own Redis database, empty before and after."""
-    client = aioredis.Redis.from_url(STATUS_REDIS_URL)
-    await client.flushdb()
-    try:
-        yield client
-    finally:
-        await client.flushdb()
-        await client.aclose()
+    return empty_redis(STATUS_REDIS_URL)
 
 
 @pytest.fixture
