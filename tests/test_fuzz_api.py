@@ -20,7 +20,6 @@ import json
 import os
 import time
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote, urlsplit
 
@@ -33,7 +32,7 @@ from receiver.settings import Settings
 from receiver.store import SpeedStore
 from serving.api import create_app
 from tests.test_cohort import condition, load_batch, observation, patient, put
-from tests.test_fuzz_receiver import Answer, Fuzzed
+from tests.test_fuzz_receiver import Answer, Fuzzed, Tally, write_report
 
 TOKEN = "fuzz-serving-token"
 API_REDIS_URL = os.environ.get("FUZZ_API_REDIS_URL", "redis://127.0.0.1:6379/11")
@@ -62,12 +61,6 @@ CONTRACT_FIELDS = {
 }
 
 
-@dataclass
-class Tally:
-    cases: int = 0
-    statuses: collections.Counter[int] = field(default_factory=collections.Counter)
-
-
 TALLIES: dict[str, Tally] = collections.defaultdict(Tally)
 
 
@@ -75,20 +68,7 @@ TALLIES: dict[str, Tally] = collections.defaultdict(Tally)
 def _write_report() -> Iterator[None]:
     started = time.monotonic()
     yield
-    REPORT.parent.mkdir(exist_ok=True)
-    report = {
-        "module": "tests/test_fuzz_api.py",
-        "seconds": round(time.monotonic() - started, 1),
-        "total_cases": sum(t.cases for t in TALLIES.values()),
-        "properties": {
-            name: {
-                "cases": t.cases,
-                "statuses": {str(k): v for k, v in sorted(t.statuses.items())},
-            }
-            for name, t in sorted(TALLIES.items())
-        },
-    }
-    REPORT.write_text(json.dumps(report, indent=2) + "\n")
+    write_report(REPORT, "tests/test_fuzz_api.py", TALLIES, time.monotonic() - started)
 
 
 @pytest.fixture

@@ -86,24 +86,29 @@ class Tally:
 TALLIES: dict[str, Tally] = collections.defaultdict(Tally)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _write_report() -> Iterator[None]:
-    started = time.monotonic()
-    yield
-    REPORT.parent.mkdir(exist_ok=True)
+def write_report(path: Path, module: str, tallies: dict[str, Tally], seconds: float) -> None:
+    """Record how many cases each property tried this run, and the statuses they met."""
+    path.parent.mkdir(exist_ok=True)
     report = {
-        "module": "tests/test_fuzz_receiver.py",
-        "seconds": round(time.monotonic() - started, 1),
-        "total_cases": sum(t.cases for t in TALLIES.values()),
+        "module": module,
+        "seconds": round(seconds, 1),
+        "total_cases": sum(t.cases for t in tallies.values()),
         "properties": {
             name: {
                 "cases": t.cases,
                 "statuses": {str(k): v for k, v in sorted(t.statuses.items())},
             }
-            for name, t in sorted(TALLIES.items())
+            for name, t in sorted(tallies.items())
         },
     }
-    REPORT.write_text(json.dumps(report, indent=2) + "\n")
+    path.write_text(json.dumps(report, indent=2) + "\n")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _write_report() -> Iterator[None]:
+    started = time.monotonic()
+    yield
+    write_report(REPORT, "tests/test_fuzz_receiver.py", TALLIES, time.monotonic() - started)
 
 
 # -- driving the app as uvicorn would ---------------------------------------------------------
