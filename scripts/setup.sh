@@ -23,16 +23,40 @@ if ! redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1; then
   for _ in $(seq 1 50); do redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1 && break; sleep 0.1; done
 fi
 
-if ! pg_isready -h 127.0.0.1 -p 5432 -q 2>/dev/null; then
-  echo "setup: starting PostgreSQL"
-  version=$(ls /etc/postgresql | sort -V | tail -n 1)
-  pg_ctlcluster --skip-systemctl-redirect "$version" main start || true
-  for _ in $(seq 1 100); do pg_isready -h 127.0.0.1 -p 5432 -q && break; sleep 0.2; done
+# Loopback access for the tests and the demo: trust on 127.0.0.1 and ::1 (Debian's cluster asks
+# for a password there), put first in pg_hba.conf once, between markers.
+pg_version=$(ls /etc/postgresql | sort -V | tail -n 1)
+pg_hba="/etc/postgresql/$pg_version/main/pg_hba.conf"
+if [ -f "$pg_hba" ] && ! grep -q '^# researchflow: loopback trust' "$pg_hba"; then
+  echo "setup: trusting loopback connections in $pg_hba"
+  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  { printf '# researchflow: loopback trust (tests and demo)\n'
+    printf 'host all all 127.0.0.1/32 trust\nhost all all ::1/128 trust\n'
+    printf '# researchflow: end\n'
+    $SUDO cat "$pg_hba"; } > /tmp/researchflow_pg_hba.$$
+  $SUDO install -o postgres -g postgres -m 640 /tmp/researchflow_pg_hba.$$ "$pg_hba"
+  rm -f /tmp/researchflow_pg_hba.$$
+  pg_hba_changed=1
 fi
-# The local cluster uses trust auth for 127.0.0.1 on these machines; make sure we can connect.
+
+if ! pg_isready -h 127.0.0.1 -p 5432 -q 2>/dev/null; then
+  echo "setup: starting PostgreSQL $pg_version"
+  pg_ctlcluster --skip-systemctl-redirect "$pg_version" main start || true
+  for _ in $(seq 1 100); do pg_isready -h 127.0.0.1 -p 5432 -q && break; sleep 0.2; done
+elif [ -n "${pg_hba_changed:-}" ]; then
+  pg_ctlcluster --skip-systemctl-redirect "$pg_version" main reload
+fi
+if ! pg_isready -h 127.0.0.1 -p 5432 -q 2>/dev/null; then
+  echo "setup: PostgreSQL is not answering on 127.0.0.1:5432" >&2
+  exit 1
+fi
 if ! psql -h 127.0.0.1 -d postgres -Atc 'select 1' >/dev/null 2>&1; then
   echo "setup: creating a PostgreSQL role for $(id -un)"
-  su postgres -c "psql -Atc \"CREATE ROLE \\\"$(id -un)\\\" SUPERUSER LOGIN\"" >/dev/null 2>&1 || true
+  su postgres -c "psql -Atc \"CREATE ROLE \\\"$(id -un)\\\" SUPERUSER LOGIN\"" >/dev/null
+fi
+if ! psql -h 127.0.0.1 -d postgres -Atc 'select 1' >/dev/null 2>&1; then
+  echo "setup: cannot connect to PostgreSQL on 127.0.0.1:5432 as $(id -un)" >&2
+  exit 1
 fi
 
 if [ ! -x .venv/bin/python ]; then

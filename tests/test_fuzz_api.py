@@ -31,11 +31,12 @@ from hypothesis import strategies as st
 from receiver.settings import Settings
 from receiver.store import SpeedStore
 from serving.api import create_app
+from tests.conftest import redis_db
 from tests.test_cohort import condition, load_batch, observation, patient, put
 from tests.test_fuzz_receiver import Answer, Fuzzed, Tally, write_report
 
 TOKEN = "fuzz-serving-token"
-API_REDIS_URL = os.environ.get("FUZZ_API_REDIS_URL", "redis://127.0.0.1:6379/11")
+API_REDIS_URL = os.environ.get("FUZZ_API_REDIS_URL", redis_db(11))
 REPORT = Path(__file__).resolve().parents[1] / "reports" / "fuzz-api.json"
 
 MAX_ARBITRARY = 300

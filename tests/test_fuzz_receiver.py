@@ -40,11 +40,11 @@ from receiver.app import create_app
 from receiver.settings import Settings
 from receiver.store import HOURLY_KEY, TYPES_KEY, SpeedStore
 from serving.derive import default_deriver
-from tests.conftest import SHARED, empty_redis
+from tests.conftest import SHARED, empty_redis, redis_db
 
 # A database of its own: other test runs sharing the Redis flush theirs (9) at any moment, and
 # this module compares whole-database snapshots.
-FUZZ_REDIS_URL = os.environ.get("FUZZ_RECEIVER_REDIS_URL", "redis://127.0.0.1:6379/10")
+FUZZ_REDIS_URL = os.environ.get("FUZZ_RECEIVER_REDIS_URL", redis_db(10))
 
 TOKEN = "fuzz-receiver-token"
 HMAC_SECRET = "fuzz-hmac-secret"

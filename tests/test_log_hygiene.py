@@ -37,7 +37,7 @@ from serving.status import status_route
 from subscriptions.fhir_client import FhirClient
 from subscriptions.poller import poll_once
 from subscriptions.standin import StandInHapi, _bound_socket, serve_standin
-from tests.conftest import empty_redis
+from tests.conftest import empty_redis, redis_db
 
 RECEIVER_TOKEN = "rcv-tok-QX7f3a91c2"
 SERVING_TOKEN = "srv-tok-LB2c4d6e8f"
@@ -47,7 +47,7 @@ SECRET_MRN = "ZZ-SECRET-MRN-0001"
 SECRET_NOTE = "ZZ-SECRET-NOTE-77"
 SECRETS = (RECEIVER_TOKEN, SERVING_TOKEN, HMAC_SECRET, SECRET_NAME, SECRET_MRN, SECRET_NOTE)
 
-HYGIENE_REDIS_URL = os.environ.get("LOG_HYGIENE_REDIS_URL", "redis://127.0.0.1:6379/8")
+HYGIENE_REDIS_URL = os.environ.get("LOG_HYGIENE_REDIS_URL", redis_db(8))
 
 
 class Capture(logging.Handler):
