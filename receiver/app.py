@@ -16,6 +16,14 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from receiver import auth
+from receiver.body import (
+    ACCEPT_ENCODING,
+    BodyTooLarge,
+    UnsupportedEncoding,
+    content_codings,
+    decode_body,
+    read_body,
+)
 from receiver.errors import InvalidRequest, InvalidResource, Issue, SpeedLayerUnavailable
 from receiver.ingest import Deriver, ingest, ingest_deletion, ingest_valid
 from receiver.metrics import Metrics, metrics_response
@@ -52,25 +60,6 @@ def outcome_response(
     )
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise _TooLarge(limit)
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise _TooLarge(limit)
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-class _TooLarge(Exception):
-    def __init__(self, limit: int) -> None:
-        super().__init__(f"the body is larger than {limit} bytes")
-
-
 class _Unauthorized(Exception):
     pass
 
@@ -101,19 +90,26 @@ async def _guarded(request: Request, handler: Callable[[bytes], Awaitable[Respon
         )
         if not bearer_ok and not settings.receiver_hmac_secret:
             raise _Unauthorized
-        # An HMAC signature covers the body, so read it (bounded) before checking.
-        body = await _read_body(request, settings.receiver_max_body_bytes)
+        # An HMAC signature covers the body as sent, so read it (bounded) before checking,
+        # and decode only what an authenticated sender sent.
+        limit = settings.receiver_max_body_bytes
+        body = await read_body(request, limit)
         if not bearer_ok:
             _verify_hmac(request, settings, body)
-        return await handler(body)
+        codings = content_codings(request.headers.getlist("content-encoding"))
+        return await handler(decode_body(body, codings, limit))
     except _Unauthorized:
         return outcome_response(
             401,
             [Issue("login", "missing or invalid credentials (Authorization: Bearer <token>)")],
             {"WWW-Authenticate": "Bearer"},
         )
-    except _TooLarge as exc:
+    except BodyTooLarge as exc:
         return outcome_response(413, [Issue("too-costly", str(exc))])
+    except UnsupportedEncoding as exc:
+        return outcome_response(
+            415, [Issue("not-supported", str(exc))], {"Accept-Encoding": ACCEPT_ENCODING}
+        )
     except InvalidRequest as exc:
         kind = "rejected" if isinstance(exc, InvalidResource) else "invalid"
         metrics.notifications.labels(request.path_params.get("type", "-"), kind).inc()

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import hypothesis  # noqa: F401  (imported early: a late import at exit trips a CPython 3.11.7 AST bug)
+import hypothesis.internal.conjecture.optimiser  # noqa: F401  (the same bug, imported mid-test)
 import psycopg
 import pytest
 import redis.asyncio as aioredis
