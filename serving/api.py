@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import csv
-import io
 import json
 import logging
 import time
@@ -28,7 +26,16 @@ from receiver.settings import Settings
 from receiver.store import SpeedStore, connect
 from receiver.validation import operation_outcome
 from serving.cohort import DEFAULT_COUNT, MAX_COUNT, parse_query, whole_number
-from serving.merge import BatchCounts, SpeedView, cohort, now_iso, read_speed, view_rows
+from serving.exports import CSV_MEDIA_TYPE, csv_text
+from serving.merge import (
+    BatchCounts,
+    RowKey,
+    SpeedView,
+    cohort,
+    now_iso,
+    read_speed,
+    view_rows,
+)
 from serving.speed_index import SpeedMirror
 from serving.viewdef import ViewDefinition, shipped_views
 
@@ -37,7 +44,7 @@ audit = logging.getLogger("serving.audit")
 
 FHIR_JSON = "application/fhir+json"
 PG_TIMEOUT_SECONDS = 3.0
-FORMATS = {"json": "application/json", "ndjson": "application/x-ndjson", "csv": "text/csv"}
+FORMATS = {"json": "application/json", "ndjson": "application/x-ndjson", "csv": CSV_MEDIA_TYPE}
 
 
 class State(TypedDict):
@@ -247,30 +254,31 @@ async def get_view_rows(request: Request, token: int) -> Response:
     view = views.get(name)
     if view is None:
         raise NotFound(f"unknown view {name!r}")
-    fmt = request.query_params.get("_format", "json")
+    params = request.query_params
+    fmt = params.get("_format", "json")
     if fmt not in FORMATS:
-        message = "_format must be json, ndjson or csv"
-        raise InvalidRequest(message, [Issue("invalid", message, "_format")])
+        raise _bad_parameter("_format", "_format must be json, ndjson or csv")
     count = _int_param(request, "_count", DEFAULT_COUNT, MAX_COUNT)
-    offset = _int_param(request, "_offset", 0, 2**62)
-    filters = [(k, v) for k, v in request.query_params.multi_items() if not k.startswith("_")]
+    if "_offset" in params:
+        raise _bad_parameter("_offset", "_offset is not taken: pages follow a key (the next link)")
+    if params.get("_csv", "safe") not in ("safe", "raw"):
+        raise _bad_parameter("_csv", "_csv must be raw (cells as they are) or safe (the default)")
+    after = RowKey.from_token(params["_after"]) if "_after" in params else None
+    filters = [(k, v) for k, v in params.multi_items() if not k.startswith("_")]
     speed = await _speed(request)
     pool: AsyncConnectionPool[Any] = request.state.pool
     async with pool.connection(timeout=PG_TIMEOUT_SECONDS) as conn, conn.transaction():
-        page = await view_rows(conn, name, view, filters, offset, count, speed)
-    next_url = _next_url(request, "_offset", str(offset + count)) if page.has_more else None
+        page = await view_rows(conn, name, view, filters, after, count, speed)
+    next_url = _next_url(request, "_after", page.next_key.token()) if page.next_key else None
     headers = {"Link": f'<{next_url}>; rel="next"'} if next_url else {}
     _audit(request, token, len(page.rows))
     if fmt == "ndjson":
         text = b"".join(orjson.dumps(r) + b"\n" for r in page.rows)
         return Response(text, media_type=FORMATS[fmt], headers=headers)
     if fmt == "csv":
-        buffer = io.StringIO()
-        writer = csv.writer(buffer, lineterminator="\n")
-        writer.writerow(page.columns)
-        for r in page.rows:
-            writer.writerow(["" if r[c] is None else _csv_value(r[c]) for c in page.columns])
-        return Response(buffer.getvalue(), media_type=FORMATS[fmt], headers=headers)
+        raw = params.get("_csv") == "raw"
+        text_csv = csv_text(page.columns, page.rows, raw=raw)
+        return Response(text_csv, media_type=FORMATS[fmt], headers=headers)
     body = {
         "name": name,
         "rows": page.rows,
@@ -283,10 +291,8 @@ async def get_view_rows(request: Request, token: int) -> Response:
     return Response(orjson.dumps(body), media_type="application/json", headers=headers)
 
 
-def _csv_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return str(value)
+def _bad_parameter(name: str, message: str) -> InvalidRequest:
+    return InvalidRequest(message, [Issue("invalid", message, name)])
 
 
 async def health(request: Request) -> Response:

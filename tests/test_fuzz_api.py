@@ -350,9 +350,11 @@ def view_queries(draw: st.DrawFn) -> tuple[str, list[tuple[str, str]]]:
     name = draw(view_names)
     columns = VIEW_COLUMNS.get(name, ["id"])
     column_names = st.sampled_from(columns) | st.sampled_from(["nope", "Gender", "id "])
-    control = st.sampled_from(["_format", "_count", "_offset", "_pretty"])
+    control = st.sampled_from(["_format", "_count", "_offset", "_pretty", "_after", "_csv"])
     control_values = st.one_of(
-        st.sampled_from(["json", "ndjson", "csv", "xml", ""]),
+        st.sampled_from(["json", "ndjson", "csv", "xml", "", "raw", "safe"]),
+        # page keys: [id, position] in base64url JSON, well-formed or not
+        st.sampled_from(["WyJiMSIsMV0", "W251bGwsMF0", "WyJiMSJd", "WyJiMSIsLTFd", "Wy", "!"]),
         st.integers(-5, 20000).map(str),
         st.sampled_from(["1e3", "\u0663", "\u00b2", "9" * 30]),
     )
