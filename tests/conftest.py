@@ -9,8 +9,9 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
-import hypothesis  # noqa: F401  (imported early: a late import at exit trips a CPython 3.11.7 AST bug)
-import hypothesis.internal.conjecture.optimiser  # noqa: F401  (the same bug, imported mid-test)
+# Imported early: pytest rewrites hypothesis's modules as it imports them, and a late import (at
+# exit, or the optimiser's in the middle of a test) trips a CPython 3.11.7 AST bug.
+import hypothesis.internal.conjecture.optimiser  # noqa: F401
 import psycopg
 import pytest
 import redis.asyncio as aioredis
