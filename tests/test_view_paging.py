@@ -30,7 +30,7 @@ from receiver.store import SpeedStore
 from serving import batch
 from serving.api import create_app
 from serving.derive import default_deriver
-from serving.viewdef import shipped_views
+from serving.viewdef import load_view, shipped_views
 from subscriptions.standin import StandInHapi, serve_standin
 from tests.asgi import running
 from tests.conftest import fresh_database, redis_db
@@ -408,3 +408,33 @@ async def test_a_key_from_elsewhere_still_pages_forward(
     assert [row["id"] for row in r.json()["rows"]] == ["c0", "c1", "c2", "c3", "c4", "c5"]
     r = await get(api_settings, "/views/condition_simple/rows", params={"_after": token(["zz", 1])})
     assert r.json()["rows"] == [] and r.json()["next"] is None
+
+
+async def test_a_view_without_id_pages_by_the_row_itself(
+    api_settings: Settings, loaded: SpeedStore
+) -> None:
+    """Without an `id` column the key is the row's own text; identical rows are told apart by
+    their position, so each of them still comes exactly once."""
+    view = load_view(
+        {
+            "resourceType": "ViewDefinition",
+            "name": "genders",
+            "resource": "Patient",
+            "select": [{"column": [{"name": "gender", "path": "gender", "type": "code"}]}],
+        }
+    )
+    views = {**shipped_views(), "genders": view}
+    batch.init(api_settings.database_url, views=views)
+    app = create_app(api_settings)
+    app.state.views = views
+    async with running(app) as client:
+        for count in (1, 2, 4, 5):
+            url: str | None = f"/views/genders/rows?_count={count}"
+            seen: list[str] = []
+            while url is not None:
+                response = await client.get(url, headers={"Authorization": "Bearer serve-token"})
+                assert response.status_code == 200, response.text
+                seen += [row["gender"] for row in response.json()["rows"]]
+                assert response.json()["next"] != url
+                url = response.json()["next"]
+            assert collections.Counter(seen) == {"female": 6, "male": 6}, count
