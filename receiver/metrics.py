@@ -18,6 +18,7 @@ class Metrics:
 
     registry: CollectorRegistry
     notifications: Counter
+    refused: Counter
     rejects: Counter
     write_latency: Histogram
     missed: Counter
@@ -35,6 +36,13 @@ class Metrics:
                 "researchflow_notifications",
                 "Notifications received, by resource type and outcome",
                 ["resource_type", "outcome"],
+                registry=reg,
+            ),
+            refused=Counter(
+                "researchflow_refused_deliveries",
+                "Requests the receiver refused (4xx), by HTTP status and reason; 401s mean HAPI "
+                "sends no or a wrong token (see `subscriptions status`)",
+                ["status", "reason"],
                 registry=reg,
             ),
             rejects=Counter(
