@@ -22,9 +22,9 @@ from receiver.metrics import Metrics, metrics_response
 from receiver.settings import Settings
 from receiver.store import SpeedStore, connect
 from receiver.validation import (
+    NEVER_STORED,
     ValidResource,
     check_id,
-    check_storable,
     is_resource_type,
     operation_outcome,
     parse_json,
@@ -208,7 +208,6 @@ def _check_path(resource_type: str, resource_id: str, allowed: tuple[str, ...] =
                 )
             ],
         )
-    check_storable(resource_type)
     check_id(resource_id)
 
 
@@ -232,8 +231,9 @@ async def put_resource(request: Request) -> Response:
             store, body, path_type=resource_type, path_id=resource_id, derive=derive
         )
         metrics.write_latency.observe(time.perf_counter() - started)
+        kind = "written" if outcome.written else "duplicate"
         metrics.notifications.labels(
-            resource_type, "written" if outcome.written else "duplicate"
+            resource_type, "not-stored" if resource_type in NEVER_STORED else kind
         ).inc()
         return Response(status_code=204)
 
@@ -265,8 +265,10 @@ async def apply_delete(
     """Tombstone a deleted resource at the deletion's version, asking HAPI for it.
 
     A DELETE carries no version. When HAPI cannot say, tombstone just after the newest version
-    held and ask the poller to settle it.
+    held and ask the poller to settle it. A type that is never stored is left alone.
     """
+    if resource_type in NEVER_STORED:
+        return
     latest = None
     if latest_version is not None:
         try:

@@ -9,7 +9,7 @@ from typing import Any
 
 from receiver.errors import InvalidResource
 from receiver.store import Derived, SpeedStore
-from receiver.validation import ValidResource, validate_resource
+from receiver.validation import NEVER_STORED, ValidResource, validate_resource
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +33,17 @@ async def ingest_valid(
 
     The receiver's path (the poller writes in batches through `SpeedStore.upsert_many`): a
     write the guard turns away confirms the delivery of a change the poller wrote first.
+    A resource of a `NEVER_STORED` type (a Subscription: it carries the receiver's token) is
+    taken and not written.
     """
+    if resource.resource_type in NEVER_STORED:
+        logger.info(
+            "not stored: %s/%s (%s resources never enter the speed layer)",
+            resource.resource_type,
+            resource.resource_id,
+            resource.resource_type,
+        )
+        return Outcome(resource.resource_type, resource.resource_id, resource.version_id, False)
     derived = derive(resource) if derive is not None else None
     written = await store.upsert(
         resource.resource_type,

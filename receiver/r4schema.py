@@ -137,5 +137,5 @@ def _element(error: Any, path: str) -> str | None:
         known = error.schema.get("properties") or {}
         extra = sorted(p for p in instance if p not in known)
         if extra:
-            return prefix + extra[0]
+            return prefix + str(extra[0])
     return path or None

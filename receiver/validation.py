@@ -15,7 +15,9 @@ from receiver import r4schema
 from receiver.errors import InvalidRequest, InvalidResource, Issue
 
 # Resource types that never enter either layer: a Subscription carries the receiver's bearer
-# token in channel.header (and the deployment's own are no research data).
+# token in channel.header (and the deployment's own are no research data). The receiver takes
+# a valid one (204, so HAPI does not retry it) and writes nothing; the poller and the batch
+# sync never read the type.
 NEVER_STORED = frozenset({"Subscription"})
 # FHIR R4 id datatype.
 ID_PATTERN = re.compile(r"[A-Za-z0-9\-\.]{1,64}")
@@ -91,15 +93,6 @@ def _deeper_than(value: Any, limit: int) -> bool:
             children = item.values() if isinstance(item, dict) else item
             stack.extend((child, depth + 1) for child in children)
     return False
-
-
-def check_storable(resource_type: str) -> None:
-    """InvalidRequest (400) for a type that never enters either layer (`NEVER_STORED`)."""
-    if resource_type in NEVER_STORED:
-        message = (
-            f"{resource_type} resources are never stored here (they carry the receiver's token)"
-        )
-        raise InvalidRequest(message, [Issue("not-supported", message, "resourceType")])
 
 
 def check_id(resource_id: str) -> None:
@@ -231,7 +224,6 @@ def validate_resource(
             f"unknown resource type {resource_type[:80]!r}",
             [Issue("not-supported", "unknown resource type", "resourceType")],
         )
-    check_storable(resource_type)
     resource_id = data.get("id")
     if not isinstance(resource_id, str):
         # FHIR's update rules: the body of a PUT carries the id of its URL (HAPI always sends

@@ -257,7 +257,10 @@ class _Writer:
         return items
 
     def _young(self, changed_ms: float) -> bool:
-        """Whether HAPI may still deliver this change's notification (it retries ~60 s)."""
+        """Whether HAPI may still deliver this change's notification (it retries ~60 s).
+        A grace of 0 judges every change at once (no notification is ever on its way)."""
+        if self.grace_ms <= 0:
+            return False
         return self.clock_ms is None or changed_ms > self.clock_ms - self.grace_ms
 
     async def _commit(self, items: list[UpsertItem]) -> None:

@@ -31,7 +31,11 @@ from subscriptions.poller import (
 from subscriptions.standin import StandInHapi, serve_asgi
 from tests.conftest import TEST_REDIS_URL
 
-POLL_SETTINGS = Settings(redis_url=TEST_REDIS_URL, poll_interval_seconds=300)
+# No notification is ever on its way here (nothing delivers): every change is judged at once.
+# tests/test_missed.py covers the grace for deliveries in flight.
+POLL_SETTINGS = Settings(
+    redis_url=TEST_REDIS_URL, poll_interval_seconds=300, missed_grace_seconds=0
+)
 
 
 class FailPages:
