@@ -592,7 +592,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser(
-        "demo", help="the whole flow on one machine with a stand-in HAPI and synthetic data"
+        "demo",
+        help="the whole flow on one machine with a stand-in HAPI and synthetic data: JSON "
+        "events on stdout, what happens on stderr; needs Redis and PostgreSQL (REDIS_URL, "
+        "DATABASE_URL; the database is created when missing)",
     )
     p.add_argument("--patients", type=int, default=300, help="synthetic patients (default 300)")
     p.add_argument(
@@ -604,6 +607,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--reset",
         action="store_true",
         help="empty the Redis database and drop the batch schema first (they hold a demo's data)",
+    )
+    p.add_argument(
+        "--serve",
+        action="store_true",
+        help="keep the stand-in HAPI, receiver, query API and poller running afterwards "
+        "(Ctrl-C stops them), with what to try next",
     )
     p.set_defaults(func=cmd_demo)
 
@@ -676,20 +685,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         code = int(args.func(settings, args))
     except CommandError as exc:
         _end_progress()
-        print(f"researchflow {args.command}: {exc}", file=sys.stderr)
+        _fail(args.command, f"{exc}")
         return exc.code
     except SettingsError as exc:
-        print(f"researchflow {args.command}: bad setting: {exc}", file=sys.stderr)
+        _fail(args.command, f"bad setting: {exc}")
         return 2
     except InvalidViewDefinition as exc:
-        print(f"researchflow {args.command}: invalid ViewDefinition: {exc}", file=sys.stderr)
+        _fail(args.command, f"invalid ViewDefinition: {exc}")
         return 2
     except InvalidRequest as exc:
-        print(f"researchflow {args.command}: {exc.message}", file=sys.stderr)
+        _fail(args.command, f"{exc.message}")
         return 2
     except (DependencyUnavailable, FhirError, ResearchFlowError) as exc:
         _end_progress()
-        print(f"researchflow {args.command}: {exc}", file=sys.stderr)
+        _fail(args.command, f"{exc}")
         return 1
     except KeyboardInterrupt:
         return 130
@@ -701,9 +710,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             # A bug: still one line for the operator (the traceback is logged at DEBUG).
             logger.debug("unexpected error", exc_info=exc)
             reason = f"unexpected error ({type(exc).__name__}: {str(exc)[:300]})"
-        print(f"researchflow {args.command}: {reason}", file=sys.stderr)
+        _fail(args.command, f"{reason}")
         return 1
     return code
+
+
+def _fail(command: str, reason: str) -> None:
+    """The one line a failed command prints: its name and the reason, whitespace folded (a
+    library's message may span lines)."""
+    print(f"researchflow {command}: {' '.join(reason.split())[:1000]}", file=sys.stderr)
 
 
 def _check_resource_types(settings: Settings) -> None:
