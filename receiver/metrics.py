@@ -22,6 +22,7 @@ class Metrics:
     rejects: Counter
     write_latency: Histogram
     missed: Counter
+    missed_recorded: Gauge
     poller_lag: Gauge
     speed_size: Gauge
     batch_watermark_age: Gauge
@@ -61,6 +62,12 @@ class Metrics:
                 "researchflow_missed_notifications",
                 "Changes the poller found that no notification had delivered",
                 ["resource_type"],
+                registry=reg,
+            ),
+            missed_recorded=Gauge(
+                "researchflow_missed_notifications_recorded",
+                "Missed notifications the speed layer has recorded (every poller's count, "
+                "read from Redis; back to 0 when Redis comes back empty)",
                 registry=reg,
             ),
             poller_lag=Gauge(
