@@ -47,6 +47,15 @@ COMMANDS: dict[str, list[str]] = {
     "speed get": ["speed", "get", "Patient/x"],
     "speed stats": ["speed", "stats"],
     "views run": ["views", "run", str(VIEW), "--resources", str(VIEW)],
+    "views run --engine postgres": [
+        "views",
+        "run",
+        str(VIEW),
+        "--resources",
+        str(VIEW),
+        "--engine",
+        "postgres",
+    ],
 }
 
 # A malformed value of each kind, and the setting the one line must name.
@@ -141,6 +150,7 @@ DEPENDENCIES: dict[str, tuple[str, str]] = {
     "batch refresh": ("DATABASE_URL", "PostgreSQL"),
     "speed get": ("REDIS_URL", "Redis"),
     "speed stats": ("REDIS_URL", "Redis"),
+    "views run --engine postgres": ("DATABASE_URL", "PostgreSQL"),
 }
 
 
