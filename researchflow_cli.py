@@ -144,30 +144,36 @@ def freeze_startup_objects() -> None:
     gc.freeze()
 
 
-def _serve_apps(apps: list[tuple[Any, str, int]]) -> None:
-    import uvicorn
+def _bind(host: str, port: int, name: str) -> Any:
+    from receiver.startup import bind
+
+    return bind(host, port, name)
+
+
+def _serve_apps(listeners: list[Any]) -> None:
+    from receiver.startup import close_all, serve_together
 
     freeze_startup_objects()
-
-    async def serve_all() -> None:
-        servers = [
-            uvicorn.Server(
-                uvicorn.Config(app, host=host, port=port, log_level="info", access_log=False)
-            )
-            for app, host, port in apps
-        ]
-        await asyncio.gather(*(s.serve() for s in servers))
-
-    asyncio.run(serve_all())
+    try:
+        asyncio.run(serve_together(listeners))
+    finally:
+        close_all([item.sock for item in listeners])
 
 
 def cmd_receiver(settings: Settings, args: argparse.Namespace) -> int:
     from receiver.app import create_app
+    from receiver.startup import Listener, check_redis
     from serving.derive import default_deriver
 
     _require_tokens(settings.receiver_tokens, "RECEIVER_TOKEN", args.insecure)
-    app = create_app(settings, derive=default_deriver(), insecure=args.insecure)
-    _serve_apps([(app, args.host, args.port)])
+    sock = _bind(args.host, args.port, "receiver")
+    try:
+        asyncio.run(check_redis(settings))
+        app = create_app(settings, derive=default_deriver(), insecure=args.insecure)
+    except BaseException:
+        sock.close()
+        raise
+    _serve_apps([Listener(app, sock, "receiver")])
     return 0
 
 
@@ -183,11 +189,14 @@ def cmd_speed(settings: Settings, args: argparse.Namespace) -> int:
 # -- subscriptions, poll, views, batch ------------------------------------------------------
 
 
-def _types(raw: str) -> tuple[str, ...]:
-    from receiver.validation import is_resource_type
+def _types(raw: str | None) -> tuple[str, ...]:
+    from receiver.validation import NEVER_STORED, is_resource_type
+    from serving.viewdef import served_types
 
+    if raw is None:
+        return served_types()
     types = tuple(t.strip() for t in raw.split(",") if t.strip())
-    bad = [t for t in types if not is_resource_type(t)]
+    bad = [t for t in types if not is_resource_type(t) or t in NEVER_STORED]
     if not types or bad:
         raise CommandError(f"--types: unknown resource type(s): {', '.join(bad) or raw!r}", 2)
     return types
@@ -197,10 +206,17 @@ async def _subscriptions(settings: Settings, args: argparse.Namespace) -> int:
     from subscriptions import bootstrap
     from subscriptions.fhir_client import FhirClient
 
+    if args.sub_command == "bootstrap" and not settings.receiver_tokens:
+        # Registering without it would strip the header from the live Subscriptions and
+        # every delivery after that would be refused (401): change nothing instead.
+        raise CommandError(
+            "RECEIVER_TOKEN is not set: refusing to register Subscriptions without the token "
+            "the receiver requires (nothing was changed)",
+            2,
+        )
+
     async with FhirClient(settings.fhir_base_url) as client:
         if args.sub_command == "bootstrap":
-            if not settings.receiver_tokens:
-                logger.warning("RECEIVER_TOKEN is not set: the Subscriptions carry no token")
             try:
                 rows = await bootstrap.bootstrap(
                     settings,
@@ -227,6 +243,23 @@ def cmd_subscriptions(settings: Settings, args: argparse.Namespace) -> int:
     return asyncio.run(_subscriptions(settings, args))
 
 
+def _batch_versions(
+    settings: Settings,
+) -> Callable[[str, Sequence[str]], Awaitable[dict[str, tuple[float, float]]]]:
+    async def read(resource_type: str, ids: Sequence[str]) -> dict[str, tuple[float, float]]:
+        import psycopg
+
+        from receiver.errors import BatchLayerUnavailable
+        from serving import batch
+
+        try:
+            return await batch.batch_versions_async(settings.database_url, resource_type, ids)
+        except psycopg.Error as exc:
+            raise BatchLayerUnavailable(f"PostgreSQL failed a look-up: {exc}") from exc
+
+    return read
+
+
 def _batch_watermark(settings: Settings) -> Callable[[], Awaitable[str | None]]:
     async def read() -> str | None:
         from serving import batch
@@ -239,6 +272,7 @@ def _batch_watermark(settings: Settings) -> Callable[[], Awaitable[str | None]]:
 async def _poll(settings: Settings, args: argparse.Namespace) -> int:
     from receiver.store import SpeedStore, connect
     from serving.derive import default_deriver
+    from serving.viewdef import served_types
     from subscriptions.fhir_client import FhirClient
     from subscriptions.poller import poll_once, run_poller
 
@@ -258,6 +292,8 @@ async def _poll(settings: Settings, args: argparse.Namespace) -> int:
                     derive=derive,
                     progress=progress,
                     batch_watermark=_batch_watermark(settings),
+                    batch_versions=_batch_versions(settings),
+                    types=served_types(),
                 )
                 _end_progress()
                 print(
@@ -267,6 +303,7 @@ async def _poll(settings: Settings, args: argparse.Namespace) -> int:
                             "written": result.written,
                             "deletes": result.deletes,
                             "missed": result.missed,
+                            "pending": result.pending,
                             "rejected": result.rejected,
                             "since": result.since,
                             "watermark": result.watermark,
@@ -289,6 +326,8 @@ async def _poll(settings: Settings, args: argparse.Namespace) -> int:
                     stop,
                     derive,
                     batch_watermark=_batch_watermark(settings),
+                    batch_versions=_batch_versions(settings),
+                    types=served_types(),
                 )
             return 0
     finally:
@@ -427,33 +466,33 @@ def _api_app(settings: Settings, insecure: bool) -> Any:
 
 
 def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
+    from receiver.startup import Listener, check_postgres
+
     _require_tokens(settings.serving_tokens, "SERVING_TOKEN", args.insecure)
-    _serve_apps([(_api_app(settings, args.insecure), args.host, args.port)])
+    sock = _bind(args.host, args.port, "query API")
+    try:
+        # PostgreSQL is the query API's hard dependency; without Redis it answers degraded.
+        asyncio.run(check_postgres(settings))
+        app = _api_app(settings, args.insecure)
+    except BaseException:
+        sock.close()
+        raise
+    _serve_apps([Listener(app, sock, "query API")])
     return 0
 
 
-async def _run_all(settings: Settings, args: argparse.Namespace) -> int:
-    import uvicorn
-
-    from receiver.app import create_app as create_receiver
+async def _run_all(settings: Settings, args: argparse.Namespace, listeners: list[Any]) -> int:
+    from receiver.startup import check_postgres, check_redis, serve_together
     from receiver.store import SpeedStore, connect
     from serving.derive import default_deriver
+    from serving.viewdef import served_types
     from subscriptions.fhir_client import FhirClient
     from subscriptions.poller import run_poller
     from subscriptions.watchdog import watchdog_running
 
+    await check_redis(settings)
+    await check_postgres(settings)
     derive = default_deriver()
-    api_app = _api_app(settings, args.insecure)
-    apps = [
-        (create_receiver(settings, derive=derive, insecure=args.insecure), args.receiver_port),
-        (api_app, args.serve_port),
-    ]
-    servers = [
-        uvicorn.Server(
-            uvicorn.Config(app, host=args.host, port=port, log_level="info", access_log=False)
-        )
-        for app, port in apps
-    ]
     redis_client = connect(settings)
     store = SpeedStore(redis_client, max_age_hours=settings.speed_max_age_hours)
     stop = asyncio.Event()
@@ -468,11 +507,14 @@ async def _run_all(settings: Settings, args: argparse.Namespace) -> int:
                     stop,
                     derive,
                     batch_watermark=_batch_watermark(settings),
-                    metrics=api_app.state.metrics,  # missed notifications on the API's /metrics
+                    batch_versions=_batch_versions(settings),
+                    # missed notifications on the API's /metrics
+                    metrics=listeners[1].app.state.metrics,
+                    types=served_types(),
                 )
             )
             try:
-                await asyncio.gather(*(s.serve() for s in servers))
+                await serve_together(listeners)
             finally:
                 stop.set()
                 try:
@@ -485,9 +527,28 @@ async def _run_all(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
+    from receiver.app import create_app as create_receiver
+    from receiver.startup import Listener, close_all
+    from serving.derive import default_deriver
+
     _require_tokens(settings.receiver_tokens, "RECEIVER_TOKEN", args.insecure)
     _require_tokens(settings.serving_tokens, "SERVING_TOKEN", args.insecure)
-    return asyncio.run(_run_all(settings, args))
+    # Both ports first: a taken one stops `run` before anything starts.
+    receiver_sock = _bind(args.host, args.receiver_port, "receiver")
+    sockets = [receiver_sock]
+    try:
+        sockets.append(_bind(args.host, args.serve_port, "query API"))
+        listeners = [
+            Listener(
+                create_receiver(settings, derive=default_deriver(), insecure=args.insecure),
+                sockets[0],
+                "receiver",
+            ),
+            Listener(_api_app(settings, args.insecure), sockets[1], "query API"),
+        ]
+        return asyncio.run(_run_all(settings, args, listeners))
+    finally:
+        close_all(sockets)
 
 
 def cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
@@ -531,7 +592,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser(
-        "demo", help="the whole flow on one machine with a stand-in HAPI and synthetic data"
+        "demo",
+        help="the whole flow on one machine with a stand-in HAPI and synthetic data: JSON "
+        "events on stdout, what happens on stderr; needs Redis and PostgreSQL (REDIS_URL, "
+        "DATABASE_URL; the database is created when missing)",
     )
     p.add_argument("--patients", type=int, default=300, help="synthetic patients (default 300)")
     p.add_argument(
@@ -543,6 +607,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--reset",
         action="store_true",
         help="empty the Redis database and drop the batch schema first (they hold a demo's data)",
+    )
+    p.add_argument(
+        "--serve",
+        action="store_true",
+        help="keep the stand-in HAPI, receiver, query API and poller running afterwards "
+        "(Ctrl-C stops them), with what to try next",
     )
     p.set_defaults(func=cmd_demo)
 
@@ -556,7 +626,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("subscriptions", help="manage this deployment's Subscriptions on HAPI")
     subs = p.add_subparsers(dest="sub_command", required=True, metavar="SUBCOMMAND")
     b = subs.add_parser("bootstrap", help="create or update one rest-hook Subscription per type")
-    b.add_argument("--types", default="Patient,Condition,Observation")
+    b.add_argument(
+        "--types",
+        default=None,
+        help="comma-separated resource types (default: every type a served view reads)",
+    )
     b.add_argument(
         "--wait",
         type=float,
@@ -607,35 +681,58 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         settings = Settings.from_env()
+        _check_resource_types(settings)
         code = int(args.func(settings, args))
     except CommandError as exc:
         _end_progress()
-        print(f"researchflow {args.command}: {exc}", file=sys.stderr)
+        _fail(args.command, f"{exc}")
         return exc.code
     except SettingsError as exc:
-        print(f"researchflow {args.command}: bad setting: {exc}", file=sys.stderr)
+        _fail(args.command, f"bad setting: {exc}")
         return 2
     except InvalidViewDefinition as exc:
-        print(f"researchflow {args.command}: invalid ViewDefinition: {exc}", file=sys.stderr)
+        _fail(args.command, f"invalid ViewDefinition: {exc}")
         return 2
     except InvalidRequest as exc:
-        print(f"researchflow {args.command}: {exc.message}", file=sys.stderr)
+        _fail(args.command, f"{exc.message}")
         return 2
     except (DependencyUnavailable, FhirError, ResearchFlowError) as exc:
         _end_progress()
-        print(f"researchflow {args.command}: {exc}", file=sys.stderr)
+        _fail(args.command, f"{exc}")
         return 1
     except KeyboardInterrupt:
         return 130
     except Exception as exc:
         # Library errors of an unreachable dependency: one line, never a traceback.
+        _end_progress()
         reason = _dependency_reason(exc)
         if reason is None:
-            raise
-        _end_progress()
-        print(f"researchflow {args.command}: {reason}", file=sys.stderr)
+            # A bug: still one line for the operator (the traceback is logged at DEBUG).
+            logger.debug("unexpected error", exc_info=exc)
+            reason = f"unexpected error ({type(exc).__name__}: {str(exc)[:300]})"
+        _fail(args.command, f"{reason}")
         return 1
     return code
+
+
+def _fail(command: str, reason: str) -> None:
+    """The one line a failed command prints: its name and the reason, whitespace folded (a
+    library's message may span lines)."""
+    print(f"researchflow {command}: {' '.join(reason.split())[:1000]}", file=sys.stderr)
+
+
+def _check_resource_types(settings: Settings) -> None:
+    """RECEIVER_RESOURCE_TYPES names resource types (checked only when set: the models are
+    a heavy import for commands that never use them)."""
+    if not settings.receiver_resource_types:
+        return
+    from receiver.validation import is_resource_type
+
+    bad = [t for t in settings.receiver_resource_types if not is_resource_type(t)]
+    if bad:
+        raise SettingsError(
+            f"RECEIVER_RESOURCE_TYPES names unknown resource type(s): {', '.join(bad)[:200]}"
+        )
 
 
 def _dependency_reason(exc: Exception) -> str | None:

@@ -30,6 +30,7 @@ from receiver.metrics import Metrics, metrics_response
 from receiver.settings import Settings
 from receiver.store import SpeedStore, connect
 from receiver.validation import (
+    NEVER_STORED,
     ValidResource,
     check_id,
     is_resource_type,
@@ -45,11 +46,15 @@ RETRY_AFTER_SECONDS = "2"
 
 # (version_id, last_updated, deleted) of the newest version HAPI holds, or None when unknown.
 LatestVersion = Callable[[str, str], Awaitable[tuple[str | None, str | None, bool] | None]]
+# The current version of a resource as HAPI holds it; None when HAPI says it is deleted (410).
+# Raises when HAPI cannot answer.
+FetchResource = Callable[[str, str], Awaitable[dict[str, Any] | None]]
 
 
 class State(TypedDict):
     store: SpeedStore
     latest_version: LatestVersion | None
+    fetch_resource: FetchResource | None
 
 
 def outcome_response(
@@ -61,7 +66,20 @@ def outcome_response(
 
 
 class _Unauthorized(Exception):
-    pass
+    """`reason` says what was wrong with the credentials, never what they were."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def _credential_problem(authorization: str | None) -> str:
+    if not authorization:
+        return "no Authorization header"
+    scheme, _, value = authorization.partition(" ")
+    if scheme.lower() != "bearer" or not value.strip():
+        return "an Authorization header that is not a bearer token"
+    return "a bearer token that is not one of RECEIVER_TOKEN"
 
 
 def _verify_hmac(request: Request, settings: Settings, body: bytes) -> None:
@@ -69,7 +87,39 @@ def _verify_hmac(request: Request, settings: Settings, body: bytes) -> None:
     if not secret or not auth.verify_signature(
         secret, request.headers.get(auth.SIGNATURE_HEADER), body
     ):
-        raise _Unauthorized
+        raise _Unauthorized(
+            _credential_problem(request.headers.get("authorization"))
+            + (" and no valid HMAC signature" if request.headers.get(auth.SIGNATURE_HEADER) else "")
+        )
+
+
+class RefusalLog:
+    """One log line per refused request, at most one per status every `every` seconds (a
+    misconfigured token makes HAPI retry every delivery for a minute); the metric counts all.
+    """
+
+    def __init__(self, every: float = 10.0) -> None:
+        self.every = every
+        self._last: dict[int, float] = {}
+        self._quiet: dict[int, int] = {}
+
+    def refused(self, request: Request, status: int, reason: str) -> None:
+        now = time.monotonic()
+        if now - self._last.get(status, -self.every) < self.every:
+            self._quiet[status] = self._quiet.get(status, 0) + 1
+            return
+        quiet = self._quiet.pop(status, 0)
+        self._last[status] = now
+        client = request.client.host if request.client else "?"
+        logger.warning(
+            "refused %s %s from %s: %d, %s%s",
+            request.method,
+            request.url.path[:200],
+            client,
+            status,
+            reason,
+            f" ({quiet} more refused with {status} since the last such line)" if quiet else "",
+        )
 
 
 def _is_json(content_type: str | None) -> bool:
@@ -83,13 +133,18 @@ async def _guarded(request: Request, handler: Callable[[bytes], Awaitable[Respon
     """Authenticate, read the body within the limit, run the handler, map errors."""
     settings: Settings = request.app.state.settings
     metrics: Metrics = request.app.state.metrics
+
+    def refuse(status: int, reason: str, detail: str) -> None:
+        metrics.refused.labels(str(status), reason).inc()
+        request.app.state.refusals.refused(request, status, detail)
+
     try:
         bearer_ok = request.app.state.insecure or (
             auth.bearer_position(request.headers.get("authorization"), settings.receiver_tokens)
             is not None
         )
         if not bearer_ok and not settings.receiver_hmac_secret:
-            raise _Unauthorized
+            raise _Unauthorized(_credential_problem(request.headers.get("authorization")))
         # An HMAC signature covers the body as sent, so read it (bounded) before checking,
         # and decode only what an authenticated sender sent.
         limit = settings.receiver_max_body_bytes
@@ -97,16 +152,22 @@ async def _guarded(request: Request, handler: Callable[[bytes], Awaitable[Respon
         if not bearer_ok:
             _verify_hmac(request, settings, body)
         codings = content_codings(request.headers.getlist("content-encoding"))
-        return await handler(decode_body(body, codings, limit))
-    except _Unauthorized:
+        response = await handler(decode_body(body, codings, limit))
+        if response.status_code == 415:
+            refuse(415, "unsupported-media-type", "not a FHIR JSON content type")
+        return response
+    except _Unauthorized as exc:
+        refuse(401, "unauthorized", exc.reason)
         return outcome_response(
             401,
             [Issue("login", "missing or invalid credentials (Authorization: Bearer <token>)")],
             {"WWW-Authenticate": "Bearer"},
         )
     except BodyTooLarge as exc:
+        refuse(413, "too-large", str(exc))
         return outcome_response(413, [Issue("too-costly", str(exc))])
     except UnsupportedEncoding as exc:
+        refuse(415, "unsupported-encoding", str(exc))
         return outcome_response(
             415, [Issue("not-supported", str(exc))], {"Accept-Encoding": ACCEPT_ENCODING}
         )
@@ -115,6 +176,9 @@ async def _guarded(request: Request, handler: Callable[[bytes], Awaitable[Respon
         metrics.notifications.labels(request.path_params.get("type", "-"), kind).inc()
         if isinstance(exc, InvalidResource):
             metrics.rejects.labels(request.path_params.get("type", "-")).inc()
+        first = exc.issues[0] if exc.issues else None
+        where = f" at {first.expression}" if first is not None and first.expression else ""
+        refuse(exc.status_code, kind, f"{len(exc.issues)} issue(s), the first{where}")
         return outcome_response(exc.status_code, exc.issues)
     except SpeedLayerUnavailable as exc:
         logger.error("speed layer unavailable, answering 503: %s", exc)
@@ -164,8 +228,9 @@ async def put_resource(request: Request) -> Response:
             store, body, path_type=resource_type, path_id=resource_id, derive=derive
         )
         metrics.write_latency.observe(time.perf_counter() - started)
+        kind = "written" if outcome.written else "duplicate"
         metrics.notifications.labels(
-            resource_type, "written" if outcome.written else "duplicate"
+            resource_type, "not-stored" if resource_type in NEVER_STORED else kind
         ).inc()
         return Response(status_code=204)
 
@@ -197,8 +262,10 @@ async def apply_delete(
     """Tombstone a deleted resource at the deletion's version, asking HAPI for it.
 
     A DELETE carries no version. When HAPI cannot say, tombstone just after the newest version
-    held and ask the poller to settle it.
+    held and ask the poller to settle it. A type that is never stored is left alone.
     """
+    if resource_type in NEVER_STORED:
+        return
     latest = None
     if latest_version is not None:
         try:
@@ -244,6 +311,7 @@ async def post_root(request: Request) -> Response:
             data,
             request.state.latest_version,
             request.app.state.settings.receiver_resource_types,
+            request.state.fetch_resource,
         )
         return Response(status_code=204)
 
@@ -256,10 +324,14 @@ async def apply_notification_bundle(
     data: Any,
     latest_version: LatestVersion | None = None,
     allowed: tuple[str, ...] = (),
+    fetch_resource: FetchResource | None = None,
 ) -> None:
     """A topic-based (R4 backport) notification: a history Bundle led by its status Parameters.
 
-    Every resource is validated before anything is written, so a bad one writes nothing.
+    `full-resource` entries are validated before anything is written, so a bad one writes
+    nothing. `id-only` entries name their focus (fullUrl or request.url): each is fetched from
+    HAPI and written (a deleted one is tombstoned); a catch-up poll is recorded only when HAPI
+    cannot answer, or for `empty` content, which names nothing.
     """
     if not isinstance(data, dict) or data.get("resourceType") != "Bundle":
         raise InvalidRequest(
@@ -280,7 +352,8 @@ async def apply_notification_bundle(
         )
     valid: list[ValidResource] = []
     deletes: list[tuple[str, str]] = []
-    ids_only = False
+    focuses: list[tuple[str, str]] = []
+    unnamed = False
     for n, entry in enumerate(entries[1:], start=1):
         if not isinstance(entry, dict):
             raise InvalidRequest(f"Bundle.entry[{n}] is not an object")
@@ -306,13 +379,71 @@ async def apply_notification_bundle(
             _check_path(type_, id_.split("/", 1)[0], allowed)
             deletes.append((type_, id_.split("/", 1)[0]))
         else:
-            ids_only = True  # id-only or empty content: the poller fetches what changed
+            focus = _focus_of(entry, request_part)
+            if focus is None:
+                unnamed = True  # nothing to fetch: the poller finds what changed
+                continue
+            _check_path(*focus, allowed)
+            focuses.append(focus)
     for resource in valid:
         await ingest_valid(store, resource, derive)
     for type_, id_ in deletes:
         await apply_delete(store, latest_version, type_, id_)
-    if ids_only or len(entries) <= 1:
+    for type_, id_ in dict.fromkeys(focuses):
+        if not await _fetch_focus(store, derive, latest_version, fetch_resource, type_, id_):
+            unnamed = True
+    if unnamed or len(entries) <= 1:
         await store.request_catchup("topic notification without full resources")
+
+
+def _focus_of(entry: dict[str, Any], request_part: dict[str, Any]) -> tuple[str, str] | None:
+    """TYPE and ID an id-only entry names (request.url `Type/id`, or its fullUrl)."""
+    from subscriptions.fhir_client import split_reference
+
+    for url in (request_part.get("url"), entry.get("fullUrl")):
+        if isinstance(url, str):
+            resource_type, resource_id, _ = split_reference(url)
+            if resource_type and resource_id:
+                return resource_type, resource_id
+    return None
+
+
+async def _fetch_focus(
+    store: SpeedStore,
+    derive: Deriver | None,
+    latest_version: LatestVersion | None,
+    fetch_resource: FetchResource | None,
+    resource_type: str,
+    resource_id: str,
+) -> bool:
+    """Fetch one id-only focus from HAPI and write it; False when HAPI could not answer."""
+    if fetch_resource is None:
+        return False
+    try:
+        resource = await fetch_resource(resource_type, resource_id)
+    except Exception as exc:  # HAPI down or refusing: the poller brings it
+        logger.warning(
+            "could not fetch %s/%s named by an id-only notification (%s); catch-up requested",
+            resource_type,
+            resource_id,
+            type(exc).__name__,
+        )
+        return False
+    if resource is None:
+        await apply_delete(store, latest_version, resource_type, resource_id)
+        return True
+    try:
+        await ingest(store, resource, path_type=resource_type, path_id=resource_id, derive=derive)
+    except InvalidRequest as exc:
+        # HAPI's own copy fails the gate: recorded as a reject (422) or refused; the
+        # notification itself was fine, so it is not refused for it.
+        logger.warning(
+            "the %s/%s HAPI holds was refused by the gate: %s",
+            resource_type,
+            resource_id,
+            exc.message[:200],
+        )
+    return True
 
 
 async def health(request: Request) -> Response:
@@ -349,10 +480,12 @@ def create_app(
     *,
     derive: Deriver | None = None,
     latest_version: LatestVersion | None = None,
+    fetch_resource: FetchResource | None = None,
     insecure: bool = False,
     metrics: Metrics | None = None,
 ) -> Starlette:
-    """The receiver app. Its lifespan opens Redis and (for deletes) the FHIR client."""
+    """The receiver app. Its lifespan opens Redis and the FHIR client (deletion versions,
+    id-only notifications) unless `latest_version` and `fetch_resource` are given."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[State]:
@@ -369,10 +502,12 @@ def create_app(
                 logger.error(
                     "Redis at start-up: %s (the receiver answers 503 until it is back)", exc
                 )
-            lookup = latest_version
-            if lookup is None:
-                lookup = await stack.enter_async_context(_fhir_lookup(settings))
-            yield {"store": store, "latest_version": lookup}
+            lookup, fetch = latest_version, fetch_resource
+            if lookup is None or fetch is None:
+                hapi = await stack.enter_async_context(_fhir_lookup(settings))
+                lookup = lookup or hapi[0]
+                fetch = fetch or hapi[1]
+            yield {"store": store, "latest_version": lookup, "fetch_resource": fetch}
 
     app = Starlette(
         routes=[
@@ -393,6 +528,7 @@ def create_app(
     app.state.derive = derive
     app.state.insecure = insecure
     app.state.metrics = metrics or Metrics.create()
+    app.state.refusals = RefusalLog()
     return app
 
 
@@ -417,8 +553,9 @@ async def _flush_quietly(store: SpeedStore) -> None:
 
 
 @contextlib.asynccontextmanager
-async def _fhir_lookup(settings: Settings) -> AsyncIterator[LatestVersion]:
-    """The deletion-version lookup through the project's one FHIR client."""
+async def _fhir_lookup(settings: Settings) -> AsyncIterator[tuple[LatestVersion, FetchResource]]:
+    """The deletion-version lookup and the id-only fetch through the project's FHIR client."""
+    from receiver.errors import FhirFatalError
     from subscriptions.fhir_client import FhirClient
 
     async with FhirClient(settings.fhir_base_url, max_retries=1) as client:
@@ -428,4 +565,12 @@ async def _fhir_lookup(settings: Settings) -> AsyncIterator[LatestVersion]:
         ) -> tuple[str | None, str | None, bool] | None:
             return await client.latest_version(resource_type, resource_id)
 
-        yield lookup
+        async def fetch(resource_type: str, resource_id: str) -> dict[str, Any] | None:
+            try:
+                return await client.read(resource_type, resource_id)
+            except FhirFatalError as exc:
+                if exc.status_code == 410:  # HAPI: deleted
+                    return None
+                raise
+
+        yield lookup, fetch

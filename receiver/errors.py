@@ -8,6 +8,7 @@ ResearchFlowError
 ├── FhirError             HAPI answered with an error
 │   ├── FhirTemporaryError   retry later (connection errors, 408, 429, 5xx)
 │   └── FhirFatalError       do not retry (other 4xx), carries HAPI's OperationOutcome text
+│       └── EndlessPaging    pages that bring nothing new keep naming a next page
 └── InvalidViewDefinition a SQL-on-FHIR ViewDefinition we cannot evaluate
 """
 
@@ -82,6 +83,10 @@ class FhirTemporaryError(FhirError, DependencyUnavailable):
 
 class FhirFatalError(FhirError):
     """Not worth retrying: HAPI refused the request (other 4xx)."""
+
+
+class EndlessPaging(FhirFatalError):
+    """The FHIR server's paging makes no progress (empty pages with ever new `next` links)."""
 
 
 class InvalidViewDefinition(ResearchFlowError):

@@ -9,7 +9,7 @@ from typing import Any
 
 from receiver.errors import InvalidResource
 from receiver.store import Derived, SpeedStore
-from receiver.validation import ValidResource, validate_resource
+from receiver.validation import NEVER_STORED, ValidResource, validate_resource
 
 logger = logging.getLogger(__name__)
 
@@ -29,7 +29,21 @@ class Outcome:
 async def ingest_valid(
     store: SpeedStore, resource: ValidResource, derive: Deriver | None = None
 ) -> Outcome:
-    """Write an already validated resource, version-guarded, with its derived view rows."""
+    """Write an already validated resource, version-guarded, with its derived view rows.
+
+    The receiver's path (the poller writes in batches through `SpeedStore.upsert_many`): a
+    write the guard turns away confirms the delivery of a change the poller wrote first.
+    A resource of a `NEVER_STORED` type (a Subscription: it carries the receiver's token) is
+    taken and not written.
+    """
+    if resource.resource_type in NEVER_STORED:
+        logger.info(
+            "not stored: %s/%s (%s resources never enter the speed layer)",
+            resource.resource_type,
+            resource.resource_id,
+            resource.resource_type,
+        )
+        return Outcome(resource.resource_type, resource.resource_id, resource.version_id, False)
     derived = derive(resource) if derive is not None else None
     written = await store.upsert(
         resource.resource_type,
@@ -39,6 +53,12 @@ async def ingest_valid(
         last_updated=resource.last_updated,
         derived=derived,
     )
+    if not written:
+        # The poller may have written this version first, while the notification was on its
+        # way: now it has come, so that change was not missed.
+        await store.confirm_delivery(
+            resource.resource_type, resource.resource_id, resource.version_id, resource.last_updated
+        )
     return Outcome(resource.resource_type, resource.resource_id, resource.version_id, written)
 
 
@@ -111,4 +131,6 @@ async def ingest_deletion(
         last_updated=last_updated,
         deleted=True,
     )
+    if not written:
+        await store.confirm_delivery(resource_type, resource_id, version_id, last_updated)
     return Outcome(resource_type, resource_id, version_id, written)

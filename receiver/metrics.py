@@ -18,9 +18,11 @@ class Metrics:
 
     registry: CollectorRegistry
     notifications: Counter
+    refused: Counter
     rejects: Counter
     write_latency: Histogram
     missed: Counter
+    missed_recorded: Gauge
     poller_lag: Gauge
     speed_size: Gauge
     batch_watermark_age: Gauge
@@ -35,6 +37,13 @@ class Metrics:
                 "researchflow_notifications",
                 "Notifications received, by resource type and outcome",
                 ["resource_type", "outcome"],
+                registry=reg,
+            ),
+            refused=Counter(
+                "researchflow_refused_deliveries",
+                "Requests the receiver refused (4xx), by HTTP status and reason; 401s mean HAPI "
+                "sends no or a wrong token (see `subscriptions status`)",
+                ["status", "reason"],
                 registry=reg,
             ),
             rejects=Counter(
@@ -53,6 +62,12 @@ class Metrics:
                 "researchflow_missed_notifications",
                 "Changes the poller found that no notification had delivered",
                 ["resource_type"],
+                registry=reg,
+            ),
+            missed_recorded=Gauge(
+                "researchflow_missed_notifications_recorded",
+                "Missed notifications the speed layer has recorded (every poller's count, "
+                "read from Redis; back to 0 when Redis comes back empty)",
                 registry=reg,
             ),
             poller_lag=Gauge(

@@ -42,6 +42,64 @@ def _tokens(env: Mapping[str, str], name: str) -> tuple[str, ...]:
     return tuple(t.strip() for t in raw.split(",") if t.strip())
 
 
+def _redis_url(env: Mapping[str, str], name: str, default: str) -> str:
+    """A redis:// or rediss:// URL (unix:// too, as redis-py reads it) with a usable port and db.
+
+    The value is never echoed: it may hold a password.
+    """
+    value = (env.get(name) or "").strip() or default
+    parts = urlsplit(value)
+    example = "e.g. redis://localhost:6379/0"
+    if parts.scheme not in ("redis", "rediss", "unix"):
+        raise SettingsError(f"{name} must start with redis:// or rediss:// ({example})")
+    if parts.scheme != "unix" and not parts.hostname:
+        raise SettingsError(f"{name} names no host ({example})")
+    try:
+        parts.port  # noqa: B018  (raises on a port that is not a number)
+    except ValueError:
+        raise SettingsError(f"{name} has a port that is not a number ({example})") from None
+    db = parts.path.strip("/")
+    if parts.scheme != "unix" and db and not db.isdigit():
+        raise SettingsError(f"{name}: the database after the host must be a number ({example})")
+    return value
+
+
+def _http_url(env: Mapping[str, str], name: str, default: str) -> str:
+    """An http:// or https:// URL with a host (trailing slash removed)."""
+    value = ((env.get(name) or "").strip() or default).rstrip("/")
+    parts = urlsplit(value)
+    example = "e.g. http://localhost:8080/fhir"
+    if parts.scheme not in ("http", "https"):
+        raise SettingsError(f"{name} must start with http:// or https:// ({example})")
+    if not parts.hostname:
+        raise SettingsError(f"{name} names no host ({example})")
+    try:
+        parts.port  # noqa: B018
+    except ValueError:
+        raise SettingsError(f"{name} has a port that is not a number ({example})") from None
+    return value
+
+
+def _postgres_url(env: Mapping[str, str], name: str, default: str | None) -> str | None:
+    """A libpq connection string: a postgresql:// (or postgres://) URL, or key=value pairs."""
+    value = (env.get(name) or "").strip() or default
+    if value is None:
+        return None
+    example = "e.g. postgresql://localhost/researchflow"
+    if "://" in value and urlsplit(value).scheme not in ("postgresql", "postgres"):
+        raise SettingsError(f"{name} must start with postgresql:// ({example})")
+    from psycopg.conninfo import conninfo_to_dict
+
+    try:
+        info = conninfo_to_dict(value)
+    except Exception:  # psycopg's ProgrammingError: not a connection string at all
+        raise SettingsError(f"{name} is not a PostgreSQL URL ({example})") from None
+    for part in str(info.get("port") or "").split(","):
+        if part and not part.isdigit():
+            raise SettingsError(f"{name} has a port that is not a number ({example})")
+    return value
+
+
 def instance_from_url(url: str) -> str:
     """Derive a deployment name from the receiver URL (host, port and path)."""
     parts = urlsplit(url)
@@ -74,6 +132,10 @@ class Settings:
     # Not in the contract's table: tuning knobs with safe defaults.
     watchdog_interval_seconds: int = 60
     poll_overlap_seconds: int = 120
+    # A change the poller finds is judged missed only after HAPI's retry window for its
+    # notification (~60 s, ../shared/hapi-rest-hook.md) has passed: until then it may still
+    # come. Kept below poll_overlap_seconds, so such a change is read again by the next poll.
+    missed_grace_seconds: int = 90
 
     def __post_init__(self) -> None:
         if not self.instance:
@@ -81,22 +143,27 @@ class Settings:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
-        """Read the settings from `env` (default: `os.environ`)."""
+        """Read the settings from `env` (default: `os.environ`).
+
+        Raises SettingsError naming the setting when a value is malformed (a URL without its
+        scheme, a port or number that is not one); a URL's value is never echoed (passwords).
+        """
         env = os.environ if env is None else env
         defaults = cls()
-        receiver_url = env.get("RECEIVER_URL") or defaults.receiver_url
+        receiver_url = _http_url(env, "RECEIVER_URL", defaults.receiver_url)
         return cls(
-            redis_url=env.get("REDIS_URL") or defaults.redis_url,
+            redis_url=_redis_url(env, "REDIS_URL", defaults.redis_url),
             redis_cluster=_bool(env, "REDIS_CLUSTER", False),
-            database_url=env.get("DATABASE_URL") or defaults.database_url,
-            fhir_base_url=(env.get("FHIR_BASE_URL") or defaults.fhir_base_url).rstrip("/"),
-            receiver_url=receiver_url.rstrip("/"),
+            database_url=_postgres_url(env, "DATABASE_URL", defaults.database_url)
+            or defaults.database_url,
+            fhir_base_url=_http_url(env, "FHIR_BASE_URL", defaults.fhir_base_url),
+            receiver_url=receiver_url,
             receiver_tokens=_tokens(env, "RECEIVER_TOKEN"),
             receiver_hmac_secret=env.get("RECEIVER_HMAC_SECRET") or None,
             serving_tokens=_tokens(env, "SERVING_TOKEN"),
             use_speed_layer=_bool(env, "USE_SPEED_LAYER", True),
             poll_interval_seconds=_int(env, "POLL_INTERVAL_SECONDS", 300) or 300,
-            hapi_database_url=env.get("HAPI_DATABASE_URL") or None,
+            hapi_database_url=_postgres_url(env, "HAPI_DATABASE_URL", None),
             receiver_max_body_bytes=_int(
                 env, "RECEIVER_MAX_BODY_BYTES", defaults.receiver_max_body_bytes
             )

@@ -52,6 +52,9 @@ HOURLY_KEY = META + "hourly"  # HASH "YYYY-mm-ddTHH" -> changes received that ho
 MISSED_KEY = META + "missed"  # counter of notifications the poller found missing
 TYPES_KEY = META + "types"  # SET of resource types ever written
 GENERATION_KEY = META + "generation"  # bumped by every trim: incremental readers reload
+# HASH "T/id/version" -> change time (ms, HAPI's clock): changes the poller wrote before
+# HAPI's retry window for their notification had passed; judged missed or not later.
+PENDING_KEY = META + "missed:pending"
 REJECTS_MAX = 1000
 REJECTS_SEEN_MAX = 100_000
 
@@ -88,6 +91,14 @@ def parse_instant(value: str | None) -> float:
     if parsed.tzinfo is None:
         parsed = parsed.replace(tzinfo=UTC)
     return parsed.timestamp() * 1000.0
+
+
+def pending_field(
+    resource_type: str, resource_id: str, version_id: str | None, last_updated: str | None
+) -> str:
+    """The name of one change in the pending-judgement hash: TYPE/ID/version (or lastUpdated
+    for a resource without a versionId)."""
+    return f"{resource_type}/{resource_id}/{version_id or last_updated or ''}"
 
 
 def version_number(version_id: str | None) -> float:
@@ -317,7 +328,6 @@ class SpeedStore:
         self._trim = client.register_script(_TRIM_LUA)
         self._rederive = client.register_script(_REDERIVE_LUA)
         self._is_cluster = isinstance(client, RedisCluster)
-        self._known_types: set[str] = set()
         self._pending_hours: dict[str, int] = {}
         self._pending_types: set[str] = set()
         self._last_flush_ms = 0.0
@@ -377,8 +387,10 @@ class SpeedStore:
         """Write the batched statistics now (also called on shutdown and by tests)."""
         self._last_flush_ms = time.time() * 1000.0 if now_ms is None else now_ms
         hours, self._pending_hours = self._pending_hours, {}
-        types = self._pending_types - self._known_types
-        self._pending_types = set()
+        # The types written this second, every time: remembering which ones Redis already
+        # holds would go stale when Redis comes back empty (the epoch changes) and `speed
+        # stats` would stop listing a type that is still written. One SADD a second is free.
+        types, self._pending_types = self._pending_types, set()
         if not hours and not types:
             return
         try:
@@ -388,7 +400,6 @@ class SpeedStore:
                 if types:
                     pipe.sadd(TYPES_KEY, *types)
                 await pipe.execute()
-            self._known_types |= types
         except RedisError:  # statistics only: the resources themselves are written
             logger.warning("could not count changes in %s", HOURLY_KEY)
 
@@ -708,6 +719,84 @@ class SpeedStore:
 
     async def missed_count(self) -> int:
         return int(_decode(await self.client.get(MISSED_KEY)) or 0)
+
+    # -- changes awaiting judgement (missed or not) -------------------------------------------
+
+    async def hold_pending(self, changes: dict[str, float]) -> None:
+        """Record changes the poller writes before HAPI's retry window for them has passed
+        (`pending_field` -> change time, ms in HAPI's clock): their notification may still come.
+        """
+        if not changes:
+            return
+        try:
+            await self.client.hset(PENDING_KEY, mapping=changes)  # type: ignore[arg-type]
+        except RedisError as exc:
+            raise SpeedLayerUnavailable(f"Redis did not take the write: {exc}") from exc
+
+    async def clear_pending(self, fields: Sequence[str]) -> None:
+        if not fields:
+            return
+        try:
+            await self.client.hdel(PENDING_KEY, *fields)
+        except RedisError as exc:
+            raise SpeedLayerUnavailable(f"Redis did not take the write: {exc}") from exc
+
+    async def pending(self) -> dict[str, float]:
+        """Every change awaiting judgement: `pending_field` -> change time (ms)."""
+        try:
+            raw = await self.client.hgetall(PENDING_KEY)
+        except RedisError as exc:
+            raise SpeedLayerUnavailable(f"Redis cannot be read: {exc}") from exc
+        return {_decode(k) or "": float(_decode(v) or 0) for k, v in raw.items()}
+
+    async def confirm_delivery(
+        self, resource_type: str, resource_id: str, version_id: str | None, last_updated: str | None
+    ) -> None:
+        """A notification arrived for a version the speed layer already held: if the poller
+        wrote it first, it was not missed. Only for writes the version guard turned away, so
+        the receiver's usual write costs nothing more. Statistics only: never fails the write.
+        """
+        field = pending_field(resource_type, resource_id, version_id, last_updated)
+        try:
+            await self.client.hdel(PENDING_KEY, field)
+        except RedisError as exc:
+            logger.warning("could not confirm a delivery in %s: %s", PENDING_KEY, exc)
+
+    async def purge_type(self, resource_type: str) -> int:
+        """Remove every entry of a type and the type itself from the speed layer (for
+        `Subscription`, which must never be held: it carries the receiver's token). Returns
+        how many entries went."""
+        versions = await self.versions(resource_type)
+        removed = 0
+        ids = list(versions)
+        for start in range(0, len(ids), 500):
+            chunk = ids[start : start + 500]
+            try:
+                async with self.client.pipeline(transaction=False) as pipe:
+                    for resource_id in chunk:
+                        pipe.delete(resource_key(resource_type, resource_id))
+                    results = await pipe.execute()
+            except RedisError as exc:
+                raise SpeedLayerUnavailable(f"Redis did not take the write: {exc}") from exc
+            removed += sum(int(r) for r in results)
+        try:
+            async with self.client.pipeline(transaction=False) as pipe:
+                for bucket in range(BUCKETS):
+                    prefix = tag(resource_type, bucket)
+                    # Derived keys (rows, index sets) hold nothing for a type no view reads.
+                    pipe.delete(prefix + "ver", prefix + "chg", prefix + "log")
+                pipe.srem(TYPES_KEY, resource_type)
+                pipe.incr(GENERATION_KEY)  # incremental readers reload
+                await pipe.execute()
+        except RedisError as exc:
+            raise SpeedLayerUnavailable(f"Redis did not take the write: {exc}") from exc
+        return removed
+
+    async def holds_type(self, resource_type: str) -> bool:
+        try:
+            return bool(await self.client.sismember(TYPES_KEY, resource_type))
+        except RedisError as exc:
+            raise SpeedLayerUnavailable(f"Redis cannot be read: {exc}") from exc
 
     async def hourly_changes(self, hours: int = 24) -> list[tuple[str, int]]:
         """Changes received per hour over the last `hours` hours, oldest first."""

@@ -11,8 +11,14 @@ import orjson
 from fhir.resources.R4B import get_fhir_model_class
 from pydantic import ValidationError
 
+from receiver import r4schema
 from receiver.errors import InvalidRequest, InvalidResource, Issue
 
+# Resource types that never enter either layer: a Subscription carries the receiver's bearer
+# token in channel.header (and the deployment's own are no research data). The receiver takes
+# a valid one (204, so HAPI does not retry it) and writes nothing; the poller and the batch
+# sync never read the type.
+NEVER_STORED = frozenset({"Subscription"})
 # FHIR R4 id datatype.
 ID_PATTERN = re.compile(r"[A-Za-z0-9\-\.]{1,64}")
 # JSON nesting allowed in a resource. Real ones stay far below (the official examples: 16
@@ -68,8 +74,13 @@ def _model(resource_type: str) -> Any:
 
 
 def is_resource_type(name: str) -> bool:
-    """True for a FHIR resource type name the R4B models know."""
-    return bool(name) and name[0].isupper() and name.isalpha() and _model(name) is not None
+    """True for a FHIR resource type name: one the R4B models know, or an R4 one they lack."""
+    return (
+        bool(name)
+        and name[0].isupper()
+        and name.isalpha()
+        and (name in r4schema.R4_SCHEMA_TYPES or _model(name) is not None)
+    )
 
 
 def _deeper_than(value: Any, limit: int) -> bool:
@@ -149,8 +160,11 @@ def _binding_issues(resource_type: str, data: dict[str, Any]) -> list[Issue]:
 
 
 def check_resource(data: dict[str, Any]) -> list[Issue]:
-    """Validation issues of a parsed resource against the R4B models and our bindings."""
+    """Validation issues of a parsed resource against the R4B models and our bindings, or,
+    for the R4 types and shapes those models lack, against R4's own JSON schema."""
     resource_type = data.get("resourceType")
+    if resource_type in r4schema.R4_SCHEMA_TYPES:
+        return r4schema.issues(data)
     model = _model(resource_type) if isinstance(resource_type, str) else None
     if model is None:
         return [Issue("not-supported", f"unknown resource type {resource_type!r}", "resourceType")]
@@ -211,11 +225,13 @@ def validate_resource(
             [Issue("not-supported", "unknown resource type", "resourceType")],
         )
     resource_id = data.get("id")
-    if resource_id is None and path_id is not None:
-        # Some valid resources carry no id (the official Parameters example); the URL names it.
-        resource_id = path_id
     if not isinstance(resource_id, str):
-        raise InvalidRequest("the resource has no id", [Issue("required", "id is missing", "id")])
+        # FHIR's update rules: the body of a PUT carries the id of its URL (HAPI always sends
+        # one), so a body without it is refused rather than named by the path.
+        raise InvalidRequest(
+            "the resource has no id (a FHIR update carries the id of its URL)",
+            [Issue("required", "id is missing", "id")],
+        )
     check_id(resource_id)
     if path_id is not None and resource_id != path_id:
         raise InvalidRequest(

@@ -67,7 +67,13 @@ if ! .venv/bin/python -c "import receiver, subscriptions, serving, pytest, respx
    || [ pyproject.toml -nt .venv/.installed ]; then
   echo "setup: installing the package and its development tools into .venv"
   .venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
-  .venv/bin/python -m pip install -q -e ".[dev]" 2>&1 | grep -v -i "warning" || true
+  # pip's and setuptools' notices stay in a log (shown only on failure): whoever runs this
+  # (scripts/demo.sh, CI) sees its own output, not a build backend's deprecation banners.
+  if ! .venv/bin/python -m pip install -q -e ".[dev]" >.venv/pip-install.log 2>&1; then
+    cat .venv/pip-install.log >&2
+    echo "setup: pip install failed (the lines above say why)" >&2
+    exit 1
+  fi
   .venv/bin/python -c "import receiver, subscriptions, serving" 
   touch .venv/.installed
 fi

@@ -24,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
@@ -285,6 +285,42 @@ async def batch_watermark_async(database_url: str) -> str | None:
     return None if row is None else row[0]
 
 
+async def batch_versions_async(
+    database_url: str, resource_type: str, ids: Sequence[str]
+) -> dict[str, tuple[float, float]]:
+    """The versions the batch layer holds of these ids: id -> (version number, lastUpdated ms).
+
+    For the poller's missed-notification count: a change the batch layer holds at that version
+    or newer (a refresh moved it out of the speed layer) is not missed. A row a `--full`
+    refresh marked deleted because HAPI no longer listed it covers only strictly older
+    versions (as in the speed layer's trim). Ids it lacks are left out; an uninitialised
+    batch layer holds nothing. Raises BatchLayerUnavailable when PostgreSQL cannot be reached.
+    """
+    if not ids:
+        return {}
+    try:
+        conn = await psycopg.AsyncConnection.connect(
+            database_url, autocommit=True, connect_timeout=10
+        )
+    except psycopg.OperationalError as exc:
+        raise BatchLayerUnavailable(f"PostgreSQL cannot be reached: {exc}") from exc
+    out: dict[str, tuple[float, float]] = {}
+    async with conn:
+        cur = await conn.execute("SELECT to_regclass('rf_batch.resources')")
+        if (await cur.fetchone()) in (None, (None,)):
+            return out
+        cur = await conn.execute(
+            "SELECT id, version_number, last_updated_ms, deleted AND resource IS NOT NULL"
+            " FROM rf_batch.resources WHERE resource_type = %s AND id = ANY(%s)",
+            (resource_type, list(ids)),
+        )
+        for rid, vn, lum, absent in await cur.fetchall():
+            if absent:
+                vn, lum = (vn - 0.5 if vn >= 0 else vn), lum - 0.001
+            out[rid] = (float(vn), float(lum))
+    return out
+
+
 def view_stats(database_url: str) -> dict[str, tuple[int, datetime | None]]:
     """Per built view: (rows it holds, when its contents were last computed)."""
     with connect(database_url, autocommit=True) as conn:
@@ -311,6 +347,7 @@ async def refresh(
     store: SpeedStore | None = None,
     client: FhirClient | None = None,
     progress: Callable[[int], None] | None = None,
+    types: Sequence[str] | None = None,
 ) -> RefreshResult:
     """Sync from HAPI, refresh every view, advance the watermark, trim the speed layer.
 
@@ -319,7 +356,7 @@ async def refresh(
     from serving import batch_sync
 
     return await batch_sync.refresh(
-        settings, full=full, store=store, client=client, progress=progress
+        settings, full=full, store=store, client=client, progress=progress, types=types
     )
 
 

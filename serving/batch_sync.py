@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -41,8 +41,9 @@ from receiver.errors import (
 )
 from receiver.settings import Settings
 from receiver.store import SpeedStore, parse_instant, version_number
-from receiver.validation import check_id, is_resource_type, validate_resource
+from receiver.validation import NEVER_STORED, check_id, is_resource_type, validate_resource
 from serving.batch import LOCK_KEY, VIEW_SCHEMA, BatchNotInitialized
+from serving.viewdef import served_types
 from subscriptions.fhir_client import FhirClient, HistoryEntry
 
 logger = logging.getLogger(__name__)
@@ -52,7 +53,7 @@ SEARCH_COUNT = 500  # `_count` per search page (--full)
 FLUSH_ROWS = 2000  # staged rows per COPY
 TRIM_CHUNK = 10_000  # ids per batch look-up while trimming
 # Subscriptions carry the receiver's token in channel.header: never copied into the batch.
-NOT_SYNCED = frozenset({"Subscription"})
+NOT_SYNCED = NEVER_STORED
 
 Progress = Callable[[int], None]
 
@@ -247,22 +248,26 @@ async def _scalar(
 
 
 async def _traverse_history(
-    client: FhirClient, since: str | None, stager: _Stager
+    client: FhirClient, since: str | None, stager: _Stager, types: Sequence[str]
 ) -> datetime | None:
+    """Each type's `_history` since `since`; HAPI's clock at the first answer."""
     clock: datetime | None = None
-    async for page in client.history(None, since, HISTORY_COUNT):
-        if clock is None:
-            clock = page.server_date
-        for entry in page.entries:
-            if entry.deleted or entry.resource is None:
-                stager.offer_deletion(entry)
-            else:
-                stager.offer_resource(entry.resource, entry.resource_type, entry.id)
-        await stager.flush()
+    for resource_type in types:
+        async for page in client.history(resource_type, since, HISTORY_COUNT):
+            if clock is None:
+                clock = page.server_date
+            for entry in page.entries:
+                if entry.deleted or entry.resource is None:
+                    stager.offer_deletion(entry)
+                else:
+                    stager.offer_resource(entry.resource, entry.resource_type, entry.id)
+            await stager.flush()
     return clock
 
 
-async def _traverse_database(url: str, since: str | None, stager: _Stager) -> datetime | None:
+async def _traverse_database(
+    url: str, since: str | None, stager: _Stager, types: Sequence[str]
+) -> datetime | None:
     """HAPI_DATABASE_URL mode: the changed rows of HAPI's own tables (their current versions,
     deletions included) since `since`; returns the newest RES_UPDATED read (HAPI's clock)."""
     from subscriptions import hapi_db
@@ -271,7 +276,7 @@ async def _traverse_database(url: str, since: str | None, stager: _Stager) -> da
     newest: datetime | None = None
     conn = await hapi_db.connect(url)
     try:
-        async for page in hapi_db.changes_since(conn, since_at):
+        async for page in hapi_db.changes_since(conn, since_at, types=types):
             for change in page:
                 if change.unreadable is not None:
                     logger.warning(
@@ -322,16 +327,12 @@ async def _traverse_search(
     return clock
 
 
-async def _full_types(conn: psycopg.AsyncConnection[Any], store: SpeedStore | None) -> list[str]:
-    """Every type the batch layer holds or a view reads (or the speed layer has seen)."""
-    cur = await conn.execute(
-        "SELECT definition->>'resource' FROM rf_batch.views"
-        " UNION SELECT DISTINCT resource_type FROM rf_batch.resources"
-    )
-    types = {row[0] for row in await cur.fetchall() if row[0]}
-    if store is not None:
-        types.update(await store.known_types())
-    return sorted(t for t in types if t not in NOT_SYNCED and is_resource_type(t))
+async def _full_types(conn: psycopg.AsyncConnection[Any], types: Sequence[str]) -> list[str]:
+    """The types a full refresh reads: the served views' (`types`) and those of the views
+    the batch layer was built with."""
+    cur = await conn.execute("SELECT definition->>'resource' FROM rf_batch.views")
+    wanted = {row[0] for row in await cur.fetchall() if row[0]} | set(types)
+    return sorted(t for t in wanted if t not in NOT_SYNCED and is_resource_type(t))
 
 
 def _counted(statement: str) -> str:
@@ -356,6 +357,10 @@ async def _apply(
     views = [(row[0], row[1]) for row in await cur.fetchall()]
     view_rows: dict[str, int] = {}
     async with conn.transaction():
+        # An older release copied Subscriptions (with the receiver's token) into the batch.
+        await conn.execute(
+            "DELETE FROM rf_batch.resources WHERE resource_type = ANY(%s)", (sorted(NOT_SYNCED),)
+        )
         changed_types: dict[str, int] = {}
         cur = await conn.execute(_counted(_APPLY_SQL))
         changed_types.update({t: int(n) for t, n in await cur.fetchall()})
@@ -428,16 +433,19 @@ async def refresh(
     store: SpeedStore | None = None,
     client: FhirClient | None = None,
     progress: Progress | None = None,
+    types: Sequence[str] | None = None,
 ) -> RefreshResult:
     """Sync rf_batch.resources from HAPI, refresh every view, advance the watermark, trim.
 
-    Incremental: HAPI's `_history` since the batch watermark (from the beginning before the
-    first refresh). `full`: every current resource of every type the batch layer knows (the
-    views' types, the types it holds, the speed layer's), by search, plus `_history` since the
-    watermark for the deletions' versions; rows of those types that HAPI no longer lists at
-    all become deletions (keeping their last content and version). Every resource passes the
-    one gate; rejects are recorded in `store`'s reject store (after the commit) and never
-    enter the batch.
+    Only the resource types the served views read are read from HAPI (`types`, default
+    `serving.viewdef.served_types()`); a Subscription never enters the batch layer, and any
+    an older release stored is purged from both layers. Incremental: each type's `_history`
+    since the batch watermark (from the beginning before the first refresh). `full`: every
+    current resource of those types (and of the views the batch layer was built with), by
+    search, plus `_history` since the watermark for the deletions' versions; rows of those
+    types that HAPI no longer lists at all become deletions (keeping their last content and
+    version). Every resource passes the one gate; rejects are recorded in `store`'s reject
+    store (after the commit) and never enter the batch.
 
     Raises (and changes nothing) when HAPI or PostgreSQL fails before the commit:
     FhirTemporaryError/FhirFatalError, BatchLayerUnavailable, RefreshFailed,
@@ -465,20 +473,23 @@ async def refresh(
                 " rejected boolean)"
             )
             stager = _Stager(conn, progress)
-            full_types = await _full_types(conn, store) if full else None
+            read_types = [t for t in (types or served_types()) if t not in NOT_SYNCED]
+            full_types = await _full_types(conn, read_types) if full else None
+            if full_types is not None:
+                read_types = full_types
             if settings.hapi_database_url:
                 # Every current row when full (absent ones are then marked), else the changes.
                 clock = await _traverse_database(
-                    settings.hapi_database_url, None if full else saved, stager
+                    settings.hapi_database_url, None if full else saved, stager, read_types
                 )
             elif full_types is not None:
                 clock = await _traverse_search(fhir, full_types, stager)
                 if saved is not None:
                     # Deletions since the last refresh, at HAPI's versions: only what
                     # vanished without a trace is then marked absent.
-                    await _traverse_history(fhir, saved, stager)
+                    await _traverse_history(fhir, saved, stager, read_types)
             else:
-                clock = await _traverse_history(fhir, saved, stager)
+                clock = await _traverse_history(fhir, saved, stager, read_types)
             await stager.flush(force=True)
             if clock is None and stager.newest_ms:
                 clock = datetime.fromtimestamp(stager.newest_ms / 1000.0, UTC)
@@ -516,6 +527,10 @@ async def refresh(
                 watermark,
             )
             if store is not None:
+                for never in sorted(NOT_SYNCED):
+                    if await store.holds_type(never):
+                        purged = await store.purge_type(never)
+                        logger.warning("purged %d %s entries from the speed layer", purged, never)
                 for reject in stager.rejects:
                     await store.record_reject(
                         reject.resource_type, reject.resource_id, reject.version_id, reject.issues

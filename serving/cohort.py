@@ -18,6 +18,8 @@ PARAMETERS = frozenset(
 )
 CONTROL = frozenset({"ids", "_count", "_after"})
 PREFIXES = ("eq", "ne", "gt", "lt", "ge", "le")
+# FHIR's AdministrativeGender, the required binding of Patient.gender.
+GENDERS = ("male", "female", "other", "unknown")
 
 PD = "sqlonfhir.patient_demographics"
 CS = "sqlonfhir.condition_simple"
@@ -138,11 +140,6 @@ def date_range(text: Any) -> tuple[str, str] | None:
     return None
 
 
-def _day_valid(text: str) -> bool:
-    year, month, day = int(text[:4]), int(text[5:7]), int(text[8:10])
-    return 1 <= month <= 12 and 1 <= day <= _last_day(year, month)
-
-
 def date_matches(target: tuple[str, str] | None, crit: DateCriterion) -> bool:
     """FHIR's date-range rules (search range vs. the data's range)."""
     if target is None:
@@ -162,15 +159,39 @@ def date_matches(target: tuple[str, str] | None, crit: DateCriterion) -> bool:
     return low < crit.low or contained  # le
 
 
+_DATE_SHAPE = re.compile(r"([0-9]{4})(?:-([0-9]{2})(?:-([0-9]{2}))?)?")
+
+
 def _parse_date(name: str, raw: str) -> DateCriterion:
+    """One birthdate value: an optional prefix and a FHIR date (YYYY, YYYY-MM, YYYY-MM-DD).
+
+    FHIR's date grammar has years 0001-9999, months 01-12 and the days of that month; each
+    way out of it is named in the 400's message.
+    """
     prefix = "eq"
     if raw[:2] in PREFIXES:
         prefix, raw = raw[:2], raw[2:]
-    elif raw[:2].isalpha():
-        raise _bad(name, f"{name}: unsupported prefix {raw[:2]!r} (use eq, ne, gt, lt, ge, le)")
-    span = date_range(raw)
-    if span is None or (len(raw) == 10 and not _day_valid(raw)):
+    elif raw[:1].isalpha():
+        raise _bad(
+            name,
+            f"{name}: unknown prefix {raw[:2]!r} in {raw!r} (FHIR's are eq, ne, gt, lt, ge, le)",
+        )
+    shape = _DATE_SHAPE.fullmatch(raw)
+    if shape is None:
         raise _bad(name, f"{name}: {raw!r} is not a date (YYYY, YYYY-MM or YYYY-MM-DD)")
+    year, month, day = shape.groups()
+    if year == "0000":
+        raise _bad(name, f"{name}: year 0000 in {raw!r} is not a FHIR year (0001-9999)")
+    if month is not None and not 1 <= int(month) <= 12:
+        raise _bad(name, f"{name}: month {month} in {raw!r} is not a month (01-12)")
+    if day is not None and not 1 <= int(day) <= _last_day(int(year), int(month or 1)):
+        raise _bad(
+            name,
+            f"{name}: day {day} in {raw!r} is not a day of {year}-{month} "
+            f"(01-{_last_day(int(year), int(month or 1)):02d})",
+        )
+    span = date_range(raw)
+    assert span is not None  # the shape and ranges above are date_range's grammar
     return DateCriterion(prefix, *span)
 
 
@@ -246,6 +267,13 @@ def parse_query(params: Sequence[tuple[str, str]]) -> CohortQuery:
         if any(a == "" for a in alternatives):
             raise _bad(name, f"{name}: empty value")
         if name == "gender":
+            unknown = [a for a in alternatives if a not in GENDERS]
+            if unknown:
+                raise _bad(
+                    name,
+                    f"gender: {unknown[0][:40]!r} is not an AdministrativeGender "
+                    f"({', '.join(GENDERS)})",
+                )
             genders.append(tuple(alternatives))
         elif name == "birthdate":
             dates.append(tuple(_parse_date(name, a) for a in alternatives))

@@ -1,13 +1,21 @@
-"""`researchflow demo`: the whole flow on one machine, with the stand-in HAPI as the source."""
+"""`researchflow demo`: the whole flow on one machine, with the stand-in HAPI as the source.
+
+Standard output carries JSON only, one object a line, each with an `event`: `ready` (the
+URLs and the serving token), `answer` (a live cohort answer while changes stream in),
+`verified` (the last answer and whether a full refresh gave the same). What a person reads
+goes to standard error. With `--serve` the services keep running after that, with a "what
+next" text, until Ctrl-C.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
+import json
 import logging
 import random
 import secrets
+import signal
 import socket
 import sys
 import time
@@ -18,7 +26,7 @@ from typing import Any
 import httpx
 import uvicorn
 
-from receiver.errors import ResearchFlowError
+from receiver.errors import BatchLayerUnavailable, ResearchFlowError
 from receiver.settings import Settings
 from receiver.store import SpeedStore, connect
 from subscriptions import synthetic
@@ -31,28 +39,59 @@ class DemoError(ResearchFlowError):
 
 
 COHORT_QUERY = {"gender": "male", "condition": "http://snomed.info/sct|44054006", "ids": "false"}
+Emit = Callable[[dict[str, Any]], None]
+Say = Callable[[str], None]
 
 
-def _port_or_free(port: int) -> int:
-    with socket.socket() as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-            return port
-        except OSError:
-            sock.bind(("127.0.0.1", 0))
-            return int(sock.getsockname()[1])
+def ensure_database(database_url: str) -> bool:
+    """Create the PostgreSQL database DATABASE_URL names when it does not exist (the demo
+    works alone); True when it was created. Raises BatchLayerUnavailable with one line when
+    PostgreSQL cannot be reached or refuses to create it."""
+    import psycopg
+    from psycopg import sql
+    from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+    try:
+        psycopg.connect(database_url, connect_timeout=5).close()
+        return False
+    except psycopg.OperationalError as exc:
+        if "does not exist" not in str(exc):
+            raise BatchLayerUnavailable(f"PostgreSQL cannot be reached: {exc}") from None
+    info = conninfo_to_dict(database_url)
+    name = str(info.get("dbname") or "")
+    try:
+        admin_url = make_conninfo("", **{**info, "dbname": "postgres"})
+        with psycopg.connect(admin_url, autocommit=True, connect_timeout=5) as admin:
+            admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    except psycopg.Error as exc:
+        raise BatchLayerUnavailable(
+            f"the database {name!r} of DATABASE_URL does not exist and could not be created "
+            f"({' '.join(str(exc).split())}); create it, or point DATABASE_URL at one"
+        ) from None
+    return True
+
+
+def bind_ports(receiver_port: int, serve_port: int) -> tuple[socket.socket, socket.socket]:
+    """Both listening sockets, before anything starts (0: any free port)."""
+    from receiver.startup import bind, close_all
+
+    receiver = bind("127.0.0.1", receiver_port, "demo receiver (--receiver-port; 0: any)")
+    try:
+        api = bind("127.0.0.1", serve_port, "demo query API (--serve-port; 0: any)")
+    except BaseException:
+        close_all([receiver])
+        raise
+    return receiver, api
 
 
 @contextlib.asynccontextmanager
-async def _serve(app: Any, port: int) -> AsyncIterator[None]:
-    server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
-    )
-    task = asyncio.create_task(server.serve())
+async def _serve(app: Any, sock: socket.socket) -> AsyncIterator[None]:
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
+    task = asyncio.create_task(server.serve(sockets=[sock]))
     while not server.started:
         if task.done():
             await task
-            raise RuntimeError(f"could not serve on 127.0.0.1:{port}")
+            raise DemoError(f"could not serve on {sock.getsockname()[:2]}")
         await asyncio.sleep(0.02)
     try:
         yield
@@ -122,49 +161,24 @@ async def run_demo(
     receiver_port: int = 8081,
     serve_port: int = 8082,
     reset: bool = False,
-    out: Callable[[str], None] = print,
+    serve: bool = False,
+    emit: Emit | None = None,
+    say: Say | None = None,
+    stop: asyncio.Event | None = None,
 ) -> dict[str, Any]:
-    """Run the demo; returns the last cohort answer."""
-    from receiver.app import create_app as create_receiver
+    """Run the demo; returns the last cohort answer (with `verified`).
+
+    `emit` gets the JSON events, `say` the lines for a person. With `serve`, keep everything
+    running after the verification until `stop` is set (or the process is interrupted).
+    """
     from serving import batch
-    from serving.api import create_app as create_api
-    from serving.derive import default_deriver
-    from serving.status import status_route
-    from subscriptions import bootstrap
-    from subscriptions.fhir_client import FhirClient
-    from subscriptions.poller import poll_once, run_poller
-    from subscriptions.standin import StandInHapi, serve_standin
 
-    receiver_port = _port_or_free(receiver_port)
-    serve_port = _port_or_free(serve_port)
-    receiver_token = (
-        settings.receiver_tokens[0] if settings.receiver_tokens else secrets.token_urlsafe(16)
-    )
-    serving_token = (
-        settings.serving_tokens[0] if settings.serving_tokens else secrets.token_urlsafe(16)
-    )
-    rnd = random.Random(2026)
-    hapi = StandInHapi(activation_delay=0.2, retry_initial=0.5, retry_total=10.0)
-    last: dict[str, Any] = {}
-    async with serve_standin(hapi) as fhir_base:
-        settings = replace(
-            settings,
-            fhir_base_url=fhir_base,
-            receiver_url=f"http://127.0.0.1:{receiver_port}/fhir",
-            receiver_tokens=(receiver_token,),
-            serving_tokens=(serving_token,),
-            poll_interval_seconds=min(settings.poll_interval_seconds, 15),
-            instance="researchflow-demo",
-        )
-        out(f"stand-in HAPI FHIR server: {fhir_base}")
-        started = time.perf_counter()
-        for resource in synthetic.population(patients, seed=7):
-            await hapi.update(resource)
-        out(
-            f"seeded {len(hapi.resources):,} resources ({patients} patients) in "
-            f"{time.perf_counter() - started:.1f}s"
-        )
-
+    emit = emit or (lambda _event: None)
+    say = say or (lambda _line: None)
+    receiver_sock, api_sock = bind_ports(receiver_port, serve_port)
+    try:
+        if await asyncio.to_thread(ensure_database, settings.database_url):
+            say("created the PostgreSQL database DATABASE_URL names")
         redis_client = connect(settings)
         store = SpeedStore(redis_client)
         try:
@@ -177,100 +191,248 @@ async def run_demo(
                         "empty Redis database or pass --reset to empty this one"
                     )
                 await redis_client.flushdb()
-                out("emptied the speed layer's Redis database (--reset)")
+                say("emptied the speed layer's Redis database (--reset)")
             if reset:
-                batch.drop(settings.database_url)
-            for line in batch.init(settings.database_url):
-                out(f"batch init: {line}")
-            result = await batch.refresh(settings, full=True, store=store)
-            out(f"batch refresh: {dataclasses.asdict(result)}")
-            derive = default_deriver()
-            receiver_app = create_receiver(settings, derive=derive)
-            api_app = create_api(settings, extra_routes=[status_route(settings)])
-            async with (
-                _serve(receiver_app, receiver_port),
-                _serve(api_app, serve_port),
-                FhirClient(settings.fhir_base_url) as client,
-            ):
-                subs = await bootstrap.bootstrap(settings, client, wait=15.0)
-                out(bootstrap.format_table(subs))
-                # One catch-up first: it marks the speed layer complete since the batch
-                # watermark, so the very first answer is not a degraded one.
-                caught = await poll_once(
+                await asyncio.to_thread(batch.drop, settings.database_url)
+            return await _demo(
+                settings,
+                store,
+                receiver_sock,
+                api_sock,
+                patients=patients,
+                duration=duration,
+                rate=rate,
+                serve=serve,
+                emit=emit,
+                say=say,
+                stop=stop,
+            )
+        finally:
+            await redis_client.aclose()
+    finally:
+        receiver_sock.close()
+        api_sock.close()
+
+
+async def _demo(
+    settings: Settings,
+    store: SpeedStore,
+    receiver_sock: socket.socket,
+    api_sock: socket.socket,
+    *,
+    patients: int,
+    duration: float,
+    rate: float,
+    serve: bool,
+    emit: Emit,
+    say: Say,
+    stop: asyncio.Event | None,
+) -> dict[str, Any]:
+    from receiver.app import create_app as create_receiver
+    from serving import batch
+    from serving.api import create_app as create_api
+    from serving.derive import default_deriver
+    from serving.status import status_route
+    from serving.viewdef import served_types
+    from subscriptions import bootstrap
+    from subscriptions.fhir_client import FhirClient
+    from subscriptions.poller import poll_once, run_poller
+    from subscriptions.standin import StandInHapi, serve_standin
+
+    receiver_port = receiver_sock.getsockname()[1]
+    serve_port = api_sock.getsockname()[1]
+    receiver_token = (
+        settings.receiver_tokens[0] if settings.receiver_tokens else secrets.token_urlsafe(16)
+    )
+    serving_token = (
+        settings.serving_tokens[0] if settings.serving_tokens else secrets.token_urlsafe(16)
+    )
+    rnd = random.Random(2026)
+    hapi = StandInHapi(activation_delay=0.2, retry_initial=0.5, retry_total=10.0)
+    last: dict[str, Any] = {}
+    types = served_types()
+    async with serve_standin(hapi) as fhir_base:
+        settings = replace(
+            settings,
+            fhir_base_url=fhir_base,
+            receiver_url=f"http://127.0.0.1:{receiver_port}/fhir",
+            receiver_tokens=(receiver_token,),
+            serving_tokens=(serving_token,),
+            poll_interval_seconds=min(settings.poll_interval_seconds, 15),
+            instance="researchflow-demo",
+        )
+        say(f"stand-in HAPI FHIR server: {fhir_base}")
+        started = time.perf_counter()
+        for resource in synthetic.population(patients, seed=7):
+            await hapi.update(resource)
+        say(
+            f"seeded {len(hapi.resources):,} resources ({patients} patients) in "
+            f"{time.perf_counter() - started:.1f}s"
+        )
+        for line in await asyncio.to_thread(batch.init, settings.database_url):
+            say(f"batch init: {line}")
+        result = await batch.refresh(settings, full=True, store=store)
+        say(
+            f"batch refresh: {result.changed:,} resources, views "
+            + ", ".join(f"{name} {rows:,} rows" for name, rows in sorted(result.views.items()))
+        )
+        derive = default_deriver()
+        receiver_app = create_receiver(settings, derive=derive)
+        api_app = create_api(settings, extra_routes=[status_route(settings)])
+
+        def watermark() -> Any:
+            return batch.batch_watermark_async(settings.database_url)
+
+        def versions(resource_type: str, ids: Any) -> Any:
+            return batch.batch_versions_async(settings.database_url, resource_type, ids)
+
+        async with (
+            _serve(receiver_app, receiver_sock),
+            _serve(api_app, api_sock),
+            FhirClient(settings.fhir_base_url) as client,
+        ):
+            subs = await bootstrap.bootstrap(settings, client, wait=15.0)
+            say(f"{len(subs)} Subscriptions active: " + ", ".join(s.criteria for s in subs))
+            # One catch-up first: it marks the speed layer complete since the batch
+            # watermark, so the very first answer is not a degraded one.
+            caught = await poll_once(
+                settings,
+                store,
+                client,
+                derive=derive,
+                batch_watermark=watermark,
+                batch_versions=versions,
+                types=types,
+            )
+            say(f"poll --once: {caught.read} changes read since the batch watermark")
+            stop_poller = asyncio.Event()
+            poller = asyncio.create_task(
+                run_poller(
                     settings,
                     store,
                     client,
-                    derive=derive,
-                    batch_watermark=lambda: batch.batch_watermark_async(settings.database_url),
+                    stop_poller,
+                    derive,
+                    batch_watermark=watermark,
+                    batch_versions=versions,
+                    types=types,
                 )
-                out(f"poll --once: {caught.read} changes read since the batch watermark")
-                stop = asyncio.Event()
-                poller = asyncio.create_task(
-                    run_poller(
-                        settings,
-                        store,
-                        client,
-                        stop,
-                        derive,
-                        batch_watermark=lambda: batch.batch_watermark_async(settings.database_url),
-                    )
-                )
-                api = f"http://127.0.0.1:{serve_port}"
-                out("")
-                out(
-                    f"query API:   {api}/cohort?gender=male&condition=http://snomed.info/sct|44054006"
-                )
-                out(f"status page: {api}/status   (user: any, password: the serving token)")
-                out(f"serving token: {serving_token}")
-                out("")
-                changes = _Changes(hapi, patients, rnd)
-                deadline = time.monotonic() + duration
-                next_print = 0.0
-                async with httpx.AsyncClient(
-                    base_url=api, headers={"Authorization": f"Bearer {serving_token}"}
-                ) as http:
-                    while time.monotonic() < deadline:
-                        what = await changes.one()
-                        logger.debug("change: %s", what)
-                        if time.monotonic() >= next_print:
-                            next_print = time.monotonic() + 2.0
-                            response = await http.get("/cohort", params=COHORT_QUERY)
-                            last = response.json()
-                            out(
-                                f"male patients with diabetes: total {last.get('total_count')} "
-                                f"(batch {last.get('batch_count')}, +{last.get('added_count')} "
-                                f"-{last.get('removed_count')} from the speed layer; "
-                                f"{changes.made} changes pushed; last: {what})"
-                            )
-                        await asyncio.sleep(1.0 / rate)
-                    await hapi.wait_idle(timeout=30)
-                    response = await http.get("/cohort", params=COHORT_QUERY)
-                    last = response.json()
-                out(f"final answer: {last}")
-                stop.set()
+            )
+            api = f"http://127.0.0.1:{serve_port}"
+            query_url = f"{api}/cohort?gender=male&condition=http://snomed.info/sct|44054006"
+            emit(
+                {
+                    "event": "ready",
+                    "fhir_base_url": fhir_base,
+                    "receiver_url": settings.receiver_url,
+                    "query_url": query_url,
+                    "status_url": f"{api}/status",
+                    "serving_token": serving_token,
+                }
+            )
+            say(f"query API:   {query_url}")
+            say(f"status page: {api}/status   (user: any, password: the serving token)")
+            changes = _Changes(hapi, patients, rnd)
+            deadline = time.monotonic() + duration
+            next_print = 0.0
+            auth = {"Authorization": f"Bearer {serving_token}"}
+            async with httpx.AsyncClient(base_url=api, headers=auth) as http:
+                while time.monotonic() < deadline:
+                    what = await changes.one()
+                    if time.monotonic() >= next_print:
+                        next_print = time.monotonic() + 2.0
+                        last = (await http.get("/cohort", params=COHORT_QUERY)).json()
+                        emit({"event": "answer", "changes": changes.made, **last})
+                        say(
+                            f"male patients with diabetes: total {last.get('total_count')} "
+                            f"(batch {last.get('batch_count')}, +{last.get('added_count')} "
+                            f"-{last.get('removed_count')} from the speed layer; "
+                            f"{changes.made} changes pushed; last: {what})"
+                        )
+                    await asyncio.sleep(1.0 / rate)
+                await hapi.wait_idle(timeout=30)
+                last = (await http.get("/cohort", params=COHORT_QUERY)).json()
+                stop_poller.set()
                 await asyncio.wait_for(poller, timeout=10)
                 # The proof: a full refresh of the same state gives the same answer.
                 await batch.refresh(settings, full=True, store=store)
-                async with httpx.AsyncClient(
-                    base_url=api, headers={"Authorization": f"Bearer {serving_token}"}
-                ) as http:
-                    check = (await http.get("/cohort", params=COHORT_QUERY)).json()
-                same = check.get("total_count") == last.get("total_count")
-                out(
-                    f"after a full batch refresh: total {check.get('total_count')} "
-                    f"(batch {check.get('batch_count')}): "
-                    + ("the merged answer was exact" if same else "MISMATCH")
+                check = (await http.get("/cohort", params=COHORT_QUERY)).json()
+            same = check.get("total_count") == last.get("total_count")
+            last = {**last, "verified": same, "after_full_refresh": check.get("total_count")}
+            emit({"event": "verified", "changes": changes.made, **last})
+            say(
+                f"after a full batch refresh: total {check.get('total_count')} "
+                f"(batch {check.get('batch_count')}): "
+                + ("the merged answer was exact" if same else "MISMATCH")
+            )
+            if serve:
+                await _keep_serving(
+                    settings, store, client, derive, types, fhir_base, api, serving_token, say, stop
                 )
-                last = {**last, "verified": same}
-        finally:
-            await redis_client.aclose()
     return last
 
 
-def main_demo(settings: Settings, args: Any) -> int:
-    def out(line: str) -> None:
-        print(line, flush=True)
+async def _keep_serving(
+    settings: Settings,
+    store: SpeedStore,
+    client: Any,
+    derive: Any,
+    types: tuple[str, ...],
+    fhir_base: str,
+    api: str,
+    serving_token: str,
+    say: Say,
+    stop: asyncio.Event | None,
+) -> None:
+    """`--serve`: the services go on (the poller too) until Ctrl-C, with what to try next."""
+    from serving import batch
+    from subscriptions.poller import run_poller
 
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            loop.add_signal_handler(sig, stop.set)
+    poller = asyncio.create_task(
+        run_poller(
+            settings,
+            store,
+            client,
+            stop,
+            derive,
+            batch_watermark=lambda: batch.batch_watermark_async(settings.database_url),
+            types=types,
+        )
+    )
+    token = f"Authorization: Bearer {serving_token}"
+    for line in WHAT_NEXT.format(api=api, fhir=fhir_base, token=token).strip().splitlines():
+        say(line)
+    await stop.wait()
+    await asyncio.wait_for(poller, timeout=10)
+    say("stopped")
+
+
+WHAT_NEXT = """
+The demo keeps serving (Ctrl-C stops it). What next:
+  ask the merged answer:   curl -H '{token}' '{api}/cohort?gender=female&birthdate=ge1980'
+  read a view's rows:      curl -H '{token}' '{api}/views/patient_demographics/rows?_count=5'
+  open the status page:    {api}/status  (any user name, the serving token as password)
+  change a patient on the stand-in HAPI, and ask again (HAPI pushes it to the receiver):
+    curl -X PUT -H 'Content-Type: application/fhir+json' '{fhir}/Patient/pat-0' \\
+      -d '{{"resourceType":"Patient","id":"pat-0","gender":"female","birthDate":"1990"}}'
+  the same against your own HAPI: see README.md ("Commands") and docs/operations.md
+"""
+
+
+def main_demo(settings: Settings, args: Any) -> int:
+    def emit(event: dict[str, Any]) -> None:
+        print(json.dumps(event, default=str), flush=True)
+
+    def say(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    # The demo's own queries would each write an audit line: noise here.
+    logging.getLogger("serving.audit").setLevel(logging.WARNING)
     try:
         answer = asyncio.run(
             run_demo(
@@ -280,10 +442,12 @@ def main_demo(settings: Settings, args: Any) -> int:
                 receiver_port=args.receiver_port,
                 serve_port=args.serve_port,
                 reset=args.reset,
-                out=out,
+                serve=args.serve,
+                emit=emit,
+                say=say,
             )
         )
     except KeyboardInterrupt:
-        print("demo interrupted", file=sys.stderr)
+        say("demo interrupted")
         return 130
     return 0 if answer.get("verified") else 1

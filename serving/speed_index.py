@@ -340,7 +340,11 @@ class SpeedMirror:
         for n, tm in enumerate(types):
             counters = [int(v or 0) for v in text[3 + n * BUCKETS : 3 + (n + 1) * BUCKETS]]
             if full or counters != tm.counters:
-                await self._sync_type(store, tm, full)
+                # A write counter that went back means Redis lost writes without losing its
+                # epoch marker (a restart from an older snapshot): what the mirror read past
+                # that point may be gone, so this type is read again whole.
+                went_back = any(c < o for c, o in zip(counters, tm.counters, strict=True))
+                await self._sync_type(store, tm, full or went_back)
                 tm.counters = counters
         self.marker = marker
         return True

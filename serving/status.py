@@ -266,7 +266,8 @@ async def gather_status(
 
 
 async def update_gauges(metrics: Metrics, store: SpeedStore | None, database: Database) -> None:
-    """Set `speed_size` per type, `batch_watermark_age` and `poller_lag` from the stores.
+    """Set `speed_size` per type, `batch_watermark_age`, `poller_lag` and `missed_recorded`
+    from the stores.
 
     Call it before rendering `/metrics` (or periodically); `database` is a libpq URL or a
     psycopg pool, `store` None when the speed layer is off. A gauge whose source cannot be
@@ -283,6 +284,7 @@ async def update_gauges(metrics: Metrics, store: SpeedStore | None, database: Da
         lag = _age(await store.poller_watermark(), now)
         if lag is not None:
             metrics.poller_lag.set(lag)
+        metrics.missed_recorded.set(await store.missed_count())
     except Exception as exc:  # redis-py raises more than RedisError on a dead socket
         logger.info("metrics: speed layer unreadable: %s", exc)
     batch = await read_batch_watermark(database, now)

@@ -285,6 +285,16 @@ def shipped_views() -> dict[str, ViewDefinition]:
     return views
 
 
+def served_types(views: Mapping[str, ViewDefinition] | None = None) -> tuple[str, ...]:
+    """The resource types the served views read, Patient always (cohorts are of patients).
+
+    What the poller, the batch sync and `subscriptions bootstrap` read from HAPI: nothing else
+    (a Subscription, which holds the receiver's token, above all) enters either layer.
+    """
+    chosen = shipped_views() if views is None else views
+    return tuple(sorted({view.resource for view in chosen.values()} | {"Patient"}))
+
+
 def _list(data: Mapping[str, Any], key: str, where: str = "") -> list[Any]:
     value = data.get(key, [])
     if not isinstance(value, list):

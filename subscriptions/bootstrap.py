@@ -210,13 +210,16 @@ async def bootstrap(
     """Create or update (idempotently) one rest-hook Subscription per type, then wait up to
     `wait` seconds until HAPI reports each `active` (0: do not wait).
 
-    Raises SubscriptionError with HAPI's text when one is refused (a 422 OperationOutcome),
+    Raises SubscriptionError, changing nothing, without a receiver token (settings.
+    receiver_tokens); with HAPI's text when one is refused (a 422 OperationOutcome),
     ends in `error` (Subscription.error) or is still not active after `wait`; its `results`
     hold what was done. FhirTemporaryError when HAPI cannot be reached.
     """
     say = progress or (lambda _message: None)
     if not settings.receiver_tokens:
-        logger.warning("RECEIVER_TOKEN is not set: Subscriptions are registered without one")
+        # Registering without it would strip the header from live Subscriptions: every
+        # delivery after that would be refused.
+        raise SubscriptionError("RECEIVER_TOKEN is not set: nothing was registered or changed")
     grouped = _by_type(await find_ours(settings, client))
     results: list[SubscriptionInfo] = []
     problems: list[str] = []

@@ -19,6 +19,7 @@ import asyncio
 import email.utils
 import logging
 import random
+from collections import deque
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -30,7 +31,7 @@ from urllib.parse import parse_qsl, urlsplit, urlunsplit
 import httpx
 import orjson
 
-from receiver.errors import FhirFatalError, FhirTemporaryError
+from receiver.errors import EndlessPaging, FhirFatalError, FhirTemporaryError
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +41,10 @@ DEFAULT_LIMITS = httpx.Limits(
     max_connections=20, max_keepalive_connections=10, keepalive_expiry=30.0
 )
 RETRY_STATUSES = frozenset({408, 429})
+# Pages in a row that bring no entry not already seen on the pages before them, after which a
+# traversal is given up: a server whose `next` links never end would otherwise be followed
+# forever. Real paging never does this (every page but a last empty one holds entries).
+MAX_IDLE_PAGES = 20
 # Errors after which the request surely never reached HAPI: safe to retry even a POST.
 _NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
 
@@ -152,7 +157,7 @@ def _version_from_etag(etag: str | None) -> str | None:
     return text.strip('"') or None
 
 
-def _split_reference(url: str | None) -> tuple[str | None, str | None, str | None]:
+def split_reference(url: str | None) -> tuple[str | None, str | None, str | None]:
     """(type, id, version) from `.../Type/id` or `.../Type/id/_history/N`."""
     if not url:
         return None, None, None
@@ -175,8 +180,8 @@ def history_entry(entry: Mapping[str, Any]) -> HistoryEntry | None:
     response = entry.get("response") or {}
     method = request.get("method")
     meta = (resource or {}).get("meta") or {}
-    rtype, rid, url_version = _split_reference(request.get("url"))
-    full_type, full_id, full_version = _split_reference(entry.get("fullUrl"))
+    rtype, rid, url_version = split_reference(request.get("url"))
+    full_type, full_id, full_version = split_reference(entry.get("fullUrl"))
     resource_type = (resource or {}).get("resourceType") or rtype or full_type
     resource_id = (resource or {}).get("id") or rid or full_id
     if not resource_type or not resource_id:
@@ -221,8 +226,10 @@ class FhirClient:
         backoff_max: float = 30.0,
         retry_after_max: float = 60.0,
         client: httpx.AsyncClient | None = None,
+        max_idle_pages: int = MAX_IDLE_PAGES,
     ) -> None:
         self.base_url = base_url.rstrip("/")
+        self.max_idle_pages = max_idle_pages
         self.max_retries = max_retries
         self.backoff_initial = backoff_initial
         self.backoff_max = backoff_max
@@ -275,7 +282,7 @@ class FhirClient:
         if stored:
             return stored
         # `return=minimal` servers: the Location header names the new id and version.
-        _, new_id, version = _split_reference(response.headers.get("location"))
+        _, new_id, version = split_reference(response.headers.get("location"))
         result = dict(resource)
         if new_id:
             result["id"] = new_id
@@ -372,7 +379,11 @@ class FhirClient:
         return LatestVersion(newest.version_id, newest.last_updated, newest.deleted)
 
     async def _pages(self, url: str, params: Params | None) -> AsyncIterator[dict[str, Any]]:
+        """Every page of a searchset or history, by `next` links. Raises EndlessPaging when
+        `max_idle_pages` pages in a row bring no entry that the pages just before had not."""
         seen: set[str] = set()
+        recent: deque[set[str]] = deque(maxlen=self.max_idle_pages)
+        idle = 0
         next_url: str | None = url
         next_params = params
         while next_url is not None:
@@ -381,11 +392,24 @@ class FhirClient:
             link = _next_link(bundle)
             next_url = self._rebase(link) if link else None
             next_params = None
-            if next_url is not None:
-                if next_url in seen:  # a server bug must not loop us forever
-                    logger.warning("HAPI repeated a next link; stopping the traversal there")
-                    return
-                seen.add(next_url)
+            if next_url is None:
+                return
+            if next_url in seen:  # a server bug must not loop us forever
+                logger.warning("HAPI repeated a next link; stopping the traversal there")
+                return
+            seen.add(next_url)
+            keys = {_entry_key(e) for e in bundle.get("entry") or [] if isinstance(e, dict)}
+            if any(all(key not in page for page in recent) for key in keys):
+                idle = 0
+            else:
+                idle += 1
+                if idle >= self.max_idle_pages:
+                    raise EndlessPaging(
+                        f"HAPI's paging makes no progress: {idle} pages in a row brought "
+                        f"nothing new but named a next page ({_describe_url(url)}); "
+                        "the traversal was given up"
+                    )
+            recent.append(keys)
 
     def _rebase(self, link: str) -> str:
         """Follow `link` on our base's host: HAPI names itself as it was configured (or as a
@@ -501,6 +525,22 @@ class FhirClient:
     def _backoff(self, attempt: int) -> float:
         delay = min(self.backoff_max, self.backoff_initial * (2.0**attempt))
         return delay * random.uniform(0.75, 1.0)  # jitter: clients that failed together spread out
+
+
+def _entry_key(entry: Mapping[str, Any]) -> str:
+    """What makes a Bundle entry itself: its URL, its resource's version, its request."""
+    resource = entry.get("resource")
+    meta = resource.get("meta") if isinstance(resource, dict) else None
+    version = meta.get("versionId") if isinstance(meta, dict) else None
+    request = entry.get("request")
+    method_url = (
+        (request.get("method"), request.get("url")) if isinstance(request, dict) else (None, None)
+    )
+    return repr((entry.get("fullUrl"), version, method_url))
+
+
+def _describe_url(url: str) -> str:
+    return urlsplit(url).path
 
 
 def _describe(request: httpx.Request) -> str:

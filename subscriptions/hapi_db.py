@@ -48,6 +48,16 @@ class DbChange:
     unreadable: str | None = None  # why the content could not be read (e.g. ESR)
 
 
+async def server_now(conn: psycopg.AsyncConnection[Any]) -> datetime:
+    """HAPI's clock as its database reads it (`now()`), aware, UTC."""
+    cur = await conn.execute("SELECT now()")
+    row = await cur.fetchone()
+    if row is None:
+        raise HapiDatabaseUnavailable("HAPI's database did not tell its time")
+    value = row[0] if isinstance(row, tuple) else next(iter(dict(row).values()))
+    return as_utc(value)
+
+
 def as_utc(value: datetime) -> datetime:
     """HAPI writes `timestamp without time zone` in the JVM's zone; deployments run in UTC."""
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)

@@ -48,8 +48,15 @@ from receiver.errors import (
 from receiver.ingest import Deriver, ingest
 from receiver.metrics import Metrics
 from receiver.settings import Settings
-from receiver.store import SpeedStore, UpsertItem, parse_instant
-from receiver.validation import validate_resource
+from receiver.store import (
+    SpeedStore,
+    UpsertItem,
+    is_newer,
+    parse_instant,
+    pending_field,
+    version_number,
+)
+from receiver.validation import NEVER_STORED, validate_resource
 from subscriptions import hapi_db
 
 logger = logging.getLogger(__name__)
@@ -61,6 +68,8 @@ CATCHUP_CHECK_SECONDS = 1.0
 STANDBY_SECONDS = 5.0  # how often a poller without the lease tries to take it
 
 BatchWatermark = Callable[[], Awaitable[str | None]]
+# (resource type, ids) -> id -> (version number, lastUpdated ms) the batch layer holds.
+BatchVersions = Callable[[str, Sequence[str]], Awaitable[dict[str, tuple[float, float]]]]
 Progress = Callable[[int], None]
 
 
@@ -82,8 +91,10 @@ class PollResult:
 
     `read`: resources (versions and deletions) taken from HAPI, each resource once;
     `written`: how many the version guard let through (`deletes` of them tombstones);
-    `missed`: written ones the speed layer did not hold at that version (lost
-    notifications), 0 during an epoch re-read (`restored`); `rejected`: refused by the gate
+    `missed`: changes found that neither layer held at that version or newer and whose
+    notification did not come within HAPI's retry window (`missed_grace_seconds`), counted
+    once; 0 during an epoch re-read (`restored`); `pending`: changes written before that
+    window passed, judged by a later poll; `rejected`: refused by the gate
     (the reject store records each version once); `unreadable`: rows of HAPI's database
     whose content could not be read (ESR); `watermark`: the watermark after the poll;
     `skipped`: another poller holds the lease and nothing was done.
@@ -93,6 +104,7 @@ class PollResult:
     written: int = 0
     deletes: int = 0
     missed: int = 0
+    pending: int = 0
     rejected: int = 0
     unreadable: int = 0
     since: str | None = None
@@ -173,7 +185,18 @@ class _Change:
 
 
 class _Writer:
-    """Validates and writes the changes of one traversal, page by page, and counts."""
+    """Validates and writes the changes of one traversal, page by page, and counts.
+
+    Counting missed notifications exactly: a change the poller writes is missed only when
+    neither layer held it at that version or newer and its notification never came. So
+
+    - a change the batch layer holds at that version or newer (a refresh moved it out of the
+      speed layer) is not missed (`batch_versions`);
+    - a change younger than HAPI's retry window (`grace_ms`, in HAPI's clock) may still be
+      on its way: it is recorded as pending *before* it is written, and the receiver clears
+      it when that notification comes (`SpeedStore.confirm_delivery`); what is still pending
+      once the window has passed is missed (`judge_pending`, at the end of a later poll).
+    """
 
     def __init__(
         self,
@@ -181,11 +204,17 @@ class _Writer:
         derive: Deriver | None,
         result: PollResult,
         progress: Progress | None,
+        *,
+        batch_versions: BatchVersions | None = None,
+        grace_ms: float = 0.0,
     ) -> None:
         self.store = store
         self.derive = derive
         self.result = result
         self.progress = progress
+        self.batch_versions = batch_versions
+        self.grace_ms = grace_ms
+        self.clock_ms: float | None = None  # HAPI's clock when the traversal started
         self.seen: set[tuple[str, str]] = set()
         self.newest_ms = 0.0
         self._pending: asyncio.Task[None] | None = None
@@ -212,6 +241,8 @@ class _Writer:
     async def _items(self, changes: Iterable[_Change]) -> list[UpsertItem]:
         items: list[UpsertItem] = []
         for change in changes:
+            if change.resource_type in NEVER_STORED:
+                continue  # never read on purpose (per-type reads); never written either
             key = (change.resource_type, change.resource_id)
             # `_history` is newest first: an older version of a resource already handled in
             # this traversal changes nothing (the version guard would drop it anyway).
@@ -225,22 +256,122 @@ class _Writer:
                 items.append(item)
         return items
 
+    def _young(self, changed_ms: float) -> bool:
+        """Whether HAPI may still deliver this change's notification (it retries ~60 s).
+        A grace of 0 judges every change at once (no notification is ever on its way)."""
+        if self.grace_ms <= 0:
+            return False
+        return self.clock_ms is None or changed_ms > self.clock_ms - self.grace_ms
+
     async def _commit(self, items: list[UpsertItem]) -> None:
+        judging = not self.result.restored
+        young: dict[str, float] = {}
+        if judging:
+            for item in items:
+                changed_ms = parse_instant(item.last_updated)
+                if self._young(changed_ms):
+                    young[_field(item)] = changed_ms
+            # Before the write: a notification that comes right after it clears the entry.
+            await self.store.hold_pending(young)
         written = await self.store.upsert_many(items)
+        new: list[UpsertItem] = []
+        settled: list[str] = []  # young changes that are not missed after all
         for item, was_written in zip(items, written, strict=True):
             if not was_written:
+                if _field(item) in young:
+                    settled.append(_field(item))  # the notification came first
                 continue
             self.result.written += 1
             self.result.deletes += item.deleted
-            if self.result.restored:
-                continue
-            self.result.missed += 1
-            by_type = self.result.missed_by_type
-            by_type[item.resource_type] = by_type.get(item.resource_type, 0) + 1
-            if len(self.result.missed_sample) < SAMPLE_SIZE:
-                self.result.missed_sample.append(f"{item.resource_type}/{item.resource_id}")
+            if judging:
+                new.append(item)
+        if new:
+            covered = await self._covered([(i.resource_type, i.resource_id, i) for i in new])
+            if covered is None:
+                # The batch layer cannot say now: judge these at a later poll.
+                await self.store.hold_pending(
+                    {
+                        _field(i): parse_instant(i.last_updated)
+                        for i in new
+                        if _field(i) not in young
+                    }
+                )
+            else:
+                for item in new:
+                    field_name = _field(item)
+                    if field_name in covered:
+                        if field_name in young:
+                            settled.append(field_name)
+                    elif field_name not in young:
+                        self.count_missed(item.resource_type, item.resource_id)
+        await self.store.clear_pending(settled)
         if self.progress is not None:
             self.progress(self.result.read)
+
+    async def _covered(self, changes: Sequence[tuple[str, str, UpsertItem]]) -> set[str] | None:
+        """Fields of the changes the batch layer holds at that version or newer; None when
+        it cannot be asked."""
+        if self.batch_versions is None:
+            return set()
+        by_type: dict[str, list[UpsertItem]] = {}
+        for resource_type, _, item in changes:
+            by_type.setdefault(resource_type, []).append(item)
+        covered: set[str] = set()
+        try:
+            for resource_type, items in by_type.items():
+                held = await self.batch_versions(resource_type, [i.resource_id for i in items])
+                for item in items:
+                    batch = held.get(item.resource_id)
+                    vn = version_number(item.version_id)
+                    if batch is not None and not is_newer(
+                        vn, parse_instant(item.last_updated), batch[0], batch[1]
+                    ):
+                        covered.add(_field(item))
+        except (DependencyUnavailable, OSError) as exc:
+            logger.warning("the batch layer cannot say which changes it holds (%s)", exc)
+            return None
+        return covered
+
+    def count_missed(self, resource_type: str, resource_id: str) -> None:
+        self.result.missed += 1
+        by_type = self.result.missed_by_type
+        by_type[resource_type] = by_type.get(resource_type, 0) + 1
+        if len(self.result.missed_sample) < SAMPLE_SIZE:
+            self.result.missed_sample.append(f"{resource_type}/{resource_id}")
+
+    async def judge_pending(self) -> None:
+        """Count as missed what is still pending once HAPI's retry window has passed."""
+        pending = await self.store.pending()
+        if self.clock_ms is None:
+            self.result.pending = len(pending)
+            return
+        due: list[tuple[str, str, UpsertItem]] = []
+        for field_name, changed_ms in pending.items():
+            if self._young(changed_ms):
+                continue
+            resource_type, _, rest = field_name.partition("/")
+            resource_id, _, version = rest.partition("/")
+            item = UpsertItem(
+                resource_type,
+                resource_id,
+                None,
+                version if version_number(version) >= 0 else None,
+                version if version_number(version) < 0 else None,
+                order=(version_number(version), changed_ms),
+            )
+            due.append((resource_type, resource_id, item))
+        covered = await self._covered(due) if due else set()
+        if covered is None:
+            self.result.pending = len(pending)
+            return
+        judged: list[str] = []
+        for resource_type, resource_id, item in due:
+            field_name = _field(item)
+            judged.append(field_name)
+            if field_name not in covered:
+                self.count_missed(resource_type, resource_id)
+        await self.store.clear_pending(judged)
+        self.result.pending = len(pending) - len(judged)
 
     async def _item(self, change: _Change) -> UpsertItem | None:
         if change.deleted:
@@ -291,6 +422,10 @@ class _Writer:
             )
 
 
+def _field(item: UpsertItem) -> str:
+    return pending_field(item.resource_type, item.resource_id, item.version_id, item.last_updated)
+
+
 async def poll_once(
     settings: Settings,
     store: SpeedStore,
@@ -300,6 +435,7 @@ async def poll_once(
     derive: Deriver | None = None,
     progress: Progress | None = None,
     batch_watermark: BatchWatermark | None = None,
+    batch_versions: BatchVersions | None = None,
     metrics: Metrics | None = None,
     types: Sequence[str] | None = None,
 ) -> PollResult:
@@ -307,6 +443,9 @@ async def poll_once(
     layer. Reads HAPI's database when `settings.hapi_database_url` is set (then `client` may
     be None), else `client`'s `_history` (system level, or per type when `types` is given).
 
+    `types`: the resource types to read (the served views' types; None reads HAPI's
+    system-level `_history`, Subscriptions still skipped). `batch_versions` tells which
+    changes the batch layer holds (they are not missed notifications).
     `progress` is called after each page with the number of resources read so far.
     Returns at once with `skipped=True` when another poller holds the lease. Raises
     FhirTemporaryError / DependencyUnavailable when HAPI, its database or Redis fail; the
@@ -326,6 +465,7 @@ async def poll_once(
             derive=derive,
             progress=progress,
             batch_watermark=batch_watermark,
+            batch_versions=batch_versions,
             metrics=metrics,
             types=types,
         )
@@ -346,6 +486,7 @@ async def _poll(
     batch_watermark: BatchWatermark | None,
     metrics: Metrics | None,
     types: Sequence[str] | None,
+    batch_versions: BatchVersions | None = None,
 ) -> PollResult:
     started = time.perf_counter()
     restored = await store.epoch() is None
@@ -362,7 +503,18 @@ async def _poll(
         if start is None and batch_watermark is not None:
             start = await batch_watermark()
     result = PollResult(since=start, restored=restored)
-    writer = _Writer(store, derive, result, progress)
+    writer = _Writer(
+        store,
+        derive,
+        result,
+        progress,
+        batch_versions=batch_versions,
+        grace_ms=settings.missed_grace_seconds * 1000.0,
+    )
+    if await store.holds_type("Subscription"):
+        # Held by an older release: a Subscription carries the receiver's token.
+        purged = await store.purge_type("Subscription")
+        logger.warning("purged %d Subscription entries from the speed layer", purged)
     try:
         if settings.hapi_database_url:
             clock = await _traverse_database(
@@ -375,6 +527,8 @@ async def _poll(
     finally:
         await writer.cancel()  # after a failure; a no-op once everything was flushed
     lease.check()
+    if not restored:
+        await writer.judge_pending()
     # Everything is written: now the watermark may move (never backwards).
     if clock is None and writer.newest_ms:
         clock = _instant_of_ms(writer.newest_ms)
@@ -415,6 +569,7 @@ async def _traverse_history(
         async for page in _prefetched(pages):
             if clock is None and page.server_date is not None:
                 clock = page.server_date
+                writer.clock_ms = clock.timestamp() * 1000.0
             await writer.write(
                 _Change(
                     entry.resource_type,
@@ -472,6 +627,7 @@ async def _traverse_database(
     newest: datetime | None = None
     conn = await hapi_db.connect(url)
     try:
+        writer.clock_ms = (await hapi_db.server_now(conn)).timestamp() * 1000.0
         async for page in hapi_db.changes_since(conn, since_at, types=types):
             await writer.write(
                 _Change(
@@ -494,8 +650,8 @@ async def _traverse_database(
 
 def _log(result: PollResult) -> None:
     logger.info(
-        "poll since %s: read %d, written %d (%d deletes), missed %d %s%s, rejected %d,%s "
-        "watermark %s, %.1f s",
+        "poll since %s: read %d, written %d (%d deletes), missed %d %s%s, pending %d,"
+        " rejected %d,%s watermark %s, %.1f s",
         result.since or "the beginning",
         result.read,
         result.written,
@@ -503,6 +659,7 @@ def _log(result: PollResult) -> None:
         result.missed,
         result.missed_by_type or "",
         f" e.g. {', '.join(result.missed_sample)}" if result.missed_sample else "",
+        result.pending,
         result.rejected,
         " epoch re-read (restored, not missed)," if result.restored else "",
         result.watermark,
@@ -523,6 +680,7 @@ async def run_poller(
     derive: Deriver | None = None,
     *,
     batch_watermark: BatchWatermark | None = None,
+    batch_versions: BatchVersions | None = None,
     metrics: Metrics | None = None,
     types: Sequence[str] | None = None,
 ) -> None:
@@ -568,6 +726,7 @@ async def run_poller(
                     batch_watermark=batch_watermark,
                     metrics=metrics,
                     types=types,
+                    batch_versions=batch_versions,
                 )
             except LeaseLost:
                 logger.warning("poller lease lost during a poll; standing by")

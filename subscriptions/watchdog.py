@@ -44,6 +44,13 @@ async def check_once(
     for resource_type in types:
         found = ours.get(resource_type, [])
         if not found:
+            if not settings.receiver_tokens:
+                # Without the token its deliveries would all be refused: say so, create none.
+                actions.append(
+                    f"cannot create the missing {resource_type} Subscription: "
+                    "RECEIVER_TOKEN is not set"
+                )
+                continue
             created = await client.create(desired_subscription(settings, resource_type))
             actions.append(f"created missing {resource_type} Subscription/{created.get('id')}")
             continue

@@ -137,6 +137,12 @@ async def test_deletes_vanish_and_updates_move_in_and_out(
         ("observation-value=gt5", "observation-value"),
         ("_count=abc", "_count"),
         ("observation=x$zz", "observation"),
+        ("gender=mal", "AdministrativeGender"),
+        ("gender=male,robot", "'robot'"),
+        ("birthdate=0000-01-01", "year 0000"),
+        ("birthdate=1970-13", "month 13"),
+        ("birthdate=xx1970", "unknown prefix 'xx'"),
+        ("birthdate=1970-02-30", "day 30"),
     ],
 )
 async def test_bad_parameters_are_400(

@@ -426,3 +426,38 @@ async def test_standin_watchdog_rerequests(standin: tuple[StandInHapi, FhirClien
         ("Patient", "active"),
     ]
     assert await check_once(settings, client) == []
+
+
+async def test_bootstrap_without_a_token_changes_nothing(fake: FakeHapi, fhir: FhirClient) -> None:
+    await bootstrap(make_settings(), fhir, wait=0)
+    before = json.dumps(fake.subs, sort_keys=True)
+    sent = len(fake.requests)
+    with pytest.raises(SubscriptionError, match="RECEIVER_TOKEN"):
+        await bootstrap(make_settings(receiver_tokens=()), fhir, wait=0)
+    assert len(fake.requests) == sent, "HAPI was not even asked"
+    assert json.dumps(fake.subs, sort_keys=True) == before
+    assert all(
+        s["channel"]["header"] == ["Authorization: Bearer tok-1"] for s in fake.subs.values()
+    ), "the live Subscriptions keep their header"
+
+
+def test_the_bootstrap_command_without_a_token_exits_2_and_changes_nothing(
+    fake: FakeHapi, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import researchflow_cli
+
+    monkeypatch.setenv("FHIR_BASE_URL", BASE)
+    monkeypatch.delenv("RECEIVER_TOKEN", raising=False)
+    assert researchflow_cli.main(["subscriptions", "bootstrap", "--wait", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "RECEIVER_TOKEN" in err and "nothing was changed" in err
+    assert len(err.strip().splitlines()) == 1
+    assert fake.requests == [] and fake.subs == {}
+
+
+async def test_watchdog_without_a_token_creates_no_subscription(
+    fake: FakeHapi, fhir: FhirClient
+) -> None:
+    actions = await check_once(make_settings(receiver_tokens=()), fhir)
+    assert fake.subs == {}
+    assert all("RECEIVER_TOKEN is not set" in a for a in actions) and len(actions) == 3

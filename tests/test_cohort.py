@@ -254,6 +254,13 @@ def test_date_ranges_follow_fhir_rules() -> None:
         ("_count", "10001"),
         ("_count", "-1"),
         ("gender", ""),
+        ("gender", "mal"),
+        ("gender", "male,Female"),
+        ("birthdate", "0000"),
+        ("birthdate", "0000-01-01"),
+        ("birthdate", "ge0000-06"),
+        ("birthdate", "1970-00"),
+        ("birthdate", "1970-01-00"),
         ("colour", "red"),
     ],
 )
@@ -261,6 +268,34 @@ def test_malformed_parameters_name_themselves(name: str, value: str) -> None:
     with pytest.raises(InvalidRequest) as info:
         parse_query([(name, value)])
     assert info.value.issues[0].expression == name
+
+
+@pytest.mark.parametrize(
+    ("value", "named"),
+    [
+        ("0000-01-01", "year 0000"),
+        ("1970-13", "month 13"),
+        ("2001-02-29", "day 29 in '2001-02-29' is not a day of 2001-02 (01-28)"),
+        ("zz1970", "unknown prefix 'zz'"),
+        ("1970-1", "not a date"),
+    ],
+)
+def test_a_birthdate_outside_fhirs_grammar_says_what_is_wrong(value: str, named: str) -> None:
+    with pytest.raises(InvalidRequest) as info:
+        parse_query([("birthdate", value)])
+    assert named in info.value.message
+
+
+def test_every_administrative_gender_and_fhir_date_edge_is_taken() -> None:
+    query = parse_query(
+        [
+            ("gender", "male,female,other,unknown"),
+            ("birthdate", "0001"),
+            ("birthdate", "le9999-12-31"),
+        ]
+    )
+    assert query.genders == (("male", "female", "other", "unknown"),)
+    assert parse_query([("birthdate", "2000-02-29")]).birthdates[0][0].low == "2000-02-29"
 
 
 def test_underscore_parameters_are_ignored_and_commas_or() -> None:

@@ -3,18 +3,27 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+from typing import Any
 
+import httpx
+import psycopg
 import pytest
 
 import researchflow_cli
 from receiver.settings import Settings
 from serving.demo import DemoError, run_demo
-from tests.conftest import TEST_REDIS_URL
+from tests.conftest import TEST_PG_ADMIN_URL, TEST_REDIS_URL, empty_redis, redis_db
 from tests.procs import free_port
 
 
 def test_demo_streams_changes_and_the_answer_matches_a_full_refresh(pg_url: str) -> None:
     lines: list[str] = []
+    events: list[dict[str, Any]] = []
     settings = Settings(redis_url=TEST_REDIS_URL, database_url=pg_url)
     answer = asyncio.run(
         run_demo(
@@ -22,18 +31,21 @@ def test_demo_streams_changes_and_the_answer_matches_a_full_refresh(pg_url: str)
             patients=60,
             duration=6.0,
             rate=8.0,
-            receiver_port=free_port(),
-            serve_port=free_port(),
+            receiver_port=0,
+            serve_port=0,
             reset=True,
-            out=lines.append,
+            emit=events.append,
+            say=lines.append,
         )
     )
     text = "\n".join(lines)
     assert answer["verified"] is True, text
     assert answer["sources"] == ["batch_layer", "speed_layer"]
     assert "male patients with diabetes: total" in text
-    assert "/status" in text and "/cohort" in text
     assert "the merged answer was exact" in text
+    kinds = [e["event"] for e in events]
+    assert kinds[0] == "ready" and kinds[-1] == "verified" and "answer" in kinds
+    assert "/cohort" in events[0]["query_url"] and events[0]["status_url"].endswith("/status")
 
 
 def test_demo_refuses_a_speed_layer_that_holds_data(pg_url: str) -> None:
@@ -46,13 +58,7 @@ def test_demo_refuses_a_speed_layer_that_holds_data(pg_url: str) -> None:
             await client.flushdb()
             await SpeedStore(client).mark_epoch()
             with pytest.raises(DemoError, match="--reset"):
-                await run_demo(
-                    settings,
-                    patients=5,
-                    duration=0.1,
-                    receiver_port=free_port(),
-                    serve_port=free_port(),
-                )
+                await run_demo(settings, patients=5, duration=0.1, receiver_port=0, serve_port=0)
         finally:
             await client.flushdb()
             await client.aclose()
@@ -65,7 +71,68 @@ def test_demo_command_exits_1_with_the_reason(
 ) -> None:
     monkeypatch.setenv("REDIS_URL", f"redis://127.0.0.1:{free_port()}/0")
     monkeypatch.setenv("DATABASE_URL", pg_url)
-    code = researchflow_cli.main(["demo", "--duration", "1", "--patients", "2"])
+    code = researchflow_cli.main(
+        ["demo", "--duration", "1", "--patients", "2", "--receiver-port", "0", "--serve-port", "0"]
+    )
     assert code == 1
     err = capsys.readouterr().err
     assert "Redis" in err and "Traceback" not in err
+
+
+DEMO_REDIS_URL = redis_db(13)
+MAIN = "import sys; from researchflow_cli import main; sys.exit(main())"
+DEMO_ARGS = "demo --patients 20 --duration 2 --serve --receiver-port 0 --serve-port 0".split()
+
+
+def test_demo_alone_creates_its_database_prints_json_only_and_keeps_serving() -> None:
+    """As a newcomer runs it, without scripts/demo.sh: no database yet, `--serve`."""
+    name = f"rf_demo_alone_{os.getpid()}"
+    database_url = TEST_PG_ADMIN_URL.rsplit("/", 1)[0] + "/" + name
+    asyncio.run(_flush(DEMO_REDIS_URL))
+    env = {**os.environ, "REDIS_URL": DEMO_REDIS_URL, "DATABASE_URL": database_url}
+    for secret in ("RECEIVER_TOKEN", "SERVING_TOKEN"):
+        env.pop(secret, None)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", MAIN, *DEMO_ARGS],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    events: list[dict[str, Any]] = []
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            events.append(json.loads(line))  # stdout is JSON, one object a line
+            if events[-1]["event"] == "verified":
+                break
+        assert events and events[-1]["event"] == "verified", events
+        assert events[-1]["verified"] is True
+        ready = events[0]
+        # The URLs live on after the stream: --serve keeps everything running.
+        with httpx.Client(timeout=10) as http:
+            answer = http.get(
+                ready["query_url"],
+                headers={"Authorization": f"Bearer {ready['serving_token']}"},
+            )
+            assert answer.status_code == 200 and answer.json()["degraded"] is False
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+        with psycopg.connect(TEST_PG_ADMIN_URL, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'.encode())
+        asyncio.run(_flush(DEMO_REDIS_URL))
+    assert proc.returncode == 0, err[-2000:]
+    for line in out.splitlines():
+        json.loads(line)
+    assert "created the PostgreSQL database" in err
+    assert "What next" in err and "curl" in err
+    assert "Traceback" not in err and "audit" not in err
+
+
+async def _flush(url: str) -> None:
+    async with empty_redis(url):
+        pass

@@ -229,3 +229,69 @@ async def test_receiver_sigkilled_mid_load_keeps_every_acknowledged_write(
             assert int(entry.version_id or 0) >= version, (pid, entry.version_id, version)
     finally:
         await client.aclose()
+
+
+async def test_after_redis_restarts_empty_speed_stats_lists_what_the_receiver_goes_on_writing(
+    volatile_redis: RedisProcess,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """What a process knows of Redis (here: the types it registered) is re-read when Redis
+    comes back empty, so `speed stats` goes on listing a type that is still written."""
+    import researchflow_cli
+
+    settings = Settings(redis_url=volatile_redis.url, receiver_tokens=(TOKEN,))
+
+    async def lookup(resource_type: str, resource_id: str) -> None:
+        return None
+
+    headers = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/fhir+json"}
+    app = create_app(settings, derive=default_deriver(), latest_version=lookup)
+    from tests.asgi import running
+
+    async with running(app) as http:
+        for n, pid in enumerate(("a", "b")):
+            body = {"resourceType": "Patient", "id": pid, "meta": {"versionId": str(n + 1)}}
+            response = await http.put(f"/fhir/Patient/{pid}", json=body, headers=headers)
+            assert response.status_code == 204
+            if n == 0:
+                await asyncio.sleep(1.2)  # the statistics are flushed once a second
+                volatile_redis.kill()
+                volatile_redis.start()  # back, but empty
+        await asyncio.sleep(1.2)
+
+    monkeypatch.setenv("REDIS_URL", volatile_redis.url)
+    capsys.readouterr()
+    # The command runs its own event loop: in a thread of its own here.
+    assert await asyncio.to_thread(researchflow_cli.main, ["speed", "stats"]) == 0
+    listed = json.loads(capsys.readouterr().out)["types"]
+    assert "Patient" in listed and listed["Patient"]["entries"] == 1
+
+
+async def test_the_query_mirror_rereads_a_type_whose_write_counter_went_back(
+    volatile_redis: RedisProcess,
+) -> None:
+    """Redis restarted from an older snapshot keeps its epoch marker but loses writes: the
+    query API's mirror must not keep serving entries Redis no longer holds."""
+    from receiver.ingest import ingest
+    from receiver.store import EPOCH_KEY
+    from serving.speed_index import SpeedMirror
+
+    settings = Settings(redis_url=volatile_redis.url)
+    client = connect(settings)
+    try:
+        store = SpeedStore(client)
+        for pid in ("a", "b", "c"):
+            await ingest(store, {"resourceType": "Patient", "id": pid, "gender": "male"})
+        epoch = await store.mark_epoch()
+        mirror = SpeedMirror()
+        assert await mirror.sync(store)
+        assert set(mirror.types["Patient"].entries) == {"a", "b", "c"}
+        volatile_redis.kill()
+        volatile_redis.start()
+        await client.set(EPOCH_KEY, epoch)  # as an older snapshot would hold it
+        await ingest(store, {"resourceType": "Patient", "id": "d", "gender": "male"})
+        assert await mirror.sync(store)
+        assert set(mirror.types["Patient"].entries) == {"d"}
+    finally:
+        await client.aclose()

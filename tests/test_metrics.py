@@ -31,6 +31,7 @@ async def test_query_api_metrics_report_speed_size_watermark_age_lag_and_latency
         {"resourceType": "Patient", "id": "new1", "gender": "male", "meta": {"versionId": "1"}},
     )
     await loaded.flush_stats()
+    await loaded.count_missed(2)  # as a poller in another process recorded them
     async with running(create_api(api_settings)) as client:
         assert (
             await client.get("/cohort", params={"gender": "male"}, headers=AUTH)
@@ -44,6 +45,7 @@ async def test_query_api_metrics_report_speed_size_watermark_age_lag_and_latency
     assert sample(text, "researchflow_poller_lag_seconds") > 0
     assert sample(text, 'researchflow_query_seconds_count{endpoint="cohort"}') == 1
     assert "# TYPE researchflow_missed_notifications_total counter" in text
+    assert sample(text, "researchflow_missed_notifications_recorded") == 2
 
 
 async def test_receiver_metrics_count_notifications_rejects_and_write_latency(

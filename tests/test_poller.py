@@ -31,7 +31,11 @@ from subscriptions.poller import (
 from subscriptions.standin import StandInHapi, serve_asgi
 from tests.conftest import TEST_REDIS_URL
 
-POLL_SETTINGS = Settings(redis_url=TEST_REDIS_URL, poll_interval_seconds=300)
+# No notification is ever on its way here (nothing delivers): every change is judged at once.
+# tests/test_missed.py covers the grace for deliveries in flight.
+POLL_SETTINGS = Settings(
+    redis_url=TEST_REDIS_URL, poll_interval_seconds=300, missed_grace_seconds=0
+)
 
 
 class FailPages:
@@ -444,3 +448,81 @@ async def test_any_order_of_deliveries_ends_in_truth(
     finally:
         with contextlib.suppress(Exception):
             await hapi.aclose()
+
+
+class EndlessPages:
+    """A FHIR server whose `_history` answers empty pages with ever new `next` links."""
+
+    def __init__(self) -> None:
+        self.pages = 0
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        self.pages += 1
+        bundle = {
+            "resourceType": "Bundle",
+            "type": "history",
+            "link": [{"relation": "next", "url": f"http://x/fhir?_getpages=p{self.pages}"}],
+            "entry": [],
+        }
+        body = __import__("json").dumps(bundle).encode()
+        await Response(body, 200, media_type="application/fhir+json")(scope, receive, send)
+
+
+async def test_endless_empty_paging_stops_the_poll_and_keeps_the_watermark(
+    store: SpeedStore,
+) -> None:
+    from receiver.errors import EndlessPaging
+    from subscriptions.fhir_client import MAX_IDLE_PAGES
+
+    server = EndlessPages()
+    await store.set_poller_watermark("2026-01-01T00:00:00.000Z")
+    await store.mark_epoch()
+    async with serve_asgi(server, path="/fhir") as base_url:
+        async with FhirClient(base_url, max_retries=0) as client:
+            with pytest.raises(EndlessPaging, match="no progress"):
+                await poll_once(POLL_SETTINGS, store, client, types=["Patient"])
+    assert server.pages == MAX_IDLE_PAGES
+    assert await store.poller_watermark() == "2026-01-01T00:00:00.000Z"
+
+
+def test_poll_once_on_endless_paging_exits_non_zero_with_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], pg_url: str
+) -> None:
+    import researchflow_cli
+    from subscriptions.standin import serve_asgi as serve
+
+    async def main_with_server() -> tuple[int, str]:
+        async with serve(EndlessPages(), path="/fhir") as base_url:
+            monkeypatch.setenv("FHIR_BASE_URL", base_url)
+            monkeypatch.setenv("REDIS_URL", TEST_REDIS_URL)
+            monkeypatch.setenv("DATABASE_URL", pg_url)
+            argv = ["poll", "--once", "--since", "2026-01-01T00:00:00Z"]
+            code = await asyncio.to_thread(researchflow_cli.main, argv)
+            return code, capsys.readouterr().err
+
+    async def seeded() -> None:
+        client = aioredis.Redis.from_url(TEST_REDIS_URL)
+        try:
+            await client.flushdb()
+            await SpeedStore(client).mark_epoch()
+            await SpeedStore(client).set_poller_watermark("2026-01-01T00:00:00.000Z")
+        finally:
+            await client.aclose()
+
+    asyncio.run(seeded())
+    code, err = asyncio.run(main_with_server())
+    assert code == 1
+    lines = [line for line in err.splitlines() if line.startswith("researchflow poll")]
+    assert len(lines) == 1 and "no progress" in lines[0] and "Traceback" not in err
+    asyncio.run(_watermark_is("2026-01-01T00:00:00.000Z"))
+
+
+async def _watermark_is(expected: str) -> None:
+    client = aioredis.Redis.from_url(TEST_REDIS_URL)
+    try:
+        assert await SpeedStore(client).poller_watermark() == expected
+    finally:
+        await client.flushdb()
+        await client.aclose()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +16,10 @@ from receiver import auth
 from receiver.app import create_app
 from receiver.settings import Settings
 from receiver.store import SpeedStore
+from receiver.validation import NEVER_STORED
 from tests.asgi import running
 from tests.conftest import TEST_REDIS_URL
+from tests.examples import official_examples
 
 TOKEN = "test-token"
 HEADERS = {
@@ -258,22 +261,25 @@ async def test_unknown_route_and_method_answer_operation_outcome(client: httpx.A
 async def test_official_examples_71_taken_and_questionnaire_refused(
     client: httpx.AsyncClient, store: SpeedStore, shared_dir: Path
 ) -> None:
-    examples = sorted((shared_dir / "fhir-r4-examples").glob("*.json"))
     taken, refused = [], []
-    for path in examples:
-        raw = path.read_bytes()
-        data = json.loads(raw)
-        rid = data.get("id") or path.stem.replace("_", "-")[:64]
+    for example in official_examples(shared_dir):
         response = await client.put(
-            f"/fhir/{data['resourceType']}/{rid}", content=raw, headers=HEADERS
+            f"/fhir/{example.resource_type}/{example.resource_id}",
+            content=example.raw,
+            headers=HEADERS,
         )
         if response.status_code == 204:
-            taken.append(path.name)
-            entry = await store.get(data["resourceType"], rid)
-            assert entry is not None and entry.body == raw, path.name
+            taken.append(example.name)
+            entry = await store.get(example.resource_type, example.resource_id)
+            if example.resource_type in NEVER_STORED:
+                # Taken (HAPI must not retry it) but never cached: it holds the token.
+                assert entry is None, example.name
+            else:
+                assert entry is not None and entry.body == example.raw, example.name
         else:
-            refused.append((path.name, response.status_code, response.json()))
+            refused.append((example.name, response.status_code, response.json()))
     assert len(taken) == 71, refused
+    assert "subscription-example.json" in taken
     assert [r[0] for r in refused] == ["bundle-questionnaire.json"]
     _name, status, outcome = refused[0]
     assert status == 422
@@ -411,19 +417,91 @@ async def test_topic_notification_full_resource(
     assert await store.take_catchup() is None
 
 
-async def test_topic_notification_id_only_asks_for_catch_up(
-    client: httpx.AsyncClient, store: SpeedStore
+async def test_topic_notification_id_only_fetches_each_focus_from_hapi(
+    redis_client: aioredis.Redis,
 ) -> None:
-    bundle = topic_bundle(
-        {
-            "fullUrl": "http://hapi/fhir/Patient/p1",
-            "request": {"method": "PUT", "url": "Patient/p1"},
-        }
-    )
-    response = await client.post("/fhir", content=json.dumps(bundle), headers=HEADERS)
-    assert response.status_code == 204
+    asked: list[tuple[str, str]] = []
+    held = {("Patient", "p1"): patient("p1", 3), ("Patient", "gone"): None}
+
+    async def fetch(resource_type: str, resource_id: str) -> dict[str, Any] | None:
+        asked.append((resource_type, resource_id))
+        return held[(resource_type, resource_id)]
+
+    async def deleted_at_4(resource_type: str, resource_id: str) -> tuple[str, str, bool]:
+        return ("4", "2026-11-25T11:00:00Z", True)
+
+    app = create_app(receiver_settings(), latest_version=deleted_at_4, fetch_resource=fetch)
+    store = SpeedStore(redis_client)
+    async with running(app) as client:
+        bundle = topic_bundle(
+            {"fullUrl": "http://hapi/fhir/Patient/p1", "request": {"method": "PUT"}},
+            {"fullUrl": "http://hapi/fhir/Patient/gone/_history/3"},
+        )
+        response = await client.post("/fhir", content=json.dumps(bundle), headers=HEADERS)
+        assert response.status_code == 204
+    assert asked == [("Patient", "p1"), ("Patient", "gone")]
+    entry = await store.get("Patient", "p1")
+    assert entry is not None and entry.version_id == "3"
+    gone = await store.get("Patient", "gone")
+    assert gone is not None and gone.state == "deleted" and gone.version_id == "4"
+    assert await store.take_catchup() is None, "HAPI answered: no poll needed"
+
+
+async def test_topic_notification_id_only_polls_only_when_hapi_cannot_answer(
+    store: SpeedStore,
+) -> None:
+    async def down(resource_type: str, resource_id: str) -> dict[str, Any] | None:
+        raise httpx.ConnectError("HAPI is down")
+
+    app = create_app(receiver_settings(), latest_version=no_hapi, fetch_resource=down)
+    async with running(app) as hapi_down:
+        bundle = topic_bundle(
+            {"fullUrl": "http://hapi/fhir/Patient/p1", "request": {"method": "PUT"}}
+        )
+        response = await hapi_down.post("/fhir", content=json.dumps(bundle), headers=HEADERS)
+        assert response.status_code == 204
     assert await store.take_catchup() is not None
     assert await store.get("Patient", "p1") is None
+
+
+async def test_a_put_body_without_an_id_is_400_and_writes_nothing(
+    client: httpx.AsyncClient, store: SpeedStore
+) -> None:
+    body = {k: v for k, v in patient("p1").items() if k != "id"}
+    response = await client.put("/fhir/Patient/p1", content=json.dumps(body), headers=HEADERS)
+    assert response.status_code == 400
+    expressions = [e for i in response.json()["issue"] for e in i.get("expression", [])]
+    assert expressions == ["id"]
+    assert await store.get("Patient", "p1") is None
+
+
+async def test_refused_deliveries_are_counted_and_logged_without_the_token(
+    client: httpx.AsyncClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="receiver.app")
+    wrong = "wrong-token-value-123"
+    body = json.dumps(patient("p1"))
+    for headers in (
+        {**HEADERS, "Authorization": f"Bearer {wrong}"},
+        {**HEADERS, "Authorization": f"Bearer {wrong}"},
+        {k: v for k, v in HEADERS.items() if k != "Authorization"},
+    ):
+        assert (
+            await client.put("/fhir/Patient/p1", content=body, headers=headers)
+        ).status_code == 401
+    bad = json.dumps(patient("p2", gender="robot"))
+    assert (await client.put("/fhir/Patient/p2", content=bad, headers=HEADERS)).status_code == 422
+    metrics = (await client.get("/metrics")).text
+    assert (
+        'researchflow_refused_deliveries_total{reason="unauthorized",status="401"} 3.0' in metrics
+    )
+    assert 'researchflow_refused_deliveries_total{reason="rejected",status="422"} 1.0' in metrics
+    refusals = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+    assert refusals[0].startswith("refused PUT /fhir/Patient/p1") and "401" in refusals[0]
+    assert "not one of RECEIVER_TOKEN" in refusals[0]
+    assert len([r for r in refusals if " 401," in r]) == 1, "one line per status every 10 s"
+    assert any(" 422," in r and "gender" in r for r in refusals)
+    assert wrong not in caplog.text and TOKEN not in caplog.text
 
 
 async def test_topic_notification_with_one_bad_resource_writes_nothing(

@@ -1,0 +1,150 @@
+"""Start-up of the long-running commands: ports, dependencies, and servers that stop together.
+
+Everything that can stop a service is checked before anything starts, so an operator gets one
+line naming the cause and a non-zero exit within seconds, never a process that runs with
+nothing bound or a traceback:
+
+- every listening socket is bound first (`bind`): a taken port is `StartupError` at once, and
+  uvicorn then serves on the socket it was handed (it cannot fail to bind later);
+- the hard dependencies are reached once (`check_redis`, `check_postgres`) with short timeouts;
+- `serve_together` runs several uvicorn servers (and background work) in one process and
+  stops all of them as soon as one stops, reporting a server that never started.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import socket
+from collections.abc import Awaitable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from receiver.errors import ResearchFlowError
+from receiver.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+STARTUP_TIMEOUT_SECONDS = 5.0
+
+
+class StartupError(ResearchFlowError):
+    """A service cannot start: a port is taken, a dependency is down. One line, exit 1."""
+
+
+@dataclass
+class Listener:
+    """One server to run: its app, the socket bound for it and what it is (for messages)."""
+
+    app: Any
+    sock: socket.socket
+    name: str
+
+    @property
+    def address(self) -> str:
+        host, port = self.sock.getsockname()[:2]
+        return f"{host}:{port}"
+
+
+def bind(host: str, port: int, name: str) -> socket.socket:
+    """A TCP socket bound to host:port for `name`; StartupError when the port is taken."""
+    if not 0 <= port <= 65535:
+        raise StartupError(f"{name}: port {port} is not a TCP port (0-65535)")
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise StartupError(f"{name}: cannot resolve the host {host!r} ({exc.strerror})") from None
+    family, kind, proto, _, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    # As uvicorn does: a restarted service can take its port while old connections linger.
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise StartupError(
+                f"{name}: port {port} on {host} is already in use (another process listens "
+                "there; stop it or choose another port)"
+            ) from None
+        raise StartupError(f"{name}: cannot listen on {host}:{port} ({exc.strerror})") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def close_all(sockets: Sequence[socket.socket]) -> None:
+    for sock in sockets:
+        with contextlib.suppress(OSError):
+            sock.close()
+
+
+async def check_redis(settings: Settings) -> None:
+    """Reach the speed layer once (PING); StartupError naming REDIS_URL's host otherwise."""
+    from redis.exceptions import RedisError
+
+    from receiver.store import connect
+
+    client = connect(settings)
+    try:
+        await asyncio.wait_for(client.ping(), timeout=STARTUP_TIMEOUT_SECONDS * 2)
+    except (RedisError, OSError, TimeoutError) as exc:
+        raise StartupError(
+            f"Redis (REDIS_URL) cannot be reached: {type(exc).__name__}: {exc}"
+        ) from None
+    finally:
+        with contextlib.suppress(Exception):
+            await client.aclose()
+
+
+async def check_postgres(settings: Settings) -> None:
+    """Reach the batch layer once; StartupError naming DATABASE_URL otherwise."""
+    import psycopg
+
+    try:
+        conn = await psycopg.AsyncConnection.connect(
+            settings.database_url, connect_timeout=int(STARTUP_TIMEOUT_SECONDS)
+        )
+    except (psycopg.Error, OSError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise StartupError(f"PostgreSQL (DATABASE_URL) cannot be reached: {reason}") from None
+    await conn.close()
+
+
+async def serve_together(
+    listeners: Sequence[Listener], background: Sequence[Awaitable[Any]] = ()
+) -> None:
+    """Serve every listener (and run `background` work) until one of them stops.
+
+    A server that stops (a signal, or its lifespan failed) stops the others. Raises
+    StartupError when a server never started (its lifespan failed: its log says why) or a
+    background task failed.
+    """
+    import uvicorn
+
+    servers = [
+        uvicorn.Server(uvicorn.Config(item.app, log_level="info", access_log=False))
+        for item in listeners
+    ]
+    tasks = [
+        asyncio.create_task(server.serve(sockets=[item.sock]), name=item.name)
+        for server, item in zip(servers, listeners, strict=True)
+    ]
+    extra = [asyncio.ensure_future(work) for work in background]
+    try:
+        done, _ = await asyncio.wait([*tasks, *extra], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for server in servers:
+            server.should_exit = True
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+    for item, server, result in zip(listeners, servers, results, strict=True):
+        if isinstance(result, BaseException) and not isinstance(result, asyncio.CancelledError):
+            raise StartupError(f"the {item.name} on {item.address} failed: {result}") from None
+        if not server.started:
+            raise StartupError(
+                f"the {item.name} on {item.address} did not start (the line above says why)"
+            )
+    for task in extra:
+        if task in done and task.exception() is not None:
+            raise StartupError(f"a background task stopped: {task.exception()}")

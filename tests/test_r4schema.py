@@ -1,0 +1,182 @@
+"""R4 resource types and shapes the R4B models lack are checked against R4's own JSON schema:
+valid ones are taken by the receiver, the poller and the batch sync alike; invalid ones get a
+422 naming the element path."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+from fhir.resources.R4B import get_fhir_model_class
+
+from receiver import r4schema
+from receiver.app import create_app
+from receiver.errors import InvalidResource
+from receiver.settings import Settings
+from receiver.store import SpeedStore
+from receiver.validation import is_resource_type, validate_resource
+from tests.asgi import running
+from tests.conftest import TEST_REDIS_URL
+
+TOKEN = "r4-token"
+HEADERS = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/fhir+json"}
+
+# Valid R4 resources, written from the R4 specification's element tables (4.0.1).
+VALID: list[dict[str, Any]] = [
+    {
+        "resourceType": "MedicinalProduct",
+        "id": "mp1",
+        "meta": {"versionId": "1", "lastUpdated": "2026-11-25T10:00:00Z"},
+        "domain": {"system": "http://hl7.org/fhir/medicinal-product-domain", "code": "Human"},
+        "name": [
+            {
+                "productName": "Equilidem 2.5 mg film-coated tablets",
+                "namePart": [{"part": "Equilidem", "type": {"code": "INV"}}],
+                "countryLanguage": [
+                    {
+                        "country": {"coding": [{"code": "EU"}]},
+                        "language": {"coding": [{"code": "EN"}]},
+                    }
+                ],
+            }
+        ],
+    },
+    {
+        "resourceType": "MedicinalProductIngredient",
+        "id": "mpi1",
+        "role": {
+            "coding": [
+                {"system": "http://ema.europa.eu/example/ingredientRole", "code": "ActiveBase"}
+            ]
+        },
+        "specifiedSubstance": [
+            {"code": {"text": "apixaban"}, "group": {"text": "2"}, "confidentiality": {"text": "x"}}
+        ],
+    },
+    {
+        "resourceType": "SubstanceProtein",
+        "id": "sp1",
+        "numberOfSubunits": 2,
+        "subunit": [{"subunit": 1, "sequence": "MKT", "length": 3}],
+    },
+    {
+        "resourceType": "Evidence",
+        "id": "ev1",
+        "status": "active",
+        "name": "AspirinEvidence",
+        "exposureBackground": {"reference": "EvidenceVariable/background"},
+        "exposureVariant": [{"reference": "EvidenceVariable/variant"}],
+        "outcome": [{"reference": "EvidenceVariable/outcome"}],
+    },
+    {
+        "resourceType": "EvidenceVariable",
+        "id": "evv1",
+        "status": "draft",
+        "type": "dichotomous",
+        "characteristic": [{"definitionCodeableConcept": {"text": "stroke"}, "exclude": False}],
+    },
+]
+
+INVALID: list[tuple[dict[str, Any], str]] = [
+    ({"resourceType": "MedicinalProduct", "id": "bad1", "name": [{"productName": 7}]},
+     "name[0].productName"),
+    ({"resourceType": "MedicinalProduct", "id": "bad2", "name": "Equilidem"}, "name"),
+    ({"resourceType": "Evidence", "id": "bad3", "status": "active"}, "exposureBackground"),
+    ({"resourceType": "Evidence", "id": "bad4", "status": "active", "statistic": [],
+      "exposureBackground": {"reference": "Group/g"}}, "statistic"),  # R4B's element, not R4's
+    ({"resourceType": "SubstanceProtein", "id": "bad5", "numberOfSubunits": "two"},
+     "numberOfSubunits"),
+    ({"resourceType": "EvidenceVariable", "id": "bad6", "status": "draft",
+      "characteristic": [{"definitionCodeableConcept": {"text": "x"}}],
+      "contained": [{"resourceType": "Patient", "id": "p", "gender": "robot"}]},
+     "contained[0].gender"),
+]  # fmt: skip
+
+
+def test_the_r4_only_types_are_exactly_those_the_r4b_models_lack() -> None:
+    r4_types = set(r4schema.schema()["discriminator"]["mapping"])
+    lacking = set()
+    for name in r4_types:
+        try:
+            get_fhir_model_class(name)
+        except (KeyError, ValueError, AttributeError):
+            lacking.add(name)
+    assert lacking == r4schema.R4_ONLY_TYPES
+    assert r4schema.R4_RESHAPED_TYPES <= r4_types
+    assert all(is_resource_type(t) for t in r4schema.R4_SCHEMA_TYPES)
+
+
+@pytest.mark.parametrize("resource", VALID, ids=[r["resourceType"] for r in VALID])
+def test_valid_r4_resources_pass_the_gate(resource: dict[str, Any]) -> None:
+    assert validate_resource(resource).resource_type == resource["resourceType"]
+
+
+@pytest.mark.parametrize(("resource", "path"), INVALID, ids=[r["id"] for r, _ in INVALID])
+def test_invalid_r4_resources_are_refused_naming_the_path(
+    resource: dict[str, Any], path: str
+) -> None:
+    with pytest.raises(InvalidResource) as info:
+        validate_resource(resource)
+    assert path in [i.expression for i in info.value.issues], info.value.issues
+
+
+async def test_the_receiver_takes_them_and_refuses_invalid_ones_with_422(
+    redis_client: aioredis.Redis,
+) -> None:
+    async def no_hapi(resource_type: str, resource_id: str) -> None:
+        return None
+
+    app = create_app(
+        Settings(redis_url=TEST_REDIS_URL, receiver_tokens=(TOKEN,)), latest_version=no_hapi
+    )
+    store = SpeedStore(redis_client)
+    async with running(app) as client:
+        for resource in VALID:
+            raw = json.dumps(resource).encode()
+            url = f"/fhir/{resource['resourceType']}/{resource['id']}"
+            response = await client.put(url, content=raw, headers=HEADERS)
+            assert response.status_code == 204, response.text
+            entry = await store.get(resource["resourceType"], resource["id"])
+            assert entry is not None and entry.body == raw
+        resource, path = INVALID[0]
+        response = await client.put(
+            f"/fhir/MedicinalProduct/{resource['id']}", json=resource, headers=HEADERS
+        )
+        assert response.status_code == 422
+        assert path in [e for i in response.json()["issue"] for e in i.get("expression", [])]
+        assert await store.get("MedicinalProduct", resource["id"]) is None
+
+
+async def test_the_poller_takes_them_too(redis_client: aioredis.Redis) -> None:
+    from subscriptions.poller import poll_once
+    from subscriptions.standin import StandInHapi, serve_standin
+
+    hapi = StandInHapi()
+    try:
+        async with serve_standin(hapi) as base:
+            for resource in VALID:
+                await hapi.update({k: v for k, v in resource.items() if k != "meta"})
+            from subscriptions.fhir_client import FhirClient
+
+            settings = Settings(redis_url=TEST_REDIS_URL, missed_grace_seconds=0)
+            async with FhirClient(base) as client:
+                result = await poll_once(settings, SpeedStore(redis_client), client)
+            assert result.rejected == 0 and result.written == len(VALID)
+    finally:
+        await hapi.aclose()
+
+
+def test_the_schema_is_loaded_only_for_those_types() -> None:
+    """The receiver's usual path never reads the 3.3 MB schema."""
+    import subprocess
+    import sys
+
+    code = (
+        "from receiver.validation import validate_resource; from receiver import r4schema;"
+        "validate_resource({'resourceType': 'Patient', 'id': 'p', 'gender': 'male'});"
+        "assert r4schema.schema.cache_info().currsize == 0; print('ok')"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "ok"

@@ -1,0 +1,257 @@
+"""Every command's start-up: a malformed setting, a dependency that cannot be reached or a
+taken port stops it with one line naming the cause, a non-zero exit within seconds and no
+traceback. Servers are real subprocesses here: `run` on a busy port must exit, not keep
+running with nothing bound."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import researchflow_cli
+from tests.conftest import TEST_REDIS_URL
+from tests.procs import free_port
+
+VIEW = Path(__file__).resolve().parents[1] / "serving" / "viewdefs" / "patient_demographics.json"
+
+# Every command of the contract, with arguments that would otherwise let it start.
+COMMANDS: dict[str, list[str]] = {
+    "receiver": ["receiver", "--port", "0"],
+    "serve": ["serve", "--port", "0"],
+    "poll": ["poll"],
+    "poll --once": ["poll", "--once"],
+    "run": ["run", "--receiver-port", "0", "--serve-port", "0"],
+    "demo": [
+        "demo",
+        "--duration",
+        "1",
+        "--patients",
+        "2",
+        "--receiver-port",
+        "0",
+        "--serve-port",
+        "0",
+    ],
+    "subscriptions bootstrap": ["subscriptions", "bootstrap", "--wait", "0"],
+    "subscriptions status": ["subscriptions", "status"],
+    "subscriptions remove": ["subscriptions", "remove"],
+    "batch init": ["batch", "init"],
+    "batch refresh": ["batch", "refresh"],
+    "speed get": ["speed", "get", "Patient/x"],
+    "speed stats": ["speed", "stats"],
+    "views run": ["views", "run", str(VIEW), "--resources", str(VIEW)],
+    "views run --engine postgres": [
+        "views",
+        "run",
+        str(VIEW),
+        "--resources",
+        str(VIEW),
+        "--engine",
+        "postgres",
+    ],
+}
+
+# A malformed value of each kind, and the setting the one line must name.
+BAD_SETTINGS: list[tuple[str, str]] = [
+    ("REDIS_URL", "localhost:6379"),
+    ("REDIS_URL", "redis://localhost:notaport/0"),
+    ("REDIS_URL", "redis://localhost:6379/zero"),
+    ("FHIR_BASE_URL", "localhost:8080/fhir"),
+    ("RECEIVER_URL", "hapi.example/fhir"),
+    ("DATABASE_URL", "localhost/researchflow"),
+    ("DATABASE_URL", "mysql://localhost/researchflow"),
+    ("HAPI_DATABASE_URL", "localhost:5432"),
+    ("POLL_INTERVAL_SECONDS", "five"),
+    ("RECEIVER_MAX_BODY_BYTES", "8MB"),
+    ("MIN_CELL_COUNT", "-3"),
+    ("REDIS_CLUSTER", "perhaps"),
+    ("RECEIVER_RESOURCE_TYPES", "Patient,Unicorn"),
+]
+
+
+@pytest.fixture
+def tokens(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RECEIVER_TOKEN", "startup-receiver")
+    monkeypatch.setenv("SERVING_TOKEN", "startup-serving")
+    for name, _ in BAD_SETTINGS:
+        monkeypatch.delenv(name, raising=False)
+
+
+def one_line(err: str) -> str:
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+@pytest.mark.parametrize(("name", "value"), BAD_SETTINGS)
+def test_a_malformed_setting_stops_every_command_with_one_line(
+    tokens: None,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    command: str,
+    name: str,
+    value: str,
+) -> None:
+    monkeypatch.setenv(name, value)
+    started = time.monotonic()
+    code = researchflow_cli.main(COMMANDS[command])
+    err = capsys.readouterr().err
+    assert code == 2
+    line = one_line(err)
+    assert name in line and line.startswith(f"researchflow {COMMANDS[command][0]}:")
+    assert time.monotonic() - started < 5
+    if "://" in value or "@" in value:
+        assert value not in line, "a URL is never echoed (it may hold a password)"
+
+
+def test_a_well_formed_setting_of_each_kind_is_taken(tokens: None) -> None:
+    from receiver.settings import Settings
+
+    settings = Settings.from_env(
+        {
+            "REDIS_URL": "rediss://user:pw@redis.internal:6380/3",
+            "DATABASE_URL": "postgresql://user@/db?host=/run/postgresql",
+            "HAPI_DATABASE_URL": "host=hapi-db dbname=hapi",
+            "FHIR_BASE_URL": "https://hapi.internal/fhir/",
+            "RECEIVER_URL": "http://10.0.0.5:8081/fhir",
+            "POLL_INTERVAL_SECONDS": "60",
+        }
+    )
+    assert settings.fhir_base_url == "https://hapi.internal/fhir"
+    assert settings.redis_url.endswith("/3") and settings.poll_interval_seconds == 60
+
+
+UNREACHABLE = {
+    "REDIS_URL": f"redis://127.0.0.1:{free_port()}/0",
+    "DATABASE_URL": f"postgresql://127.0.0.1:{free_port()}/nothing",
+    "FHIR_BASE_URL": f"http://127.0.0.1:{free_port()}/fhir",
+}
+# What each command needs that is down, and the word its one line must carry.
+DEPENDENCIES: dict[str, tuple[str, str]] = {
+    "receiver": ("REDIS_URL", "Redis"),
+    "serve": ("DATABASE_URL", "PostgreSQL"),
+    "poll": ("REDIS_URL", "Redis"),
+    "poll --once": ("FHIR_BASE_URL", "HAPI"),
+    "run": ("DATABASE_URL", "PostgreSQL"),
+    "demo": ("REDIS_URL", "Redis"),
+    "subscriptions bootstrap": ("FHIR_BASE_URL", "HAPI"),
+    "subscriptions status": ("FHIR_BASE_URL", "HAPI"),
+    "subscriptions remove": ("FHIR_BASE_URL", "HAPI"),
+    "batch init": ("DATABASE_URL", "PostgreSQL"),
+    "batch refresh": ("DATABASE_URL", "PostgreSQL"),
+    "speed get": ("REDIS_URL", "Redis"),
+    "speed stats": ("REDIS_URL", "Redis"),
+    "views run --engine postgres": ("DATABASE_URL", "PostgreSQL"),
+}
+
+
+@pytest.mark.parametrize("command", sorted(DEPENDENCIES))
+def test_a_dependency_down_stops_every_command_with_one_line(
+    tokens: None,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    pg_url: str,
+    command: str,
+) -> None:
+    name, word = DEPENDENCIES[command]
+    monkeypatch.setenv("REDIS_URL", TEST_REDIS_URL)
+    monkeypatch.setenv("DATABASE_URL", pg_url)
+    monkeypatch.setenv(name, UNREACHABLE[name])
+    if name != "FHIR_BASE_URL":
+        monkeypatch.setenv("FHIR_BASE_URL", UNREACHABLE["FHIR_BASE_URL"])
+    started = time.monotonic()
+    code = researchflow_cli.main(COMMANDS[command])
+    err = capsys.readouterr().err
+    assert code == 1, err
+    assert word in err.strip().splitlines()[-1], err
+    assert "Traceback" not in err
+    assert time.monotonic() - started < 10
+
+
+MAIN = "import sys; from researchflow_cli import main; sys.exit(main(sys.argv[1:]))"
+
+
+@pytest.fixture
+def taken_port() -> Iterator[int]:
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen(1)
+        yield int(holder.getsockname()[1])
+
+
+def start(argv: list[str], env: dict[str, str]) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-c", MAIN, *argv],
+        env={**os.environ, **env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["receiver", "--port", "{taken}"],
+        ["serve", "--port", "{taken}"],
+        ["run", "--receiver-port", "{taken}", "--serve-port", "{free}"],
+        ["run", "--receiver-port", "{free}", "--serve-port", "{taken}"],
+        ["demo", "--receiver-port", "{taken}", "--duration", "1"],
+    ],
+    ids=["receiver", "serve", "run-receiver-port", "run-serve-port", "demo"],
+)
+def test_a_taken_port_stops_the_server_at_once(
+    taken_port: int, pg_url: str, argv: list[str]
+) -> None:
+    args = [a.format(taken=taken_port, free=free_port()) for a in argv]
+    proc = start(
+        args,
+        {
+            "REDIS_URL": TEST_REDIS_URL,
+            "DATABASE_URL": pg_url,
+            "FHIR_BASE_URL": UNREACHABLE["FHIR_BASE_URL"],
+            "RECEIVER_TOKEN": "t",
+            "SERVING_TOKEN": "s",
+        },
+    )
+    try:
+        _, err = proc.communicate(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        pytest.fail(f"{args[0]} kept running on a taken port")
+    assert proc.returncode == 1
+    line = one_line(err)
+    assert f"port {taken_port}" in line and "already in use" in line, line
+
+
+def test_run_without_its_batch_layer_exits_and_leaves_nothing_listening(pg_url: str) -> None:
+    receiver_port = free_port()
+    proc = start(
+        ["run", "--receiver-port", str(receiver_port), "--serve-port", str(free_port())],
+        {
+            "REDIS_URL": TEST_REDIS_URL,
+            "DATABASE_URL": UNREACHABLE["DATABASE_URL"],
+            "FHIR_BASE_URL": UNREACHABLE["FHIR_BASE_URL"],
+            "RECEIVER_TOKEN": "t",
+            "SERVING_TOKEN": "s",
+        },
+    )
+    try:
+        _, err = proc.communicate(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        pytest.fail("run kept running without its batch layer")
+    assert proc.returncode == 1 and "PostgreSQL" in one_line(err)
+    with socket.socket() as probe:
+        assert probe.connect_ex(("127.0.0.1", receiver_port)) != 0, "nothing left listening"
