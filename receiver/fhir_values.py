@@ -1,0 +1,547 @@
+"""FHIR value rules, one home for both layers and both engines, each with its SQL built here.
+
+- JSON numbers stay exact: a FHIR decimal is a `Decimal` from parsing to output, never a double
+  (`loads`, `dumps`, `decimal_text`).
+- Dates, dateTimes, instants and times compare as FHIRPath says (N1 §6.1.1, §6.2): component
+  by component from the year (the hour for times), a difference decides, a precision one value
+  has and the other lacks is unknown (None / SQL NULL); seconds and their fraction are one
+  precision compared as a decimal. Values that both carry a UTC offset are compared in UTC
+  (`Z` = `+00:00`); a value without an offset compares with one that has it only above the
+  hour (a date against a dateTime, by the dateTime's own calendar date), else unknown
+  (`compare_temporal`, `temporal_compare_sql`).
+- FHIR number search's implied precision: `7` is [6.5, 7.5), `7.0` is [6.95, 7.05)
+  (`implied_range`; FHIR R4 search, "number").
+- Unicode case mapping per code point: default case folding (`fold`, `str.casefold` of each
+  character) and FHIRPath's lower()/upper(), with the SQL generated from the same tables so
+  PostgreSQL gives exactly the Python string (`case_map_sql`).
+- lowBoundary()/highBoundary() of decimals, dates, dateTimes and times (`boundary`,
+  `boundary_sql`).
+"""
+
+from __future__ import annotations
+
+import calendar
+import json
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from decimal import Context, Decimal
+from functools import lru_cache
+from typing import Any, Literal
+
+import orjson
+from psycopg import sql
+
+__all__ = [
+    "EXACT",
+    "JsonError",
+    "boundary",
+    "boundary_sql",
+    "case_map",
+    "case_map_sql",
+    "compare_temporal",
+    "decimal_text",
+    "dumps",
+    "fold",
+    "implied_range",
+    "is_temporal_type",
+    "loads",
+    "parse_number",
+    "temporal_compare_sql",
+]
+
+# --------------------------------------------------------------------------- exact JSON
+
+# Arithmetic without rounding for any number PostgreSQL's numeric holds (131,072 digits
+# before the point, 16,383 after): the default context would round at 28 digits.
+EXACT = Context(prec=150_000, Emax=999_999, Emin=-999_999)
+
+
+class JsonError(ValueError):
+    """Text that is not JSON a FHIR server may send (malformed, NaN/Infinity, lone surrogates)."""
+
+
+def _no_constant(name: str) -> Any:
+    raise JsonError(f"{name} is not a JSON number")
+
+
+# The C scanner of the standard library with Decimal for every number that has a fraction or
+# an exponent (~2.5 us more than orjson for a 600-byte resource; benchmarks/README.md).
+_DECODER = json.JSONDecoder(parse_float=Decimal, parse_constant=_no_constant)
+_LONE_SURROGATE = re.compile(
+    r"[\ud800-\udbff](?![\udc00-\udfff])|(?<![\ud800-\udbff])[\udc00-\udfff]"
+)
+
+
+def loads(data: bytes | bytearray | memoryview | str) -> Any:
+    """Parse JSON keeping every number exact: integers as int, others as Decimal.
+
+    Raises JsonError (a ValueError) for malformed JSON, invalid UTF-8, NaN/Infinity and
+    escaped lone surrogates (which no UTF-8 output can hold).
+    """
+    try:
+        text = data if isinstance(data, str) else bytes(data).decode("utf-8")
+        value = _DECODER.decode(text)
+    except JsonError:
+        raise
+    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
+        raise JsonError(str(exc)) from None
+    if ("\\ud" in text or "\\uD" in text) and _has_lone_surrogate(value):
+        raise JsonError("a string holds a lone UTF-16 surrogate escape")
+    return value
+
+
+def _has_lone_surrogate(value: Any) -> bool:
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if _LONE_SURROGATE.search(item):
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
+
+
+def decimal_text(value: Decimal) -> str:
+    """A decimal as JSON and PostgreSQL's numeric print it: plain notation, the scale kept
+    ("7.0" stays "7.0", 1E+2 is "100", -0.0 is "0.0"). Raises ValueError for NaN/Infinity."""
+    if not value.is_finite():
+        raise ValueError(f"{value} is not a FHIR decimal")
+    if value.is_zero():
+        value = value.copy_abs()
+    return format(value, "f")
+
+
+def _default(value: Any) -> Any:
+    if isinstance(value, Decimal):
+        return orjson.Fragment(decimal_text(value))
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
+def _big_ints(value: Any) -> Any:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and not -(2**63) <= value < 2**64:
+        return orjson.Fragment(str(value))
+    if isinstance(value, dict):
+        return {k: _big_ints(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_big_ints(v) for v in value]
+    return value
+
+
+def dumps(value: Any, option: int | None = None) -> bytes:
+    """orjson.dumps, with Decimals and integers beyond 64 bits written exactly."""
+    try:
+        return orjson.dumps(value, default=_default, option=option)
+    except TypeError as exc:
+        if "64-bit" not in str(exc):
+            raise
+        return orjson.dumps(_big_ints(value), default=_default, option=option)
+
+
+def parse_number(text: str) -> Decimal | None:
+    """A FHIR search number (`-?digits[.digits][e[+-]digits]`) as a Decimal, else None."""
+    if not _NUMBER_RE.fullmatch(text):
+        return None
+    return Decimal(text)
+
+
+_NUMBER_RE = re.compile(r"-?[0-9]+(\.[0-9]+)?([eE][+-]?[0-9]+)?")
+
+
+def half_unit(value: Decimal) -> Decimal:
+    """Half a unit of the last digit written: 0.5 for 7, 0.05 for 7.0, 50 for 1e2."""
+    exponent = value.as_tuple().exponent
+    assert isinstance(exponent, int)
+    return Decimal(5).scaleb(exponent - 1)
+
+
+def implied_range(value: Decimal) -> tuple[Decimal, Decimal]:
+    """[low, high) that a search number covers by its implied precision (FHIR R4 search,
+    "number": `100` searches [99.5, 100.5)). `1e2` is [50, 150): one significant digit."""
+    half = half_unit(value)
+    return EXACT.subtract(value, half), EXACT.add(value, half)
+
+
+# --------------------------------------------------------------------------- dates and times
+
+TEMPORAL_TYPES = frozenset({"date", "dateTime", "instant", "time"})
+# Precisions: year, month, day, hour, minute, second (with its fraction).
+_SECOND = 6
+_CLOCK_PART = r"([01]\d|2[0-3])(?::([0-5]\d)(?::([0-5]\d(?:\.\d+)?))?)?"
+_ZONE_PART = r"(Z|[+-](?:0\d|1[0-4]):[0-5]\d)"
+# A FHIR date/dateTime/instant or a FHIRPath date/dateTime literal (without `@`): groups
+# year, month, day, hour, minute, second, zone. `2024-01-01T` is a dateTime to the day.
+DATETIME_PATTERN = (
+    r"^(\d{4})(?:-(0[1-9]|1[0-2])(?:-(0[1-9]|[12]\d|3[01])"
+    f"(?:T(?:{_CLOCK_PART}{_ZONE_PART}?)?)?)?)?$"
+)
+# A FHIR time or a FHIRPath time literal (`T10:30` without `@`): groups hour, minute, second.
+TIME_PATTERN = f"^T?{_CLOCK_PART}$"
+_DATETIME_RE = re.compile(DATETIME_PATTERN)
+_TIME_RE = re.compile(TIME_PATTERN)
+
+
+def is_temporal_type(type_name: str | None) -> bool:
+    """True for the FHIR types compared by the date/time rules."""
+    return type_name in TEMPORAL_TYPES
+
+
+@dataclass(frozen=True)
+class _Reading:
+    parts: tuple[int | Decimal, ...]  # year..second, as far as the value's precision goes
+    zone: int | None  # the UTC offset in minutes, None when the value has none
+
+
+def _read(text: str, time: bool) -> _Reading | None:
+    if time:
+        m = _TIME_RE.match(text)
+        if m is None:
+            return None
+        groups = list(m.groups())
+        parts: list[int | Decimal] = []
+        for n, g in enumerate(groups):
+            if g is None:
+                break
+            parts.append(Decimal(g) if n == 2 else int(g))
+        return _Reading(tuple(parts), None)
+    m = _DATETIME_RE.match(text)
+    if m is None:
+        return None
+    year, month, day, hour, minute, second, zone = m.groups()
+    if day is not None and int(day) > calendar.monthrange(int(year), int(month))[1]:
+        return None
+    parts = []
+    for n, g in enumerate((year, month, day, hour, minute, second)):
+        if g is None:
+            break
+        parts.append(Decimal(g) if n == 5 else int(g))
+    offset = None
+    if zone is not None:
+        offset = 0 if zone == "Z" else int(zone[0] + "1") * (int(zone[1:3]) * 60 + int(zone[4:6]))
+    return _Reading(tuple(parts), offset)
+
+
+def _in_utc(reading: _Reading) -> tuple[int | Decimal, ...] | None:
+    """The value's parts moved to UTC (precision kept), or None when that cannot be said."""
+    parts, offset = reading.parts, reading.zone
+    assert offset is not None and len(parts) >= 4
+    if len(parts) == 4 and offset % 60:
+        return None  # an hour shifted by a part of an hour has no hour precision left
+    start = datetime(int(parts[0]), int(parts[1]), int(parts[2]), int(parts[3]))
+    if len(parts) > 4:
+        start += timedelta(minutes=int(parts[4]))
+    try:
+        moved = start - timedelta(minutes=offset)
+    except OverflowError:
+        return None
+    if not 1 <= moved.year <= 9999:
+        return None
+    shifted: tuple[int | Decimal, ...] = (
+        moved.year,
+        moved.month,
+        moved.day,
+        moved.hour,
+        moved.minute,
+    )
+    return shifted[: len(parts)] + parts[5:]
+
+
+def compare_temporal(left: str, right: str, time: bool = False) -> int | None:
+    """-1, 0 or 1 as FHIRPath orders two dates/dateTimes (or two times when `time`);
+    None when unknown (different precisions that agree as far as both go, an offset on one
+    side only above the hour, or a value that is not a date/time)."""
+    a, b = _read(left, time), _read(right, time)
+    if a is None or b is None:
+        return None
+    pa, pb = a.parts, b.parts
+    if a.zone is not None and b.zone is not None:
+        ua, ub = _in_utc(a), _in_utc(b)
+        if ua is None or ub is None:
+            return None
+        pa, pb = ua, ub
+    elif (a.zone is None) != (b.zone is None) and len(pa) > 3 and len(pb) > 3:
+        return None
+    for x, y in zip(pa, pb, strict=False):
+        if x != y:
+            return -1 if x < y else 1
+    return 0 if len(pa) == len(pb) else None
+
+
+def temporal_compare_sql(left: str, right: str, time: bool = False) -> str:
+    """SQL (integer -1/0/1 or NULL) giving `compare_temporal` of two SQL text expressions."""
+    pattern = sql.Literal(TIME_PATTERN if time else DATETIME_PATTERN).as_string(None)
+    # Each value becomes (precision, key, seconds): the key is its parts to the minute as
+    # fixed-width text ("YYYY-MM-DDTHH:MI", moved to UTC when both have an offset), so
+    # comparing the first characters of two keys compares parts in order.
+    if time:
+        widths = "ARRAY[2, 5, 5]"
+        last = 3
+
+        def reading(m: str) -> tuple[str, str, str]:
+            precision = (
+                f"(CASE WHEN {m}[3] IS NOT NULL THEN 3 WHEN {m}[2] IS NOT NULL THEN 2 ELSE 1 END)"
+            )
+            key = f"({m}[1] || ':' || COALESCE({m}[2], '00'))"
+            return precision, key, f"({m}[3])::numeric"
+
+        pa, ka, sa = reading("a")
+        pb, kb, sb = reading("b")
+        zone_check = "TRUE"
+    else:
+        widths = "ARRAY[4, 7, 10, 13, 16, 16]"
+        last = _SECOND
+
+        def reading(m: str) -> tuple[str, str, str]:
+            precision = (
+                f"(CASE WHEN {m}[6] IS NOT NULL THEN 6 WHEN {m}[5] IS NOT NULL THEN 5"
+                f" WHEN {m}[4] IS NOT NULL THEN 4 WHEN {m}[3] IS NOT NULL THEN 3"
+                f" WHEN {m}[2] IS NOT NULL THEN 2 ELSE 1 END)"
+            )
+            written = (
+                f"({m}[1] || '-' || COALESCE({m}[2], '01') || '-' || COALESCE({m}[3], '01')"
+                f" || 'T' || COALESCE({m}[4], '00') || ':' || COALESCE({m}[5], '00'))"
+            )
+            offset = (
+                f"(CASE WHEN {m}[7] = 'Z' THEN 0 ELSE (substr({m}[7], 1, 1) || '1')::int"
+                f" * (substr({m}[7], 2, 2)::int * 60 + substr({m}[7], 5, 2)::int) END)"
+            )
+            moved = (
+                f"(make_timestamp({m}[1]::int, {m}[2]::int, {m}[3]::int, {m}[4]::int,"
+                f" COALESCE({m}[5], '00')::int, 0) - make_interval(mins => {offset}))"
+            )
+            in_utc = (
+                f"(CASE WHEN {m}[5] IS NULL AND {offset} % 60 <> 0 THEN NULL"
+                f" WHEN {moved} < '0001-01-01' OR {moved} >= '10000-01-01' THEN NULL"
+                f" ELSE to_char({moved}, 'YYYY-MM-DD\"T\"HH24:MI') END)"
+            )
+            both_zoned = "a[7] IS NOT NULL AND b[7] IS NOT NULL"
+            key = f"(CASE WHEN {both_zoned} THEN {in_utc} ELSE {written} END)"
+            return precision, key, f"({m}[6])::numeric"
+
+        pa, ka, sa = reading("a")
+        pb, kb, sb = reading("b")
+        # A day past the month's end is no date; one offset only, above the hour: unknown.
+        zone_check = (
+            "(a[3] IS NULL OR a[3]::int <= extract(day from make_date(a[1]::int, a[2]::int, 1)"
+            " + interval '1 month - 1 day'))"
+            " AND (b[3] IS NULL OR b[3]::int <= extract(day from make_date(b[1]::int,"
+            " b[2]::int, 1) + interval '1 month - 1 day'))"
+            " AND ((a[7] IS NULL) = (b[7] IS NULL) OR a[4] IS NULL OR b[4] IS NULL)"
+        )
+    return (
+        "(SELECT CASE WHEN NOT (" + zone_check + ") THEN NULL"
+        " WHEN left(k.ka, w.n) <> left(k.kb, w.n)"
+        ' THEN (CASE WHEN left(k.ka, w.n) COLLATE "C" < left(k.kb, w.n) THEN -1 ELSE 1 END)'
+        f" WHEN k.m = {last} AND k.sa <> k.sb THEN (CASE WHEN k.sa < k.sb THEN -1 ELSE 1 END)"
+        " WHEN k.pa = k.pb THEN 0 END"
+        f" FROM (SELECT regexp_match({left}, {pattern}) AS a,"
+        f" regexp_match({right}, {pattern}) AS b) AS r"
+        f" CROSS JOIN LATERAL (SELECT {pa} AS pa, {pb} AS pb, least({pa}, {pb}) AS m,"
+        f" {ka} AS ka, {kb} AS kb, {sa} AS sa, {sb} AS sb"
+        " WHERE r.a IS NOT NULL AND r.b IS NOT NULL) AS k"
+        f" CROSS JOIN LATERAL (SELECT ({widths})[k.m] AS n) AS w"
+        " WHERE k.ka IS NOT NULL AND k.kb IS NOT NULL)"
+    )
+
+
+# --------------------------------------------------------------------------- boundaries
+
+
+def _decimal_boundary(value: Decimal, high: bool) -> Decimal:
+    half = half_unit(value) if value.as_tuple().exponent < 0 else Decimal("0.5")  # type: ignore[operator]
+    return EXACT.add(value, half) if high else EXACT.subtract(value, half)
+
+
+_BOUNDARY_DATE_RE = re.compile(
+    r"^(?P<year>\d{4})(?:-(?P<month>\d{2})(?:-(?P<day>\d{2}))?)?"
+    r"(?:T(?P<time>[0-9:.]*)(?P<tz>Z|[+-]\d{2}:\d{2})?)?$"
+)
+_BOUNDARY_TIME_RE = re.compile(
+    r"^(?P<h>\d{2})(?::(?P<m>\d{2})(?::(?P<s>\d{2})(?:\.(?P<f>\d+))?)?)?$"
+)
+_SQL_BOUNDARY_DATE = r"^(\d{4})(?:-(\d{2})(?:-(\d{2}))?)?(?:T([0-9:.]*)(Z|[+-]\d{2}:\d{2})?)?$"
+_SQL_BOUNDARY_TIME = r"^(\d{2})(?::(\d{2})(?::(\d{2})(?:\.(\d+))?)?)?$"
+BoundaryKind = Literal["decimal", "date", "dateTime", "time"]
+
+
+def _time_boundary(text: str, high: bool) -> str | None:
+    match = _BOUNDARY_TIME_RE.match(text)
+    if not match:
+        return None
+    fill = "59" if high else "00"
+    frac = (match["f"] or "")[:3].ljust(3, "9" if high else "0")
+    return f"{match['h']}:{match['m'] or fill}:{match['s'] or fill}.{frac}"
+
+
+def _date_boundary(text: str, high: bool, with_time: bool) -> str | None:
+    match = _BOUNDARY_DATE_RE.match(text)
+    if not match:
+        return None
+    year = int(match["year"])
+    month = int(match["month"] or (12 if high else 1))
+    if not 1 <= month <= 12:
+        return None
+    day = int(match["day"] or (calendar.monthrange(year, month)[1] if high else 1))
+    date = f"{year:04d}-{month:02d}-{day:02d}"
+    if not with_time:
+        return date
+    time = _time_boundary(match["time"] or ("23" if high else "00"), high)
+    if time is None:
+        return None
+    # Without a zone the instant could be in any zone: the extremes are +14:00 / -12:00.
+    tz = match["tz"] or ("-12:00" if high else "+14:00")
+    return f"{date}T{time}{tz}"
+
+
+def boundary(value: Any, kind: str | None, high: bool) -> Any:
+    """lowBoundary()/highBoundary() of one value (`kind`: its static FHIR type, or None to
+    decide from the value: a number, a time `hh:mm...`, else a dateTime). None if it has none."""
+    kind = {"integer": "decimal", "instant": "dateTime"}.get(kind or "", kind)
+    number = isinstance(value, int | Decimal) and not isinstance(value, bool)
+    if kind == "decimal" or (kind not in ("date", "dateTime", "time") and number):
+        return _decimal_boundary(Decimal(value), high) if number else None
+    if not isinstance(value, str):
+        return None
+    if kind == "time" or (kind not in ("date", "dateTime") and _BOUNDARY_TIME_RE.match(value)):
+        return _time_boundary(value, high)
+    if kind == "date":
+        return _date_boundary(value, high, with_time=False)
+    return _date_boundary(value, high, with_time=True)
+
+
+def _lit(value: str) -> str:
+    return sql.Literal(value).as_string(None)
+
+
+def _time_boundary_sql(text: str, high: bool) -> str:
+    fill, digit = ("59", "9") if high else ("00", "0")
+    t = f"regexp_match({text}, {_lit(_SQL_BOUNDARY_TIME)})"
+    return (
+        f"(SELECT m[1] || ':' || COALESCE(m[2], '{fill}') || ':' || COALESCE(m[3], '{fill}')"
+        f" || '.' || rpad(left(COALESCE(m[4], ''), 3), 3, '{digit}') FROM (SELECT {t} AS m) AS t)"
+    )
+
+
+def _date_boundary_sql(text: str, high: bool, with_time: bool) -> str:
+    month = "COALESCE(m[2], '12')" if high else "COALESCE(m[2], '01')"
+    last_day = (
+        f"to_char(make_date(m[1]::integer, {month}::integer, 1)"
+        " + interval '1 month' - interval '1 day', 'DD')"
+    )
+    day = f"COALESCE(m[3], {last_day})" if high else "COALESCE(m[3], '01')"
+    date = f"m[1] || '-' || {month} || '-' || {day}"
+    if with_time:
+        clock = _time_boundary_sql(f"COALESCE(NULLIF(m[4], ''), '{'23' if high else '00'}')", high)
+        zone = f"COALESCE(m[5], '{'-12:00' if high else '+14:00'}')"
+        date = f"{date} || 'T' || {clock} || {zone}"
+    return (
+        f"(SELECT CASE WHEN {month}::integer BETWEEN 1 AND 12 THEN {date} END"
+        f" FROM (SELECT regexp_match({text}, {_lit(_SQL_BOUNDARY_DATE)}) AS m) AS d)"
+    )
+
+
+def boundary_sql(element: str, kind: str | None, high: bool) -> str:
+    """SQL (jsonb or NULL) giving `boundary` of one jsonb element."""
+    text = f"({element} #>> '{{}}')"
+    number = f"({element})::numeric"
+    # Exactly half a unit of the last digit, at one more digit (1.0 -> 0.95, 7 -> 6.5).
+    decimal = (
+        f"to_jsonb(round({number} {'+' if high else '-'} 0.5 * power(10::numeric,"
+        f" -scale({number})), scale({number}) + 1))"
+    )
+    options = {
+        "decimal": decimal,
+        "date": f"to_jsonb({_date_boundary_sql(text, high, with_time=False)})",
+        "dateTime": f"to_jsonb({_date_boundary_sql(text, high, with_time=True)})",
+        "time": f"to_jsonb({_time_boundary_sql(text, high)})",
+    }
+    kind = {"integer": "decimal", "instant": "dateTime"}.get(kind or "", kind)
+    by_value = {
+        "decimal": f"(CASE WHEN jsonb_typeof({element}) = 'number' THEN {decimal} END)",
+        "date": f"(CASE WHEN jsonb_typeof({element}) = 'string' THEN {options['date']} END)",
+        "dateTime": (
+            f"(CASE WHEN jsonb_typeof({element}) = 'string' THEN {options['dateTime']} END)"
+        ),
+        "time": f"(CASE WHEN jsonb_typeof({element}) = 'string' THEN {options['time']} END)",
+    }
+    if kind in by_value:
+        return by_value[kind]
+    return (
+        f"(CASE WHEN jsonb_typeof({element}) = 'number' THEN {decimal}"
+        f" WHEN jsonb_typeof({element}) <> 'string' THEN NULL"
+        f" WHEN {text} ~ {_lit(_SQL_BOUNDARY_TIME)} THEN {options['time']}"
+        f" ELSE {options['dateTime']} END)"
+    )
+
+
+# --------------------------------------------------------------------------- case mapping
+
+CaseKind = Literal["fold", "lower", "upper"]
+_MAPPERS: dict[str, Callable[[str], str]] = {
+    "fold": str.casefold,
+    "lower": str.lower,
+    "upper": str.upper,
+}
+
+
+@lru_cache(maxsize=3)
+def _table(kind: CaseKind) -> Mapping[int, str]:
+    """Code point -> its mapping, for every code point the mapping changes."""
+    mapper = _MAPPERS[kind]
+    table: dict[int, str] = {}
+    for cp in range(1, 0x110000):
+        if 0xD800 <= cp <= 0xDFFF:
+            continue
+        char = chr(cp)
+        mapped = mapper(char)
+        if mapped != char:
+            table[cp] = mapped
+    return table
+
+
+def case_map(text: str, kind: CaseKind) -> str:
+    """`text` with each code point mapped on its own (no context rules, so a final sigma is
+    folded like any other): the same string `case_map_sql` gives in PostgreSQL."""
+    return text.translate(_table(kind))
+
+
+def fold(text: str) -> str:
+    """Unicode default case folding (full, per code point): "ΔΙΑΒΗΤΗΣ" and "διαβητης" fold
+    to the same string, "Straße" to "strasse". What condition-text compares, in both layers."""
+    return text.translate(_table("fold"))
+
+
+@lru_cache(maxsize=3)
+def _sql_parts(kind: CaseKind) -> tuple[str, str, str, str, tuple[tuple[str, str], ...]]:
+    table = _table(kind)
+    single = {cp: m for cp, m in table.items() if len(m) == 1}
+    ascii_from = "".join(chr(cp) for cp in sorted(single) if cp < 128)
+    ascii_to = "".join(single[cp] for cp in sorted(single) if cp < 128)
+    all_from = "".join(chr(cp) for cp in sorted(single))
+    all_to = "".join(single[cp] for cp in sorted(single))
+    multi = tuple((chr(cp), m) for cp, m in sorted(table.items()) if len(m) > 1)
+    return ascii_from, ascii_to, all_from, all_to, multi
+
+
+def case_map_sql(text_sql: str, kind: CaseKind) -> str:
+    """SQL text giving `case_map(text, kind)` of a SQL text expression (NULL stays NULL).
+
+    translate() maps the code points that map to one code point, replace() the ~100 that map
+    to several; ASCII text (most of it) takes a 26-letter translate only.
+    """
+    ascii_from, ascii_to, all_from, all_to, multi = _sql_parts(kind)
+    full = f"translate(s.t, {_lit(all_from)}, {_lit(all_to)})"
+    for source, target in multi:
+        full = f"replace({full}, {_lit(source)}, {_lit(target)})"
+    return (
+        f"(SELECT CASE WHEN octet_length(s.t) = length(s.t)"
+        f" THEN translate(s.t, {_lit(ascii_from)}, {_lit(ascii_to)}) ELSE {full} END"
+        f" FROM (SELECT ({text_sql})::text AS t) AS s)"
+    )
