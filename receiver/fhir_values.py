@@ -31,7 +31,9 @@ from functools import lru_cache
 from typing import Any, Literal
 
 import orjson
+import psycopg
 from psycopg import sql
+from psycopg.types.json import set_json_loads
 
 __all__ = [
     "EXACT",
@@ -43,6 +45,7 @@ __all__ = [
     "compare_temporal",
     "decimal_text",
     "dumps",
+    "exact_json",
     "fold",
     "implied_range",
     "is_temporal_type",
@@ -87,6 +90,8 @@ def loads(data: bytes | bytearray | memoryview | str) -> Any:
         raise
     except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
         raise JsonError(str(exc)) from None
+    except RecursionError:
+        raise JsonError("JSON nested too deeply") from None
     if ("\\ud" in text or "\\uD" in text) and _has_lone_surrogate(value):
         raise JsonError("a string holds a lone UTF-16 surrogate escape")
     return value
@@ -120,6 +125,8 @@ def decimal_text(value: Decimal) -> str:
 def _default(value: Any) -> Any:
     if isinstance(value, Decimal):
         return orjson.Fragment(decimal_text(value))
+    if isinstance(value, tuple):  # a NamedTuple, which orjson does not take
+        return list(value)
     raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
@@ -143,6 +150,11 @@ def dumps(value: Any, option: int | None = None) -> bytes:
         if "64-bit" not in str(exc):
             raise
         return orjson.dumps(_big_ints(value), default=_default, option=option)
+
+
+def exact_json(conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any]) -> None:
+    """Make `conn` read json/jsonb with exact numbers (psycopg's default gives doubles)."""
+    set_json_loads(loads, conn)
 
 
 def parse_number(text: str) -> Decimal | None:

@@ -7,11 +7,11 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
-import orjson
 from fhir.resources.R4B import get_fhir_model_class
 from pydantic import ValidationError
 
 from receiver.errors import InvalidRequest, InvalidResource, Issue
+from receiver.fhir_values import JsonError, dumps, loads
 
 # FHIR R4 id datatype.
 ID_PATTERN = re.compile(r"[A-Za-z0-9\-\.]{1,64}")
@@ -93,10 +93,11 @@ def check_id(resource_id: str) -> None:
 
 
 def parse_json(body: bytes) -> Any:
-    """Parse a request body as JSON, or raise InvalidRequest (400)."""
+    """Parse a request body as JSON with exact numbers (a FHIR decimal is a Decimal, never
+    a double), or raise InvalidRequest (400)."""
     try:
-        return orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
+        return loads(body)
+    except JsonError as exc:
         raise InvalidRequest(
             f"the body is not valid JSON: {exc}", [Issue("structure", f"malformed JSON: {exc}")]
         ) from None
@@ -225,8 +226,8 @@ def validate_resource(
     raw: bytes | None = body if isinstance(body, bytes) else None
     if raw is None:
         try:
-            raw = orjson.dumps(data)
-        except orjson.JSONEncodeError:  # orjson refuses more than 255 levels
+            raw = dumps(data)
+        except TypeError:  # orjson refuses more than 255 levels
             raw = None
     # Each level opens a bracket: with fewer brackets than the limit no walk is needed.
     if raw is None or (

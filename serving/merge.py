@@ -14,7 +14,6 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from decimal import Decimal
 from typing import Any
 
 import orjson
@@ -22,6 +21,7 @@ import psycopg
 from psycopg import sql
 
 from receiver.errors import InvalidRequest, Issue, SpeedLayerUnavailable
+from receiver.fhir_values import dumps
 from receiver.store import SpeedStore
 from serving.cohort import (
     PD,
@@ -329,8 +329,7 @@ def now_iso() -> str:
 
 
 def jsonable(value: Any) -> Any:
-    if isinstance(value, Decimal):
-        return int(value) if value == value.to_integral_value() else float(value)
+    # Decimals stay Decimal (receiver.fhir_values.dumps writes them exactly).
     return value
 
 
@@ -388,7 +387,7 @@ async def view_rows(
         union = batch + sql.SQL(
             " UNION ALL SELECT {} FROM jsonb_to_recordset(%s::jsonb) AS t({})"
         ).format(cols, record)
-        params.append(orjson.dumps(speed_rows).decode())
+        params.append(dumps(speed_rows).decode())
     where = [sql.SQL("{} = %s::" + type_of[c]).format(sql.Identifier(c)) for c, _ in filters]
     params.extend(v for _, v in filters)
     order = 'u.id COLLATE "C", u::text' if "id" in type_of else "u::text"

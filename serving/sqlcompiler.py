@@ -24,7 +24,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 from psycopg.rows import dict_row
-from psycopg.types.json import Jsonb, set_json_loads
+from psycopg.types.json import Jsonb
 
 from receiver.errors import BatchLayerUnavailable, InvalidViewDefinition
 from receiver.fhir_values import (
@@ -32,8 +32,8 @@ from receiver.fhir_values import (
     case_map_sql,
     decimal_text,
     dumps,
+    exact_json,
     is_temporal_type,
-    loads,
     temporal_compare_sql,
 )
 from serving.conformance import register_engine
@@ -669,11 +669,6 @@ def column_sql_types(view: Mapping[str, Any] | ViewDefinition) -> list[tuple[str
 
 
 # --------------------------------------------------------------------------- engine
-
-
-def exact_json(conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any]) -> None:
-    """Read json/jsonb on `conn` with exact numbers (Decimal), never doubles."""
-    set_json_loads(loads, conn)
 
 
 def _evaluation_error(exc: psycopg.Error) -> str:
