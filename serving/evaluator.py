@@ -149,10 +149,12 @@ def _text(items: list[Any]) -> str | None:
 
 
 def _boolean(items: list[Any]) -> bool | None:
-    """A collection as a condition: empty is unknown, a first item `false` is false, any
-    other first item true (FHIRPath's singleton evaluation of collections)."""
+    """A collection as a condition (FHIRPath's singleton evaluation of collections): empty
+    is unknown, one item `false` is false, any other single item true, several an error."""
     if not items:
         return None
+    if len(items) > 1:
+        raise ViewEvaluationError(f"a condition got {len(items)} values, not one")
     return items[0] is not False
 
 
@@ -723,6 +725,24 @@ def _equivalent_scalar(a: Any, b: Any, temporal: bool | None) -> bool:
     return _equal(a, b)
 
 
+def _equal_collections(a: list[Any], b: list[Any], temporal: bool | None) -> bool | None:
+    """FHIRPath `=` of two non-empty collections: item by item, in order; dates by the date
+    rules (a pair that cannot be told makes the answer unknown unless another pair differs)."""
+    if len(a) != len(b):
+        return False
+    unknown = False
+    for x, y in zip(a, b, strict=True):
+        if temporal is not None and isinstance(x, str) and isinstance(y, str):
+            order = compare_temporal(x, y, temporal)
+            if order is None:
+                unknown = True
+            elif order != 0:
+                return False
+        elif not _equal(x, y):
+            return False
+    return None if unknown else True
+
+
 def _comparison(op: str, left: Fn, right: Fn, temporal: bool | None) -> Fn:
     """=, !=, ~, !~, <, >, <=, >=. `temporal`: None, or whether the dates are times."""
 
@@ -741,18 +761,16 @@ def _comparison(op: str, left: Fn, right: Fn, temporal: bool | None) -> Fn:
             return [result if op == "~" else not result]
         if not a or not b:
             return []
-        x, y = a[0], b[0]
         if op in ("=", "!="):
-            if temporal is not None:
-                if not (isinstance(x, str) and isinstance(y, str)):
-                    return []
-                order = compare_temporal(x, y, temporal)
-                result = None if order is None else order == 0
-            else:
-                result = len(a) == len(b) and all(_equal(p, q) for p, q in zip(a, b, strict=True))
+            result = _equal_collections(a, b, temporal)
             if result is None:
                 return []
             return [result if op == "=" else not result]
+        if len(a) > 1 or len(b) > 1:
+            raise ViewEvaluationError(
+                f"operator {op} needs one value on each side, got {len(a)} and {len(b)}"
+            )
+        x, y = a[0], b[0]
         order_: int | None = None
         if temporal is not None:
             if isinstance(x, str) and isinstance(y, str):

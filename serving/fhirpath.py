@@ -45,6 +45,7 @@ _MODEL: dict[str, Any] = fhir_models["r4"]
 _PATH_TO_TYPE: dict[str, str] = _MODEL["path2Type"]
 _DEFINED_ELSEWHERE: dict[str, str] = _MODEL["pathsDefinedElsewhere"]
 _CHOICE_PATHS: dict[str, list[str]] = _MODEL["choiceTypePaths"]
+_TYPE_PARENT: dict[str, str] = _MODEL["type2Parent"]
 
 # FHIR's primitive types: their elements may carry an `_element` with id and extensions.
 PRIMITIVE_TYPES = frozenset(
@@ -363,11 +364,53 @@ def model_type(fpath: str | None) -> str | None:
     return _PATH_TO_TYPE.get(fpath)
 
 
+def _prefixes() -> frozenset[str]:
+    out: set[str] = set()
+    for path in [*_PATH_TO_TYPE, *_CHOICE_PATHS]:
+        parts = path.split(".")
+        out.update(".".join(parts[:n]) for n in range(2, len(parts)))
+    return frozenset(out)
+
+
+_BACKBONE_PATHS = _prefixes()  # elements with children of their own (backbone elements)
+
+
+def _known(path: str) -> str | None:
+    if path in _DEFINED_ELSEWHERE:
+        return _DEFINED_ELSEWHERE[path]
+    known = path in _PATH_TO_TYPE or path in _CHOICE_PATHS or path in _BACKBONE_PATHS
+    return path if known else None
+
+
 def _child(fpath: str | None, name: str) -> str | None:
+    """The element path of `name` under `fpath`: "Patient.name" + "given" is
+    "HumanName.given" (a complex type's elements are defined on the type, and on its parent
+    types: Age.value is Quantity.value, any element's extension is Element.extension);
+    a backbone element's children keep the path ("QuestionnaireResponse.item.linkId")."""
     if fpath is None or name.startswith("_"):
         return None
-    path = f"{fpath}.{name}"
-    return _DEFINED_ELSEWHERE.get(path, path)
+    owner = model_type(fpath)
+    if owner is None or not owner[:1].isupper():
+        owners: list[str] = []
+        found = _known(f"{fpath}.{name}")
+        if found is not None:
+            return found
+        owners = ["BackboneElement"]
+    else:
+        owners = [owner]
+    seen: set[str] = set()
+    while owners:
+        current = owners.pop()
+        if current in seen:
+            continue
+        seen.add(current)
+        found = _known(f"{current}.{name}")
+        if found is not None:
+            return found
+        parent = _TYPE_PARENT.get(current)
+        if parent:
+            owners.append(parent)
+    return f"{fpath}.{name}"
 
 
 def _suffix(type_name: str) -> str:

@@ -389,6 +389,15 @@ def _select(raw: Any, where: str) -> Select:
                     f"{where}.unionAll[{i}] has columns {names}, but unionAll[0] has {first}:"
                     " every branch must have the same columns in the same order"
                 )
+            # One table column per name: its type must be the same in every branch.
+            for a, b in zip(union_all[0].columns(), branch.columns(), strict=True):
+                kind_a, kind_b = sql_type(a.type, a.collection), sql_type(b.type, b.collection)
+                if kind_a != kind_b:
+                    raise InvalidViewDefinition(
+                        f"{where}.unionAll[{i}] column {a.name!r} is {kind_b}"
+                        f" ({b.type or 'no type'}{', collection' if b.collection else ''}),"
+                        f" but in unionAll[0] it is {kind_a}: every branch must agree"
+                    )
     return Select(
         column=tuple(
             _column(c, f"{where}.column[{i}]") for i, c in enumerate(_list(data, "column", where))
