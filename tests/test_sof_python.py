@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from receiver.errors import InvalidViewDefinition
+from receiver.errors import BatchLayerUnavailable, InvalidViewDefinition
 from serving.conformance import (
     ENGINES,
     SuiteCase,
@@ -82,6 +82,28 @@ def test_register_engine_and_failures_are_reported() -> None:
     assert 0 < report.passed < report.total
     failed = report.to_official_json()["basic.json"]["tests"][0]["result"]
     assert failed["passed"] is False and "rows" in failed["reason"]
+
+
+def test_expected_errors_are_only_invalid_view_definitions() -> None:
+    # An expectError test passes when the engine refuses the view, not when it crashes or
+    # cannot reach its database: those are failures of the engine, whatever the test expects.
+    case = next(c for f in SUITE for c in f.cases if c.expect_error)
+
+    def raising(exc: Exception) -> Any:
+        def engine(view: dict[str, Any], resources: list[dict[str, Any]]) -> list[dict[str, Any]]:
+            raise exc
+
+        return engine
+
+    crashed = run_case(case, [], raising(RuntimeError("boom")))
+    assert not crashed.passed and crashed.reason == "RuntimeError: boom"
+    assert not run_case(case, [], raising(BatchLayerUnavailable("PostgreSQL is down"))).passed
+    assert not run_case(case, [], raising(KeyError("x"))).passed
+    assert run_case(case, [], raising(InvalidViewDefinition("refused"))).passed
+    assert run_case(case, [], raising(ViewEvaluationError("failed on a resource"))).passed
+    ok = next(c for f in SUITE for c in f.cases if not c.expect_error)
+    refused = run_case(ok, [], raising(InvalidViewDefinition("refused")))
+    assert not refused.passed and "refused" in (refused.reason or "")
 
 
 def test_compare_rows_ignores_order_but_not_values() -> None:
