@@ -490,6 +490,7 @@ async def test_paging_interleaves_speed_only_and_batch_ids(
                     assert len(body["patient_ids"]) <= size
                     seen.extend(body["patient_ids"])
                     pages += 1
+                    assert pages <= len(members), "the pages do not end"
                     url = body["next"]
                     if url is None:
                         break
