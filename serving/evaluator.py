@@ -5,14 +5,15 @@ compiles) and turned once into nested Python closures over plain JSON values (di
 int, Decimal, bool). Each operation does what its SQL counterpart in `serving.sqlcompiler`
 does, rule for rule (collections, empty propagation, the date/time and decimal rules of
 `receiver.fhir_values`, PostgreSQL's casts for typed columns), so both engines give the same
-rows by construction; `tests/test_exact.py` checks both against an independent oracle.
+rows by construction (`serving.sqlvalues` holds what PostgreSQL does to values);
+`tests/test_exact_views.py` checks both engines against an independent oracle.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterable, Mapping
-from decimal import ROUND_DOWN, ROUND_HALF_UP, Decimal
+from decimal import ROUND_DOWN, Decimal
 from typing import Any
 
 from receiver.errors import InvalidViewDefinition
@@ -21,11 +22,26 @@ from receiver.fhir_values import (
     boundary,
     case_map,
     compare_temporal,
-    decimal_text,
     fold,
     is_temporal_type,
 )
 from serving.fhirpath import REFERENCE_KEY_PATTERN, Expr, Scope, Typer, json_type_of
+from serving.sqlvalues import (
+    ViewEvaluationError,
+    canonical,
+    cast,
+    distinct,
+    is_number,
+    json_equal,
+    json_type_matches,
+    jsonb_key,
+    jsonb_text,
+    pg_divide,
+    pg_integer,
+    round_half_away,
+    scale,
+    text_of,
+)
 from serving.viewdef import Column, Select, ViewDefinition, sql_type
 
 __all__ = [
@@ -37,11 +53,6 @@ __all__ = [
     "reference_key",
     "text_of",
 ]
-
-
-class ViewEvaluationError(InvalidViewDefinition):
-    """The view cannot be evaluated on a resource (a non-collection column got several
-    values, a where clause was not boolean, or a value had the wrong type for an operation)."""
 
 
 # An evaluation context: the resource and the %rowIndex of the current iteration.
@@ -80,70 +91,6 @@ def reference_key(reference: Any, type_name: str | None = None) -> str | None:
 # --------------------------------------------------------------------------- values
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | Decimal) and not isinstance(value, bool)
-
-
-def _jsonb_key(key: str) -> tuple[int, bytes]:
-    raw = key.encode()
-    return len(raw), raw  # jsonb keeps object keys shortest first, then bytewise
-
-
-def _json_string(text: str) -> str:
-    out = ['"']
-    for char in text:
-        if char == '"':
-            out.append('\\"')
-        elif char == "\\":
-            out.append("\\\\")
-        elif char == "\b":
-            out.append("\\b")
-        elif char == "\f":
-            out.append("\\f")
-        elif char == "\n":
-            out.append("\\n")
-        elif char == "\r":
-            out.append("\\r")
-        elif char == "\t":
-            out.append("\\t")
-        elif char < " ":
-            out.append(f"\\u{ord(char):04x}")
-        else:
-            out.append(char)
-    out.append('"')
-    return "".join(out)
-
-
-def _jsonb_text(value: Any) -> str:
-    """A JSON value as PostgreSQL prints jsonb (what `#>> '{}'` gives for an object)."""
-    if value is None:
-        return "null"
-    if value is True:
-        return "true"
-    if value is False:
-        return "false"
-    if isinstance(value, str):
-        return _json_string(value)
-    if isinstance(value, Decimal):
-        return decimal_text(value)
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, list):
-        return "[" + ", ".join(_jsonb_text(v) for v in value) + "]"
-    items = sorted(value.items(), key=lambda kv: _jsonb_key(kv[0]))
-    return "{" + ", ".join(f"{_json_string(k)}: {_jsonb_text(v)}" for k, v in items) + "}"
-
-
-def text_of(value: Any) -> str | None:
-    """A JSON value as SQL text (`jsonb #>> '{}'`): strings as they are, numbers as written
-    by PostgreSQL, booleans true/false, objects as jsonb prints them."""
-    if value is None:
-        return None
-    if isinstance(value, str):
-        return value
-    return _jsonb_text(value)
-
-
 def _text(items: list[Any]) -> str | None:
     return text_of(items[0]) if items else None
 
@@ -162,153 +109,9 @@ def _number(items: list[Any], what: str) -> Decimal | int | None:
     if not items:
         return None
     value = items[0]
-    if not _is_number(value):
-        raise ViewEvaluationError(f"{what} needs a number, got {_jsonb_text(value)[:60]}")
+    if not is_number(value):
+        raise ViewEvaluationError(f"{what} needs a number, got {jsonb_text(value)[:60]}")
     return value  # type: ignore[no-any-return]
-
-
-def _equal(a: Any, b: Any) -> bool:
-    """jsonb equality: numbers by value, booleans only with booleans, objects deeply."""
-    if isinstance(a, bool) or isinstance(b, bool):
-        return a is b
-    if _is_number(a) and _is_number(b):
-        return bool(a == b)
-    if isinstance(a, dict) and isinstance(b, dict):
-        return a.keys() == b.keys() and all(_equal(a[k], b[k]) for k in a)
-    if isinstance(a, list) and isinstance(b, list):
-        return len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b, strict=True))
-    if type(a) is not type(b) and not (_is_number(a) and _is_number(b)):
-        return False
-    return bool(a == b)
-
-
-def _canonical(value: Any) -> Any:
-    """A hashable form where jsonb-equal values are equal (1 and 1.0 alike, true not 1)."""
-    if isinstance(value, bool):
-        return ("b", value)
-    if _is_number(value):
-        number = Decimal(value)
-        return ("n", number.normalize() if not number.is_zero() else Decimal(0))
-    if isinstance(value, str):
-        return ("s", value)
-    if isinstance(value, list):
-        return ("l", tuple(_canonical(v) for v in value))
-    if isinstance(value, dict):
-        return ("o", tuple(sorted((k, _canonical(v)) for k, v in value.items())))
-    return ("z", repr(value))
-
-
-def _distinct(items: list[Any]) -> list[Any]:
-    seen: set[Any] = set()
-    out = []
-    for item in items:
-        key = _canonical(item)
-        if key not in seen:
-            seen.add(key)
-            out.append(item)
-    return out
-
-
-def _json_type_matches(value: Any, wanted: str, type_name: str) -> bool:
-    if wanted == "boolean":
-        return isinstance(value, bool)
-    if wanted == "number":
-        return _is_number(value)
-    if wanted == "string":
-        return isinstance(value, str)
-    return isinstance(value, dict) and value.get("resourceType") == type_name
-
-
-def _scale(value: Decimal | int) -> int:
-    if isinstance(value, int):
-        return 0
-    exponent = value.as_tuple().exponent
-    assert isinstance(exponent, int)
-    return max(0, -exponent)
-
-
-def _round_half_away(value: Decimal, places: int) -> Decimal:
-    return value.quantize(Decimal(1).scaleb(-places), rounding=ROUND_HALF_UP, context=EXACT)
-
-
-def _nbase_weight(value: Decimal) -> tuple[int, int]:
-    """(weight, first digit) of a nonzero number in PostgreSQL's base-10000 digits."""
-    value = abs(value)
-    weight = value.adjusted() // 4
-    return weight, int(value.scaleb(-4 * weight, context=EXACT)) % 10000
-
-
-def pg_divide(a: Decimal | int, b: Decimal | int) -> Decimal:
-    """a / b as PostgreSQL's numeric division gives it (numeric.c, select_div_scale: at least
-    16 significant digits, at least both inputs' scales, rounded half away from zero)."""
-    da, db = Decimal(a), Decimal(b)
-    if da.is_zero():
-        qweight = 0
-    else:
-        w1, f1 = _nbase_weight(da)
-        w2, f2 = _nbase_weight(db)
-        qweight = w1 - w2 - (1 if f1 <= f2 else 0)
-    rscale = max(16 - qweight * 4, _scale(da), _scale(db), 0)
-    rscale = min(rscale, 1000)
-    # Exact integer arithmetic: quotient * 10^rscale, rounded half away from zero.
-    sa, ia = _as_integer(da)
-    sb, ib = _as_integer(db)
-    shift = rscale + sb - sa
-    numerator, denominator = ia, ib
-    if shift >= 0:
-        numerator *= 10**shift
-    else:
-        denominator *= 10 ** (-shift)
-    negative = (numerator < 0) != (denominator < 0)
-    q, r = divmod(abs(numerator), abs(denominator))
-    if 2 * r >= abs(denominator):
-        q += 1
-    return Decimal(-q if negative else q).scaleb(-rscale, context=EXACT)
-
-
-def _as_integer(value: Decimal) -> tuple[int, int]:
-    """(scale, integer) with value = integer / 10^scale."""
-    sign, digits, exponent = value.as_tuple()
-    assert isinstance(exponent, int)
-    number = int("".join(map(str, digits)) or "0")
-    if sign:
-        number = -number
-    if exponent >= 0:
-        return 0, number * 10**exponent
-    return -exponent, number
-
-
-def _pg_integer(value: Decimal | int, bits: int, what: str) -> int:
-    number = int(_round_half_away(Decimal(value), 0))
-    if not -(2 ** (bits - 1)) <= number < 2 ** (bits - 1):
-        raise ViewEvaluationError(f"{what}: {number} is out of range for a {bits}-bit integer")
-    return number
-
-
-_BIGINT_RE = re.compile(r"\s*[+-]?[0-9]+\s*")
-
-
-def _cast(value: Any, target: str, column: str) -> Any:
-    """A column's value cast to its SQL type as PostgreSQL casts jsonb/text (errors alike)."""
-    if value is None or target == "jsonb":
-        return value
-    if target == "text":
-        return text_of(value)
-    what = f"column {column!r}"
-    if target == "boolean":
-        if isinstance(value, bool):
-            return value
-        raise ViewEvaluationError(f"{what} is boolean but got {_jsonb_text(value)[:60]}")
-    if target == "bigint":
-        text = text_of(value) or ""
-        if not _BIGINT_RE.fullmatch(text):
-            raise ViewEvaluationError(f"{what}: {text[:60]!r} is not an integer")
-        return _pg_integer(int(text), 64, what)
-    if not _is_number(value):
-        raise ViewEvaluationError(f"{what} is {target} but got {_jsonb_text(value)[:60]}")
-    if target == "integer":
-        return _pg_integer(value, 32, what)
-    return Decimal(value)  # numeric
 
 
 # --------------------------------------------------------------------------- compiling
@@ -428,7 +231,7 @@ class _Compiler:
     def choice(self, expr: Expr) -> Fn:
         base_expr, name, suffixes = expr.args
         base = self.compile(base_expr)
-        keys = sorted((name + s for s in suffixes), key=_jsonb_key)
+        keys = sorted((name + s for s in suffixes), key=jsonb_key)
 
         def run(focus: list[Any], env: _Env) -> list[Any]:
             out: list[Any] = []
@@ -454,7 +257,7 @@ class _Compiler:
 
         def run(focus: list[Any], env: _Env) -> list[Any]:
             items = base(focus, env)
-            plain = [v for v in _step(items, name) if _json_type_matches(v, wanted, type_name)]
+            plain = [v for v in _step(items, name) if json_type_matches(v, wanted, type_name)]
             return _step(items, typed_key) + plain
 
         return run
@@ -475,7 +278,7 @@ class _Compiler:
             number = _number(index(focus, env), "an index")
             if number is None:
                 return []
-            n = _pg_integer(number, 32, "an index")
+            n = pg_integer(number, 32, "an index")
             items = base(focus, env)
             return [items[n]] if -len(items) <= n < len(items) else []
 
@@ -505,7 +308,7 @@ class _Compiler:
             wanted = json_type_of(type_name)
 
             def of_type(focus: list[Any], env: _Env) -> list[Any]:
-                return [v for v in base(focus, env) if _json_type_matches(v, wanted, type_name)]
+                return [v for v in base(focus, env) if json_type_matches(v, wanted, type_name)]
 
             return of_type
         if name == "extension":
@@ -579,7 +382,7 @@ class _Compiler:
 
             return has_value
         if name == "distinct":
-            return lambda focus, env: _distinct(base(focus, env))
+            return lambda focus, env: distinct(base(focus, env))
         if name == "join":
             separator = args[0] if args else None
 
@@ -662,7 +465,7 @@ class _Compiler:
                     temporal = side.ftype == "time"
             return _comparison(op, left, right, temporal)
         if op == "|":
-            return lambda focus, env: _distinct(left(focus, env) + right(focus, env))
+            return lambda focus, env: distinct(left(focus, env) + right(focus, env))
         if op in ("in", "contains"):
             item, coll = (left, right) if op == "in" else (right, left)
 
@@ -670,7 +473,7 @@ class _Compiler:
                 wanted = item(focus, env)
                 if not wanted:
                     return []
-                return [any(_equal(v, wanted[0]) for v in coll(focus, env))]
+                return [any(json_equal(v, wanted[0]) for v in coll(focus, env))]
 
             return membership
         if op == "&":
@@ -719,10 +522,10 @@ def _equivalent_scalar(a: Any, b: Any, temporal: bool | None) -> bool:
         return compare_temporal(a, b, temporal) == 0
     if isinstance(a, str) and isinstance(b, str):
         return fold(a.translate(_WHITESPACE)) == fold(b.translate(_WHITESPACE))
-    if _is_number(a) and _is_number(b):
-        places = min(_scale(a), _scale(b))
-        return _round_half_away(Decimal(a), places) == _round_half_away(Decimal(b), places)
-    return _equal(a, b)
+    if is_number(a) and is_number(b):
+        places = min(scale(a), scale(b))
+        return round_half_away(Decimal(a), places) == round_half_away(Decimal(b), places)
+    return json_equal(a, b)
 
 
 def _equal_collections(a: list[Any], b: list[Any], temporal: bool | None) -> bool | None:
@@ -738,7 +541,7 @@ def _equal_collections(a: list[Any], b: list[Any], temporal: bool | None) -> boo
                 unknown = True
             elif order != 0:
                 return False
-        elif not _equal(x, y):
+        elif not json_equal(x, y):
             return False
     return None if unknown else True
 
@@ -755,8 +558,8 @@ def _comparison(op: str, left: Fn, right: Fn, temporal: bool | None) -> Fn:
             elif len(a) == 1 and len(b) == 1:
                 result = _equivalent_scalar(a[0], b[0], temporal)
             else:
-                result = sorted(map(repr, map(_canonical, a))) == sorted(
-                    map(repr, map(_canonical, b))
+                result = sorted(map(repr, map(canonical, a))) == sorted(
+                    map(repr, map(canonical, b))
                 )
             return [result if op == "~" else not result]
         if not a or not b:
@@ -775,7 +578,7 @@ def _comparison(op: str, left: Fn, right: Fn, temporal: bool | None) -> Fn:
         if temporal is not None:
             if isinstance(x, str) and isinstance(y, str):
                 order_ = compare_temporal(x, y, temporal)
-        elif _is_number(x) and _is_number(y):
+        elif is_number(x) and is_number(y):
             order_ = (x > y) - (x < y)
         elif isinstance(x, str) and isinstance(y, str):
             order_ = (x > y) - (x < y)
@@ -845,7 +648,7 @@ class _Column:
             self.convert = _as_text
         else:
             name = column.name
-            self.convert = lambda value: _cast(value, target, name)
+            self.convert = lambda value: cast(value, target, name)
         self.fn = fn
 
     def value(self, focus: list[Any], env: _Env) -> Any:
