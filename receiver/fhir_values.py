@@ -38,6 +38,7 @@ from psycopg.types.json import set_json_loads
 __all__ = [
     "EXACT",
     "JsonError",
+    "JsonTooDeep",
     "boundary",
     "boundary_sql",
     "case_map",
@@ -77,24 +78,57 @@ _LONE_SURROGATE = re.compile(
 )
 
 
+# Nesting the exact parser takes: the standard library's scanner recurses once per level,
+# against the interpreter's recursion limit (1,000 frames, the caller's included).
+MAX_NESTING = 256
+
+
+class JsonTooDeep(JsonError):
+    """Well-formed JSON nested deeper than MAX_NESTING levels (no FHIR resource is: the gate
+    refuses more than 100)."""
+
+
 def loads(data: bytes | bytearray | memoryview | str) -> Any:
     """Parse JSON keeping every number exact: integers as int, others as Decimal.
 
-    Raises JsonError (a ValueError) for malformed JSON, invalid UTF-8, NaN/Infinity and
-    escaped lone surrogates (which no UTF-8 output can hold).
+    Raises JsonError (a ValueError) for malformed JSON (as orjson sees it: deeper than 1,024
+    levels is malformed), invalid UTF-8, NaN/Infinity and escaped lone surrogates (which no
+    UTF-8 output can hold); JsonTooDeep for well-formed JSON deeper than MAX_NESTING.
     """
     try:
         text = data if isinstance(data, str) else bytes(data).decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise JsonError(str(exc)) from None
+    if text.count("[") + text.count("{") > MAX_NESTING:
+        _check_nesting(text)
+    try:
         value = _DECODER.decode(text)
     except JsonError:
         raise
-    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
+    except ValueError as exc:  # JSONDecodeError
         raise JsonError(str(exc)) from None
     except RecursionError:
-        raise JsonError("JSON nested too deeply") from None
+        raise JsonTooDeep(f"JSON nested deeper than {MAX_NESTING} levels") from None
     if ("\\ud" in text or "\\uD" in text) and _has_lone_surrogate(value):
         raise JsonError("a string holds a lone UTF-16 surrogate escape")
     return value
+
+
+def _check_nesting(text: str) -> None:
+    """JsonError / JsonTooDeep before the recursive parser meets deep nesting (so where the
+    line falls does not depend on how deep the caller's stack is)."""
+    try:
+        shape = orjson.loads(text)  # iterative enough for 1,024 levels; numbers ignored
+    except orjson.JSONDecodeError as exc:
+        raise JsonError(str(exc)) from None
+    level: list[tuple[Any, int]] = [(shape, 1)]
+    while level:
+        item, depth = level.pop()
+        if isinstance(item, dict | list):
+            if depth > MAX_NESTING:
+                raise JsonTooDeep(f"JSON nested deeper than {MAX_NESTING} levels")
+            children = item.values() if isinstance(item, dict) else item
+            level.extend((child, depth + 1) for child in children)
 
 
 def _has_lone_surrogate(value: Any) -> bool:

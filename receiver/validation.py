@@ -11,7 +11,7 @@ from fhir.resources.R4B import get_fhir_model_class
 from pydantic import ValidationError
 
 from receiver.errors import InvalidRequest, InvalidResource, Issue
-from receiver.fhir_values import JsonError, dumps, loads
+from receiver.fhir_values import JsonError, JsonTooDeep, dumps, loads
 
 # FHIR R4 id datatype.
 ID_PATTERN = re.compile(r"[A-Za-z0-9\-\.]{1,64}")
@@ -94,9 +94,14 @@ def check_id(resource_id: str) -> None:
 
 def parse_json(body: bytes) -> Any:
     """Parse a request body as JSON with exact numbers (a FHIR decimal is a Decimal, never
-    a double), or raise InvalidRequest (400)."""
+    a double), or raise InvalidRequest (400); InvalidResource (422) for well-formed JSON
+    nested too deeply for any resource."""
     try:
         return loads(body)
+    except JsonTooDeep as exc:
+        raise InvalidResource(
+            str(exc), [Issue("too-costly", f"JSON nested deeper than {MAX_DEPTH} levels")]
+        ) from None
     except JsonError as exc:
         raise InvalidRequest(
             f"the body is not valid JSON: {exc}", [Issue("structure", f"malformed JSON: {exc}")]

@@ -117,6 +117,7 @@ def _outcome(run: Any) -> list[dict[str, Any]] | str:
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 @given(the_view=view(), data=resources())
+@pytest.mark.timeout(600)
 def test_engines_and_oracle_give_the_same_rows(
     the_view: View, data: list[dict[str, Any]], module_pg_url: str
 ) -> None:
@@ -154,6 +155,7 @@ def test_engines_and_oracle_give_the_same_rows(
 # --------------------------------------------------------------------------- shared rules
 
 
+@pytest.mark.timeout(600)
 def test_case_folding_is_the_same_string_in_sql_for_every_code_point(module_pg_url: str) -> None:
     # Every code point PostgreSQL text can hold, in chunks: fold/lower/upper give exactly
     # the Python string (so a refresh never changes a condition-text answer).
