@@ -12,6 +12,8 @@ from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
+import orjson
+
 from receiver.errors import (
     DependencyUnavailable,
     FhirError,
@@ -19,6 +21,7 @@ from receiver.errors import (
     InvalidViewDefinition,
     ResearchFlowError,
 )
+from receiver.fhir_values import JsonError, dumps, loads
 from receiver.settings import Settings, SettingsError
 
 logger = logging.getLogger("researchflow")
@@ -83,7 +86,8 @@ async def _speed_get(settings: Settings, ref: str) -> dict[str, Any]:
         "state": entry.state,
         "version_id": entry.version_id,
         "last_updated": entry.last_updated,
-        "resource": json.loads(entry.body) if entry.body is not None else None,
+        # The bytes as received: a decimal prints as it was sent (6.50000000000000001).
+        "resource": orjson.Fragment(entry.body) if entry.body is not None else None,
     }
 
 
@@ -179,10 +183,9 @@ def cmd_receiver(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_speed(settings: Settings, args: argparse.Namespace) -> int:
     if args.speed_command == "get":
-        result = asyncio.run(_speed_get(settings, args.ref))
+        print(dumps(asyncio.run(_speed_get(settings, args.ref))).decode())
     else:
-        result = asyncio.run(_speed_stats(settings))
-    print(json.dumps(result, indent=None if args.speed_command == "get" else 2))
+        print(json.dumps(asyncio.run(_speed_stats(settings)), indent=2))
     return 0
 
 
@@ -359,11 +362,11 @@ def _read_resources(path: str) -> list[dict[str, Any]]:
     except OSError as exc:
         raise CommandError(f"cannot read {path}: {exc.strerror}", 2) from None
     try:
-        data = json.loads(text)
-    except json.JSONDecodeError:
+        data = loads(text)
+    except JsonError:
         try:
-            data = [json.loads(line) for line in text.splitlines() if line.strip()]
-        except json.JSONDecodeError as exc:
+            data = [loads(line) for line in text.splitlines() if line.strip()]
+        except JsonError as exc:
             raise CommandError(f"{path} is neither JSON nor NDJSON: {exc}", 2) from None
     if isinstance(data, dict) and data.get("resourceType") == "Bundle":
         data = [
@@ -380,10 +383,10 @@ def cmd_views(settings: Settings, args: argparse.Namespace) -> int:
     from serving.viewdef import load_view
 
     try:
-        raw_view = json.loads(open(args.view, encoding="utf-8").read())
+        raw_view = loads(open(args.view, "rb").read())
     except OSError as exc:
         raise CommandError(f"cannot read {args.view}: {exc.strerror}", 2) from None
-    except json.JSONDecodeError as exc:
+    except JsonError as exc:
         raise InvalidViewDefinition(f"{args.view} is not JSON: {exc}") from None
     if not isinstance(raw_view, dict):
         raise InvalidViewDefinition("a ViewDefinition must be a JSON object")
@@ -397,7 +400,7 @@ def cmd_views(settings: Settings, args: argparse.Namespace) -> int:
         from serving.evaluator import evaluate
 
         rows = evaluate(view, resources)
-    print(json.dumps(rows, default=str))
+    print(dumps(rows).decode())
     return 0
 
 

@@ -7,12 +7,12 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
-import orjson
 from fhir.resources.R4B import get_fhir_model_class
 from pydantic import ValidationError
 
 from receiver import r4schema
 from receiver.errors import InvalidRequest, InvalidResource, Issue
+from receiver.fhir_values import JsonError, JsonTooDeep, dumps, loads
 
 # Resource types that never enter either layer: a Subscription carries the receiver's bearer
 # token in channel.header (and the deployment's own are no research data). The receiver takes
@@ -104,10 +104,16 @@ def check_id(resource_id: str) -> None:
 
 
 def parse_json(body: bytes) -> Any:
-    """Parse a request body as JSON, or raise InvalidRequest (400)."""
+    """Parse a request body as JSON with exact numbers (a FHIR decimal is a Decimal, never
+    a double), or raise InvalidRequest (400); InvalidResource (422) for well-formed JSON
+    nested too deeply for any resource."""
     try:
-        return orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
+        return loads(body)
+    except JsonTooDeep as exc:
+        raise InvalidResource(
+            str(exc), [Issue("too-costly", f"JSON nested deeper than {MAX_DEPTH} levels")]
+        ) from None
+    except JsonError as exc:
         raise InvalidRequest(
             f"the body is not valid JSON: {exc}", [Issue("structure", f"malformed JSON: {exc}")]
         ) from None
@@ -241,8 +247,8 @@ def validate_resource(
     raw: bytes | None = body if isinstance(body, bytes) else None
     if raw is None:
         try:
-            raw = orjson.dumps(data)
-        except orjson.JSONEncodeError:  # orjson refuses more than 255 levels
+            raw = dumps(data)
+        except TypeError:  # orjson refuses more than 255 levels
             raw = None
     # Each level opens a bracket: with fewer brackets than the limit no walk is needed.
     if raw is None or (

@@ -21,6 +21,7 @@ from starlette.routing import BaseRoute, Route
 
 from receiver import auth
 from receiver.errors import DependencyUnavailable, InvalidRequest, Issue
+from receiver.fhir_values import dumps, exact_json
 from receiver.metrics import Metrics, metrics_response
 from receiver.settings import Settings
 from receiver.store import SpeedStore, connect
@@ -114,7 +115,7 @@ def map_error(exc: BaseException, allow_basic: bool = False) -> Response:
             "the batch layer (PostgreSQL) cannot be reached; retry later",
             {"Retry-After": "5"},
         )
-    if isinstance(exc, psycopg.errors.UndefinedTable):
+    if isinstance(exc, psycopg.errors.UndefinedTable | psycopg.errors.UndefinedColumn):
         return outcome(503, "transient", "the batch layer is not initialised (batch init)")
     logger.error("unexpected error: %r", exc, exc_info=exc)
     return outcome(500, "exception", "internal error; see the query API's log")
@@ -273,7 +274,7 @@ async def get_view_rows(request: Request, token: int) -> Response:
     headers = {"Link": f'<{next_url}>; rel="next"'} if next_url else {}
     _audit(request, token, len(page.rows))
     if fmt == "ndjson":
-        text = b"".join(orjson.dumps(r) + b"\n" for r in page.rows)
+        text = b"".join(dumps(r) + b"\n" for r in page.rows)
         return Response(text, media_type=FORMATS[fmt], headers=headers)
     if fmt == "csv":
         raw = params.get("_csv") == "raw"
@@ -288,7 +289,7 @@ async def get_view_rows(request: Request, token: int) -> Response:
         "speed_as_of": speed.speed_as_of,
         "degraded": speed.degraded,
     }
-    return Response(orjson.dumps(body), media_type="application/json", headers=headers)
+    return Response(dumps(body), media_type="application/json", headers=headers)
 
 
 def _bad_parameter(name: str, message: str) -> InvalidRequest:
@@ -340,6 +341,11 @@ async def metrics_with_gauges(request: Request) -> Response:
     return metrics_response(request)
 
 
+async def _exact_numbers(conn: psycopg.AsyncConnection[Any]) -> None:
+    # Resources and view rows are read with exact decimals, never doubles.
+    exact_json(conn)
+
+
 def create_app(
     settings: Settings,
     *,
@@ -365,6 +371,7 @@ def create_app(
             open=False,
             kwargs={"connect_timeout": 5},
             name="serving",
+            configure=_exact_numbers,
         )
         await pool.open(wait=False)
         store: SpeedStore | None = None

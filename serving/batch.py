@@ -22,7 +22,6 @@ The sync from HAPI lives in `serving.batch_sync`; `refresh` here calls it.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
@@ -32,6 +31,8 @@ import psycopg
 from psycopg import sql
 
 from receiver.errors import BatchLayerUnavailable, ResearchFlowError
+from receiver.fhir_values import case_map_sql, dumps, loads
+from serving.cohort import SEARCHED_TEXT, folded_column
 from serving.sqlcompiler import compile_view
 from serving.viewdef import Select, ViewDefinition, shipped_views
 
@@ -142,8 +143,15 @@ def plan_view(view: ViewDefinition, name: str | None = None) -> ViewPlan:
         raise ValueError("a ViewDefinition needs a name to become a materialized view")
     compiled = compile_view(view, table=RESOURCES)
     columns = set(view.column_names)
+    # Searched text kept folded once, at refresh (serving.cohort.SEARCHED_TEXT).
+    folded = "".join(
+        f", {case_map_sql(f'_q.{sql.Identifier(c).as_string(None)}', 'fold')}"
+        f" AS {sql.Identifier(folded_column(c)).as_string(None)}"
+        for c in SEARCHED_TEXT.get(view_name, ())
+        if c in columns
+    )
     if not _iterates(view.select) and _resource_key_column(view):
-        query = compiled
+        query = f"SELECT _q.*{folded} FROM ({compiled}) AS _q" if folded else compiled
         unique: tuple[str, ...] = ("id",)
     else:
         if ROW_COLUMN in columns:
@@ -151,13 +159,13 @@ def plan_view(view: ViewDefinition, name: str | None = None) -> ViewPlan:
         partition = 'PARTITION BY _q."id" ' if "id" in columns else ""
         query = (
             f"SELECT _q.*, row_number() OVER ({partition}ORDER BY _q::text) AS {ROW_COLUMN}"
-            f" FROM ({compiled}) AS _q"
+            f"{folded} FROM ({compiled}) AS _q"
         )
         unique = ("id", ROW_COLUMN) if "id" in columns else (ROW_COLUMN,)
     indexes = tuple(
         cols for cols in VIEW_INDEXES if set(cols) <= columns and cols != unique[: len(cols)]
     )
-    definition = json.loads(json.dumps(dataclasses.asdict(view), default=list))
+    definition = loads(dumps(dataclasses.asdict(view)))
     return ViewPlan(view_name, view.resource, query, unique, indexes, definition)
 
 
@@ -199,7 +207,7 @@ def _build_view(conn: psycopg.Connection[Any], plan: ViewPlan) -> None:
         " VALUES (%s, %s::jsonb, %s, now())"
         " ON CONFLICT (name) DO UPDATE SET definition = EXCLUDED.definition,"
         " sql = EXCLUDED.sql, built_at = EXCLUDED.built_at",
-        (plan.name, json.dumps(plan.definition), plan.sql),
+        (plan.name, dumps(plan.definition).decode(), plan.sql),
     )
 
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from typing import Any, Literal
 
 from receiver.errors import InvalidRequest, Issue
+from receiver.fhir_values import fold, implied_range, parse_number
 from serving.derive import counts
 
 DEFAULT_COUNT = 1000
@@ -24,6 +25,17 @@ GENDERS = ("male", "female", "other", "unknown")
 PD = "sqlonfhir.patient_demographics"
 CS = "sqlonfhir.condition_simple"
 OS = "sqlonfhir.observation_simple"
+# The view columns condition-text searches. Each is also kept folded (Unicode default case
+# folding, receiver.fhir_values.fold) beside the view's own columns: in the batch layer's
+# view as `<column>_folded` (computed by the SQL that fold_sql generates from the same
+# table), in the speed layer's index at write time, so both layers compare the same string.
+SEARCHED_TEXT: dict[str, tuple[str, ...]] = {"condition_simple": ("code_text", "code_display")}
+
+
+def folded_column(column: str) -> str:
+    """The batch view column holding `column` folded."""
+    return f"{column}_folded"
+
 
 Kind = Literal["condition", "condition-text", "observation"]
 Row = Mapping[str, Any]
@@ -43,12 +55,21 @@ class DateCriterion:
 
 @dataclass(frozen=True)
 class CodeCriterion:
-    """`system|code` (system "" = no system, None = any), optional comparison on the value."""
+    """`system|code` (system "" = no system, None = any), optional comparison on the value.
+
+    FHIR number search: `eq`/`ne` compare with the range the value's implied precision
+    covers, [low, high) (`eq7` is [6.5, 7.5)); `gt`/`lt`/`ge`/`le` with the value exactly.
+    """
 
     system: str | None
     code: str
     comparator: str | None = None
     value: Decimal | None = None
+
+    @property
+    def range(self) -> tuple[Decimal, Decimal]:
+        assert self.value is not None
+        return implied_range(self.value)
 
 
 @dataclass(frozen=True)
@@ -57,7 +78,7 @@ class Criterion:
 
     kind: Kind
     codes: tuple[CodeCriterion, ...] = ()
-    texts: tuple[str, ...] = ()  # lower-cased substrings
+    texts: tuple[str, ...] = ()  # folded substrings (receiver.fhir_values.fold)
 
     @property
     def resource_type(self) -> str:
@@ -199,12 +220,13 @@ def _parse_comparison(name: str, raw: str) -> tuple[str, Decimal]:
     prefix = "eq"
     if raw[:2] in PREFIXES:
         prefix, raw = raw[:2], raw[2:]
-    try:
-        value = Decimal(raw)
-    except InvalidOperation:
-        raise _bad(name, f"{name}: {raw!r} is not a number (e.g. gt6.5)") from None
-    if not value.is_finite():
-        raise _bad(name, f"{name}: {raw!r} is not a finite number")
+    value = parse_number(raw)
+    if value is None:
+        raise _bad(
+            name,
+            f"{name}: {raw!r} is not a number (a prefix eq, ne, gt, lt, ge or le, then"
+            " digits with an optional fraction and exponent, e.g. gt6.5)",
+        )
     return prefix, value
 
 
@@ -281,9 +303,7 @@ def parse_query(params: Sequence[tuple[str, str]]) -> CohortQuery:
             codes = tuple(_parse_code(name, a, False) for a in alternatives)
             criteria.append(Criterion("condition", codes=codes))
         elif name == "condition-text":
-            criteria.append(
-                Criterion("condition-text", texts=tuple(a.lower() for a in alternatives))
-            )
+            criteria.append(Criterion("condition-text", texts=tuple(fold(a) for a in alternatives)))
         elif name == "observation":
             codes = tuple(_parse_code(name, a, True) for a in alternatives)
             criteria.append(Criterion("observation", codes=codes))
@@ -323,23 +343,28 @@ def parse_query(params: Sequence[tuple[str, str]]) -> CohortQuery:
 def _number(value: Any) -> Decimal | None:
     if isinstance(value, bool) or value is None:
         return None
-    if isinstance(value, int | float | Decimal):
-        return Decimal(str(value))
+    if isinstance(value, int | Decimal):
+        return Decimal(value)
+    if isinstance(value, float):  # not from our parsing; read as the decimal it prints as
+        return Decimal(repr(value))
     return None
 
 
-def compare(prefix: str, left: Decimal, right: Decimal) -> bool:
-    if prefix == "eq":
-        return left == right
-    if prefix == "ne":
-        return left != right
+def number_matches(code: CodeCriterion, value: Decimal) -> bool:
+    """FHIR number search of one value (exact decimals, never rounded)."""
+    assert code.comparator is not None and code.value is not None
+    prefix = code.comparator
+    if prefix in ("eq", "ne"):
+        low, high = code.range
+        inside = low <= value < high
+        return inside if prefix == "eq" else not inside
     if prefix == "gt":
-        return left > right
+        return value > code.value
     if prefix == "lt":
-        return left < right
+        return value < code.value
     if prefix == "ge":
-        return left >= right
-    return left <= right
+        return value >= code.value
+    return value <= code.value
 
 
 def patient_matches(query: CohortQuery, row: Row) -> bool:
@@ -362,12 +387,12 @@ def code_matches(code: CodeCriterion, row: Row) -> bool:
         return False
     if code.comparator is not None and code.value is not None:
         value = _number(row.get("value"))
-        return value is not None and compare(code.comparator, value, code.value)
+        return value is not None and number_matches(code, value)
     return True
 
 
 def _contains(text: Any, needle: str) -> bool:
-    return isinstance(text, str) and needle in text.lower()
+    return isinstance(text, str) and needle in fold(text)
 
 
 def criterion_matches(criterion: Criterion, row: Row) -> bool:
@@ -477,11 +502,10 @@ def criterion_sql(criterion: Criterion, params: list[Any]) -> str:
         parts = ["(status IS NULL OR status NOT IN ('entered-in-error', 'cancelled'))"]
     alternatives: list[str] = []
     if criterion.kind == "condition-text":
+        columns = [folded_column(c) for c in SEARCHED_TEXT["condition_simple"]]
         for text in criterion.texts:
-            alternatives.append(
-                "(strpos(lower(code_text), %s) > 0 OR strpos(lower(code_display), %s) > 0)"
-            )
-            params.extend([text, text])
+            alternatives.append("(" + " OR ".join(f"strpos({c}, %s) > 0" for c in columns) + ")")
+            params.extend([text] * len(columns))
     for code in criterion.codes:
         pieces = ["code = %s"]
         params.append(code.code)
@@ -490,8 +514,12 @@ def criterion_sql(criterion: Criterion, params: list[Any]) -> str:
         elif code.system is not None:
             pieces.append("code_system = %s")
             params.append(code.system)
-        if code.comparator is not None:
-            op = {"eq": "=", "ne": "<>", "gt": ">", "lt": "<", "ge": ">=", "le": "<="}
+        if code.comparator in ("eq", "ne"):
+            inside = "(value >= %s::numeric AND value < %s::numeric)"
+            pieces.append(inside if code.comparator == "eq" else f"NOT {inside}")
+            params.extend(code.range)
+        elif code.comparator is not None:
+            op = {"gt": ">", "lt": "<", "ge": ">=", "le": "<="}
             pieces.append(f"value {op[code.comparator]} %s::numeric")
             params.append(code.value)
         alternatives.append("(" + " AND ".join(pieces) + ")")

@@ -8,8 +8,12 @@ import os
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
+
+from receiver.errors import InvalidViewDefinition
+from receiver.fhir_values import loads
 
 __all__ = [
     "ENGINES",
@@ -97,7 +101,7 @@ def load_suite(directory: str | Path | None = None) -> list[SuiteFile]:
     for path in sorted(root.glob("*.json")):
         if path.name == "tests.schema.json":
             continue
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = loads(path.read_bytes())
         if not isinstance(data, dict) or "tests" not in data:
             continue
         cases = tuple(
@@ -125,17 +129,19 @@ def load_suite(directory: str | Path | None = None) -> list[SuiteFile]:
 
 
 def _canonical(value: Any) -> Any:
-    """A form where equal SQL values compare equal: 5 == 5.0, but True != 1."""
-    if isinstance(value, bool) or value is None or isinstance(value, str):
+    """A form where equal SQL values compare equal: 5 == 5.0 == Decimal("5.00"), True != 1."""
+    if isinstance(value, bool) or value is None:
         return value
-    if isinstance(value, int | float):
-        number = float(value)
-        return int(number) if number.is_integer() else number
+    if isinstance(value, str):
+        return ["s", value]
+    if isinstance(value, int | float | Decimal):
+        number = Decimal(repr(value)) if isinstance(value, float) else Decimal(value)
+        return ["n", format(number.normalize(), "f") if number else "0"]
     if isinstance(value, list):
         return [_canonical(v) for v in value]
     if isinstance(value, dict):
         return {k: _canonical(v) for k, v in value.items()}
-    return str(value)
+    return ["?", repr(value)]
 
 
 def _row_key(row: dict[str, Any]) -> str:
@@ -167,12 +173,16 @@ class CaseResult:
 
 
 def run_case(case: SuiteCase, resources: list[dict[str, Any]], engine: Engine) -> CaseResult:
-    """Run one test: an expectError test passes when the engine raises."""
+    """Run one test: an expectError test passes only when the engine refuses the view with
+    InvalidViewDefinition (invalid, or failing on these resources: ViewEvaluationError);
+    any other exception (a crash, a database that cannot be reached) fails it."""
     try:
         rows = engine(case.view, resources)
-    except Exception as exc:
+    except InvalidViewDefinition as exc:
         if case.expect_error:
             return CaseResult(case, True)
+        return CaseResult(case, False, f"{type(exc).__name__}: {exc}")
+    except Exception as exc:
         return CaseResult(case, False, f"{type(exc).__name__}: {exc}")
     if case.expect_error:
         return CaseResult(case, False, "expected an error, got rows")

@@ -5,8 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import orjson
-
+from receiver.fhir_values import dumps
 from receiver.ingest import Deriver
 from receiver.store import Derived
 from receiver.validation import ValidResource
@@ -76,7 +75,7 @@ def default_deriver(views: Mapping[str, ViewDefinition] | None = None) -> Derive
         all_rows: list[dict[str, Any]] = []
         for name, view in compiled:
             view_rows = view.rows(resource.data)
-            rows[name] = orjson.dumps(view_rows)
+            rows[name] = dumps(view_rows)
             all_rows.extend(view_rows)
         return Derived(rows=rows, index=index_entries(resource.resource_type, all_rows))
 

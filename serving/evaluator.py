@@ -1,60 +1,73 @@
-"""Evaluate SQL-on-FHIR v2 ViewDefinitions over FHIR resources in Python (fhirpathpy)."""
+"""Evaluate SQL-on-FHIR v2 ViewDefinitions over FHIR resources in Python.
+
+Every expression is resolved by `serving.fhirpath` (the same typed tree the PostgreSQL compiler
+compiles) and turned once into nested Python closures over plain JSON values (dict, list, str,
+int, Decimal, bool). Each operation does what its SQL counterpart in `serving.sqlcompiler`
+does, rule for rule (collections, empty propagation, the date/time and decimal rules of
+`receiver.fhir_values`, PostgreSQL's casts for typed columns), so both engines give the same
+rows by construction (`serving.sqlvalues` holds what PostgreSQL does to values);
+`tests/test_exact_views.py` checks both engines against an independent oracle.
+"""
 
 from __future__ import annotations
 
-import calendar
 import re
 from collections.abc import Callable, Iterable, Mapping
-from decimal import Decimal
-from typing import Any, cast
-
-from fhirpathpy.engine import do_eval as _untyped_do_eval
-from fhirpathpy.engine.invocations import invocation_registry
-from fhirpathpy.engine.invocations.constants import constants as fhirpath_constants
-from fhirpathpy.engine.nodes import FP_Type, ResourceNode
-from fhirpathpy.models import models
+from decimal import ROUND_DOWN, Decimal
+from typing import Any
 
 from receiver.errors import InvalidViewDefinition
-from serving.viewdef import Column, Select, ViewDefinition, parse_fhirpath
-
-__all__ = ["CompiledView", "ViewEvaluationError", "compile_view", "evaluate", "reference_key"]
-
-# fhirpathpy has no type hints: give the few entry points used here their types.
-do_eval = cast(Callable[[dict[str, Any], list[Any], Any], Any], _untyped_do_eval)
-_new_node = cast(Callable[[Any, "str | None"], Any], ResourceNode)
-_reset_constants = cast(Callable[[], None], fhirpath_constants.reset)
-
-_MODEL: dict[str, Any] = models["r4"]
-_CHOICE_PATHS: dict[str, Any] = _MODEL["choiceTypePaths"]
-_DEFINED_ELSEWHERE: dict[str, str] = _MODEL["pathsDefinedElsewhere"]
-_PATH_TO_TYPE: dict[str, str] = _MODEL["path2Type"]
-
-_INTEGER_TYPES = frozenset({"integer", "positiveInt", "unsignedInt", "integer64"})
-
-# A plain dotted path of lower-case identifiers, optionally ending in first() or one of
-# the SQL-on-FHIR key functions: this is what most real views use, and walking the
-# JSON directly is an order of magnitude faster than fhirpathpy's tree interpreter.
-_FAST_RE = re.compile(
-    r"^(?P<path>[a-z][A-Za-z0-9_]*(?:\.[a-z][A-Za-z0-9_]*)*)?"
-    r"(?P<fn>(?:^|\.)(?:first\(\)|getResourceKey\(\)|getReferenceKey\((?P<type>[A-Z][A-Za-z]*)?\)))?$"
+from receiver.fhir_values import (
+    EXACT,
+    boundary,
+    case_map,
+    compare_temporal,
+    fold,
+    is_temporal_type,
 )
-# FHIRPath keywords that look like identifiers but are operators or literals.
-_KEYWORDS = frozenset(
-    {"and", "or", "xor", "implies", "div", "mod", "in", "contains", "is", "as", "true", "false"}
+from serving.fhirpath import REFERENCE_KEY_PATTERN, Expr, Scope, Typer, json_type_of
+from serving.sqlvalues import (
+    ViewEvaluationError,
+    canonical,
+    cast,
+    distinct,
+    is_number,
+    json_equal,
+    json_type_matches,
+    jsonb_key,
+    jsonb_text,
+    pg_divide,
+    pg_integer,
+    round_half_away,
+    scale,
+    text_of,
 )
+from serving.viewdef import Column, Select, ViewDefinition, sql_type
+
+__all__ = [
+    "CompiledView",
+    "ViewEvaluationError",
+    "compile_view",
+    "evaluate",
+    "pg_divide",
+    "reference_key",
+    "text_of",
+]
 
 
-class ViewEvaluationError(InvalidViewDefinition):
-    """The view cannot be evaluated on a resource (a non-collection column got several
-    values, a where clause was not boolean, or a FHIRPath function failed)."""
+# An evaluation context: the resource and the %rowIndex of the current iteration.
+class _Env:
+    __slots__ = ("resource", "row_index")
+
+    def __init__(self, resource: Mapping[str, Any], row_index: int = 0) -> None:
+        self.resource = resource
+        self.row_index = row_index
 
 
-class _Unsupported(Exception):
-    """The fast path cannot evaluate this expression; fhirpathpy must."""
+Fn = Callable[[list[Any], _Env], list[Any]]
 
-
-# ---------------------------------------------------------------------------
-# SQL-on-FHIR functions added to FHIRPath
+_REFERENCE_KEY_RE = re.compile(REFERENCE_KEY_PATTERN)
+_WHITESPACE = str.maketrans({"\t": " ", "\r": " ", "\n": " "})
 
 
 def reference_key(reference: Any, type_name: str | None = None) -> str | None:
@@ -67,442 +80,669 @@ def reference_key(reference: Any, type_name: str | None = None) -> str | None:
     if not isinstance(reference, Mapping):
         return None
     ref = reference.get("reference")
-    if not isinstance(ref, str) or not ref or ref.startswith("#"):
+    if not isinstance(ref, str):
         return None
-    parts = ref.split("?", 1)[0].rstrip("/").split("/")
-    if len(parts) >= 4 and parts[-2] == "_history":
-        parts = parts[:-2]
-    if len(parts) < 2 or not parts[-1]:
+    match = _REFERENCE_KEY_RE.match(ref)
+    if match is None or (type_name is not None and match.group(1) != type_name):
         return None
-    ref_type, ref_id = parts[-2], parts[-1]
-    if not ref_type[:1].isupper():
+    return match.group(2)
+
+
+# --------------------------------------------------------------------------- values
+
+
+def _text(items: list[Any]) -> str | None:
+    return text_of(items[0]) if items else None
+
+
+def _boolean(items: list[Any]) -> bool | None:
+    """A collection as a condition (FHIRPath's singleton evaluation of collections): empty
+    is unknown, one item `false` is false, any other single item true, several an error."""
+    if not items:
         return None
-    if type_name is not None and ref_type != type_name:
+    if len(items) > 1:
+        raise ViewEvaluationError(f"a condition got {len(items)} values, not one")
+    return items[0] is not False
+
+
+def _number(items: list[Any], what: str) -> Decimal | int | None:
+    if not items:
         return None
-    return ref_id
+    value = items[0]
+    if not is_number(value):
+        raise ViewEvaluationError(f"{what} needs a number, got {jsonb_text(value)[:60]}")
+    return value  # type: ignore[no-any-return]
 
 
-def _data(item: Any) -> Any:
-    return item.data if isinstance(item, ResourceNode) else item
+# --------------------------------------------------------------------------- compiling
 
 
-def _type_name(type_info: Any) -> str | None:
-    if type_info is None or type_info == []:
-        return None
-    name = getattr(type_info, "name", None)
-    if isinstance(name, str):
-        return name.strip("'\"`")
-    return None
+def _const(items: list[Any]) -> Fn:
+    def run(focus: list[Any], env: _Env) -> list[Any]:
+        return list(items)
+
+    return run
 
 
-def _fn_get_resource_key(ctx: dict[str, Any], inputs: list[Any]) -> list[Any]:
-    out = []
-    for item in inputs:
-        data = _data(item)
-        if isinstance(data, Mapping) and isinstance(data.get("id"), str):
-            out.append(data["id"])
-    return out
+def _this(focus: list[Any], env: _Env) -> list[Any]:
+    return focus
 
 
-def _fn_get_reference_key(
-    ctx: dict[str, Any], inputs: list[Any], type_info: Any = None
-) -> list[Any]:
-    wanted = _type_name(type_info)
-    keys = (reference_key(_data(item), wanted) for item in inputs)
-    return [key for key in keys if key is not None]
+def _root(focus: list[Any], env: _Env) -> list[Any]:
+    return [env.resource]
 
 
-def _fn_join(ctx: dict[str, Any], inputs: list[Any], separator: Any = "") -> list[Any]:
-    # SQL-on-FHIR expects "" for an empty collection (fhirpathpy gives empty).
-    values = [_data(item) for item in inputs]
-    if not all(isinstance(v, str) for v in values):
-        raise TypeError("join() requires a collection of strings")
-    sep = separator if isinstance(separator, str) else ""
-    return [sep.join(values)]
+def _row_index(focus: list[Any], env: _Env) -> list[Any]:
+    return [env.row_index]
 
 
-_DATETIME_RE = re.compile(
-    r"^(?P<year>\d{4})(?:-(?P<month>\d{2})(?:-(?P<day>\d{2}))?)?"
-    r"(?:T(?P<time>[0-9:.]*)(?P<tz>Z|[+-]\d{2}:\d{2})?)?$"
-)
-_TIME_RE = re.compile(r"^(?P<h>\d{2})(?::(?P<m>\d{2})(?::(?P<s>\d{2})(?:\.(?P<f>\d+))?)?)?$")
+def _exact(value: Any) -> Any:
+    # Resources come from receiver.fhir_values.loads (Decimal); a float from elsewhere is
+    # read as the decimal it prints as, never as its binary value.
+    return Decimal(repr(value)) if type(value) is float else value
 
 
-def _time_boundary(text: str, high: bool) -> str | None:
-    match = _TIME_RE.match(text)
-    if not match:
-        return None
-    fill = "59" if high else "00"
-    frac = (match["f"] or "")[:3].ljust(3, "9" if high else "0")
-    return f"{match['h']}:{match['m'] or fill}:{match['s'] or fill}.{frac}"
-
-
-def _date_boundary(text: str, high: bool, with_time: bool) -> str | None:
-    match = _DATETIME_RE.match(text)
-    if not match:
-        return None
-    year = int(match["year"])
-    month = int(match["month"] or (12 if high else 1))
-    day = int(match["day"] or (calendar.monthrange(year, month)[1] if high else 1))
-    date = f"{year:04d}-{month:02d}-{day:02d}"
-    if not with_time:
-        return date
-    time = _time_boundary(match["time"] or ("23" if high else "00"), high)
-    # Without a zone the instant could be in any zone: the extremes are +14:00 / -12:00.
-    tz = match["tz"] or ("-12:00" if high else "+14:00")
-    return f"{date}T{time}{tz}"
-
-
-def _decimal_boundary(value: Decimal | int, high: bool) -> Decimal:
-    number = Decimal(value)
-    exponent = number.as_tuple().exponent
-    digits = -exponent if isinstance(exponent, int) and exponent < 0 else 0
-    half = Decimal(5).scaleb(-(digits + 1))
-    return number + half if high else number - half
-
-
-def _boundary(inputs: list[Any], high: bool) -> list[Any]:
+def _step(items: Iterable[Any], key: str) -> list[Any]:
+    """Member access: the key's values of every object in `items`, arrays flattened, nulls
+    (the holes beside an `_element` array) and absent keys dropped."""
     out: list[Any] = []
-    for item in inputs:
-        value = _data(item)
-        type_name = item.path if isinstance(item, ResourceNode) else None
-        if isinstance(value, bool):
-            continue
-        if isinstance(value, int | float | Decimal):
-            out.append(_decimal_boundary(Decimal(str(value)), high))
-        elif isinstance(value, str):
-            result: str | None
-            if type_name == "time" or (type_name is None and _TIME_RE.match(value)):
-                result = _time_boundary(value, high)
-            elif type_name == "date":
-                result = _date_boundary(value, high, with_time=False)
+    append = out.append
+    for item in items:
+        if type(item) is dict:
+            value = item.get(key)
+            if value is None:
+                continue
+            kind = type(value)
+            if kind is list:
+                for v in value:
+                    if v is not None:
+                        append(Decimal(repr(v)) if type(v) is float else v)
+            elif kind is float:
+                append(Decimal(repr(value)))
             else:
-                result = _date_boundary(value, high, with_time=True)
-            if result is not None:
-                out.append(result)
+                append(value)
     return out
 
 
-def _fn_low_boundary(ctx: dict[str, Any], inputs: list[Any], *_: Any) -> list[Any]:
-    return _boundary(inputs, high=False)
+def _member_chain(expr: Expr) -> tuple[Expr, tuple[str, ...]]:
+    keys: list[str] = []
+    while expr.tag == "member":
+        keys.append(expr.args[1])
+        expr = expr.args[0]
+    return expr, tuple(reversed(keys))
 
 
-def _fn_high_boundary(ctx: dict[str, Any], inputs: list[Any], *_: Any) -> list[Any]:
-    return _boundary(inputs, high=True)
+class _Compiler:
+    """Turns resolved expressions into closures."""
 
+    def compile(self, expr: Expr) -> Fn:
+        tag = expr.tag
+        if tag == "lit":
+            return _const([expr.args[0]])
+        if tag == "temporal":
+            return _const([expr.args[0]])
+        if tag == "empty":
+            return _const([])
+        if tag == "this":
+            return _this
+        if tag == "root":
+            return _root
+        if tag == "rowindex":
+            return _row_index
+        if tag == "member":
+            start, keys = _member_chain(expr)
+            base = self.compile(start)
+            if base is _this:
+                if len(keys) == 1:
+                    (only,) = keys
+                    return lambda focus, env: _step(focus, only)
 
-# Passed to fhirpathpy as its user invocation table, unwrapped so the functions see
-# the typed nodes (lowBoundary must tell a date from a dateTime).
-_FUNCTIONS: dict[str, dict[str, Any]] = {
-    "getResourceKey": {"fn": _fn_get_resource_key},
-    "getReferenceKey": {"fn": _fn_get_reference_key, "arity": {0: [], 1: ["TypeSpecifier"]}},
-    "join": {"fn": _fn_join, "arity": {0: [], 1: ["String"]}},
-    "lowBoundary": {"fn": _fn_low_boundary, "arity": {0: [], 1: ["Integer"]}},
-    "highBoundary": {"fn": _fn_high_boundary, "arity": {0: [], 1: ["Integer"]}},
-}
-_KNOWN_FUNCTIONS = frozenset(invocation_registry) | frozenset(_FUNCTIONS)
+                def path(focus: list[Any], env: _Env) -> list[Any]:
+                    items = focus
+                    for key in keys:
+                        if not items:
+                            break
+                        items = _step(items, key)
+                    return items
 
+                return path
 
-# ---------------------------------------------------------------------------
-# Compiled expressions
+            def member(focus: list[Any], env: _Env) -> list[Any]:
+                items = base(focus, env)
+                for key in keys:
+                    items = _step(items, key)
+                return items
 
+            return member
+        if tag == "choice":
+            return self.choice(expr)
+        if tag == "oftype_member":
+            return self.oftype_member(expr)
+        if tag == "index":
+            return self.index(expr)
+        if tag == "call":
+            return self.call(expr)
+        if tag == "unary":
+            return self.unary(expr)
+        if tag == "bin":
+            return self.binary(expr)
+        raise InvalidViewDefinition(f"unsupported FHIRPath construct {tag}")
 
-class _Expression:
-    """One FHIRPath expression, parsed once; evaluated on a focus collection."""
+    def choice(self, expr: Expr) -> Fn:
+        base_expr, name, suffixes = expr.args
+        base = self.compile(base_expr)
+        keys = sorted((name + s for s in suffixes), key=jsonb_key)
 
-    __slots__ = ("fast", "text", "tree", "type_after")
-
-    def __init__(self, text: str, context_type: str | None, fast_path: bool = True) -> None:
-        self.text = text
-        try:
-            parsed = parse_fhirpath(text)
-        except Exception as exc:  # antlr raises several unrelated exception types
-            raise InvalidViewDefinition(f"invalid FHIRPath {text!r}: {exc}") from exc
-        _check_functions(text, parsed)
-        self.tree: Any = parsed["children"][0]
-        self.fast: Callable[[list[Any]], list[Any]] | None = None
-        # The FHIR type of what a plain path yields (None when unknown).
-        self.type_after: str | None = None
-        if fast_path:
-            try:
-                self.fast, self.type_after = _compile_fast(text, context_type)
-            except _Unsupported:
-                pass
-
-    def slow(self, focus: list[Any], variables: dict[str, Any]) -> list[Any]:
-        """Evaluate with fhirpathpy; returns its raw nodes (type information kept)."""
-        # fhirpathpy keeps per-evaluation state (now(), today()) in a module global.
-        _reset_constants()
-        ctx = {
-            "dataRoot": focus,
-            "$this": focus,
-            "vars": variables,
-            "model": _MODEL,
-            "userInvocationTable": _FUNCTIONS,
-        }
-        try:
-            result = do_eval(ctx, focus, self.tree)
-        except ViewEvaluationError:
-            raise
-        except Exception as exc:
-            raise ViewEvaluationError(f"FHIRPath {self.text!r} failed: {exc}") from exc
-        return result if isinstance(result, list) else [result]
-
-    def nodes(self, focus: list[Any], variables: dict[str, Any]) -> list[Any]:
-        """Evaluate for use as a new focus (forEach, repeat): nodes keep their FHIR type."""
-        if self.fast is not None:
-            type_name = self.type_after
-            return [_new_node(item, type_name) for item in self.fast(focus)]
-        return self.slow(focus, variables)
-
-    def values(self, focus: list[Any], variables: dict[str, Any]) -> list[Any]:
-        """Evaluate to plain JSON-like values."""
-        if self.fast is not None:
-            return self.fast(focus)
-        return _plain_values(self.slow(focus, variables))
-
-
-def _check_functions(text: str, tree: Any) -> None:
-    stack = [tree]
-    while stack:
-        node = stack.pop()
-        if not isinstance(node, dict):
-            continue
-        children = node.get("children", [])
-        if node.get("type") == "Functn" and children:
-            name = str(children[0].get("text", "")).strip("`")
-            if name not in _KNOWN_FUNCTIONS:
-                raise InvalidViewDefinition(f"FHIRPath {text!r}: unknown function {name}()")
-        stack.extend(children)
-
-
-def _static_type(parent_type: str, key: str) -> str:
-    """The FHIR type of `parent_type.key`, resolved as fhirpathpy resolves it."""
-    child = _DEFINED_ELSEWHERE.get(f"{parent_type}.{key}", f"{parent_type}.{key}")
-    if child in _CHOICE_PATHS:
-        raise _Unsupported(child)
-    if key == "extension":
-        child = "Extension"
-    return _PATH_TO_TYPE.get(child, child)
-
-
-_OF_TYPE_RE = re.compile(
-    r"^(?P<name>[a-z][A-Za-z0-9]*)\.ofType\((?P<type>[A-Za-z]+)\)(?P<rest>(?:\..*)?)$"
-)
-
-
-def _concrete_choice(text: str, context_type: str) -> str:
-    """`onset.ofType(dateTime)...` -> `onsetDateTime...` when `onset` is a choice element of
-    the context type with that type: the JSON holds exactly that key (FHIR's JSON form)."""
-    match = _OF_TYPE_RE.match(text)
-    if match is None:
-        return text
-    name, wanted = match["name"], match["type"]
-    suffix = wanted[0].upper() + wanted[1:]
-    if suffix not in _CHOICE_PATHS.get(f"{context_type}.{name}", ()):
-        return text
-    return f"{name}{suffix}{match['rest']}"
-
-
-def _compile_fast(
-    text: str, context_type: str | None
-) -> tuple[Callable[[list[Any]], list[Any]], str | None]:
-    """A direct JSON walk equivalent to fhirpathpy for a plain path, or _Unsupported."""
-    if context_type is None:
-        raise _Unsupported(text)
-    match = _FAST_RE.match(_concrete_choice(text.strip(), context_type))
-    if match is None:
-        raise _Unsupported(text)
-    keys = tuple(match["path"].split(".")) if match["path"] else ()
-    if any(key in _KEYWORDS for key in keys):
-        raise _Unsupported(text)
-    type_name = context_type
-    for key in keys:
-        type_name = _static_type(type_name, key)
-    fn = match["fn"].lstrip(".") if match["fn"] else None
-
-    def walk(focus: list[Any]) -> list[Any]:
-        items = focus
-        for key in keys:
+        def run(focus: list[Any], env: _Env) -> list[Any]:
             out: list[Any] = []
-            for item in items:
-                data = item.data if type(item) is ResourceNode else item
-                if type(data) is dict:
-                    value = data.get(key)
-                    if value is None:
-                        continue
-                    if type(value) is list:
-                        out.extend(v for v in value if v is not None)
-                    else:
-                        out.append(value)
-            items = out
-        return [item.data if type(item) is ResourceNode else item for item in items]
+            for item in base(focus, env):
+                if type(item) is dict:
+                    for key in keys:
+                        value = item.get(key)
+                        if value is None:
+                            continue
+                        if type(value) is list:
+                            out.extend(_exact(v) for v in value if v is not None)
+                        else:
+                            out.append(_exact(value))
+            return out
 
-    if fn is None:
-        return walk, type_name
-    if fn == "first()":
+        return run
 
-        def first(focus: list[Any]) -> list[Any]:
-            return walk(focus)[:1]
+    def oftype_member(self, expr: Expr) -> Fn:
+        base_expr, name, type_name = expr.args
+        base = self.compile(base_expr)
+        typed_key = name + type_name[:1].upper() + type_name[1:]
+        wanted = json_type_of(type_name)
 
-        return first, type_name
-    if fn == "getResourceKey()":
+        def run(focus: list[Any], env: _Env) -> list[Any]:
+            items = base(focus, env)
+            plain = [v for v in _step(items, name) if json_type_matches(v, wanted, type_name)]
+            return _step(items, typed_key) + plain
 
-        def resource_key(focus: list[Any]) -> list[Any]:
-            return [
-                item["id"]
-                for item in walk(focus)
-                if type(item) is dict and isinstance(item.get("id"), str)
-            ]
+        return run
 
-        return resource_key, None
-    wanted = match["type"]
+    def index(self, expr: Expr) -> Fn:
+        base_expr, index_expr = expr.args
+        base = self.compile(base_expr)
+        if index_expr.tag == "lit" and type(index_expr.args[0]) is int:
+            n = index_expr.args[0]
 
-    def ref_key(focus: list[Any]) -> list[Any]:
-        keys_ = (reference_key(item, wanted) for item in walk(focus))
-        return [key for key in keys_ if key is not None]
+            def literal(focus: list[Any], env: _Env) -> list[Any]:
+                return base(focus, env)[n : n + 1]
 
-    return ref_key, None
+            return literal
+        index = self.compile(index_expr)
+
+        def computed(focus: list[Any], env: _Env) -> list[Any]:
+            number = _number(index(focus, env), "an index")
+            if number is None:
+                return []
+            n = pg_integer(number, 32, "an index")
+            items = base(focus, env)
+            return [items[n]] if -len(items) <= n < len(items) else []
+
+        return computed
+
+    def unary(self, expr: Expr) -> Fn:
+        op, operand_expr = expr.args
+        operand = self.compile(operand_expr)
+        if op == "+":
+            return operand
+
+        def negate(focus: list[Any], env: _Env) -> list[Any]:
+            number = _number(operand(focus, env), "unary -")
+            if number is None:
+                return []
+            return [number.copy_negate() if isinstance(number, Decimal) else -number]
+
+        return negate
+
+    # ---- functions
+
+    def call(self, expr: Expr) -> Fn:
+        base_expr, name, args = expr.args
+        base = self.compile(base_expr)
+        if name == "ofType":
+            (type_name,) = args
+            wanted = json_type_of(type_name)
+
+            def of_type(focus: list[Any], env: _Env) -> list[Any]:
+                return [v for v in base(focus, env) if json_type_matches(v, wanted, type_name)]
+
+            return of_type
+        if name == "extension":
+            (url,) = args
+
+            def extension(focus: list[Any], env: _Env) -> list[Any]:
+                return [
+                    e
+                    for e in _step(base(focus, env), "extension")
+                    if type(e) is dict and e.get("url") == url
+                ]
+
+            return extension
+        if name == "getResourceKey":
+            return lambda focus, env: _step(base(focus, env), "id")
+        if name == "getReferenceKey":
+            (wanted_type,) = args
+
+            def reference_keys(focus: list[Any], env: _Env) -> list[Any]:
+                out = []
+                for ref in _step(base(focus, env), "reference"):
+                    if isinstance(ref, str):
+                        match = _REFERENCE_KEY_RE.match(ref)
+                        if match and (wanted_type is None or match.group(1) == wanted_type):
+                            out.append(match.group(2))
+                return out
+
+            return reference_keys
+        if name in ("skip", "take"):
+            (n,) = args
+            if name == "skip":
+                return lambda focus, env: base(focus, env)[max(n, 0) :]
+            return lambda focus, env: base(focus, env)[:n] if n > 0 else []
+        if name in ("lowBoundary", "highBoundary"):
+            high = name == "highBoundary"
+            kind = base_expr.ftype
+
+            def bound(focus: list[Any], env: _Env) -> list[Any]:
+                values = (boundary(v, kind, high) for v in base(focus, env))
+                return [v for v in values if v is not None]
+
+            return bound
+        compiled = [self.compile(a) for a in args]
+        return self.function(name, base, compiled)
+
+    def function(self, name: str, base: Fn, args: list[Fn]) -> Fn:
+        if name in ("exists", "where", "all", "select"):
+            return self.lambda_function(name, base, args)
+        if name == "empty":
+            return lambda focus, env: [not base(focus, env)]
+        if name == "count":
+            return lambda focus, env: [len(base(focus, env))]
+        if name == "first":
+            return lambda focus, env: base(focus, env)[:1]
+        if name == "last":
+            return lambda focus, env: base(focus, env)[-1:]
+        if name == "tail":
+            return lambda focus, env: base(focus, env)[1:]
+        if name == "not":
+
+            def not_(focus: list[Any], env: _Env) -> list[Any]:
+                value = _boolean(base(focus, env))
+                return [] if value is None else [not value]
+
+            return not_
+        if name == "hasValue":
+
+            def has_value(focus: list[Any], env: _Env) -> list[Any]:
+                items = base(focus, env)
+                return [len(items) == 1 and not isinstance(items[0], dict | list)]
+
+            return has_value
+        if name == "distinct":
+            return lambda focus, env: distinct(base(focus, env))
+        if name == "join":
+            separator = args[0] if args else None
+
+            def join(focus: list[Any], env: _Env) -> list[Any]:
+                sep = _text(separator(focus, env)) if separator is not None else ""
+                parts = [text_of(v) or "" for v in base(focus, env)]
+                return [(sep or "").join(parts)]
+
+            return join
+        if name in ("lower", "upper"):
+            kind = name
+
+            def case(focus: list[Any], env: _Env) -> list[Any]:
+                text = _text(base(focus, env))
+                return [] if text is None else [case_map(text, kind)]  # type: ignore[arg-type]
+
+            return case
+        if name in ("length", "toString"):
+
+            def string(focus: list[Any], env: _Env) -> list[Any]:
+                text = _text(base(focus, env))
+                if text is None:
+                    return []
+                return [len(text)] if name == "length" else [text]
+
+            return string
+        if name in ("startsWith", "endsWith"):
+            (arg,) = args
+
+            def affix(focus: list[Any], env: _Env) -> list[Any]:
+                text = _text(base(focus, env))
+                other = _text(arg(focus, env))
+                if text is None or other is None:
+                    return []
+                if name == "startsWith":
+                    return [text.startswith(other)]
+                return [text.endswith(other)]
+
+            return affix
+        raise InvalidViewDefinition(f"unsupported FHIRPath function {name}()")
+
+    def lambda_function(self, name: str, base: Fn, args: list[Fn]) -> Fn:
+        if name == "exists" and not args:
+            return lambda focus, env: [bool(base(focus, env))]
+        (arg,) = args
+        if name == "select":
+
+            def select(focus: list[Any], env: _Env) -> list[Any]:
+                out: list[Any] = []
+                for item in base(focus, env):
+                    out.extend(arg([item], env))
+                return out
+
+            return select
+
+        def matching(focus: list[Any], env: _Env) -> list[Any]:
+            return [item for item in base(focus, env) if _boolean(arg([item], env)) is True]
+
+        if name == "where":
+            return matching
+        if name == "exists":
+            return lambda focus, env: [bool(matching(focus, env))]
+
+        def all_(focus: list[Any], env: _Env) -> list[Any]:
+            return [all(_boolean(arg([item], env)) is True for item in base(focus, env))]
+
+        return all_
+
+    # ---- operators
+
+    def binary(self, expr: Expr) -> Fn:
+        op, left_expr, right_expr = expr.args
+        left, right = self.compile(left_expr), self.compile(right_expr)
+        if op in ("and", "or", "xor", "implies"):
+            return _logic(op, left, right)
+        if op in ("=", "!=", "~", "!~", "<", ">", "<=", ">="):
+            temporal = None
+            for side in (left_expr, right_expr):
+                if is_temporal_type(side.ftype):
+                    temporal = side.ftype == "time"
+            return _comparison(op, left, right, temporal)
+        if op == "|":
+            return lambda focus, env: distinct(left(focus, env) + right(focus, env))
+        if op in ("in", "contains"):
+            item, coll = (left, right) if op == "in" else (right, left)
+
+            def membership(focus: list[Any], env: _Env) -> list[Any]:
+                wanted = item(focus, env)
+                if not wanted:
+                    return []
+                return [any(json_equal(v, wanted[0]) for v in coll(focus, env))]
+
+            return membership
+        if op == "&":
+
+            def concat(focus: list[Any], env: _Env) -> list[Any]:
+                return [(_text(left(focus, env)) or "") + (_text(right(focus, env)) or "")]
+
+            return concat
+        strings = any(
+            e.tag == "lit" and isinstance(e.args[0], str) for e in (left_expr, right_expr)
+        )
+        if op == "+" and strings:
+
+            def plus_text(focus: list[Any], env: _Env) -> list[Any]:
+                a, b = _text(left(focus, env)), _text(right(focus, env))
+                return [] if a is None or b is None else [a + b]
+
+            return plus_text
+        return _arithmetic(op, left, right)
 
 
-def _plain_values(result: list[Any]) -> list[Any]:
-    out: list[Any] = []
-    for item in result:
-        value = item.data if isinstance(item, ResourceNode) else item
-        if value is None or _is_primitive_extension(item, value):
-            continue
-        if isinstance(value, FP_Type):
-            value = str(value)
-        out.append(value)
-    return out
+def _logic(op: str, left: Fn, right: Fn) -> Fn:
+    def run(focus: list[Any], env: _Env) -> list[Any]:
+        a, b = _boolean(left(focus, env)), _boolean(right(focus, env))
+        result: bool | None
+        if op == "and":
+            result = (
+                False if a is False or b is False else (None if a is None or b is None else True)
+            )
+        elif op == "or":
+            result = True if a is True or b is True else (None if a is None or b is None else False)
+        elif op == "xor":
+            result = None if a is None or b is None else a != b
+        else:  # implies: (not a) or b
+            na = None if a is None else not a
+            result = (
+                True if na is True or b is True else (None if na is None or b is None else False)
+            )
+        return [] if result is None else [result]
+
+    return run
 
 
-def _is_primitive_extension(item: Any, value: Any) -> bool:
-    # fhirpathpy also yields a primitive's `_element` (its id/extensions) as a sibling
-    # node typed as the primitive (lower-case type name); it is not a value.
-    return (
-        isinstance(value, dict)
-        and isinstance(item, ResourceNode)
-        and isinstance(item.path, str)
-        and item.path[:1].islower()
-        and set(value) <= {"id", "extension"}
-    )
+def _equivalent_scalar(a: Any, b: Any, temporal: bool | None) -> bool:
+    if temporal is not None and isinstance(a, str) and isinstance(b, str):
+        return compare_temporal(a, b, temporal) == 0
+    if isinstance(a, str) and isinstance(b, str):
+        return fold(a.translate(_WHITESPACE)) == fold(b.translate(_WHITESPACE))
+    if is_number(a) and is_number(b):
+        places = min(scale(a), scale(b))
+        return round_half_away(Decimal(a), places) == round_half_away(Decimal(b), places)
+    return json_equal(a, b)
 
 
-def _column_value(value: Any, column: Column) -> Any:
-    if isinstance(value, Decimal):
-        if column.type in _INTEGER_TYPES and value == value.to_integral_value():
-            return int(value)
-        return float(value)
+def _equal_collections(a: list[Any], b: list[Any], temporal: bool | None) -> bool | None:
+    """FHIRPath `=` of two non-empty collections: item by item, in order; dates by the date
+    rules (a pair that cannot be told makes the answer unknown unless another pair differs)."""
+    if len(a) != len(b):
+        return False
+    unknown = False
+    for x, y in zip(a, b, strict=True):
+        if temporal is not None and isinstance(x, str) and isinstance(y, str):
+            order = compare_temporal(x, y, temporal)
+            if order is None:
+                unknown = True
+            elif order != 0:
+                return False
+        elif not json_equal(x, y):
+            return False
+    return None if unknown else True
+
+
+def _comparison(op: str, left: Fn, right: Fn, temporal: bool | None) -> Fn:
+    """=, !=, ~, !~, <, >, <=, >=. `temporal`: None, or whether the dates are times."""
+
+    def run(focus: list[Any], env: _Env) -> list[Any]:
+        a, b = left(focus, env), right(focus, env)
+        result: bool | None
+        if op in ("~", "!~"):
+            if not a or not b:
+                result = not a and not b
+            elif len(a) == 1 and len(b) == 1:
+                result = _equivalent_scalar(a[0], b[0], temporal)
+            else:
+                result = sorted(map(repr, map(canonical, a))) == sorted(
+                    map(repr, map(canonical, b))
+                )
+            return [result if op == "~" else not result]
+        if not a or not b:
+            return []
+        if op in ("=", "!="):
+            result = _equal_collections(a, b, temporal)
+            if result is None:
+                return []
+            return [result if op == "=" else not result]
+        if len(a) > 1 or len(b) > 1:
+            raise ViewEvaluationError(
+                f"operator {op} needs one value on each side, got {len(a)} and {len(b)}"
+            )
+        x, y = a[0], b[0]
+        order_: int | None = None
+        if temporal is not None:
+            if isinstance(x, str) and isinstance(y, str):
+                order_ = compare_temporal(x, y, temporal)
+        elif is_number(x) and is_number(y):
+            order_ = (x > y) - (x < y)
+        elif isinstance(x, str) and isinstance(y, str):
+            order_ = (x > y) - (x < y)
+        if order_ is None:
+            return []
+        if op == "<":
+            return [order_ < 0]
+        if op == ">":
+            return [order_ > 0]
+        if op == "<=":
+            return [order_ <= 0]
+        return [order_ >= 0]
+
+    return run
+
+
+def _arithmetic(op: str, left: Fn, right: Fn) -> Fn:
+    def run(focus: list[Any], env: _Env) -> list[Any]:
+        a = _number(left(focus, env), f"operator {op}")
+        b = _number(right(focus, env), f"operator {op}")
+        if a is None or b is None:
+            return []
+        if isinstance(a, int) and isinstance(b, int) and op in ("+", "-", "*"):
+            return [a + b if op == "+" else a - b if op == "-" else a * b]
+        x, y = Decimal(a), Decimal(b)
+        if op == "+":
+            return [EXACT.add(x, y)]
+        if op == "-":
+            return [EXACT.subtract(x, y)]
+        if op == "*":
+            return [EXACT.multiply(x, y)]
+        if y.is_zero():
+            return []
+        if op == "/":
+            return [pg_divide(x, y)]
+        if op == "div":
+            return [pg_divide(x, y).to_integral_value(rounding=ROUND_DOWN, context=EXACT)]
+        # PostgreSQL's % keeps the dividend's sign (truncated division), as Decimal's does.
+        remainder = EXACT.remainder(x, y)
+        return [int(remainder) if isinstance(a, int) and isinstance(b, int) else remainder]
+
+    return run
+
+
+# --------------------------------------------------------------------------- views
+
+
+def _as_text(value: Any) -> Any:
+    return value if type(value) is str else text_of(value)
+
+
+def _as_is(value: Any) -> Any:
     return value
 
 
-# ---------------------------------------------------------------------------
-# Compiled views
+class _Column:
+    __slots__ = ("collection", "convert", "fn", "name")
+
+    def __init__(self, column: Column, fn: Fn) -> None:
+        self.name = column.name
+        self.collection = column.collection
+        target = sql_type(column.type, column.collection)
+        self.convert: Callable[[Any], Any]
+        if target == "jsonb":
+            self.convert = _as_is
+        elif target == "text":
+            self.convert = _as_text
+        else:
+            name = column.name
+            self.convert = lambda value: cast(value, target, name)
+        self.fn = fn
+
+    def value(self, focus: list[Any], env: _Env) -> Any:
+        values = self.fn(focus, env)
+        if self.collection:
+            return values
+        if not values:
+            return None
+        if len(values) > 1:
+            raise ViewEvaluationError(
+                f"column {self.name!r} gave {len(values)} values;"
+                " set collection: true to keep them all"
+            )
+        return self.convert(values[0])
 
 
 class _CompiledSelect:
     __slots__ = (
-        "column_exprs",
         "columns",
         "focus",
         "mode",
         "null_row",
         "repeat",
+        "repeat_step",
         "selects",
         "union_all",
     )
 
-    def __init__(self, select: Select, context_type: str | None, fast_path: bool) -> None:
+    def __init__(self, select: Select, scope: Scope, typer: Typer, compiler: _Compiler) -> None:
         self.mode = "same"
-        self.focus: _Expression | None = None
-        self.repeat: tuple[_Expression, ...] = ()
-        child_type = context_type
+        self.focus: Fn | None = None
+        self.repeat: tuple[Fn, ...] = ()
+        self.repeat_step: tuple[Fn, ...] = ()
+        inner = scope
         if select.for_each is not None or select.for_each_or_null is not None:
             self.mode = "forEach" if select.for_each is not None else "forEachOrNull"
-            self.focus = _Expression(
-                select.for_each or select.for_each_or_null or "", context_type, fast_path
-            )
-            child_type = self.focus.type_after if self.focus.fast is not None else None
+            path = select.for_each if select.for_each is not None else select.for_each_or_null
+            assert path is not None
+            items = typer.expression(path, scope)
+            self.focus = compiler.compile(items)
+            inner = Scope(items.fpath)
         elif select.repeat:
             self.mode = "repeat"
-            # The items of a recursive walk have no one static type: evaluate them slowly.
-            self.repeat = tuple(_Expression(path, None) for path in select.repeat)
-            child_type = None
-        self.columns = select.column
-        self.column_exprs = tuple(
-            _Expression(col.path, child_type, fast_path) for col in select.column
+            # The first step starts from the focus; deeper steps from items of no one type.
+            inner = Scope(None)
+            self.repeat = tuple(compiler.compile(typer.expression(p, scope)) for p in select.repeat)
+            self.repeat_step = tuple(
+                compiler.compile(typer.expression(p, inner)) for p in select.repeat
+            )
+        self.columns = tuple(
+            _Column(c, compiler.compile(typer.expression(c.path, inner))) for c in select.column
         )
-        self.selects = tuple(_CompiledSelect(sub, child_type, fast_path) for sub in select.select)
-        self.union_all = tuple(
-            _CompiledSelect(sub, child_type, fast_path) for sub in select.union_all
-        )
-        self.null_row: dict[str, Any] = {col.name: None for col in select.columns()}
+        self.selects = tuple(_CompiledSelect(s, inner, typer, compiler) for s in select.select)
+        self.union_all = tuple(_CompiledSelect(s, inner, typer, compiler) for s in select.union_all)
+        self.null_row = select.null_row()
 
-    def rows(self, item: Any, row_index: int, variables: dict[str, Any]) -> list[dict[str, Any]]:
+    def rows(self, item: Any, env: _Env) -> list[dict[str, Any]]:
         if self.mode == "same":
-            return self._rows_for(item, row_index, variables)
+            return self._rows_for(item, env)
         if self.focus is not None:
-            variables["rowIndex"] = row_index
-            foci = self.focus.nodes([item], variables)
+            foci = self.focus([item], env)
             if not foci and self.mode == "forEachOrNull":
-                return [self._null_row(variables)]
+                return [dict(self.null_row)]
         else:
             foci = []
-            self._walk(item, variables, foci)
+            self._walk(item, env, foci, self.repeat)
         out: list[dict[str, Any]] = []
+        outer = env.row_index
         for index, focus in enumerate(foci):
-            out.extend(self._rows_for(focus, index, variables))
+            env.row_index = index
+            out.extend(self._rows_for(focus, env))
+        env.row_index = outer
         return out
 
-    def _null_row(self, variables: dict[str, Any]) -> dict[str, Any]:
-        # The row forEachOrNull emits for an empty collection: every column null, except
-        # what an own column computes without a focus (%rowIndex is 0 there).
-        row = dict(self.null_row)
-        variables["rowIndex"] = 0
-        for column, expression in zip(self.columns, self.column_exprs, strict=True):
-            if expression.fast is None:
-                values = expression.values([], variables)
-                if len(values) == 1 and not column.collection:
-                    row[column.name] = _column_value(values[0], column)
-        return row
-
-    def _walk(self, item: Any, variables: dict[str, Any], out: list[Any]) -> None:
+    def _walk(self, item: Any, env: _Env, out: list[Any], paths: tuple[Fn, ...]) -> None:
         # Depth first, in document order: %rowIndex numbers the items in that order.
-        for expression in self.repeat:
-            for child in expression.nodes([item], variables):
+        for expression in paths:
+            for child in expression([item], env):
                 out.append(child)
-                self._walk(child, variables, out)
+                self._walk(child, env, out, self.repeat_step)
 
-    def _rows_for(
-        self, item: Any, row_index: int, variables: dict[str, Any]
-    ) -> list[dict[str, Any]]:
-        row: dict[str, Any] = {}
+    def _rows_for(self, item: Any, env: _Env) -> list[dict[str, Any]]:
         focus = [item]
-        for column, expression in zip(self.columns, self.column_exprs, strict=True):
-            variables["rowIndex"] = row_index
-            values = expression.values(focus, variables)
-            if column.collection:
-                row[column.name] = [_column_value(v, column) for v in values]
-            elif not values:
-                row[column.name] = None
-            elif len(values) == 1:
-                row[column.name] = _column_value(values[0], column)
-            else:
-                raise ViewEvaluationError(
-                    f"column {column.name!r} ({column.path}) gave {len(values)} values;"
-                    " set collection: true to keep them all"
-                )
+        row = {column.name: column.value(focus, env) for column in self.columns}
         rows = [row]
         for sub in self.selects:
-            sub_rows = sub.rows(item, row_index, variables)
+            sub_rows = sub.rows(item, env)
             if not sub_rows:
                 return []
             rows = _product(rows, sub_rows)
         if self.union_all:
             union_rows: list[dict[str, Any]] = []
             for branch in self.union_all:
-                union_rows.extend(branch.rows(item, row_index, variables))
+                union_rows.extend(branch.rows(item, env))
             rows = _product(rows, union_rows)
         return rows
 
@@ -517,42 +757,35 @@ def _product(left: list[dict[str, Any]], right: list[dict[str, Any]]) -> list[di
 
 
 class CompiledView:
-    """A ViewDefinition with every FHIRPath expression parsed once, ready to run."""
+    """A ViewDefinition with every FHIRPath expression resolved and compiled once."""
 
-    __slots__ = ("_constants", "_root", "_wheres", "view")
+    __slots__ = ("_root", "_wheres", "view")
 
-    def __init__(self, view: ViewDefinition, fast_path: bool = True) -> None:
+    def __init__(self, view: ViewDefinition) -> None:
         self.view = view
-        self._constants = {c.name: c.value for c in view.constant}
-        self._wheres = tuple(_Expression(w.path, view.resource, fast_path) for w in view.where)
-        self._root = _CompiledSelect(Select(select=view.select), view.resource, fast_path)
+        typer = Typer(view.resource, {c.name: (c.value, c.value_type) for c in view.constant})
+        compiler = _Compiler()
+        scope = Scope(view.resource, at_root=True)
+        self._wheres = tuple(
+            (w.path, compiler.compile(typer.expression(w.path, scope))) for w in view.where
+        )
+        self._root = _CompiledSelect(Select(select=view.select), scope, typer, compiler)
 
     def rows(self, resource: Mapping[str, Any]) -> list[dict[str, Any]]:
         """The view's rows for one resource ([] for another resource type or a where miss)."""
         if resource.get("resourceType") != self.view.resource:
             return []
-        variables: dict[str, Any] = {
-            **self._constants,
-            "resource": resource,
-            "rootResource": resource,
-            "context": resource,
-            "ucum": "http://unitsofmeasure.org",
-            "sct": "http://snomed.info/sct",
-            "loinc": "http://loinc.org",
-            "rowIndex": 0,
-        }
+        env = _Env(resource)
         focus = [resource]
-        for where in self._wheres:
-            result = where.values(focus, variables)
-            if not result:
+        for text, where in self._wheres:
+            result = where(focus, env)
+            if result == [] or (len(result) == 1 and result[0] is False):
                 return []
-            if len(result) != 1 or not isinstance(result[0], bool):
+            if len(result) != 1 or result[0] is not True:
                 raise ViewEvaluationError(
-                    f"where {where.text!r} must give a boolean, gave {result[:3]!r}"
+                    f"where {text!r} must give a boolean, gave {result[:3]!r}"
                 )
-            if not result[0]:
-                return []
-        return self._root.rows(resource, 0, variables)
+        return self._root.rows(resource, env)
 
     def evaluate(self, resources: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
         """The view's rows over many resources, in input order."""
@@ -562,13 +795,9 @@ class CompiledView:
         return out
 
 
-def compile_view(view: ViewDefinition, *, fast_path: bool = True) -> CompiledView:
-    """Parse every expression of `view` once. Raises InvalidViewDefinition.
-
-    Plain dotted paths skip fhirpathpy (same results, much faster); `fast_path=False`
-    sends every expression through fhirpathpy, for comparison.
-    """
-    return CompiledView(view, fast_path)
+def compile_view(view: ViewDefinition) -> CompiledView:
+    """Resolve and compile every expression of `view` once. Raises InvalidViewDefinition."""
+    return CompiledView(view)
 
 
 def evaluate(view: ViewDefinition, resources: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:

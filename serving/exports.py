@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 from collections.abc import Iterable, Mapping, Sequence
 from decimal import Decimal
 from typing import Any
+
+from receiver.fhir_values import decimal_text, dumps
 
 CSV_MEDIA_TYPE = "text/csv; charset=utf-8"
 # OWASP "CSV Injection": a spreadsheet reads a cell starting with one of these as a formula
@@ -24,13 +25,13 @@ def csv_cell(value: Any, *, raw: bool = False) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, Decimal):
-        return format(value, "f")
+        return decimal_text(value)
     if isinstance(value, int | float):
         return str(value)
     if isinstance(value, str):
         return "'" + value if not raw and value.startswith(FORMULA_STARTS) else value
-    # The standard library's encoder: jsonb may hold integers past 64 bits (orjson refuses them).
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    # The exact codec: decimals as received, integers past 64 bits as they are.
+    return dumps(value).decode()
 
 
 def csv_text(

@@ -15,7 +15,6 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from decimal import Decimal
 from typing import Any
 
 import orjson
@@ -23,6 +22,7 @@ import psycopg
 from psycopg import sql
 
 from receiver.errors import InvalidRequest, Issue, SpeedLayerUnavailable
+from receiver.fhir_values import dumps
 from receiver.store import SpeedStore
 from serving.cohort import (
     PD,
@@ -330,8 +330,7 @@ def now_iso() -> str:
 
 
 def jsonable(value: Any) -> Any:
-    if isinstance(value, Decimal):
-        return int(value) if value == value.to_integral_value() else float(value)
+    # Decimals stay Decimal (receiver.fhir_values.dumps writes them exactly).
     return value
 
 
@@ -466,7 +465,7 @@ def _page_sql(
         union += sql.SQL(
             " UNION ALL SELECT {} FROM jsonb_to_recordset(%(speed)s::jsonb) AS t({})"
         ).format(cols, record)
-        params["speed"] = orjson.dumps(speed_rows).decode()
+        params["speed"] = dumps(speed_rows).decode()
     type_of = dict(types)
     where: list[sql.Composable] = []
     for n, (column, value) in enumerate(filters):

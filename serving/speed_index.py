@@ -13,11 +13,11 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import orjson
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError
 
 from receiver.errors import SpeedLayerUnavailable
+from receiver.fhir_values import fold, loads
 from receiver.store import (
     BUCKETS,
     EPOCH_KEY,
@@ -64,8 +64,8 @@ class RowIndex:
         self.resource_type = resource_type
         self.rows: dict[str, Rows] = {}
         self.keys: dict[str, set[str]] = {}
-        # lower-cased code text or display -> {resource id: patients of its counting rows
-        # carrying that text}: a condition-text parameter is met without a per-row check.
+        # folded code text or display (receiver.fhir_values.fold) -> {resource id: patients of
+        # its counting rows carrying that text}: condition-text is met without a per-row check.
         self.texts: dict[str, dict[str, frozenset[str]]] = {}
         self.text_patients: dict[str, dict[str, int]] = {}  # text -> patient -> resources
         self._of: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {}
@@ -79,7 +79,7 @@ class RowIndex:
             if counts(self.resource_type, row):
                 for col in ("code_text", "code_display"):
                     if isinstance(row.get(col), str):
-                        owners = texts.setdefault(row[col].lower(), set())
+                        owners = texts.setdefault(fold(row[col]), set())
                         if row.get("patient_id"):
                             owners.add(row["patient_id"])
         for key in keys:
@@ -377,11 +377,11 @@ class SpeedMirror:
                 if raw is None:
                     missing = True
                 else:
-                    decoded[name] = orjson.loads(raw)
+                    decoded[name] = loads(raw)
             if missing and not deleted:
                 # Written without derived rows (a receiver run without the deriver).
                 entry = await store.get(t, rid)
-                data = orjson.loads(entry.body) if entry is not None and entry.body else {}
+                data = loads(entry.body) if entry is not None and entry.body else {}
                 decoded = tm.rows_of(data)
             held = Held(version.version_number, version.last_updated_ms, deleted, decoded)
             tm.set_entry(rid, held)

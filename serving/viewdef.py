@@ -2,22 +2,18 @@
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from decimal import Decimal
 from importlib import resources
 from pathlib import Path
-from typing import Any, NamedTuple, cast
-
-from antlr4 import CommonTokenStream, InputStream, Token
-from antlr4.error.ErrorListener import ErrorListener
-from antlr4.tree.Tree import ParseTreeWalker
-from fhirpathpy.parser.ASTPathListener import ASTPathListener
-from fhirpathpy.parser.generated.FHIRPathLexer import FHIRPathLexer
-from fhirpathpy.parser.generated.FHIRPathParser import FHIRPathParser
+from typing import Any, NamedTuple
 
 from receiver.errors import InvalidViewDefinition
+from receiver.fhir_values import JsonError
+from receiver.fhir_values import loads as exact_loads
+from serving.fhirpath import BUILTIN_VARIABLES, parse, variables_used
 
 __all__ = [
     "BUILTIN_VARIABLES",
@@ -29,18 +25,12 @@ __all__ = [
     "Where",
     "load_view",
     "load_view_file",
-    "parse_fhirpath",
     "shipped_views",
+    "sql_type",
 ]
 
 # SQL-on-FHIR names must be usable as SQL identifiers without quoting.
 _NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
-
-# Environment variables every engine provides besides the view's constants
-# (FHIRPath's own, plus %rowIndex from the SQL-on-FHIR spec).
-BUILTIN_VARIABLES = frozenset(
-    {"resource", "rootResource", "context", "ucum", "sct", "loinc", "rowIndex"}
-)
 
 # The value[x] types a ViewDefinition.constant may carry, mapped to the Python
 # type the JSON value must have (bool is checked before int on purpose).
@@ -51,7 +41,7 @@ _CONSTANT_TYPES: dict[str, tuple[type, ...]] = {
     "code": (str,),
     "date": (str,),
     "dateTime": (str,),
-    "decimal": (int, float),
+    "decimal": (int, Decimal),
     "id": (str,),
     "instant": (str,),
     "integer": (int,),
@@ -80,7 +70,7 @@ class Constant:
     """A `constant` entry: usable in every expression of the view as `%name`."""
 
     name: str
-    value: str | int | float | bool
+    value: str | int | Decimal | bool
     value_type: str  # the FHIR type from the value[x] key, e.g. "string", "integer"
 
 
@@ -125,6 +115,21 @@ class Select:
     def iterates(self) -> bool:
         """True when this select changes the focus (and so restarts %rowIndex)."""
         return self.for_each is not None or self.for_each_or_null is not None or bool(self.repeat)
+
+    def column_paths(self) -> Iterator[Column]:
+        """Every column of this select's rows in order: own, nested selects, then unionAll."""
+        yield from self.column
+        for sub in self.select:
+            yield from sub.column_paths()
+        if self.union_all:
+            yield from self.union_all[0].column_paths()
+
+    def null_row(self) -> dict[str, Any]:
+        """The one row a `forEachOrNull` over an empty collection gives: every column of this
+        select and the selects it holds null, except a column whose path is `%rowIndex`,
+        which is 0 (SQL-on-FHIR v2, Processing Algorithm, Process(S, N) step 3). Both engines
+        build it from here, whatever the nested selects would give on an empty focus."""
+        return {c.name: 0 if c.path.strip() == "%rowIndex" else None for c in self.column_paths()}
 
     def columns(self) -> Iterator[ColumnInfo]:
         """This select's output columns in order: own, nested selects, then unionAll."""
@@ -179,31 +184,31 @@ class ViewDefinition:
             stack.extend(sel.union_all)
 
 
-class _RaisingErrorListener(ErrorListener):  # type: ignore[misc]
-    # fhirpathpy's parser silently recovers from syntax errors ("name.(" parses).
-    def syntaxError(
-        self, recognizer: Any, offendingSymbol: Any, line: int, column: int, msg: str, e: Any
-    ) -> None:
-        raise ValueError(f"column {column}: {msg}")
+_TEXT_TYPES = frozenset(
+    {
+        "string", "code", "id", "uri", "url", "canonical", "markdown", "oid", "uuid",
+        "base64Binary", "date", "dateTime", "instant", "time", "xhtml",
+    }
+)  # fmt: skip
+_INTEGER_TYPES = frozenset({"integer", "positiveInt", "unsignedInt"})
 
 
-def parse_fhirpath(expression: str) -> dict[str, Any]:
-    """Parse FHIRPath into fhirpathpy's tree; ValueError (or antlr's) on any syntax error."""
-    listener = _RaisingErrorListener()
-    lexer = FHIRPathLexer(InputStream(expression))
-    lexer.removeErrorListeners()
-    lexer.addErrorListener(listener)
-    tokens = CommonTokenStream(lexer)
-    parser = FHIRPathParser(tokens)
-    parser.buildParseTrees = True
-    parser.removeErrorListeners()
-    parser.addErrorListener(listener)
-    tree = parser.expression()
-    if tokens.LA(1) != Token.EOF:
-        raise ValueError(f"unexpected {tokens.LT(1).text!r} after a complete expression")
-    ast = ASTPathListener()  # type: ignore[no-untyped-call]
-    ParseTreeWalker().walk(ast, tree)
-    return cast("dict[str, Any]", ast.parentStack[0])
+def sql_type(fhir_type: str | None, collection: bool) -> str:
+    """The SQL type of a column of this FHIR type (both engines cast a column's value to it:
+    text, integer, bigint, numeric, boolean, or jsonb for collections and other types)."""
+    if collection or fhir_type is None:
+        return "jsonb"
+    if fhir_type in _TEXT_TYPES:
+        return "text"
+    if fhir_type in _INTEGER_TYPES:
+        return "integer"
+    if fhir_type == "integer64":
+        return "bigint"
+    if fhir_type == "decimal":
+        return "numeric"
+    if fhir_type == "boolean":
+        return "boolean"
+    return "jsonb"
 
 
 def load_view(data: Mapping[str, Any]) -> ViewDefinition:
@@ -264,8 +269,8 @@ def load_view(data: Mapping[str, Any]) -> ViewDefinition:
 def load_view_file(path: str | Path) -> ViewDefinition:
     """Load and validate a ViewDefinition from a JSON file."""
     try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
+        data = exact_loads(Path(path).read_bytes())
+    except (OSError, JsonError) as exc:
         raise InvalidViewDefinition(f"cannot read ViewDefinition {path}: {exc}") from exc
     return load_view(data)
 
@@ -277,8 +282,8 @@ def shipped_views() -> dict[str, ViewDefinition]:
         if not entry.name.endswith(".json"):
             continue
         try:
-            data = json.loads(entry.read_text(encoding="utf-8"))
-        except ValueError as exc:
+            data = exact_loads(entry.read_bytes())
+        except JsonError as exc:
             raise InvalidViewDefinition(f"{entry.name}: {exc}") from exc
         view = load_view(data)
         views[view.name or entry.name.removesuffix(".json")] = view
@@ -336,7 +341,9 @@ def _constant(raw: Any, where: str) -> Constant:
     accepted = _CONSTANT_TYPES.get(value_type)
     if accepted is None:
         raise InvalidViewDefinition(f"{where} ({name}) has an unsupported type {key}")
-    value: str | int | float | bool = data[key]
+    value: str | int | Decimal | bool = data[key]
+    if isinstance(value, float) and Decimal in accepted:
+        value = Decimal(repr(value))  # a view parsed without exact numbers: its shortest form
     if (isinstance(value, bool) and bool not in accepted) or not isinstance(value, accepted):
         raise InvalidViewDefinition(f"{where} ({name}): {key} has the wrong JSON type")
     return Constant(name=name, value=value, value_type=value_type)
@@ -392,6 +399,15 @@ def _select(raw: Any, where: str) -> Select:
                     f"{where}.unionAll[{i}] has columns {names}, but unionAll[0] has {first}:"
                     " every branch must have the same columns in the same order"
                 )
+            # One table column per name: its type must be the same in every branch.
+            for a, b in zip(union_all[0].columns(), branch.columns(), strict=True):
+                kind_a, kind_b = sql_type(a.type, a.collection), sql_type(b.type, b.collection)
+                if kind_a != kind_b:
+                    raise InvalidViewDefinition(
+                        f"{where}.unionAll[{i}] column {a.name!r} is {kind_b}"
+                        f" ({b.type or 'no type'}{', collection' if b.collection else ''}),"
+                        f" but in unionAll[0] it is {kind_a}: every branch must agree"
+                    )
     return Select(
         column=tuple(
             _column(c, f"{where}.column[{i}]") for i, c in enumerate(_list(data, "column", where))
@@ -408,23 +424,12 @@ def _select(raw: Any, where: str) -> Select:
 
 def _check_expression(expression: str, known_variables: frozenset[str] | set[str]) -> None:
     """Reject a FHIRPath expression that does not parse or names an undefined %variable."""
-    try:
-        tree = parse_fhirpath(expression)
-    except Exception as exc:  # antlr raises several unrelated exception types
-        raise InvalidViewDefinition(f"invalid FHIRPath {expression!r}: {exc}") from exc
-    stack: list[Any] = [tree]
-    while stack:
-        node = stack.pop()
-        if not isinstance(node, dict):
+    tree = parse(expression)
+    for name in sorted(variables_used(tree)):
+        # %`vs-...` and %`ext-...` are FHIR's predefined value set/extension names.
+        if name.startswith(("vs-", "ext-")):
             continue
-        if node.get("type") == "ExternalConstant":
-            for child in node.get("children", []):
-                name = str(child.get("text", "")).strip("`")
-                # %`vs-...` and %`ext-...` are FHIR's predefined value set/extension names.
-                if name.startswith(("vs-", "ext-")):
-                    continue
-                if name not in known_variables:
-                    raise InvalidViewDefinition(
-                        f"FHIRPath {expression!r} uses %{name}, which is not a constant of the view"
-                    )
-        stack.extend(node.get("children", []))
+        if name not in known_variables:
+            raise InvalidViewDefinition(
+                f"FHIRPath {expression!r} uses %{name}, which is not a constant of the view"
+            )

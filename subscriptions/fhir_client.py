@@ -32,6 +32,7 @@ import httpx
 import orjson
 
 from receiver.errors import EndlessPaging, FhirFatalError, FhirTemporaryError
+from receiver.fhir_values import JsonError, dumps, loads
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +76,7 @@ class HistoryEntry:
     @cached_property
     def raw(self) -> bytes | None:
         """The resource as compact JSON bytes (a Bundle is one document: re-serialised)."""
-        return None if self.resource is None else orjson.dumps(self.resource)
+        return None if self.resource is None else dumps(self.resource)
 
 
 @dataclass(frozen=True)
@@ -448,8 +449,8 @@ class FhirClient:
                 response.status_code,
             )
         try:
-            data = orjson.loads(response.content)
-        except orjson.JSONDecodeError as exc:
+            data = loads(response.content)
+        except JsonError as exc:
             raise FhirFatalError(
                 f"HAPI answered {_describe(response.request)} with something that is not JSON",
                 response.status_code,
@@ -474,7 +475,7 @@ class FhirClient:
         all_headers = {"Accept": FHIR_JSON}
         content: bytes | None = None
         if body is not None:
-            content = orjson.dumps(body)
+            content = dumps(body)
             all_headers["Content-Type"] = f"{FHIR_JSON}; charset=UTF-8"
         all_headers.update(headers or {})
         request = self._client.build_request(

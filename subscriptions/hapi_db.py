@@ -16,11 +16,11 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-import orjson
 import psycopg
 from psycopg.rows import dict_row
 
 from receiver.errors import BatchLayerUnavailable
+from receiver.fhir_values import loads
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ def decode_text(encoding: str | None, text_vc: str | None, blob: bytes | None) -
         raw = gzip.decompress(blob) if (encoding or "").upper() == "JSONC" else bytes(blob)
     else:
         raise ValueError("the version row has no text")
-    data = orjson.loads(raw)
+    data = loads(raw)
     if not isinstance(data, dict):
         raise ValueError("the stored text is not a JSON object")
     return data

@@ -32,7 +32,6 @@ from email.utils import formatdate
 from typing import Any, NamedTuple, TypeVar
 from urllib.parse import urlencode, urlsplit
 
-import orjson
 import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -40,6 +39,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from receiver.errors import FhirFatalError
+from receiver.fhir_values import JsonError, dumps, loads
 from receiver.validation import check_id, check_resource, is_resource_type
 from subscriptions.standin_delivery import (
     CONTROL_PARAMS,
@@ -831,7 +831,7 @@ class _Http:
 
     @staticmethod
     def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
-        return Response(orjson.dumps(data), status, headers=headers, media_type=FHIR_JSON)
+        return Response(dumps(data), status, headers=headers, media_type=FHIR_JSON)
 
     @staticmethod
     def _base(request: Request) -> str:
@@ -852,8 +852,8 @@ class _Http:
     @staticmethod
     async def _body(request: Request) -> Any:
         try:
-            return orjson.loads(await request.body())
-        except orjson.JSONDecodeError as exc:
+            return loads(await request.body())
+        except JsonError as exc:
             raise StandInError(
                 400, f"Failed to parse request body as JSON resource: {exc}"
             ) from exc

@@ -23,7 +23,8 @@ from typing import Any, Literal
 from urllib.parse import parse_qsl
 
 import httpx
-import orjson
+
+from receiver.fhir_values import dumps
 
 logger = logging.getLogger(__name__)
 
@@ -513,7 +514,7 @@ class Deliverer:
             headers.append(("If-Match", f'"{version}"'))
         headers.extend(hook.headers)
         url = f"{base}/{note.resource_type}/{note.resource_id}"
-        return "PUT", url, orjson.dumps(resource), headers, str(version)
+        return "PUT", url, dumps(resource), headers, str(version)
 
     async def _send(
         self, method: str, url: str, body: bytes, headers: list[tuple[str, str]]

@@ -244,7 +244,12 @@ def test_init_creates_everything_and_is_idempotent(pg_url: str) -> None:
         "SELECT attname FROM pg_attribute WHERE attrelid = 'sqlonfhir.condition_simple'::regclass"
         " AND attnum > 0 ORDER BY attnum",
     )
-    assert [c[0] for c in columns] == [*shipped_views()["condition_simple"].column_names, "_row"]
+    assert [c[0] for c in columns] == [
+        *shipped_views()["condition_simple"].column_names,
+        "_row",
+        "code_text_folded",
+        "code_display_folded",
+    ]
 
     again = init(pg_url)
     assert again == [f"unchanged view sqlonfhir.{n}" for n in shipped_views()]

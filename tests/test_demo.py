@@ -16,8 +16,10 @@ import pytest
 
 import researchflow_cli
 from receiver.settings import Settings
-from serving.demo import DemoError, run_demo
+from serving.demo import COHORT_QUERY, DemoError, run_demo
+from subscriptions.standin import StandInHapi
 from tests.conftest import TEST_PG_ADMIN_URL, TEST_REDIS_URL, empty_redis, redis_db
+from tests.oracle import cohort as oracle_cohort
 from tests.procs import free_port
 
 
@@ -25,6 +27,7 @@ def test_demo_streams_changes_and_the_answer_matches_a_full_refresh(pg_url: str)
     lines: list[str] = []
     events: list[dict[str, Any]] = []
     settings = Settings(redis_url=TEST_REDIS_URL, database_url=pg_url)
+    hapi = StandInHapi(activation_delay=0.2, retry_initial=0.5, retry_total=10.0)
     answer = asyncio.run(
         run_demo(
             settings,
@@ -36,10 +39,15 @@ def test_demo_streams_changes_and_the_answer_matches_a_full_refresh(pg_url: str)
             reset=True,
             emit=events.append,
             say=lines.append,
+            hapi=hapi,
         )
     )
     text = "\n".join(lines)
     assert answer["verified"] is True, text
+    # "verified" is checked against the oracle over HAPI's final state, not the demo itself.
+    truth = {k: t.resource for k, t in hapi.resources.items() if not t.deleted}
+    query = [(k, v) for k, v in COHORT_QUERY.items() if k != "ids"]
+    assert answer["total_count"] == len(oracle_cohort(truth, query)), text
     assert answer["sources"] == ["batch_layer", "speed_layer"]
     assert "male patients with diabetes: total" in text
     assert "the merged answer was exact" in text

@@ -1,0 +1,653 @@
+"""FHIR value rules, one home for both layers and both engines, each with its SQL built here.
+
+- JSON numbers stay exact: a FHIR decimal is a `Decimal` from parsing to output, never a double
+  (`loads`, `dumps`, `decimal_text`).
+- Dates, dateTimes, instants and times compare as FHIRPath says (N1 §6.1.1, §6.2): component
+  by component from the year (the hour for times), a difference decides, a precision one value
+  has and the other lacks is unknown (None / SQL NULL); seconds and their fraction are one
+  precision compared as a decimal. Values that both carry a UTC offset are compared in UTC
+  (`Z` = `+00:00`); a value without an offset compares with one that has it only above the
+  hour (a date against a dateTime, by the dateTime's own calendar date), else unknown
+  (`compare_temporal`, `temporal_compare_sql`).
+- FHIR number search's implied precision: `7` is [6.5, 7.5), `7.0` is [6.95, 7.05)
+  (`implied_range`; FHIR R4 search, "number").
+- Unicode case mapping per code point: default case folding (`fold`, `str.casefold` of each
+  character) and FHIRPath's lower()/upper(), with the SQL generated from the same tables so
+  PostgreSQL gives exactly the Python string (`case_map_sql`).
+- lowBoundary()/highBoundary() of decimals, dates, dateTimes and times (`boundary`,
+  `boundary_sql`).
+"""
+
+from __future__ import annotations
+
+import calendar
+import json
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from decimal import Context, Decimal
+from functools import lru_cache
+from typing import Any, Literal
+
+import orjson
+import psycopg
+from psycopg import sql
+from psycopg.types.json import set_json_loads
+
+__all__ = [
+    "EXACT",
+    "JsonError",
+    "JsonTooDeep",
+    "boundary",
+    "boundary_sql",
+    "case_map",
+    "case_map_sql",
+    "compare_temporal",
+    "decimal_text",
+    "dumps",
+    "exact_json",
+    "fold",
+    "implied_range",
+    "is_temporal_type",
+    "loads",
+    "parse_number",
+    "temporal_compare_sql",
+]
+
+# --------------------------------------------------------------------------- exact JSON
+
+# Arithmetic without rounding for any number PostgreSQL's numeric holds (131,072 digits
+# before the point, 16,383 after): the default context would round at 28 digits.
+EXACT = Context(prec=150_000, Emax=999_999, Emin=-999_999)
+
+
+class JsonError(ValueError):
+    """Text that is not JSON a FHIR server may send (malformed, NaN/Infinity, lone surrogates)."""
+
+
+def _no_constant(name: str) -> Any:
+    raise JsonError(f"{name} is not a JSON number")
+
+
+# The C scanner of the standard library with Decimal for every number that has a fraction or
+# an exponent (~2.5 us more than orjson for a 600-byte resource; benchmarks/README.md).
+_DECODER = json.JSONDecoder(parse_float=Decimal, parse_constant=_no_constant)
+_LONE_SURROGATE = re.compile(
+    r"[\ud800-\udbff](?![\udc00-\udfff])|(?<![\ud800-\udbff])[\udc00-\udfff]"
+)
+
+
+# Nesting the exact parser takes: the standard library's scanner recurses once per level,
+# against the interpreter's recursion limit (1,000 frames, the caller's included).
+MAX_NESTING = 256
+
+
+class JsonTooDeep(JsonError):
+    """Well-formed JSON nested deeper than MAX_NESTING levels (no FHIR resource is: the gate
+    refuses more than 100)."""
+
+
+def loads(data: bytes | bytearray | memoryview | str) -> Any:
+    """Parse JSON keeping every number exact: integers as int, others as Decimal.
+
+    Raises JsonError (a ValueError) for malformed JSON (as orjson sees it: deeper than 1,024
+    levels is malformed), invalid UTF-8, NaN/Infinity and escaped lone surrogates (which no
+    UTF-8 output can hold); JsonTooDeep for well-formed JSON deeper than MAX_NESTING.
+    """
+    try:
+        text = data if isinstance(data, str) else bytes(data).decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise JsonError(str(exc)) from None
+    if text.count("[") + text.count("{") > MAX_NESTING:
+        _check_nesting(text)
+    try:
+        value = _DECODER.decode(text)
+    except JsonError:
+        raise
+    except ValueError as exc:  # JSONDecodeError
+        raise JsonError(str(exc)) from None
+    except RecursionError:
+        raise JsonTooDeep(f"JSON nested deeper than {MAX_NESTING} levels") from None
+    if ("\\ud" in text or "\\uD" in text) and _has_lone_surrogate(value):
+        raise JsonError("a string holds a lone UTF-16 surrogate escape")
+    return value
+
+
+def _check_nesting(text: str) -> None:
+    """JsonError / JsonTooDeep before the recursive parser meets deep nesting (so where the
+    line falls does not depend on how deep the caller's stack is)."""
+    try:
+        shape = orjson.loads(text)  # iterative enough for 1,024 levels; numbers ignored
+    except orjson.JSONDecodeError as exc:
+        raise JsonError(str(exc)) from None
+    level: list[tuple[Any, int]] = [(shape, 1)]
+    while level:
+        item, depth = level.pop()
+        if isinstance(item, dict | list):
+            if depth > MAX_NESTING:
+                raise JsonTooDeep(f"JSON nested deeper than {MAX_NESTING} levels")
+            children = item.values() if isinstance(item, dict) else item
+            level.extend((child, depth + 1) for child in children)
+
+
+def _has_lone_surrogate(value: Any) -> bool:
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if _LONE_SURROGATE.search(item):
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
+
+
+def decimal_text(value: Decimal) -> str:
+    """A decimal as JSON and PostgreSQL's numeric print it: plain notation, the scale kept
+    ("7.0" stays "7.0", 1E+2 is "100", -0.0 is "0.0"). Raises ValueError for NaN/Infinity."""
+    if not value.is_finite():
+        raise ValueError(f"{value} is not a FHIR decimal")
+    if value.is_zero():
+        value = value.copy_abs()
+    return format(value, "f")
+
+
+def _default(value: Any) -> Any:
+    if isinstance(value, Decimal):
+        return orjson.Fragment(decimal_text(value))
+    if isinstance(value, tuple):  # a NamedTuple, which orjson does not take
+        return list(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
+def _big_ints(value: Any) -> Any:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and not -(2**63) <= value < 2**64:
+        return orjson.Fragment(str(value))
+    if isinstance(value, dict):
+        return {k: _big_ints(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_big_ints(v) for v in value]
+    return value
+
+
+def dumps(value: Any, option: int | None = None) -> bytes:
+    """orjson.dumps, with Decimals and integers beyond 64 bits written exactly."""
+    try:
+        return orjson.dumps(value, default=_default, option=option)
+    except TypeError as exc:
+        if "64-bit" not in str(exc):
+            raise
+        return orjson.dumps(_big_ints(value), default=_default, option=option)
+
+
+def exact_json(conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any]) -> None:
+    """Make `conn` read json/jsonb with exact numbers (psycopg's default gives doubles)."""
+    set_json_loads(loads, conn)
+
+
+def parse_number(text: str) -> Decimal | None:
+    """A FHIR search number (`-?digits[.digits][e[+-]digits]`) as a Decimal, else None."""
+    if not _NUMBER_RE.fullmatch(text):
+        return None
+    return Decimal(text)
+
+
+_NUMBER_RE = re.compile(r"-?[0-9]+(\.[0-9]+)?([eE][+-]?[0-9]+)?")
+
+
+def half_unit(value: Decimal) -> Decimal:
+    """Half a unit of the last digit written: 0.5 for 7, 0.05 for 7.0, 50 for 1e2."""
+    exponent = value.as_tuple().exponent
+    assert isinstance(exponent, int)
+    return Decimal(5).scaleb(exponent - 1)
+
+
+def implied_range(value: Decimal) -> tuple[Decimal, Decimal]:
+    """[low, high) that a search number covers by its implied precision (FHIR R4 search,
+    "number": `100` searches [99.5, 100.5)). `1e2` is [50, 150): one significant digit."""
+    half = half_unit(value)
+    return EXACT.subtract(value, half), EXACT.add(value, half)
+
+
+# --------------------------------------------------------------------------- dates and times
+
+TEMPORAL_TYPES = frozenset({"date", "dateTime", "instant", "time"})
+# Precisions: year, month, day, hour, minute, second (with its fraction).
+_SECOND = 6
+_CLOCK = r"(?:[01][0-9]|2[0-3])(?::[0-5][0-9](?::[0-5][0-9](?:\.[0-9]+)?)?)?"
+_ZONE = r"(?:Z|[+-](?:0[0-9]|1[0-4]):[0-5][0-9])"
+# The shape of a FHIR date/dateTime/instant or a FHIRPath date/dateTime literal (without
+# `@`; `2024-01-01T` is a dateTime to the day). No capture groups: PostgreSQL matches such a
+# pattern about 7 times faster than one that captures; the parts are then read by position.
+DATETIME_SHAPE = (
+    r"^[0-9]{4}(?:-(?:0[1-9]|1[0-2])(?:-(?:0[1-9]|[12][0-9]|3[01])"
+    f"(?:T(?:{_CLOCK}{_ZONE}?)?)?)?)?$"
+)
+# A FHIR time or a FHIRPath time literal (`T10:30` without `@`).
+TIME_SHAPE = f"^T?{_CLOCK}$"
+_DATETIME_RE = re.compile(DATETIME_SHAPE)
+_TIME_RE = re.compile(TIME_SHAPE)
+
+
+def is_temporal_type(type_name: str | None) -> bool:
+    """True for the FHIR types compared by the date/time rules."""
+    return type_name in TEMPORAL_TYPES
+
+
+@dataclass(frozen=True)
+class _Reading:
+    parts: tuple[int | Decimal, ...]  # year..second, as far as the value's precision goes
+    zone: int | None  # the UTC offset in minutes, None when the value has none
+
+
+def _split(text: str, time: bool) -> tuple[list[str | None], str | None]:
+    """A well-formed value's parts by position (year, month, day, hour, minute, seconds) and
+    its zone; `temporal_compare_sql` reads them the same way."""
+    if time:
+        date: list[str | None] = [None, None, None]
+        clock, zone = (text[1:] if text.startswith("T") else text), None
+    else:
+        date = [
+            text[0:4],
+            text[5:7] if len(text) >= 7 else None,
+            text[8:10] if len(text) >= 10 else None,
+        ]
+        rest = text[11:] if len(text) > 11 else ""
+        if rest.endswith("Z"):
+            zone = "Z"
+        elif len(rest) >= 6 and rest[-6] in "+-":
+            zone = rest[-6:]
+        else:
+            zone = None
+        clock = rest[: len(rest) - len(zone)] if zone else rest
+    times = [
+        clock[0:2] if len(clock) >= 2 else None,
+        clock[3:5] if len(clock) >= 5 else None,
+        clock[6:] if len(clock) >= 8 else None,
+    ]
+    return date + times, zone
+
+
+def _read(text: str, time: bool) -> _Reading | None:
+    if not (_TIME_RE if time else _DATETIME_RE).match(text):
+        return None
+    fields, zone = _split(text, time)
+    year, month, day = fields[0], fields[1], fields[2]
+    if day is not None and int(day) > calendar.monthrange(int(year or 0), int(month or 0))[1]:
+        return None
+    parts: list[int | Decimal] = []
+    for n, g in enumerate(fields):
+        if g is None:
+            continue
+        parts.append(Decimal(g) if n == 5 else int(g))
+    offset = None
+    if zone is not None:
+        offset = 0 if zone == "Z" else int(zone[0] + "1") * (int(zone[1:3]) * 60 + int(zone[4:6]))
+    return _Reading(tuple(parts), offset)
+
+
+def _in_utc(reading: _Reading) -> tuple[int | Decimal, ...] | None:
+    """The value's parts moved to UTC (precision kept), or None when that cannot be said."""
+    parts, offset = reading.parts, reading.zone
+    assert offset is not None and len(parts) >= 4
+    if len(parts) == 4 and offset % 60:
+        return None  # an hour shifted by a part of an hour has no hour precision left
+    start = datetime(int(parts[0]), int(parts[1]), int(parts[2]), int(parts[3]))
+    if len(parts) > 4:
+        start += timedelta(minutes=int(parts[4]))
+    try:
+        moved = start - timedelta(minutes=offset)
+    except OverflowError:
+        return None
+    if not 1 <= moved.year <= 9999:
+        return None
+    shifted: tuple[int | Decimal, ...] = (
+        moved.year,
+        moved.month,
+        moved.day,
+        moved.hour,
+        moved.minute,
+    )
+    return shifted[: len(parts)] + parts[5:]
+
+
+def compare_temporal(left: str, right: str, time: bool = False) -> int | None:
+    """-1, 0 or 1 as FHIRPath orders two dates/dateTimes (or two times when `time`);
+    None when unknown (different precisions that agree as far as both go, an offset on one
+    side only above the hour, or a value that is not a date/time)."""
+    a, b = _read(left, time), _read(right, time)
+    if a is None or b is None:
+        return None
+    pa, pb = a.parts, b.parts
+    if a.zone is not None and b.zone is not None:
+        ua, ub = _in_utc(a), _in_utc(b)
+        if ua is None or ub is None:
+            return None
+        pa, pb = ua, ub
+    elif (a.zone is None) != (b.zone is None) and len(pa) > 3 and len(pb) > 3:
+        return None
+    for x, y in zip(pa, pb, strict=False):
+        if x != y:
+            return -1 if x < y else 1
+    return 0 if len(pa) == len(pb) else None
+
+
+def _fields_sql(x: str, clock: str, time: bool) -> list[str]:
+    """SQL of `_split`'s parts (text or NULL) of value `x` whose clock part is `clock`."""
+    date = (
+        ["NULL", "NULL", "NULL"]
+        if time
+        else [
+            f"substr({x}, 1, 4)",
+            f"CASE WHEN length({x}) >= 7 THEN substr({x}, 6, 2) END",
+            f"CASE WHEN length({x}) >= 10 THEN substr({x}, 9, 2) END",
+        ]
+    )
+    return [
+        *date,
+        f"CASE WHEN length({clock}) >= 2 THEN substr({clock}, 1, 2) END",
+        f"CASE WHEN length({clock}) >= 5 THEN substr({clock}, 4, 2) END",
+        f"CASE WHEN length({clock}) >= 8 THEN substr({clock}, 7) END",
+    ]
+
+
+def temporal_compare_sql(left: str, right: str, time: bool = False) -> str:
+    """SQL (integer -1/0/1 or NULL) giving `compare_temporal` of two SQL text expressions.
+
+    Each value becomes (precision, key, seconds): the key is its parts to the minute as
+    fixed-width text ("YYYY-MM-DDTHH:MI", moved to UTC when both have an offset), so comparing
+    the first characters of two keys compares the parts in order; the seconds (with their
+    fraction) compare as a decimal. Every step is a subquery of its own (OFFSET 0): pulled
+    up into one expression, PostgreSQL would compute each part again at every use.
+    """
+    shape = sql.Literal(TIME_SHAPE if time else DATETIME_SHAPE).as_string(None)
+
+    def rest(x: str) -> str:
+        if time:
+            return f"CASE WHEN left({x}, 1) = 'T' THEN substr({x}, 2) ELSE {x} END"
+        return f"CASE WHEN length({x}) > 11 THEN substr({x}, 12) ELSE '' END"
+
+    def zone(r: str) -> str:
+        if time:
+            return "NULL::text"
+        return (
+            f"CASE WHEN right({r}, 1) = 'Z' THEN 'Z' WHEN length({r}) >= 6"
+            f" AND substr({r}, length({r}) - 5, 1) IN ('+', '-') THEN right({r}, 6) END"
+        )
+
+    fa = _fields_sql("t.a", "c.ca", time)
+    fb = _fields_sql("t.b", "c.cb", time)
+    parts = ", ".join(
+        [*(f"{f} AS a{n}" for n, f in enumerate(fa)), *(f"{f} AS b{n}" for n, f in enumerate(fb))]
+    )
+    if time:
+        groups, widths = 3, "(ARRAY[2, 5, 5])"
+        precision = "3 - num_nulls(f.{x}4, f.{x}5)"
+        clock_key = "f.{x}3 || ':' || COALESCE(f.{x}4, '00')"
+        key_a, key_b = clock_key.format(x="a"), clock_key.format(x="b")
+        checks = "TRUE"
+        moved = ""
+    else:
+        groups, widths = _SECOND, "(ARRAY[4, 7, 10, 13, 16, 16])"
+        precision = "6 - num_nulls(f.{x}1, f.{x}2, f.{x}3, f.{x}4, f.{x}5)"
+
+        def valid_day(x: str) -> str:
+            return (
+                f"(f.{x}2 IS NULL OR f.{x}2 < '29' OR f.{x}2::int <= extract(day from"
+                f" make_date(f.{x}0::int, f.{x}1::int, 1) + interval '1 month - 1 day'))"
+            )
+
+        # An offset on one side only, both above the day: unknown.
+        checks = (
+            f"{valid_day('a')} AND {valid_day('b')} AND NOT ((z.za IS NULL) <> (z.zb IS NULL)"
+            " AND f.a3 IS NOT NULL AND f.b3 IS NOT NULL)"
+        )
+
+        def utc(x: str) -> str:
+            return (
+                f"(f.{x}0 || '-' || f.{x}1 || '-' || f.{x}2 || ' ' || f.{x}3 || ':'"
+                f" || COALESCE(f.{x}4, '00') || z.z{x})::timestamptz AT TIME ZONE 'UTC'"
+            )
+
+        both = "z.za IS NOT NULL AND z.zb IS NOT NULL"
+        moved = (
+            f" CROSS JOIN LATERAL (SELECT CASE WHEN {both} THEN {utc('a')} END AS ta,"
+            f" CASE WHEN {both} THEN {utc('b')} END AS tb OFFSET 0) AS u"
+        )
+
+        def key(x: str) -> str:
+            written = (
+                f"f.{x}0 || '-' || COALESCE(f.{x}1, '01') || '-' || COALESCE(f.{x}2, '01')"
+                f" || 'T' || COALESCE(f.{x}3, '00') || ':' || COALESCE(f.{x}4, '00')"
+            )
+            # An hour moved by part of an hour has no hour left to compare; years stay 1-9999.
+            in_utc = (
+                f"CASE WHEN f.{x}4 IS NULL AND z.z{x} <> 'Z' AND substr(z.z{x}, 5, 2) <> '00'"
+                f" THEN NULL WHEN u.t{x} < '0001-01-01' OR u.t{x} >= '10000-01-01' THEN NULL"
+                f" ELSE to_char(u.t{x}, 'YYYY-MM-DD\"T\"HH24:MI') END"
+            )
+            return f"CASE WHEN {both} THEN {in_utc} ELSE {written} END"
+
+        key_a, key_b = key("a"), key("b")
+    n = f"{widths}[least(k.pa, k.pb)]"
+    return (
+        "(SELECT CASE WHEN k.ka IS NULL OR k.kb IS NULL THEN NULL"
+        f" WHEN left(k.ka, {n}) <> left(k.kb, {n})"
+        f' THEN (CASE WHEN left(k.ka, {n}) COLLATE "C" < left(k.kb, {n}) THEN -1 ELSE 1 END)'
+        f" WHEN least(k.pa, k.pb) = {groups} AND f.a5::numeric <> f.b5::numeric"
+        " THEN (CASE WHEN f.a5::numeric < f.b5::numeric THEN -1 ELSE 1 END)"
+        " WHEN k.pa = k.pb THEN 0 END"
+        f" FROM (SELECT ({left})::text AS a, ({right})::text AS b OFFSET 0) AS t"
+        f" CROSS JOIN LATERAL (SELECT {rest('t.a')} AS ra, {rest('t.b')} AS rb"
+        f" WHERE t.a ~ {shape} AND t.b ~ {shape} OFFSET 0) AS s"
+        f" CROSS JOIN LATERAL (SELECT {zone('s.ra')} AS za, {zone('s.rb')} AS zb OFFSET 0) AS z"
+        " CROSS JOIN LATERAL (SELECT left(s.ra, length(s.ra) - COALESCE(length(z.za), 0)) AS ca,"
+        " left(s.rb, length(s.rb) - COALESCE(length(z.zb), 0)) AS cb OFFSET 0) AS c"
+        f" CROSS JOIN LATERAL (SELECT {parts} OFFSET 0) AS f"
+        f"{moved}"
+        f" CROSS JOIN LATERAL (SELECT {precision.format(x='a')} AS pa,"
+        f" {precision.format(x='b')} AS pb, {key_a} AS ka, {key_b} AS kb"
+        f" WHERE {checks} OFFSET 0) AS k)"
+    )
+
+
+# --------------------------------------------------------------------------- boundaries
+
+
+def _decimal_boundary(value: Decimal, high: bool) -> Decimal:
+    half = half_unit(value) if value.as_tuple().exponent < 0 else Decimal("0.5")  # type: ignore[operator]
+    return EXACT.add(value, half) if high else EXACT.subtract(value, half)
+
+
+_BOUNDARY_DATE_RE = re.compile(
+    r"^(?P<year>\d{4})(?:-(?P<month>\d{2})(?:-(?P<day>\d{2}))?)?"
+    r"(?:T(?P<time>[0-9:.]*)(?P<tz>Z|[+-]\d{2}:\d{2})?)?$"
+)
+_BOUNDARY_TIME_RE = re.compile(
+    r"^(?P<h>\d{2})(?::(?P<m>\d{2})(?::(?P<s>\d{2})(?:\.(?P<f>\d+))?)?)?$"
+)
+_SQL_BOUNDARY_DATE = r"^(\d{4})(?:-(\d{2})(?:-(\d{2}))?)?(?:T([0-9:.]*)(Z|[+-]\d{2}:\d{2})?)?$"
+_SQL_BOUNDARY_TIME = r"^(\d{2})(?::(\d{2})(?::(\d{2})(?:\.(\d+))?)?)?$"
+BoundaryKind = Literal["decimal", "date", "dateTime", "time"]
+
+
+def _time_boundary(text: str, high: bool) -> str | None:
+    match = _BOUNDARY_TIME_RE.match(text)
+    if not match:
+        return None
+    fill = "59" if high else "00"
+    frac = (match["f"] or "")[:3].ljust(3, "9" if high else "0")
+    return f"{match['h']}:{match['m'] or fill}:{match['s'] or fill}.{frac}"
+
+
+def _date_boundary(text: str, high: bool, with_time: bool) -> str | None:
+    match = _BOUNDARY_DATE_RE.match(text)
+    if not match:
+        return None
+    year = int(match["year"])
+    month = int(match["month"] or (12 if high else 1))
+    if not 1 <= month <= 12:
+        return None
+    day = int(match["day"] or (calendar.monthrange(year, month)[1] if high else 1))
+    date = f"{year:04d}-{month:02d}-{day:02d}"
+    if not with_time:
+        return date
+    time = _time_boundary(match["time"] or ("23" if high else "00"), high)
+    if time is None:
+        return None
+    # Without a zone the instant could be in any zone: the extremes are +14:00 / -12:00.
+    tz = match["tz"] or ("-12:00" if high else "+14:00")
+    return f"{date}T{time}{tz}"
+
+
+def boundary(value: Any, kind: str | None, high: bool) -> Any:
+    """lowBoundary()/highBoundary() of one value (`kind`: its static FHIR type, or None to
+    decide from the value: a number, a time `hh:mm...`, else a dateTime). None if it has none."""
+    kind = {"integer": "decimal", "instant": "dateTime"}.get(kind or "", kind)
+    number = isinstance(value, int | Decimal) and not isinstance(value, bool)
+    if kind == "decimal" or (kind not in ("date", "dateTime", "time") and number):
+        return _decimal_boundary(Decimal(value), high) if number else None
+    if not isinstance(value, str):
+        return None
+    if kind == "time" or (kind not in ("date", "dateTime") and _BOUNDARY_TIME_RE.match(value)):
+        return _time_boundary(value, high)
+    if kind == "date":
+        return _date_boundary(value, high, with_time=False)
+    return _date_boundary(value, high, with_time=True)
+
+
+def _lit(value: str) -> str:
+    return sql.Literal(value).as_string(None)
+
+
+def _time_boundary_sql(text: str, high: bool) -> str:
+    fill, digit = ("59", "9") if high else ("00", "0")
+    t = f"regexp_match({text}, {_lit(_SQL_BOUNDARY_TIME)})"
+    return (
+        f"(SELECT m[1] || ':' || COALESCE(m[2], '{fill}') || ':' || COALESCE(m[3], '{fill}')"
+        f" || '.' || rpad(left(COALESCE(m[4], ''), 3), 3, '{digit}') FROM (SELECT {t} AS m) AS t)"
+    )
+
+
+def _date_boundary_sql(text: str, high: bool, with_time: bool) -> str:
+    month = "COALESCE(m[2], '12')" if high else "COALESCE(m[2], '01')"
+    last_day = (
+        f"to_char(make_date(m[1]::integer, {month}::integer, 1)"
+        " + interval '1 month' - interval '1 day', 'DD')"
+    )
+    day = f"COALESCE(m[3], {last_day})" if high else "COALESCE(m[3], '01')"
+    date = f"m[1] || '-' || {month} || '-' || {day}"
+    if with_time:
+        clock = _time_boundary_sql(f"COALESCE(NULLIF(m[4], ''), '{'23' if high else '00'}')", high)
+        zone = f"COALESCE(m[5], '{'-12:00' if high else '+14:00'}')"
+        date = f"{date} || 'T' || {clock} || {zone}"
+    return (
+        f"(SELECT CASE WHEN {month}::integer BETWEEN 1 AND 12 THEN {date} END"
+        f" FROM (SELECT regexp_match({text}, {_lit(_SQL_BOUNDARY_DATE)}) AS m) AS d)"
+    )
+
+
+def boundary_sql(element: str, kind: str | None, high: bool) -> str:
+    """SQL (jsonb or NULL) giving `boundary` of one jsonb element."""
+    text = f"({element} #>> '{{}}')"
+    number = f"({element})::numeric"
+    # Exactly half a unit of the last digit, at one more digit (1.0 -> 0.95, 7 -> 6.5).
+    decimal = (
+        f"to_jsonb(round({number} {'+' if high else '-'} 0.5 * power(10::numeric,"
+        f" -scale({number})), scale({number}) + 1))"
+    )
+    options = {
+        "decimal": decimal,
+        "date": f"to_jsonb({_date_boundary_sql(text, high, with_time=False)})",
+        "dateTime": f"to_jsonb({_date_boundary_sql(text, high, with_time=True)})",
+        "time": f"to_jsonb({_time_boundary_sql(text, high)})",
+    }
+    kind = {"integer": "decimal", "instant": "dateTime"}.get(kind or "", kind)
+    by_value = {
+        "decimal": f"(CASE WHEN jsonb_typeof({element}) = 'number' THEN {decimal} END)",
+        "date": f"(CASE WHEN jsonb_typeof({element}) = 'string' THEN {options['date']} END)",
+        "dateTime": (
+            f"(CASE WHEN jsonb_typeof({element}) = 'string' THEN {options['dateTime']} END)"
+        ),
+        "time": f"(CASE WHEN jsonb_typeof({element}) = 'string' THEN {options['time']} END)",
+    }
+    if kind in by_value:
+        return by_value[kind]
+    return (
+        f"(CASE WHEN jsonb_typeof({element}) = 'number' THEN {decimal}"
+        f" WHEN jsonb_typeof({element}) <> 'string' THEN NULL"
+        f" WHEN {text} ~ {_lit(_SQL_BOUNDARY_TIME)} THEN {options['time']}"
+        f" ELSE {options['dateTime']} END)"
+    )
+
+
+# --------------------------------------------------------------------------- case mapping
+
+CaseKind = Literal["fold", "lower", "upper"]
+_MAPPERS: dict[str, Callable[[str], str]] = {
+    "fold": str.casefold,
+    "lower": str.lower,
+    "upper": str.upper,
+}
+
+
+@lru_cache(maxsize=3)
+def _table(kind: CaseKind) -> Mapping[int, str]:
+    """Code point -> its mapping, for every code point the mapping changes."""
+    mapper = _MAPPERS[kind]
+    table: dict[int, str] = {}
+    for cp in range(1, 0x110000):
+        if 0xD800 <= cp <= 0xDFFF:
+            continue
+        char = chr(cp)
+        mapped = mapper(char)
+        if mapped != char:
+            table[cp] = mapped
+    return table
+
+
+def case_map(text: str, kind: CaseKind) -> str:
+    """`text` with each code point mapped on its own (no context rules, so a final sigma is
+    folded like any other): the same string `case_map_sql` gives in PostgreSQL."""
+    return text.translate(_table(kind))
+
+
+def fold(text: str) -> str:
+    """Unicode default case folding (full, per code point): "ΔΙΑΒΗΤΗΣ" and "διαβητης" fold
+    to the same string, "Straße" to "strasse". What condition-text compares, in both layers."""
+    return text.translate(_table("fold"))
+
+
+@lru_cache(maxsize=3)
+def _sql_parts(kind: CaseKind) -> tuple[str, str, str, str, tuple[tuple[str, str], ...]]:
+    table = _table(kind)
+    single = {cp: m for cp, m in table.items() if len(m) == 1}
+    ascii_from = "".join(chr(cp) for cp in sorted(single) if cp < 128)
+    ascii_to = "".join(single[cp] for cp in sorted(single) if cp < 128)
+    all_from = "".join(chr(cp) for cp in sorted(single))
+    all_to = "".join(single[cp] for cp in sorted(single))
+    multi = tuple((chr(cp), m) for cp, m in sorted(table.items()) if len(m) > 1)
+    return ascii_from, ascii_to, all_from, all_to, multi
+
+
+def case_map_sql(text_sql: str, kind: CaseKind) -> str:
+    """SQL text giving `case_map(text, kind)` of a SQL text expression (NULL stays NULL).
+
+    translate() maps the code points that map to one code point, replace() the ~100 that map
+    to several; ASCII text (most of it) takes a 26-letter translate only.
+    """
+    ascii_from, ascii_to, all_from, all_to, multi = _sql_parts(kind)
+    full = f"translate(s.t, {_lit(all_from)}, {_lit(all_to)})"
+    for source, target in multi:
+        full = f"replace({full}, {_lit(source)}, {_lit(target)})"
+    return (
+        f"(SELECT CASE WHEN octet_length(s.t) = length(s.t)"
+        f" THEN translate(s.t, {_lit(ascii_from)}, {_lit(ascii_to)}) ELSE {full} END"
+        f" FROM (SELECT ({text_sql})::text AS t) AS s)"
+    )
