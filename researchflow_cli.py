@@ -236,6 +236,17 @@ def _batch_watermark(settings: Settings) -> Callable[[], Awaitable[str | None]]:
     return read
 
 
+def _served_types() -> tuple[str, ...]:
+    """The resource types the served views read (Patient always): all the poller reads.
+
+    A real HAPI holds other types too (written by other clients); no Subscription delivers
+    them, so a poller reading them would count each as a missed notification.
+    """
+    from serving.viewdef import shipped_views
+
+    return tuple(sorted({view.resource for view in shipped_views().values()} | {"Patient"}))
+
+
 async def _poll(settings: Settings, args: argparse.Namespace) -> int:
     from receiver.store import SpeedStore, connect
     from serving.derive import default_deriver
@@ -258,6 +269,7 @@ async def _poll(settings: Settings, args: argparse.Namespace) -> int:
                     derive=derive,
                     progress=progress,
                     batch_watermark=_batch_watermark(settings),
+                    types=_served_types(),
                 )
                 _end_progress()
                 print(
@@ -289,6 +301,7 @@ async def _poll(settings: Settings, args: argparse.Namespace) -> int:
                     stop,
                     derive,
                     batch_watermark=_batch_watermark(settings),
+                    types=_served_types(),
                 )
             return 0
     finally:
@@ -469,6 +482,7 @@ async def _run_all(settings: Settings, args: argparse.Namespace) -> int:
                     derive,
                     batch_watermark=_batch_watermark(settings),
                     metrics=api_app.state.metrics,  # missed notifications on the API's /metrics
+                    types=_served_types(),
                 )
             )
             try:
