@@ -973,7 +973,17 @@ class _Http:
         resource_ids: list[str] = []
         search_urls: list[str] = []
         for param in (body or {}).get("parameter") or []:
-            value = next((v for k, v in param.items() if k.startswith("value")), None)
+            kind, value = next(
+                ((k, v) for k, v in param.items() if k.startswith("value")), ("", None)
+            )
+            if param.get("name") == "resourceId" and kind != "valueUri":
+                # HAPI 8.8's operation declares resourceId a uri (docs/hapi.md).
+                found = kind.removeprefix("value") + "Type"
+                raise StandInError(
+                    400,
+                    f"HAPI-0362: Request has parameter resourceId of type {found} but method "
+                    "expects type UriType",
+                )
             if param.get("name") == "resourceId" and isinstance(value, str):
                 resource_ids.append(value)
             elif param.get("name") == "searchUrl" and isinstance(value, str):
