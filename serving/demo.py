@@ -113,6 +113,30 @@ class _Changes:
         return condition
 
 
+@contextlib.asynccontextmanager
+async def _source(
+    hapi: str, hapi_base_url: str | None, out: Callable[[str], None]
+) -> AsyncIterator[tuple[Any, str]]:
+    """The FHIR server the demo writes to: the stand-in, or the real HAPI of hapi-config/."""
+    if hapi == "real":
+        from serving.demo_hapi import RestHapi, start_local_hapi
+
+        base = hapi_base_url if hapi_base_url else await asyncio.to_thread(start_local_hapi, out)
+        out(f"real HAPI FHIR server: {base}")
+        source = RestHapi(base)
+        try:
+            yield source, base
+        finally:
+            await source.aclose()
+        return
+    from subscriptions.standin import StandInHapi, serve_standin
+
+    standin = StandInHapi(activation_delay=0.2, retry_initial=0.5, retry_total=10.0)
+    async with serve_standin(standin) as base:
+        out(f"stand-in HAPI FHIR server: {base}")
+        yield standin, base
+
+
 async def run_demo(
     settings: Settings,
     *,
@@ -123,8 +147,14 @@ async def run_demo(
     serve_port: int = 8082,
     reset: bool = False,
     out: Callable[[str], None] = print,
+    hapi: str = "standin",
+    hapi_base_url: str | None = None,
 ) -> dict[str, Any]:
-    """Run the demo; returns the last cohort answer."""
+    """Run the demo; returns the last cohort answer.
+
+    `hapi="real"` writes to the real HAPI FHIR server of hapi-config/ (started through
+    hapi.sh, or the one at `hapi_base_url`) instead of the stand-in.
+    """
     from receiver.app import create_app as create_receiver
     from serving import batch
     from serving.api import create_app as create_api
@@ -133,7 +163,6 @@ async def run_demo(
     from subscriptions import bootstrap
     from subscriptions.fhir_client import FhirClient
     from subscriptions.poller import poll_once, run_poller
-    from subscriptions.standin import StandInHapi, serve_standin
 
     receiver_port = _port_or_free(receiver_port)
     serve_port = _port_or_free(serve_port)
@@ -144,9 +173,9 @@ async def run_demo(
         settings.serving_tokens[0] if settings.serving_tokens else secrets.token_urlsafe(16)
     )
     rnd = random.Random(2026)
-    hapi = StandInHapi(activation_delay=0.2, retry_initial=0.5, retry_total=10.0)
+    real = hapi == "real"
     last: dict[str, Any] = {}
-    async with serve_standin(hapi) as fhir_base:
+    async with _source(hapi, hapi_base_url, out) as (source, fhir_base):
         settings = replace(
             settings,
             fhir_base_url=fhir_base,
@@ -156,17 +185,21 @@ async def run_demo(
             poll_interval_seconds=min(settings.poll_interval_seconds, 15),
             instance="researchflow-demo",
         )
-        out(f"stand-in HAPI FHIR server: {fhir_base}")
         started = time.perf_counter()
-        for resource in synthetic.population(patients, seed=7):
-            await hapi.update(resource)
+        if real:
+            await source.seed(synthetic.population(patients, seed=7))
+        else:
+            for resource in synthetic.population(patients, seed=7):
+                await source.update(resource)
         out(
-            f"seeded {len(hapi.resources):,} resources ({patients} patients) in "
+            f"seeded {len(source.resources):,} resources ({patients} patients) in "
             f"{time.perf_counter() - started:.1f}s"
         )
 
         redis_client = connect(settings)
         store = SpeedStore(redis_client)
+        if real:
+            source.store = store  # its wait_idle waits for HAPI's deliveries to land
         try:
             # The stand-in numbers versions from 1 again: a speed layer or batch layer left by
             # another source would hold "newer" versions of the same ids and win the merge.
@@ -192,7 +225,8 @@ async def run_demo(
                 _serve(api_app, serve_port),
                 FhirClient(settings.fhir_base_url) as client,
             ):
-                subs = await bootstrap.bootstrap(settings, client, wait=15.0)
+                # A real HAPI activates within a minute (it re-reads Subscriptions every 60 s).
+                subs = await bootstrap.bootstrap(settings, client, wait=120.0 if real else 15.0)
                 out(bootstrap.format_table(subs))
                 # One catch-up first: it marks the speed layer complete since the batch
                 # watermark, so the very first answer is not a degraded one.
@@ -223,7 +257,7 @@ async def run_demo(
                 out(f"status page: {api}/status   (user: any, password: the serving token)")
                 out(f"serving token: {serving_token}")
                 out("")
-                changes = _Changes(hapi, patients, rnd)
+                changes = _Changes(source, patients, rnd)
                 deadline = time.monotonic() + duration
                 next_print = 0.0
                 async with httpx.AsyncClient(
@@ -243,7 +277,7 @@ async def run_demo(
                                 f"{changes.made} changes pushed; last: {what})"
                             )
                         await asyncio.sleep(1.0 / rate)
-                    await hapi.wait_idle(timeout=30)
+                    await source.wait_idle(timeout=30)
                     response = await http.get("/cohort", params=COHORT_QUERY)
                     last = response.json()
                 out(f"final answer: {last}")
@@ -262,6 +296,11 @@ async def run_demo(
                     + ("the merged answer was exact" if same else "MISMATCH")
                 )
                 last = {**last, "verified": same}
+                if real:
+                    # HAPI would go on delivering to a receiver that is gone.
+                    removed = await bootstrap.remove(settings, client)
+                    out(f"removed the demo's {removed} Subscriptions from HAPI")
+                    out("the HAPI server keeps running: bash hapi-config/hapi.sh stop")
         finally:
             await redis_client.aclose()
     return last
@@ -281,6 +320,7 @@ def main_demo(settings: Settings, args: Any) -> int:
                 serve_port=args.serve_port,
                 reset=args.reset,
                 out=out,
+                hapi=getattr(args, "hapi", "standin"),
             )
         )
     except KeyboardInterrupt:

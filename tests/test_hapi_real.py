@@ -776,3 +776,38 @@ async def test_cohort_after_a_day_of_changes_equals_hapis_own_search_results(
                     assert got["total_count"] == len(reference), f"seed {seed}: {params}"
                     assert got["sources"] == ["batch_layer", "speed_layer"]
                     assert got["degraded"] is False
+
+
+# --- the demo on the real server ------------------------------------------------------------------
+
+
+async def test_demo_runs_on_the_real_hapi_and_its_answer_is_exact(
+    real_hapi: RealHapi, database: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from serving.demo import run_demo
+
+    # `--hapi real` goes through hapi.sh, which finds this session's server running.
+    monkeypatch.setenv("HAPI_PORT", str(real_hapi.port))
+    monkeypatch.setenv("HAPI_DATABASE_URL", real_hapi.database_url)
+    monkeypatch.setenv("HAPI_RUN_DIR", str(real_hapi.log.parent))
+    lines: list[str] = []
+    answer = await run_demo(
+        Settings(redis_url=REDIS_URL, database_url=database),
+        patients=40,
+        duration=8.0,
+        rate=6.0,
+        receiver_port=free_port(),
+        serve_port=free_port(),
+        reset=True,
+        out=lines.append,
+        hapi="real",
+    )
+    text = "\n".join(lines)
+    assert f"real HAPI FHIR server: {real_hapi.base_url}" in text
+    assert answer["verified"] is True, text
+    assert "the merged answer was exact" in text
+    async with http(real_hapi.base_url) as hapi:
+        leftover = await search_all(
+            hapi, "Subscription", {"_tag": "urn:researchflow:instance|researchflow-demo"}
+        )
+    assert leftover == []
