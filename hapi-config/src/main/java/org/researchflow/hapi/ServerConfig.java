@@ -12,6 +12,8 @@ import ca.uhn.fhir.jpa.provider.JpaCapabilityStatementProvider;
 import ca.uhn.fhir.jpa.provider.SubscriptionTriggeringProvider;
 import ca.uhn.fhir.jpa.search.DatabaseBackedPagingProvider;
 import ca.uhn.fhir.jpa.subscription.match.deliver.email.IEmailSender;
+import ca.uhn.fhir.jpa.subscription.submit.interceptor.SubscriptionMatcherInterceptor;
+import ca.uhn.fhir.jpa.subscription.submit.interceptor.SynchronousSubscriptionMatcherInterceptor;
 import ca.uhn.fhir.rest.api.EncodingEnum;
 import ca.uhn.fhir.rest.server.RestfulServer;
 import ca.uhn.fhir.rest.server.provider.ResourceProviderFactory;
@@ -66,6 +68,26 @@ public class ServerConfig {
 				wanted.isResthookEnabled() ? "on" : "off",
 				wanted.isImmediatelyQueued() ? "immediately" : "by the periodic sweep");
 		return settings;
+	}
+
+	/**
+	 * What {@code immediately_queued} means here: every change goes to subscription matching
+	 * right after its transaction commits.
+	 *
+	 * <p>HAPI 8.8's own setting ({@code SubscriptionSettings.setSubscriptionChangeQueuedImmediately})
+	 * only does this for Subscription resources; every other change is parked in
+	 * HFJ_RESOURCE_MODIFIED and submitted by a job every 5 s, which would put 0-5 s into each
+	 * delivery. HAPI ships the after-commit variant of its matcher interceptor
+	 * ({@link SynchronousSubscriptionMatcherInterceptor}) but selects it only when scheduling is
+	 * disabled for tests; it is chosen here instead ({@code @Primary} over HAPI's bean). A
+	 * submission that fails is still parked for the 5 s job, HAPI's safety net.
+	 */
+	@Primary
+	@Bean
+	public SubscriptionMatcherInterceptor immediateSubscriptionMatcherInterceptor(HapiProperties properties) {
+		return properties.getSubscription().isImmediatelyQueued()
+				? new SynchronousSubscriptionMatcherInterceptor()
+				: new SubscriptionMatcherInterceptor();
 	}
 
 	@Bean
