@@ -3,11 +3,10 @@
 HAPI facts this follows (see `../shared/hapi-rest-hook.md`): one in-memory queue per
 subscription (1000 deep) drained by 2 concurrent deliverers, so notifications for one
 resource can arrive out of order; creates and updates arrive as `PUT {endpoint}/{Type}/{id}`
-with `If-Match: W/"N"` (none, and no meta.versionId, with strip-version-ids), and not at
-all when the resource was deleted before delivery; deletes only with send-delete-messages;
-an empty-payload subscription gets `POST {endpoint}` with an empty form body whose answer is
-ignored; a failing delivery is retried with exponential back-off (1 s, x1.1) for ~60 s, then
-dropped, and the Subscription stays `active`.
+with `If-Match: W/"N"` (none, and no meta.versionId, with strip-version-ids); deletes only
+with send-delete-messages; an empty-payload subscription gets `POST {endpoint}` with an empty
+form body whose answer is ignored; a failing delivery is retried with exponential back-off
+(1 s, x1.1) for ~60 s, then dropped, and the Subscription stays `active`.
 """
 
 from __future__ import annotations
@@ -510,12 +509,10 @@ class Deliverer:
             headers.extend(hook.headers)
             return "POST", base, b"", headers, None
         resource, version = note.resource, note.version
-        current = self._read_current(note.resource_type, note.resource_id)
-        if current is None or current[1] is None:
-            # Deleted meanwhile: HAPI 8.8 skips the create/update (only the DELETE goes out),
-            # with or without deliver-latest-version (docs/hapi.md).
-            return None
         if hook.deliver_latest:
+            current = self._read_current(note.resource_type, note.resource_id)
+            if current is None or current[1] is None:
+                return None  # deleted meanwhile: HAPI skips the delivery
             version, resource = current
         headers.append(("Content-Type", FHIR_JSON_UTF8))
         headers.append(("Accept", "application/fhir+json"))

@@ -344,19 +344,20 @@ async def test_changes_are_delivered_right_after_their_commit(
             await asyncio.sleep(0.3)
 
 
-async def test_an_update_overtaken_by_a_delete_is_not_delivered(
+async def test_an_update_deleted_right_after_is_still_delivered(
     hapi: httpx.AsyncClient, hook: Hook
 ) -> None:
+    # Submitted after its commit, the update is on its way before the delete commits. (With
+    # HAPI's own 5 s queueing it was read back when the job ran, found deleted and never
+    # sent: docs/hapi.md.)
     rid = f"f{tag()}-gone"
     async with subscribed(hapi, rest_hook(f"{hook.base}/gone", "Patient?")):
         await put(hapi, patient(rid))
         await arrived(hook, "/gone", 1)
         await put(hapi, patient(rid, gender="male"))
         await delete(hapi, "Patient", rid)
-        await arrived(hook, "/gone", 2)
-        await asyncio.sleep(3)
-        # 8.8 re-reads the changed resource before delivery; deleted by then, only the DELETE goes.
-        assert [s.method for s in hook.on("/gone")] == ["PUT", "DELETE"]
+        seen = await arrived(hook, "/gone", 3)
+        assert sorted(s.method for s in seen) == ["DELETE", "PUT", "PUT"]
 
 
 async def test_deliver_latest_version_rereads_before_each_attempt(
