@@ -617,6 +617,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="keep the stand-in HAPI, receiver, query API and poller running afterwards "
         "(Ctrl-C stops them), with what to try next",
     )
+    p.add_argument(
+        "--hapi",
+        choices=["standin", "real"],
+        default="standin",
+        help="the FHIR server: the stand-in (default) or the real HAPI FHIR server of "
+        "hapi-config/, started with hapi.sh (HAPI_PORT, HAPI_DATABASE_URL; needs Java and Maven)",
+    )
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("speed", help="inspect the speed layer (Redis)")

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Set up what is missing on a fresh machine: Redis and PostgreSQL (Debian packages) when not
-# installed, both started when not running, a virtual environment with the package installed.
+# installed, both started when not running, Java 17 and Maven for the real HAPI FHIR server
+# when missing (it is built on first use by hapi-config/hapi.sh), a virtual environment with
+# the package installed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -9,6 +11,11 @@ command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
 command -v pg_ctlcluster >/dev/null 2>&1 || need_apt+=(postgresql)
 # The status page is tested in a real headless Chromium.
 command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)
+# The real HAPI FHIR server (hapi-config/hapi.sh): Java 17 and Maven build and run it, curl
+# waits for it. Machines of this project's kind come with Java and Maven.
+command -v java >/dev/null 2>&1 || need_apt+=(openjdk-17-jdk-headless)
+command -v mvn >/dev/null 2>&1 || need_apt+=(maven)
+command -v curl >/dev/null 2>&1 || need_apt+=(curl)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "setup: installing ${need_apt[*]} from Debian's packages"
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"

@@ -152,6 +152,31 @@ class _Changes:
         return condition
 
 
+@contextlib.asynccontextmanager
+async def _source(
+    hapi: str, hapi_base_url: str | None, standin: Any, say: Say
+) -> AsyncIterator[tuple[Any, str]]:
+    """The FHIR server the demo writes to: the stand-in, or the real HAPI of hapi-config/."""
+    if hapi == "real":
+        from serving.demo_hapi import RestHapi, start_local_hapi
+
+        base = hapi_base_url if hapi_base_url else await asyncio.to_thread(start_local_hapi, say)
+        say(f"real HAPI FHIR server: {base}")
+        source = RestHapi(base)
+        try:
+            yield source, base
+        finally:
+            await source.aclose()
+        return
+    from subscriptions.standin import StandInHapi, serve_standin
+
+    if standin is None:
+        standin = StandInHapi(activation_delay=0.2, retry_initial=0.5, retry_total=10.0)
+    async with serve_standin(standin) as base:
+        say(f"stand-in HAPI FHIR server: {base}")
+        yield standin, base
+
+
 async def run_demo(
     settings: Settings,
     *,
@@ -165,13 +190,17 @@ async def run_demo(
     emit: Emit | None = None,
     say: Say | None = None,
     stop: asyncio.Event | None = None,
-    hapi: Any = None,
+    hapi: str = "standin",
+    hapi_base_url: str | None = None,
+    standin: Any = None,
 ) -> dict[str, Any]:
     """Run the demo; returns the last cohort answer (with `verified`).
 
     `emit` gets the JSON events, `say` the lines for a person. With `serve`, keep everything
     running after the verification until `stop` is set (or the process is interrupted).
-    `hapi`: the stand-in to use (a test reads its final state afterwards), by default a new one.
+    `hapi="real"` writes to the real HAPI FHIR server of hapi-config/ (started through
+    hapi.sh, or the one at `hapi_base_url`) instead of the stand-in; `standin`: the stand-in
+    to use (a test reads its final state afterwards), by default a new one.
     """
     from serving import batch
 
@@ -209,6 +238,8 @@ async def run_demo(
                 say=say,
                 stop=stop,
                 hapi=hapi,
+                hapi_base_url=hapi_base_url,
+                standin=standin,
             )
         finally:
             await redis_client.aclose()
@@ -230,7 +261,9 @@ async def _demo(
     emit: Emit,
     say: Say,
     stop: asyncio.Event | None,
-    hapi: Any,
+    hapi: str,
+    hapi_base_url: str | None,
+    standin: Any,
 ) -> dict[str, Any]:
     from receiver.app import create_app as create_receiver
     from serving import batch
@@ -241,7 +274,6 @@ async def _demo(
     from subscriptions import bootstrap
     from subscriptions.fhir_client import FhirClient
     from subscriptions.poller import poll_once, run_poller
-    from subscriptions.standin import StandInHapi, serve_standin
 
     receiver_port = receiver_sock.getsockname()[1]
     serve_port = api_sock.getsockname()[1]
@@ -252,11 +284,10 @@ async def _demo(
         settings.serving_tokens[0] if settings.serving_tokens else secrets.token_urlsafe(16)
     )
     rnd = random.Random(2026)
-    if hapi is None:
-        hapi = StandInHapi(activation_delay=0.2, retry_initial=0.5, retry_total=10.0)
+    real = hapi == "real"
     last: dict[str, Any] = {}
     types = served_types()
-    async with serve_standin(hapi) as fhir_base:
+    async with _source(hapi, hapi_base_url, standin, say) as (source, fhir_base):
         settings = replace(
             settings,
             fhir_base_url=fhir_base,
@@ -266,12 +297,15 @@ async def _demo(
             poll_interval_seconds=min(settings.poll_interval_seconds, 15),
             instance="researchflow-demo",
         )
-        say(f"stand-in HAPI FHIR server: {fhir_base}")
         started = time.perf_counter()
-        for resource in synthetic.population(patients, seed=7):
-            await hapi.update(resource)
+        if real:
+            source.store = store  # its wait_idle waits for HAPI's deliveries to land
+            await source.seed(synthetic.population(patients, seed=7))
+        else:
+            for resource in synthetic.population(patients, seed=7):
+                await source.update(resource)
         say(
-            f"seeded {len(hapi.resources):,} resources ({patients} patients) in "
+            f"seeded {len(source.resources):,} resources ({patients} patients) in "
             f"{time.perf_counter() - started:.1f}s"
         )
         for line in await asyncio.to_thread(batch.init, settings.database_url):
@@ -296,7 +330,8 @@ async def _demo(
             _serve(api_app, api_sock),
             FhirClient(settings.fhir_base_url) as client,
         ):
-            subs = await bootstrap.bootstrap(settings, client, wait=15.0)
+            # A real HAPI activates within a minute (it re-reads Subscriptions every 60 s).
+            subs = await bootstrap.bootstrap(settings, client, wait=120.0 if real else 15.0)
             say(f"{len(subs)} Subscriptions active: " + ", ".join(s.criteria for s in subs))
             # One catch-up first: it marks the speed layer complete since the batch
             # watermark, so the very first answer is not a degraded one.
@@ -337,7 +372,7 @@ async def _demo(
             )
             say(f"query API:   {query_url}")
             say(f"status page: {api}/status   (user: any, password: the serving token)")
-            changes = _Changes(hapi, patients, rnd)
+            changes = _Changes(source, patients, rnd)
             deadline = time.monotonic() + duration
             next_print = 0.0
             auth = {"Authorization": f"Bearer {serving_token}"}
@@ -355,7 +390,7 @@ async def _demo(
                             f"{changes.made} changes pushed; last: {what})"
                         )
                     await asyncio.sleep(1.0 / rate)
-                await hapi.wait_idle(timeout=30)
+                await source.wait_idle(timeout=30)
                 last = (await http.get("/cohort", params=COHORT_QUERY)).json()
                 stop_poller.set()
                 await asyncio.wait_for(poller, timeout=10)
@@ -375,6 +410,11 @@ async def _demo(
                 await _keep_serving(
                     settings, store, client, derive, types, fhir_base, api, serving_token, say, stop
                 )
+            if real:
+                # HAPI would go on delivering to a receiver that is gone.
+                removed = await bootstrap.remove(settings, client)
+                say(f"removed the demo's {removed} Subscriptions from HAPI")
+                say("the HAPI server keeps running: bash hapi-config/hapi.sh stop")
     return last
 
 
@@ -451,6 +491,7 @@ def main_demo(settings: Settings, args: Any) -> int:
                 serve=args.serve,
                 emit=emit,
                 say=say,
+                hapi=getattr(args, "hapi", "standin"),
             )
         )
     except KeyboardInterrupt:

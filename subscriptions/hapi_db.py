@@ -40,7 +40,7 @@ class DbChange:
     resource_type: str
     resource_id: str
     version_id: str
-    last_updated: str  # FHIR instant, from RES_UPDATED
+    last_updated: str  # FHIR instant from RES_UPDATED, rendered as HAPI's REST API does
     updated_at: datetime  # RES_UPDATED as read (keyset position), aware, UTC
     res_pid: int  # RES_ID, HAPI's internal key (keyset tie-breaker)
     deleted: bool
@@ -66,6 +66,13 @@ def as_utc(value: datetime) -> datetime:
 def instant(value: datetime) -> str:
     """A FHIR instant (millisecond precision, UTC) for a database timestamp."""
     return as_utc(value).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def rest_instant(value: datetime) -> str:
+    """`meta.lastUpdated` as HAPI's REST API renders it for a server running in UTC
+    (`2026-11-29T20:13:42.509+00:00`: milliseconds and a numeric offset, never `Z`), so a
+    resource read from the tables is byte-for-byte the one `_history` would have given."""
+    return as_utc(value).isoformat(timespec="milliseconds")
 
 
 def decode_text(encoding: str | None, text_vc: str | None, blob: bytes | None) -> dict[str, Any]:
@@ -173,7 +180,7 @@ def _change(row: dict[str, Any]) -> DbChange:
     resource_id = str(row["fhir_id"])
     version = str(row["res_ver"])
     updated_at = as_utc(row["res_updated"])
-    last_updated = instant(updated_at)
+    last_updated = rest_instant(updated_at)
     encoding = (row["res_encoding"] or "").upper()
     deleted = row["res_deleted_at"] is not None or encoding == "DEL"
     common: dict[str, Any] = {

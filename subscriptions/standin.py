@@ -2,7 +2,8 @@
 
 What it does like HAPI (`../shared/hapi-rest-hook.md`): versioned resources with integer
 `meta.versionId` and a strictly increasing server-clock `meta.lastUpdated`; deletes as new
-versions; `_history` newest first with deletes, paged through `next` links
+versions; `_history` newest first with deletes, paged by `_offset` on its own URL (re-read
+for each page, as HAPI 8.8 does); searches paged through `next` links
 (`?_getpages=<token>&_getpagesoffset=N`); a 60 s search cache that `Cache-Control: no-cache`
 bypasses; no-op updates create no version; purely numeric client ids are refused; R4
 rest-hook Subscriptions validated at create (422), activated after a delay (or set to
@@ -10,8 +11,8 @@ rest-hook Subscriptions validated at create (422), activated after a delay (or s
 back-off and dropped; `$trigger-subscription`.
 
 Test knobs (all on `StandInHapi`): `pause_delivery()`/`resume_delivery()`, `drop_next(n)`,
-`drop_when(predicate)`, `delivery_jitter`, `fail_activation(reason)` (and any endpoint on the
-host `unreachable.invalid` ends in `error`), `clock_skew`, `await wait_idle()`, direct
+`drop_when(predicate)`, `delivery_jitter`, `fail_activation(reason)` (HAPI 8.8 itself activates
+any endpoint, reachable or not: docs/hapi.md), `clock_skew`, `await wait_idle()`, direct
 `await create/update/delete/read`, and `resources`, the truth view.
 """
 
@@ -30,7 +31,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import formatdate
 from typing import Any, NamedTuple, TypeVar
-from urllib.parse import urlencode, urlsplit
+from urllib.parse import urlencode
 
 import uvicorn
 from starlette.applications import Starlette
@@ -72,7 +73,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 FHIR_JSON = "application/fhir+json;charset=utf-8"
-# A Subscription whose endpoint is on this host is set to `error` at activation.
+# A host that never answers (tests point Subscriptions at it; HAPI still activates them).
 UNREACHABLE_HOST = "unreachable.invalid"
 PAYLOAD_TYPES = frozenset({"application/fhir+json", "application/json", "json"})
 T = TypeVar("T")
@@ -578,10 +579,9 @@ class StandInHapi:
         if current is None or current.version != version or current.resource is None:
             return  # changed meanwhile; the newer version decides
         sub = copy.deepcopy(current.resource)
-        endpoint = str((sub.get("channel") or {}).get("endpoint") or "")
+        # HAPI 8.8 activates a rest-hook Subscription without contacting its endpoint (an
+        # unreachable one ends `active` too); `fail_activation` models the `error` outcome.
         reason = self._activation_failure
-        if reason is None and urlsplit(endpoint).hostname == UNREACHABLE_HOST:
-            reason = f"Failed to reach endpoint {endpoint}"
         if reason is not None:
             sub["status"] = "error"
             sub["error"] = reason
@@ -929,9 +929,28 @@ class _Http:
     async def history(self, request: Request) -> Response:
         params = dict(request.query_params)
         p = request.path_params
+        offset = params.get("_offset", "0")
+        if not offset.isdigit():
+            raise StandInError(400, f"Invalid _offset value: {offset[:40]}")
         token = self.hapi.history(p.get("type"), p.get("id"), params.get("_since"))
         count = self.hapi._page_size(params)
-        return self._json(self.hapi._bundle(token, 0, count, self._base(request), str(request.url)))
+        bundle = self.hapi._bundle(token, int(offset), count, self._base(request), str(request.url))
+        total = len(self.hapi._pages.pop(token).items)
+        # HAPI 8.8 pages `_history` by `_offset` on the same URL, running it again for each
+        # page (no snapshot): a change made meanwhile shifts later pages, so an entry can come
+        # twice (newest first), never not at all.
+        links = [link for link in bundle["link"] if link["relation"] == "self"]
+        if count > 0 and int(offset) + count < total:
+            query = [(k, v) for k, v in request.query_params.multi_items() if k != "_offset"]
+            query.append(("_offset", str(int(offset) + count)))
+            links.append(
+                {
+                    "relation": "next",
+                    "url": str(request.url.replace(query=urlencode(query))),
+                }
+            )
+        bundle["link"] = links
+        return self._json(bundle)
 
     async def pages(self, request: Request) -> Response:
         params = dict(request.query_params)
@@ -954,7 +973,17 @@ class _Http:
         resource_ids: list[str] = []
         search_urls: list[str] = []
         for param in (body or {}).get("parameter") or []:
-            value = next((v for k, v in param.items() if k.startswith("value")), None)
+            kind, value = next(
+                ((k, v) for k, v in param.items() if k.startswith("value")), ("", None)
+            )
+            if param.get("name") == "resourceId" and kind != "valueUri":
+                # HAPI 8.8's operation declares resourceId a uri (docs/hapi.md).
+                found = kind.removeprefix("value") + "Type"
+                raise StandInError(
+                    400,
+                    f"HAPI-0362: Request has parameter resourceId of type {found} but method "
+                    "expects type UriType",
+                )
             if param.get("name") == "resourceId" and isinstance(value, str):
                 resource_ids.append(value)
             elif param.get("name") == "searchUrl" and isinstance(value, str):

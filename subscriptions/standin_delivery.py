@@ -3,10 +3,10 @@
 HAPI facts this follows (see `../shared/hapi-rest-hook.md`): one in-memory queue per
 subscription (1000 deep) drained by 2 concurrent deliverers, so notifications for one
 resource can arrive out of order; creates and updates arrive as `PUT {endpoint}/{Type}/{id}`
-with `If-Match: "N"`; deletes only with send-delete-messages; an empty-payload subscription
-gets `POST {endpoint}` with an empty form body whose answer is ignored; a failing delivery is
-retried with exponential back-off (1 s, x1.1) for ~60 s, then dropped, and the Subscription
-stays `active`.
+with `If-Match: W/"N"` (none, and no meta.versionId, with strip-version-ids); deletes only
+with send-delete-messages; an empty-payload subscription gets `POST {endpoint}` with an empty
+form body whose answer is ignored; a failing delivery is retried with exponential back-off
+(1 s, x1.1) for ~60 s, then dropped, and the Subscription stays `active`.
 """
 
 from __future__ import annotations
@@ -204,6 +204,13 @@ _FILTERS = frozenset({"_id", "_lastUpdated", "_tag", "_security", "_profile"})
 
 # ---------------------------------------------------------------------------------------------
 # Delivery
+
+
+def _without_version_id(resource: Any) -> Any:
+    if not isinstance(resource, dict) or not isinstance(resource.get("meta"), dict):
+        return resource
+    meta = {k: v for k, v in resource["meta"].items() if k != "versionId"}
+    return {**resource, "meta": meta}
 
 
 @dataclass(frozen=True)
@@ -510,8 +517,11 @@ class Deliverer:
             version, resource = current
         headers.append(("Content-Type", FHIR_JSON_UTF8))
         headers.append(("Accept", "application/fhir+json"))
-        if not hook.strip_version_ids:
-            headers.append(("If-Match", f'"{version}"'))
+        if hook.strip_version_ids:
+            # HAPI 8.8 then sends no If-Match and takes meta.versionId out of the body.
+            resource = _without_version_id(resource)
+        else:
+            headers.append(("If-Match", f'W/"{version}"'))  # HAPI 8.8 sends a weak ETag
         headers.extend(hook.headers)
         url = f"{base}/{note.resource_type}/{note.resource_id}"
         return "PUT", url, dumps(resource), headers, str(version)

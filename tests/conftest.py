@@ -93,3 +93,7 @@ def settings(pg_url: str) -> Settings:
         receiver_tokens=("test-token",),
         serving_tokens=("serve-token",),
     )
+
+
+# The real HAPI FHIR server, started once per session for the `hapi` tests (tests/real_hapi.py).
+from tests.real_hapi import real_hapi  # noqa: E402, F401

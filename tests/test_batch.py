@@ -56,7 +56,9 @@ class Faults:
         self.stalled = asyncio.Event()
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        paging = scope["type"] == "http" and b"_getpages=" in scope["query_string"]
+        query = scope.get("query_string", b"")
+        # Searches page with _getpages, _history (HAPI 8.8) with _offset.
+        paging = scope["type"] == "http" and (b"_getpages=" in query or b"_offset=" in query)
         if paging and self.stall is not None:
             self.stalled.set()
             await self.stall.wait()

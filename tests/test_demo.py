@@ -39,7 +39,7 @@ def test_demo_streams_changes_and_the_answer_matches_a_full_refresh(pg_url: str)
             reset=True,
             emit=events.append,
             say=lines.append,
-            hapi=hapi,
+            standin=hapi,
         )
     )
     text = "\n".join(lines)

@@ -104,9 +104,16 @@ def load_hapi_config() -> dict[str, Any]:
     return data
 
 
+def _build_context(service: Mapping[str, Any]) -> str | None:
+    build = service.get("build")
+    if isinstance(build, dict):
+        build = build.get("context")
+    return None if build is None else str(build).rstrip("/") or "."
+
+
 def ours(compose: Compose) -> dict[str, dict[str, Any]]:
-    """Services built from our Dockerfile."""
-    return {name: svc for name, svc in compose["services"].items() if "build" in svc}
+    """Services built from our Dockerfile (the root one; hapi-config/ builds the HAPI server)."""
+    return {name: svc for name, svc in compose["services"].items() if _build_context(svc) == "."}
 
 
 def raw_env(service: Mapping[str, Any]) -> dict[str, str]:
@@ -487,6 +494,34 @@ def test_every_required_setting_is_checked_per_service(compose: Compose) -> None
 def test_hapi_config(hapi_config: dict[str, Any]) -> None:
     problems = hapi_config_problems(hapi_config)
     assert not problems, "\n".join(problems)
+
+
+def hapi_build_problems(compose: Compose) -> list[str]:
+    """The hapi service is the server the real-HAPI tests ran: hapi-config/, HAPI 8.8.0."""
+    hapi = compose["services"].get("hapi", {})
+    context = _build_context(hapi)
+    if context is None or (ROOT / context).resolve() != HAPI_CONFIG_FILE.parent:
+        return [f"hapi is not built from hapi-config/ (build: {hapi.get('build')!r})"]
+    pom = (HAPI_CONFIG_FILE.parent / "pom.xml").read_text()
+    dockerfile = (HAPI_CONFIG_FILE.parent / "Dockerfile").read_text()
+    problems = []
+    if "<hapi.version>8.8.0</hapi.version>" not in pom:
+        problems.append("hapi-config/pom.xml no longer builds HAPI FHIR 8.8.0")
+    if "mvn" not in dockerfile or "researchflow-hapi.jar" not in dockerfile:
+        problems.append("hapi-config/Dockerfile does not build and run the pom's jar")
+    return problems
+
+
+def test_hapi_service_is_the_tested_server(compose: Compose) -> None:
+    problems = hapi_build_problems(compose)
+    assert not problems, "\n".join(problems)
+
+
+def test_hapi_build_check_catches_the_upstream_image(compose: Compose) -> None:
+    broken = copy.deepcopy(compose)
+    broken["services"]["hapi"].pop("build")
+    broken["services"]["hapi"]["image"] = "hapiproject/hapi:v8.10.0-1"
+    assert hapi_build_problems(broken), "an untested HAPI image went unnoticed"
 
 
 def test_hapi_service_loads_that_config(compose: Compose, hapi_config: dict[str, Any]) -> None:

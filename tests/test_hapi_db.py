@@ -153,10 +153,10 @@ async def test_json_jsonc_and_deleted_rows(hapi: Hapi, pg_url: str) -> None:
     ]
     a, b, c = changes
     assert a.resource is not None and a.resource["name"] == [{"family": "Two"}]
-    assert a.resource["meta"] == {"versionId": "2", "lastUpdated": "2026-11-25T10:00:01.000Z"}
+    assert a.resource["meta"] == {"versionId": "2", "lastUpdated": "2026-11-25T10:00:01.000+00:00"}
     assert b.resource is not None and b.resource["name"] == [{"family": "Zip"}]
     assert b.resource["meta"]["versionId"] == "1"
-    assert c.resource is None and c.last_updated == "2026-11-25T10:00:04.000Z"
+    assert c.resource is None and c.last_updated == "2026-11-25T10:00:04.000+00:00"
 
 
 async def test_keyset_paging_with_equal_timestamps(hapi: Hapi, pg_url: str) -> None:
@@ -218,7 +218,7 @@ async def test_poll_once_from_hapi_database(hapi: Hapi, pg_url: str, store: Spee
     assert result.missed == 3
     a = await store.get("Patient", "a")
     assert a is not None and a.version_id == "2" and a.body is not None
-    assert orjson.loads(a.body)["meta"]["lastUpdated"] == "2026-11-25T10:00:01.000Z"
+    assert orjson.loads(a.body)["meta"]["lastUpdated"] == "2026-11-25T10:00:01.000+00:00"
     z = await store.get("Patient", "z")
     assert z is not None and z.state == "present"
     c = await store.get("Patient", "c")

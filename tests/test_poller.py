@@ -39,7 +39,8 @@ POLL_SETTINGS = Settings(
 
 
 class FailPages:
-    """ASGI wrapper: while `fail` is set, every `next` page (page 2 on) answers 503."""
+    """ASGI wrapper: while `fail` is set, every `next` page (page 2 on) answers 503
+    (`_offset` pages of `_history`, `_getpages` pages of searches)."""
 
     def __init__(self, app: Any) -> None:
         self.app = app
@@ -47,7 +48,12 @@ class FailPages:
         self.failed = 0
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if self.fail and scope["type"] == "http" and b"_getpages=" in scope["query_string"]:
+        query = scope.get("query_string", b"")
+        if (
+            self.fail
+            and scope["type"] == "http"
+            and (b"_getpages=" in query or b"_offset=" in query)
+        ):
             self.failed += 1
             body = (
                 b'{"resourceType":"OperationOutcome","issue":[{"severity":"error",'
