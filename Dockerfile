@@ -9,6 +9,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 WORKDIR /build
 COPY pyproject.toml researchflow_cli.py ./
+COPY core ./core
 COPY receiver ./receiver
 COPY subscriptions ./subscriptions
 COPY serving ./serving

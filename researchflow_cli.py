@@ -14,15 +14,15 @@ from typing import Any
 
 import orjson
 
-from receiver.errors import (
+from core.errors import (
     DependencyUnavailable,
     FhirError,
     InvalidRequest,
     InvalidViewDefinition,
     ResearchFlowError,
 )
-from receiver.fhir_values import JsonError, dumps, loads
-from receiver.settings import Settings, SettingsError
+from core.fhir_values import JsonError, dumps, loads
+from core.settings import Settings, SettingsError
 
 logger = logging.getLogger("researchflow")
 
@@ -70,7 +70,7 @@ def _end_progress() -> None:
 
 
 async def _speed_get(settings: Settings, ref: str) -> dict[str, Any]:
-    from receiver.store import SpeedStore, connect
+    from core.store import SpeedStore, connect
 
     resource_type, sep, resource_id = ref.partition("/")
     if not sep or not resource_type or not resource_id:
@@ -92,7 +92,7 @@ async def _speed_get(settings: Settings, ref: str) -> dict[str, Any]:
 
 
 async def _speed_stats(settings: Settings) -> dict[str, Any]:
-    from receiver.store import SpeedStore, connect
+    from core.store import SpeedStore, connect
 
     def iso(ms: float | None) -> str | None:
         return datetime.fromtimestamp(ms / 1000.0, UTC).isoformat() if ms else None
@@ -149,13 +149,13 @@ def freeze_startup_objects() -> None:
 
 
 def _bind(host: str, port: int, name: str) -> Any:
-    from receiver.startup import bind
+    from core.serve import bind
 
     return bind(host, port, name)
 
 
 def _serve_apps(listeners: list[Any]) -> None:
-    from receiver.startup import close_all, serve_together
+    from core.serve import close_all, serve_together
 
     freeze_startup_objects()
     try:
@@ -165,8 +165,8 @@ def _serve_apps(listeners: list[Any]) -> None:
 
 
 def cmd_receiver(settings: Settings, args: argparse.Namespace) -> int:
+    from core.serve import Listener, check_redis
     from receiver.app import create_app
-    from receiver.startup import Listener, check_redis
     from serving.derive import default_deriver
 
     _require_tokens(settings.receiver_tokens, "RECEIVER_TOKEN", args.insecure)
@@ -193,7 +193,7 @@ def cmd_speed(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _types(raw: str | None) -> tuple[str, ...]:
-    from receiver.validation import NEVER_STORED, is_resource_type
+    from core.validation import NEVER_STORED, is_resource_type
     from serving.viewdef import served_types
 
     if raw is None:
@@ -252,7 +252,7 @@ def _batch_versions(
     async def read(resource_type: str, ids: Sequence[str]) -> dict[str, tuple[float, float]]:
         import psycopg
 
-        from receiver.errors import BatchLayerUnavailable
+        from core.errors import BatchLayerUnavailable
         from serving import batch
 
         try:
@@ -273,7 +273,7 @@ def _batch_watermark(settings: Settings) -> Callable[[], Awaitable[str | None]]:
 
 
 async def _poll(settings: Settings, args: argparse.Namespace) -> int:
-    from receiver.store import SpeedStore, connect
+    from core.store import SpeedStore, connect
     from serving.derive import default_deriver
     from serving.viewdef import served_types
     from subscriptions.fhir_client import FhirClient
@@ -406,8 +406,8 @@ def cmd_views(settings: Settings, args: argparse.Namespace) -> int:
 
 async def _rederive_speed_rows(settings: Settings, views: list[str]) -> None:
     """A rebuilt view's rows in the speed layer were derived from the old definition."""
-    from receiver.store import SpeedStore, connect
-    from receiver.validation import validate_resource
+    from core.store import SpeedStore, connect
+    from core.validation import validate_resource
     from serving.derive import default_deriver
     from serving.viewdef import shipped_views
 
@@ -439,7 +439,7 @@ def cmd_batch(settings: Settings, args: argparse.Namespace) -> int:
         return 0
 
     async def refresh() -> int:
-        from receiver.store import SpeedStore, connect
+        from core.store import SpeedStore, connect
 
         redis_client = connect(settings)
         try:
@@ -469,7 +469,7 @@ def _api_app(settings: Settings, insecure: bool) -> Any:
 
 
 def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
-    from receiver.startup import Listener, check_postgres
+    from core.serve import Listener, check_postgres
 
     _require_tokens(settings.serving_tokens, "SERVING_TOKEN", args.insecure)
     sock = _bind(args.host, args.port, "query API")
@@ -485,8 +485,8 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def _run_all(settings: Settings, args: argparse.Namespace, listeners: list[Any]) -> int:
-    from receiver.startup import check_postgres, check_redis, serve_together
-    from receiver.store import SpeedStore, connect
+    from core.serve import check_postgres, check_redis, serve_together
+    from core.store import SpeedStore, connect
     from serving.derive import default_deriver
     from serving.viewdef import served_types
     from subscriptions.fhir_client import FhirClient
@@ -530,8 +530,8 @@ async def _run_all(settings: Settings, args: argparse.Namespace, listeners: list
 
 
 def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
+    from core.serve import Listener, close_all
     from receiver.app import create_app as create_receiver
-    from receiver.startup import Listener, close_all
     from serving.derive import default_deriver
 
     _require_tokens(settings.receiver_tokens, "RECEIVER_TOKEN", args.insecure)
@@ -736,7 +736,7 @@ def _check_resource_types(settings: Settings) -> None:
     a heavy import for commands that never use them)."""
     if not settings.receiver_resource_types:
         return
-    from receiver.validation import is_resource_type
+    from core.validation import is_resource_type
 
     bad = [t for t in settings.receiver_resource_types if not is_resource_type(t)]
     if bad:

@@ -35,8 +35,8 @@ import orjson
 import psycopg
 
 from benchmarks import common
-from receiver.settings import Settings
-from receiver.store import parse_instant
+from core.settings import Settings
+from core.store import parse_instant
 from serving.batch import init, refresh
 from subscriptions.fhir_client import FhirClient
 from subscriptions.standin import StandInHapi, serve_asgi

@@ -64,8 +64,8 @@ def bodies(count: int, seed: int = 5) -> list[tuple[str, bytes]]:
 def serve_receiver(port: int, redis_url: str = BENCH_REDIS_URL) -> None:
     import uvicorn
 
+    from core.settings import Settings
     from receiver.app import create_app
-    from receiver.settings import Settings
     from serving.derive import default_deriver
 
     async def no_hapi(resource_type: str, resource_id: str) -> None:

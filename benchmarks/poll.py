@@ -28,8 +28,8 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from benchmarks.common import machine
-from receiver.settings import Settings
-from receiver.store import SpeedStore
+from core.settings import Settings
+from core.store import SpeedStore
 from subscriptions import synthetic
 from subscriptions.fhir_client import FhirClient
 from subscriptions.poller import HISTORY_COUNT, poll_once

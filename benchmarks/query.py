@@ -28,8 +28,8 @@ import orjson
 import psycopg
 import redis.asyncio as aioredis
 
+from core.store import SpeedStore, parse_instant, version_number
 from receiver.ingest import ingest, ingest_deletion
-from receiver.store import SpeedStore, parse_instant, version_number
 from serving import batch
 from serving.cohort import parse_query
 from serving.derive import default_deriver

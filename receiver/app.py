@@ -15,21 +15,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from receiver import auth
-from receiver.body import (
-    ACCEPT_ENCODING,
-    BodyTooLarge,
-    UnsupportedEncoding,
-    content_codings,
-    decode_body,
-    read_body,
-)
-from receiver.errors import InvalidRequest, InvalidResource, Issue, SpeedLayerUnavailable
-from receiver.ingest import Deriver, ingest, ingest_deletion, ingest_valid
-from receiver.metrics import Metrics, metrics_response
-from receiver.settings import Settings
-from receiver.store import SpeedStore, connect
-from receiver.validation import (
+from core import auth
+from core.errors import InvalidRequest, InvalidResource, Issue, SpeedLayerUnavailable
+from core.metrics import Metrics, metrics_response
+from core.settings import Settings
+from core.store import SpeedStore, connect
+from core.validation import (
     NEVER_STORED,
     ValidResource,
     check_id,
@@ -38,6 +29,15 @@ from receiver.validation import (
     parse_json,
     validate_resource,
 )
+from receiver.body import (
+    ACCEPT_ENCODING,
+    BodyTooLarge,
+    UnsupportedEncoding,
+    content_codings,
+    decode_body,
+    read_body,
+)
+from receiver.ingest import Deriver, ingest, ingest_deletion, ingest_valid
 
 logger = logging.getLogger(__name__)
 
@@ -555,7 +555,7 @@ async def _flush_quietly(store: SpeedStore) -> None:
 @contextlib.asynccontextmanager
 async def _fhir_lookup(settings: Settings) -> AsyncIterator[tuple[LatestVersion, FetchResource]]:
     """The deletion-version lookup and the id-only fetch through the project's FHIR client."""
-    from receiver.errors import FhirFatalError
+    from core.errors import FhirFatalError
     from subscriptions.fhir_client import FhirClient
 
     async with FhirClient(settings.fhir_base_url, max_retries=1) as client:

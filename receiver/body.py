@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 from starlette.requests import Request
 
-from receiver.errors import InvalidRequest, Issue
+from core.errors import InvalidRequest, Issue
 
 # RFC 9110 §8.4.1: `gzip` (and its old name `x-gzip`) is RFC 1952's format, `deflate` is the
 # zlib format of RFC 1950 (a deflate stream with a zlib header and checksum).

@@ -7,9 +7,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from receiver.errors import InvalidResource
-from receiver.store import Derived, SpeedStore
-from receiver.validation import NEVER_STORED, ValidResource, validate_resource
+from core.errors import InvalidResource
+from core.store import Derived, SpeedStore
+from core.validation import NEVER_STORED, ValidResource, validate_resource
 
 logger = logging.getLogger(__name__)
 

@@ -70,7 +70,7 @@ if [ ! -x .venv/bin/python ]; then
   echo "setup: creating .venv"
   python3.11 -m venv .venv 2>/dev/null || python3 -m venv .venv
 fi
-if ! .venv/bin/python -c "import receiver, subscriptions, serving, pytest, respx" >/dev/null 2>&1 \
+if ! .venv/bin/python -c "import core, receiver, subscriptions, serving, pytest, respx" >/dev/null 2>&1 \
    || [ pyproject.toml -nt .venv/.installed ]; then
   echo "setup: installing the package and its development tools into .venv"
   .venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
@@ -81,6 +81,6 @@ if ! .venv/bin/python -c "import receiver, subscriptions, serving, pytest, respx
     echo "setup: pip install failed (the lines above say why)" >&2
     exit 1
   fi
-  .venv/bin/python -c "import receiver, subscriptions, serving" 
+  .venv/bin/python -c "import core, receiver, subscriptions, serving"
   touch .venv/.installed
 fi

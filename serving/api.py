@@ -19,13 +19,13 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from receiver import auth
-from receiver.errors import DependencyUnavailable, InvalidRequest, Issue
-from receiver.fhir_values import dumps, exact_json
-from receiver.metrics import Metrics, metrics_response
-from receiver.settings import Settings
-from receiver.store import SpeedStore, connect
-from receiver.validation import operation_outcome
+from core import auth
+from core.errors import DependencyUnavailable, InvalidRequest, Issue
+from core.fhir_values import dumps, exact_json
+from core.metrics import Metrics, metrics_response
+from core.settings import Settings
+from core.store import SpeedStore, connect
+from core.validation import operation_outcome
 from serving.cohort import DEFAULT_COUNT, MAX_COUNT, parse_query, whole_number
 from serving.exports import CSV_MEDIA_TYPE, csv_text
 from serving.merge import (

@@ -30,15 +30,15 @@ from typing import TYPE_CHECKING, Any
 import psycopg
 from psycopg import sql
 
-from receiver.errors import BatchLayerUnavailable, ResearchFlowError
-from receiver.fhir_values import case_map_sql, dumps, loads
+from core.errors import BatchLayerUnavailable, ResearchFlowError
+from core.fhir_values import case_map_sql, dumps, loads
 from serving.cohort import SEARCHED_TEXT, folded_column
 from serving.sqlcompiler import compile_view
 from serving.viewdef import Select, ViewDefinition, shipped_views
 
 if TYPE_CHECKING:
-    from receiver.settings import Settings
-    from receiver.store import SpeedStore
+    from core.settings import Settings
+    from core.store import SpeedStore
     from serving.batch_sync import RefreshResult
     from subscriptions.fhir_client import FhirClient
 

@@ -3,7 +3,7 @@
 How a refresh stays all-or-nothing:
 
 1. Read from HAPI (`_history` since the watermark, or with `full` a search of every type)
-   through the one gate (`receiver.validation.validate_resource`) into a session-local
+   through the one gate (`core.validation.validate_resource`) into a session-local
    temporary table. Nothing shared is touched: a failure here (HAPI breaks on page 2, the
    process is killed) leaves the batch layer, its watermark and the speed layer as they were.
 2. One transaction: upsert the staged rows by version (only newer versions replace; deletes
@@ -33,15 +33,15 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from receiver.errors import (
+from core.errors import (
     BatchLayerUnavailable,
     InvalidRequest,
     Issue,
     ResearchFlowError,
 )
-from receiver.settings import Settings
-from receiver.store import SpeedStore, parse_instant, version_number
-from receiver.validation import NEVER_STORED, check_id, is_resource_type, validate_resource
+from core.settings import Settings
+from core.store import SpeedStore, parse_instant, version_number
+from core.validation import NEVER_STORED, check_id, is_resource_type, validate_resource
 from serving.batch import LOCK_KEY, VIEW_SCHEMA, BatchNotInitialized
 from serving.viewdef import served_types
 from subscriptions.fhir_client import FhirClient, HistoryEntry

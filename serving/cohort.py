@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any, Literal
 
-from receiver.errors import InvalidRequest, Issue
-from receiver.fhir_values import fold, implied_range, parse_number
+from core.errors import InvalidRequest, Issue
+from core.fhir_values import fold, implied_range, parse_number
 from serving.derive import counts
 
 DEFAULT_COUNT = 1000
@@ -26,7 +26,7 @@ PD = "sqlonfhir.patient_demographics"
 CS = "sqlonfhir.condition_simple"
 OS = "sqlonfhir.observation_simple"
 # The view columns condition-text searches. Each is also kept folded (Unicode default case
-# folding, receiver.fhir_values.fold) beside the view's own columns: in the batch layer's
+# folding, core.fhir_values.fold) beside the view's own columns: in the batch layer's
 # view as `<column>_folded` (computed by the SQL that fold_sql generates from the same
 # table), in the speed layer's index at write time, so both layers compare the same string.
 SEARCHED_TEXT: dict[str, tuple[str, ...]] = {"condition_simple": ("code_text", "code_display")}
@@ -78,7 +78,7 @@ class Criterion:
 
     kind: Kind
     codes: tuple[CodeCriterion, ...] = ()
-    texts: tuple[str, ...] = ()  # folded substrings (receiver.fhir_values.fold)
+    texts: tuple[str, ...] = ()  # folded substrings (core.fhir_values.fold)
 
     @property
     def resource_type(self) -> str:

@@ -12,8 +12,8 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-from receiver.errors import InvalidViewDefinition
-from receiver.fhir_values import loads
+from core.errors import InvalidViewDefinition
+from core.fhir_values import loads
 
 __all__ = [
     "ENGINES",

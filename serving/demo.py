@@ -26,9 +26,9 @@ from typing import Any
 import httpx
 import uvicorn
 
-from receiver.errors import BatchLayerUnavailable, ResearchFlowError
-from receiver.settings import Settings
-from receiver.store import SpeedStore, connect
+from core.errors import BatchLayerUnavailable, ResearchFlowError
+from core.settings import Settings
+from core.store import SpeedStore, connect
 from subscriptions import synthetic
 
 logger = logging.getLogger(__name__)
@@ -73,7 +73,7 @@ def ensure_database(database_url: str) -> bool:
 
 def bind_ports(receiver_port: int, serve_port: int) -> tuple[socket.socket, socket.socket]:
     """Both listening sockets, before anything starts (0: any free port)."""
-    from receiver.startup import bind, close_all
+    from core.serve import bind, close_all
 
     receiver = bind("127.0.0.1", receiver_port, "demo receiver (--receiver-port; 0: any)")
     try:

@@ -18,8 +18,8 @@ from typing import Any
 
 import httpx
 
-from receiver.errors import ResearchFlowError
-from receiver.store import SpeedStore
+from core.errors import ResearchFlowError
+from core.store import SpeedStore
 from subscriptions.standin import Truth
 
 HAPI_SH = Path(__file__).resolve().parents[1] / "hapi-config" / "hapi.sh"

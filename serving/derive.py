@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from receiver.fhir_values import dumps
+from core.fhir_values import dumps
+from core.store import Derived
+from core.validation import ValidResource
 from receiver.ingest import Deriver
-from receiver.store import Derived
-from receiver.validation import ValidResource
 from serving.evaluator import CompiledView, compile_view
 from serving.viewdef import ViewDefinition, shipped_views
 

@@ -4,7 +4,7 @@ Every expression is resolved by `serving.fhirpath` (the same typed tree the Post
 compiles) and turned once into nested Python closures over plain JSON values (dict, list, str,
 int, Decimal, bool). Each operation does what its SQL counterpart in `serving.sqlcompiler`
 does, rule for rule (collections, empty propagation, the date/time and decimal rules of
-`receiver.fhir_values`, PostgreSQL's casts for typed columns), so both engines give the same
+`core.fhir_values`, PostgreSQL's casts for typed columns), so both engines give the same
 rows by construction (`serving.sqlvalues` holds what PostgreSQL does to values);
 `tests/test_exact_views.py` checks both engines against an independent oracle.
 """
@@ -16,8 +16,8 @@ from collections.abc import Callable, Iterable, Mapping
 from decimal import ROUND_DOWN, Decimal
 from typing import Any
 
-from receiver.errors import InvalidViewDefinition
-from receiver.fhir_values import (
+from core.errors import InvalidViewDefinition
+from core.fhir_values import (
     EXACT,
     boundary,
     case_map,
@@ -137,7 +137,7 @@ def _row_index(focus: list[Any], env: _Env) -> list[Any]:
 
 
 def _exact(value: Any) -> Any:
-    # Resources come from receiver.fhir_values.loads (Decimal); a float from elsewhere is
+    # Resources come from core.fhir_values.loads (Decimal); a float from elsewhere is
     # read as the decimal it prints as, never as its binary value.
     return Decimal(repr(value)) if type(value) is float else value
 

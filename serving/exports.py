@@ -8,7 +8,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from decimal import Decimal
 from typing import Any
 
-from receiver.fhir_values import decimal_text, dumps
+from core.fhir_values import decimal_text, dumps
 
 CSV_MEDIA_TYPE = "text/csv; charset=utf-8"
 # OWASP "CSV Injection": a spreadsheet reads a cell starting with one of these as a formula

@@ -5,7 +5,7 @@ one ViewDefinition and focus into an `Expr` tree in which everything that depend
 model is already decided, the same way for the Python evaluator and the PostgreSQL compiler:
 
 - static FHIR types (`fpath`, `ftype`) from the R4 model (fhirpathpy's tables), which decide
-  where the date/time rules apply (`receiver.fhir_values`);
+  where the date/time rules apply (`core.fhir_values`);
 - choice elements: `value` of an Observation is every `value[x]` key, `value.ofType(Quantity)`
   the `valueQuantity` key;
 - extensions on primitive elements: `birthDate.extension(...)` and `birthDate.id` read the
@@ -26,7 +26,7 @@ from typing import Any
 
 from fhirpathpy.models import models as fhir_models
 
-from receiver.errors import InvalidViewDefinition
+from core.errors import InvalidViewDefinition
 
 __all__ = [
     "BUILTIN_VARIABLES",

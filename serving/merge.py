@@ -21,9 +21,9 @@ import orjson
 import psycopg
 from psycopg import sql
 
-from receiver.errors import InvalidRequest, Issue, SpeedLayerUnavailable
-from receiver.fhir_values import dumps
-from receiver.store import SpeedStore
+from core.errors import InvalidRequest, Issue, SpeedLayerUnavailable
+from core.fhir_values import dumps
+from core.store import SpeedStore
 from serving.cohort import (
     PD,
     CohortQuery,
@@ -330,7 +330,7 @@ def now_iso() -> str:
 
 
 def jsonable(value: Any) -> Any:
-    # Decimals stay Decimal (receiver.fhir_values.dumps writes them exactly).
+    # Decimals stay Decimal (core.fhir_values.dumps writes them exactly).
     return value
 
 

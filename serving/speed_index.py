@@ -16,9 +16,9 @@ from typing import Any
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError
 
-from receiver.errors import SpeedLayerUnavailable
-from receiver.fhir_values import fold, loads
-from receiver.store import (
+from core.errors import SpeedLayerUnavailable
+from core.fhir_values import fold, loads
+from core.store import (
     BUCKETS,
     EPOCH_KEY,
     GENERATION_KEY,
@@ -64,7 +64,7 @@ class RowIndex:
         self.resource_type = resource_type
         self.rows: dict[str, Rows] = {}
         self.keys: dict[str, set[str]] = {}
-        # folded code text or display (receiver.fhir_values.fold) -> {resource id: patients of
+        # folded code text or display (core.fhir_values.fold) -> {resource id: patients of
         # its counting rows carrying that text}: condition-text is met without a per-row check.
         self.texts: dict[str, dict[str, frozenset[str]]] = {}
         self.text_patients: dict[str, dict[str, int]] = {}  # text -> patient -> resources

@@ -13,8 +13,8 @@ import re
 from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
 
-from receiver.errors import InvalidViewDefinition
-from receiver.fhir_values import EXACT, decimal_text
+from core.errors import InvalidViewDefinition
+from core.fhir_values import EXACT, decimal_text
 
 __all__ = [
     "ViewEvaluationError",

@@ -23,10 +23,10 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
 from starlette.routing import Route
 
-from receiver.errors import ResearchFlowError
-from receiver.metrics import Metrics
-from receiver.settings import Settings
-from receiver.store import SpeedStore, parse_instant
+from core.errors import ResearchFlowError
+from core.metrics import Metrics
+from core.settings import Settings
+from core.store import SpeedStore, parse_instant
 from subscriptions.bootstrap import SubscriptionInfo
 from subscriptions.bootstrap import status as subscription_status
 from subscriptions.fhir_client import FhirClient

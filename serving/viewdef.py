@@ -10,9 +10,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from receiver.errors import InvalidViewDefinition
-from receiver.fhir_values import JsonError
-from receiver.fhir_values import loads as exact_loads
+from core.errors import InvalidViewDefinition
+from core.fhir_values import JsonError
+from core.fhir_values import loads as exact_loads
 from serving.fhirpath import BUILTIN_VARIABLES, parse, variables_used
 
 __all__ = [

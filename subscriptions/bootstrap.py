@@ -15,8 +15,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from receiver.errors import FhirFatalError, ResearchFlowError
-from receiver.settings import Settings
+from core.errors import FhirFatalError, ResearchFlowError
+from core.settings import Settings
 from subscriptions.fhir_client import FhirClient
 
 logger = logging.getLogger(__name__)

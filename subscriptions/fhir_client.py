@@ -31,8 +31,8 @@ from urllib.parse import parse_qsl, urlsplit, urlunsplit
 import httpx
 import orjson
 
-from receiver.errors import EndlessPaging, FhirFatalError, FhirTemporaryError
-from receiver.fhir_values import JsonError, dumps, loads
+from core.errors import EndlessPaging, FhirFatalError, FhirTemporaryError
+from core.fhir_values import JsonError, dumps, loads
 
 logger = logging.getLogger(__name__)
 

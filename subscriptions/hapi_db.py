@@ -19,8 +19,8 @@ from typing import Any
 import psycopg
 from psycopg.rows import dict_row
 
-from receiver.errors import BatchLayerUnavailable
-from receiver.fhir_values import loads
+from core.errors import BatchLayerUnavailable
+from core.fhir_values import loads
 
 logger = logging.getLogger(__name__)
 

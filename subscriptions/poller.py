@@ -3,7 +3,7 @@
 Two sources, one write path. By default HAPI's REST `_history` (system level, or per type),
 newest first, following `next` links with `Cache-Control: no-cache`; with
 `HAPI_DATABASE_URL`, HAPI's own tables (`subscriptions.hapi_db`). Every resource passes the
-gate of `receiver.validation` and the version-guarded Lua write of `receiver.store`, the
+gate of `core.validation` and the version-guarded Lua write of `core.store`, the
 same as the receiver's; a rejected one is recorded once (through `receiver.ingest.ingest`)
 and never counted as missed.
 
@@ -37,7 +37,7 @@ from typing import Any, Protocol
 
 from redis.exceptions import RedisError
 
-from receiver.errors import (
+from core.errors import (
     DependencyUnavailable,
     FhirFatalError,
     InvalidRequest,
@@ -45,10 +45,9 @@ from receiver.errors import (
     ResearchFlowError,
     SpeedLayerUnavailable,
 )
-from receiver.ingest import Deriver, ingest
-from receiver.metrics import Metrics
-from receiver.settings import Settings
-from receiver.store import (
+from core.metrics import Metrics
+from core.settings import Settings
+from core.store import (
     SpeedStore,
     UpsertItem,
     is_newer,
@@ -56,7 +55,8 @@ from receiver.store import (
     pending_field,
     version_number,
 )
-from receiver.validation import NEVER_STORED, validate_resource
+from core.validation import NEVER_STORED, validate_resource
+from receiver.ingest import Deriver, ingest
 from subscriptions import hapi_db
 
 logger = logging.getLogger(__name__)

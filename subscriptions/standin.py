@@ -39,9 +39,9 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from receiver.errors import FhirFatalError
-from receiver.fhir_values import JsonError, dumps, loads
-from receiver.validation import check_id, check_resource, is_resource_type
+from core.errors import FhirFatalError
+from core.fhir_values import JsonError, dumps, loads
+from core.validation import check_id, check_resource, is_resource_type
 from subscriptions.standin_delivery import (
     CONTROL_PARAMS,
     EXT_DELIVER_LATEST,

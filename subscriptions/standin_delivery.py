@@ -24,7 +24,7 @@ from urllib.parse import parse_qsl
 
 import httpx
 
-from receiver.fhir_values import dumps
+from core.fhir_values import dumps
 
 logger = logging.getLogger(__name__)
 

@@ -15,8 +15,8 @@ import logging
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
-from receiver.errors import FhirError
-from receiver.settings import Settings
+from core.errors import FhirError
+from core.settings import Settings
 from subscriptions.bootstrap import (
     DEFAULT_TYPES,
     desired_subscription,

@@ -16,8 +16,8 @@ import psycopg
 import pytest
 import redis.asyncio as aioredis
 
-from receiver.settings import Settings
-from receiver.store import SpeedStore
+from core.settings import Settings
+from core.store import SpeedStore
 
 SHARED = Path(os.environ.get("RESEARCHFLOW_SHARED", Path(__file__).resolve().parents[2] / "shared"))
 # Tests use their own Redis database number so they never touch a deployment's data.

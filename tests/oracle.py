@@ -1,7 +1,7 @@
 """An independent reference for view rows and /cohort, written from the definitions alone.
 
-Nothing here comes from `receiver/`, `serving/` or `subscriptions/`: it reads FHIR JSON the way
-FHIR's JSON format and the specifications define it, so a shared bug cannot hide in both.
+Nothing here comes from `core/`, `receiver/`, `serving/` or `subscriptions/`: it reads FHIR JSON
+the way FHIR's JSON format and the specifications define it, so a shared bug cannot hide in both.
 
 - View rows: the SQL-on-FHIR v2 Processing Algorithm (ViewDefinition notes, "Process(S, N)"),
   over expression trees built by the tests (`Expr` subclasses render themselves as FHIRPath

@@ -14,11 +14,11 @@ import pytest
 import redis.asyncio as aioredis
 from starlette.responses import Response
 
-from receiver.errors import FhirTemporaryError, InvalidViewDefinition
+from core.errors import FhirTemporaryError, InvalidViewDefinition
+from core.settings import Settings
+from core.store import SpeedStore, parse_instant
+from core.validation import check_resource
 from receiver.ingest import ingest, ingest_deletion
-from receiver.settings import Settings
-from receiver.store import SpeedStore, parse_instant
-from receiver.validation import check_resource
 from serving.batch import (
     BatchNotInitialized,
     batch_watermark,

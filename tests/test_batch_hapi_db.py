@@ -9,7 +9,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from receiver.settings import Settings
+from core.settings import Settings
 from serving import batch
 from tests.conftest import fresh_database
 from tests.test_hapi_db import HAPI_DDL, Hapi

@@ -15,7 +15,7 @@ import httpx
 import pytest
 import respx
 
-from receiver.settings import Settings
+from core.settings import Settings
 from subscriptions.bootstrap import (
     OWNER_TAG_SYSTEM,
     SEND_DELETE_MESSAGES,

@@ -11,9 +11,9 @@ import pytest
 import redis.asyncio as aioredis
 
 import researchflow_cli
-from receiver.errors import InvalidResource
+from core.errors import InvalidResource
+from core.store import SpeedStore
 from receiver.ingest import ingest
-from receiver.store import SpeedStore
 from tests.conftest import TEST_REDIS_URL
 from tests.procs import free_port
 

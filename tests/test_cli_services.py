@@ -222,8 +222,8 @@ def test_batch_init_after_a_view_changed_rebuilds_it_and_its_speed_rows(
 ) -> None:
     import asyncio
 
+    from core.store import Derived, SpeedStore
     from receiver.ingest import ingest
-    from receiver.store import Derived, SpeedStore
     from serving import batch
     from serving.viewdef import load_view, shipped_views
 

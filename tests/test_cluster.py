@@ -23,9 +23,8 @@ from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
 from redis.exceptions import ResponseError
 
-from receiver.app import create_app
-from receiver.settings import Settings
-from receiver.store import (
+from core.settings import Settings
+from core.store import (
     _TRIM_LUA,
     _UPSERT_LUA,
     BUCKETS,
@@ -38,7 +37,8 @@ from receiver.store import (
     resource_key,
     tag,
 )
-from receiver.validation import NEVER_STORED
+from core.validation import NEVER_STORED
+from receiver.app import create_app
 from serving.derive import compiled_views, default_deriver, index_entries
 from tests.asgi import running
 from tests.cluster import RedisClusterProcesses, cluster_url, redis_cluster  # noqa: F401
@@ -284,7 +284,7 @@ async def test_server_config_reports_every_node(
     node = client.get_nodes()[-1]
     await client.config_set("maxmemory-policy", "allkeys-lru", target_nodes=node)
     try:
-        with caplog.at_level(logging.WARNING, logger="receiver.store"):
+        with caplog.at_level(logging.WARNING, logger="core.store"):
             info = await store.warn_about_config()
         assert info["maxmemory-policy"] == "allkeys-lru,noeviction"
         assert "EVICT" in caplog.text

@@ -10,9 +10,9 @@ from typing import Any
 import psycopg
 import pytest
 
-from receiver.errors import InvalidRequest
+from core.errors import InvalidRequest
+from core.store import SpeedStore, parse_instant, version_number
 from receiver.ingest import ingest, ingest_deletion
-from receiver.store import SpeedStore, parse_instant, version_number
 from serving import batch
 from serving.cohort import date_matches, date_range, parse_query
 from serving.derive import default_deriver

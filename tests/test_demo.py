@@ -15,7 +15,7 @@ import psycopg
 import pytest
 
 import researchflow_cli
-from receiver.settings import Settings
+from core.settings import Settings
 from serving.demo import COHORT_QUERY, DemoError, run_demo
 from subscriptions.standin import StandInHapi
 from tests.conftest import TEST_PG_ADMIN_URL, TEST_REDIS_URL, empty_redis, redis_db
@@ -58,7 +58,7 @@ def test_demo_streams_changes_and_the_answer_matches_a_full_refresh(pg_url: str)
 
 def test_demo_refuses_a_speed_layer_that_holds_data(pg_url: str) -> None:
     async def go() -> None:
-        from receiver.store import SpeedStore, connect
+        from core.store import SpeedStore, connect
 
         settings = Settings(redis_url=TEST_REDIS_URL, database_url=pg_url)
         client = connect(settings)

@@ -13,7 +13,7 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
-from receiver.settings import Settings
+from core.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
@@ -194,7 +194,7 @@ def dig(data: Mapping[str, Any], *path: str) -> Any:
 def unknown_settings(compose: Compose) -> list[str]:
     known = settings_names()
     return [
-        f"service {name!r} sets {var}, which receiver/settings.py never reads"
+        f"service {name!r} sets {var}, which core/settings.py never reads"
         for name, svc in ours(compose).items()
         for var in sorted(raw_env(svc))
         if var not in known and var not in NOT_SETTINGS

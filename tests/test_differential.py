@@ -19,7 +19,7 @@ import pytest
 import redis.asyncio as aioredis
 from hypothesis import HealthCheck, given, settings
 
-from receiver.store import SpeedStore
+from core.store import SpeedStore
 from serving.merge import BatchCounts
 from serving.speed_index import SpeedMirror
 from tests.test_cohort import (

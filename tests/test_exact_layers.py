@@ -32,10 +32,10 @@ import redis.asyncio as aioredis
 from hypothesis import HealthCheck, event, given, settings
 
 import researchflow_cli
-from receiver.fhir_values import dumps
+from core.fhir_values import dumps
+from core.settings import Settings
+from core.store import SpeedStore
 from receiver.ingest import ingest, ingest_deletion
-from receiver.settings import Settings
-from receiver.store import SpeedStore
 from serving import batch
 from serving.api import create_app
 from serving.derive import default_deriver

@@ -6,7 +6,7 @@
   (UTC offsets, partial dates, primitive extensions, long decimals, non-ASCII text, empty
   collections) give the same rows on the Python and the PostgreSQL engine, equal to
   `tests.oracle` (which imports nothing from the project).
-- The rules each engine takes from receiver.fhir_values give the same answers in SQL and in
+- The rules each engine takes from core.fhir_values give the same answers in SQL and in
   Python: case folding over every code point, date/time comparison, decimal division.
 """
 
@@ -26,8 +26,8 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 
 import researchflow_cli
-from receiver.errors import InvalidViewDefinition
-from receiver.fhir_values import (
+from core.errors import InvalidViewDefinition
+from core.fhir_values import (
     case_map,
     case_map_sql,
     compare_temporal,

@@ -14,8 +14,8 @@ import hypothesis.strategies as st
 import pytest
 from hypothesis import given
 
-from receiver.settings import Settings
-from receiver.store import SpeedStore
+from core.settings import Settings
+from core.store import SpeedStore
 from serving.exports import csv_cell, csv_text
 from tests.test_api import api_settings, get, loaded, own_store
 from tests.test_cohort import condition, observation, put

@@ -19,9 +19,9 @@ import httpx
 import pytest
 import redis.asyncio as aioredis
 
+from core.settings import Settings
+from core.store import SpeedStore, connect
 from receiver.app import create_app
-from receiver.settings import Settings
-from receiver.store import SpeedStore, connect
 from serving.derive import default_deriver
 from subscriptions import bootstrap, synthetic
 from subscriptions.fhir_client import FhirClient
@@ -273,8 +273,8 @@ async def test_the_query_mirror_rereads_a_type_whose_write_counter_went_back(
 ) -> None:
     """Redis restarted from an older snapshot keeps its epoch marker but loses writes: the
     query API's mirror must not keep serving entries Redis no longer holds."""
+    from core.store import EPOCH_KEY
     from receiver.ingest import ingest
-    from receiver.store import EPOCH_KEY
     from serving.speed_index import SpeedMirror
 
     settings = Settings(redis_url=volatile_redis.url)

@@ -12,7 +12,7 @@ import httpx
 import pytest
 import respx
 
-from receiver.errors import FhirFatalError, FhirTemporaryError
+from core.errors import FhirFatalError, FhirTemporaryError
 from subscriptions.fhir_client import FhirClient, history_entry, parse_retry_after
 
 BASE = "http://hapi.test/fhir"

@@ -28,8 +28,8 @@ import redis.asyncio as aioredis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from receiver.settings import Settings
-from receiver.store import SpeedStore
+from core.settings import Settings
+from core.store import SpeedStore
 from serving.api import create_app
 from tests.conftest import redis_db
 from tests.test_cohort import condition, load_batch, observation, patient, put

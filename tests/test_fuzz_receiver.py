@@ -35,11 +35,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from starlette.applications import Starlette
 
-from receiver import auth
+from core import auth
+from core.settings import Settings
+from core.store import HOURLY_KEY, TYPES_KEY, SpeedStore
+from core.validation import NEVER_STORED
 from receiver.app import create_app
-from receiver.settings import Settings
-from receiver.store import HOURLY_KEY, TYPES_KEY, SpeedStore
-from receiver.validation import NEVER_STORED
 from serving.derive import default_deriver
 from tests.conftest import SHARED, empty_redis, redis_db
 

@@ -10,8 +10,8 @@ import orjson
 import psycopg
 import pytest
 
-from receiver.settings import Settings
-from receiver.store import SpeedStore
+from core.settings import Settings
+from core.store import SpeedStore
 from subscriptions.hapi_db import DbChange, changes_since, connect, decode_text, instant
 from subscriptions.poller import poll_once
 

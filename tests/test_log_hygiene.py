@@ -26,10 +26,10 @@ import pytest
 import redis.asyncio as aioredis
 import uvicorn
 
-from receiver import auth
+from core import auth
+from core.settings import Settings
+from core.store import SpeedStore
 from receiver.app import create_app as create_receiver
-from receiver.settings import Settings
-from receiver.store import SpeedStore
 from serving import batch
 from serving.api import create_app as create_api
 from serving.derive import default_deriver

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 
+from core.settings import Settings
+from core.store import SpeedStore
 from receiver.app import create_app as create_receiver
-from receiver.settings import Settings
-from receiver.store import SpeedStore
 from serving.api import create_app as create_api
 from serving.derive import default_deriver
 from tests.asgi import running

@@ -18,10 +18,10 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
+from core.metrics import Metrics
+from core.settings import Settings
+from core.store import SpeedStore
 from receiver.app import create_app as create_receiver
-from receiver.metrics import Metrics
-from receiver.settings import Settings
-from receiver.store import SpeedStore
 from serving import batch
 from serving.derive import default_deriver
 from serving.viewdef import served_types

@@ -16,11 +16,11 @@ from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 from starlette.responses import Response
 
-from receiver.errors import FhirTemporaryError
+from core.errors import FhirTemporaryError
+from core.metrics import Metrics
+from core.settings import Settings
+from core.store import SpeedStore
 from receiver.ingest import ingest, ingest_deletion
-from receiver.metrics import Metrics
-from receiver.settings import Settings
-from receiver.store import SpeedStore
 from subscriptions.fhir_client import FhirClient, HistoryPage, history_entry
 from subscriptions.poller import (
     LEASE_TTL_MS,
@@ -274,7 +274,7 @@ async def test_watermark_is_hapi_clock_at_first_answer_minus_overlap(
     before = time.time()
     result = await poll_once(settings, store, standin.client)
     assert result.watermark is not None
-    from receiver.store import parse_instant
+    from core.store import parse_instant
 
     watermark_s = parse_instant(result.watermark) / 1000.0
     assert before + 3600 - 60 - 2 <= watermark_s <= time.time() + 3600 - 60 + 1
@@ -479,7 +479,7 @@ class EndlessPages:
 async def test_endless_empty_paging_stops_the_poll_and_keeps_the_watermark(
     store: SpeedStore,
 ) -> None:
-    from receiver.errors import EndlessPaging
+    from core.errors import EndlessPaging
     from subscriptions.fhir_client import MAX_IDLE_PAGES
 
     server = EndlessPages()

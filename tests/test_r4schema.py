@@ -11,12 +11,12 @@ import pytest
 import redis.asyncio as aioredis
 from fhir.resources.R4B import get_fhir_model_class
 
-from receiver import r4schema
+from core import r4schema
+from core.errors import InvalidResource
+from core.settings import Settings
+from core.store import SpeedStore
+from core.validation import is_resource_type, validate_resource
 from receiver.app import create_app
-from receiver.errors import InvalidResource
-from receiver.settings import Settings
-from receiver.store import SpeedStore
-from receiver.validation import is_resource_type, validate_resource
 from tests.asgi import running
 from tests.conftest import TEST_REDIS_URL
 
@@ -174,7 +174,7 @@ def test_the_schema_is_loaded_only_for_those_types() -> None:
     import sys
 
     code = (
-        "from receiver.validation import validate_resource; from receiver import r4schema;"
+        "from core.validation import validate_resource; from core import r4schema;"
         "validate_resource({'resourceType': 'Patient', 'id': 'p', 'gender': 'male'});"
         "assert r4schema.schema.cache_info().currsize == 0; print('ok')"
     )

@@ -12,11 +12,11 @@ import httpx
 import pytest
 import redis.asyncio as aioredis
 
-from receiver import auth
+from core import auth
+from core.settings import Settings
+from core.store import SpeedStore
+from core.validation import NEVER_STORED
 from receiver.app import create_app
-from receiver.settings import Settings
-from receiver.store import SpeedStore
-from receiver.validation import NEVER_STORED
 from tests.asgi import running
 from tests.conftest import TEST_REDIS_URL
 from tests.examples import official_examples

@@ -17,11 +17,11 @@ import redis.asyncio as aioredis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from receiver import auth
+from core import auth
+from core.errors import InvalidRequest
+from core.store import SpeedStore
 from receiver.app import create_app
 from receiver.body import BodyTooLarge, content_codings, decode_body
-from receiver.errors import InvalidRequest
-from receiver.store import SpeedStore
 from tests.asgi import running
 from tests.test_receiver import HEADERS, TOKEN, no_hapi, patient, receiver_settings
 

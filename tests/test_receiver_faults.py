@@ -8,9 +8,9 @@ from collections.abc import Iterator
 import pytest
 import redis.asyncio as aioredis
 
+from core.settings import Settings
+from core.store import SpeedStore
 from receiver.app import create_app
-from receiver.settings import Settings
-from receiver.store import SpeedStore
 from tests.asgi import running
 from tests.procs import RedisProcess
 from tests.test_receiver import HEADERS, TOKEN, no_hapi, patient

@@ -13,9 +13,9 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 
+from core.settings import Settings
+from core.store import SpeedStore, connect
 from receiver.app import create_app as create_receiver
-from receiver.settings import Settings
-from receiver.store import SpeedStore, connect
 from serving import batch
 from serving.api import create_app as create_api
 from serving.derive import default_deriver
@@ -190,9 +190,7 @@ async def test_rediss_speed_layer_over_tls(tls_redis: tuple[int, Path]) -> None:
     try:
         assert (
             await plain.exists(
-                "rf:{Patient."
-                + str(__import__("receiver.store").store.bucket_of("tls2"))
-                + "}:r:tls2"
+                "rf:{Patient." + str(__import__("core.store").store.bucket_of("tls2")) + "}:r:tls2"
             )
             == 0
         )

@@ -10,8 +10,8 @@ import psycopg
 import pytest
 import redis.asyncio as aioredis
 
-from receiver.settings import Settings
-from receiver.store import SpeedStore
+from core.settings import Settings
+from core.store import SpeedStore
 from serving import batch
 from serving.viewdef import served_types
 from subscriptions import bootstrap

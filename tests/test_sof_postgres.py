@@ -12,7 +12,7 @@ import psycopg
 import pytest
 from psycopg.types.json import Jsonb
 
-from receiver.errors import BatchLayerUnavailable, InvalidViewDefinition
+from core.errors import BatchLayerUnavailable, InvalidViewDefinition
 from serving.conformance import ENGINES, SuiteCase, compare_rows, load_suite, run_case
 from serving.evaluator import evaluate
 from serving.sqlcompiler import column_sql_types, compile_view, postgres_engine

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from receiver.errors import BatchLayerUnavailable, InvalidViewDefinition
+from core.errors import BatchLayerUnavailable, InvalidViewDefinition
 from serving.conformance import (
     ENGINES,
     SuiteCase,

@@ -114,7 +114,7 @@ def test_a_malformed_setting_stops_every_command_with_one_line(
 
 
 def test_a_well_formed_setting_of_each_kind_is_taken(tokens: None) -> None:
-    from receiver.settings import Settings
+    from core.settings import Settings
 
     settings = Settings.from_env(
         {

@@ -17,11 +17,11 @@ import pytest
 import redis.asyncio as aioredis
 from starlette.applications import Starlette
 
-from receiver.errors import InvalidResource, Issue
+from core.errors import InvalidResource, Issue
+from core.metrics import Metrics
+from core.settings import Settings
+from core.store import HOURLY_KEY, SpeedStore
 from receiver.ingest import ingest
-from receiver.metrics import Metrics
-from receiver.settings import Settings
-from receiver.store import HOURLY_KEY, SpeedStore
 from serving.api import create_app
 from serving.batch import SCHEMA_SQL
 from serving.status import (

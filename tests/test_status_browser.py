@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 import uvicorn
 
-from receiver.settings import Settings
-from receiver.store import SpeedStore
+from core.settings import Settings
+from core.store import SpeedStore
 from tests.conftest import free_port
 from tests.test_status import (
     STATUS_REDIS_URL,

@@ -10,7 +10,7 @@ import redis.asyncio as aioredis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from receiver.store import BUCKETS, Derived, SpeedStore, is_newer, parse_instant, version_number
+from core.store import BUCKETS, Derived, SpeedStore, is_newer, parse_instant, version_number
 from tests.conftest import TEST_REDIS_URL
 
 
@@ -133,13 +133,13 @@ async def test_expiry_is_only_a_safety_cap(redis_client: aioredis.Redis) -> None
     assert (
         0
         < await redis_client.ttl(
-            "rf:{Patient." + str(__import__("receiver.store").store.bucket_of("p")) + "}:r:p"
+            "rf:{Patient." + str(__import__("core.store").store.bucket_of("p")) + "}:r:p"
         )
         <= 7200
     )
     uncapped = SpeedStore(redis_client)
     await uncapped.upsert("Patient", "q", body=b"{}", version_id="1", last_updated=None)
-    from receiver.store import resource_key
+    from core.store import resource_key
 
     assert await redis_client.ttl(resource_key("Patient", "q")) == -1
 

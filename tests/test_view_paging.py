@@ -24,9 +24,9 @@ import pytest
 import redis.asyncio as aioredis
 from hypothesis import HealthCheck, given, settings
 
+from core.settings import Settings
+from core.store import SpeedStore
 from receiver.ingest import ingest, ingest_deletion
-from receiver.settings import Settings
-from receiver.store import SpeedStore
 from serving import batch
 from serving.api import create_app
 from serving.derive import default_deriver

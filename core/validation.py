@@ -10,9 +10,9 @@ from typing import Any
 from fhir.resources.R4B import get_fhir_model_class
 from pydantic import ValidationError
 
-from receiver import r4schema
-from receiver.errors import InvalidRequest, InvalidResource, Issue
-from receiver.fhir_values import JsonError, JsonTooDeep, dumps, loads
+from core import r4schema
+from core.errors import InvalidRequest, InvalidResource, Issue
+from core.fhir_values import JsonError, JsonTooDeep, dumps, loads
 
 # Resource types that never enter either layer: a Subscription carries the receiver's bearer
 # token in channel.header (and the deployment's own are no research data). The receiver takes

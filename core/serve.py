@@ -22,8 +22,8 @@ from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from receiver.errors import ResearchFlowError
-from receiver.settings import Settings
+from core.errors import ResearchFlowError
+from core.settings import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ async def check_redis(settings: Settings) -> None:
     """Reach the speed layer once (PING); StartupError naming REDIS_URL's host otherwise."""
     from redis.exceptions import RedisError
 
-    from receiver.store import connect
+    from core.store import connect
 
     client = connect(settings)
     try:

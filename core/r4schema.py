@@ -1,6 +1,6 @@
 """R4's own definitions for the resource types and shapes the R4B models lack.
 
-The gate (`receiver.validation`) checks resources against the fhir.resources R4B models, which
+The gate (`core.validation`) checks resources against the fhir.resources R4B models, which
 are fast and thorough. HAPI here is an R4 server, though, and R4B dropped or reshaped a few R4
 types: the MedicinalProduct* and Substance* (nucleic acid, polymer, protein, reference
 information, source material, specification) families, EffectEvidenceSynthesis and
@@ -20,7 +20,7 @@ from typing import Any
 
 import orjson
 
-from receiver.errors import Issue
+from core.errors import Issue
 
 # R4 resource types fhir.resources' R4B package has no model of (tests/test_r4schema.py
 # derives the same list from the schema and the models).
@@ -56,7 +56,7 @@ MAX_ISSUES = 50
 @lru_cache(maxsize=1)
 def schema() -> dict[str, Any]:
     """The official FHIR R4 JSON schema (draft-06), parsed."""
-    raw = resources.files("receiver.schemas").joinpath("fhir.r4.schema.json.gz").read_bytes()
+    raw = resources.files("core.schemas").joinpath("fhir.r4.schema.json.gz").read_bytes()
     data: dict[str, Any] = orjson.loads(gzip.decompress(raw))
     return data
 

@@ -35,8 +35,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from receiver.errors import Issue, SpeedLayerUnavailable
-from receiver.settings import Settings
+from core.errors import Issue, SpeedLayerUnavailable
+from core.settings import Settings
 
 logger = logging.getLogger(__name__)
 
