@@ -35,11 +35,12 @@ import orjson
 import psycopg
 
 from benchmarks import common
+from core.serve import serve_asgi
 from core.settings import Settings
 from core.store import parse_instant
 from serving.batch import init, refresh
 from subscriptions.fhir_client import FhirClient
-from subscriptions.standin import StandInHapi, serve_asgi
+from subscriptions.standin.hapi import StandInHapi
 
 ADMIN_URL = os.environ.get("BENCH_PG_ADMIN_URL", "postgresql://127.0.0.1:5432/postgres")
 README = Path(__file__).with_name("README.md")

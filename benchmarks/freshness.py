@@ -45,6 +45,7 @@ import psycopg
 import redis.asyncio as aioredis
 
 from benchmarks.common import machine
+from core.serve import serve_asgi
 from core.settings import Settings
 from core.store import SpeedStore
 from receiver.app import create_app as create_receiver
@@ -53,7 +54,6 @@ from serving.api import create_app as create_api
 from serving.derive import default_deriver
 from subscriptions import bootstrap
 from subscriptions.fhir_client import FhirClient
-from subscriptions.standin import serve_asgi
 
 ROOT = Path(__file__).resolve().parents[1]
 HAPI_SH = ROOT / "hapi-config" / "hapi.sh"

@@ -39,7 +39,7 @@ TOKEN = "bench-token"
 
 def bodies(count: int, seed: int = 5) -> list[tuple[str, bytes]]:
     """(path, body) pairs: realistic resources, each a new id (or a newer version)."""
-    from subscriptions import synthetic
+    from subscriptions.standin import synthetic
 
     rnd = random.Random(seed)
     out: list[tuple[str, bytes]] = []

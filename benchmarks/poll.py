@@ -30,9 +30,9 @@ import redis.asyncio as aioredis
 from benchmarks.common import machine
 from core.settings import Settings
 from core.store import SpeedStore
-from subscriptions import synthetic
 from subscriptions.fhir_client import FhirClient
 from subscriptions.poller import HISTORY_COUNT, poll_once
+from subscriptions.standin import synthetic
 
 BENCH_REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/14")
 README = Path(__file__).with_name("README.md")
@@ -57,7 +57,8 @@ async def seed(hapi: Any, changes: int) -> None:
 
 
 def standin_process(changes: int, page_size: int, conn: Connection) -> None:
-    from subscriptions.standin import StandInHapi, serve_standin
+    from subscriptions.standin.hapi import StandInHapi
+    from subscriptions.standin.run import serve_standin
 
     async def main() -> None:
         hapi = StandInHapi(max_page_size=page_size)

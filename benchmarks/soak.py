@@ -40,7 +40,7 @@ def rss_mib(pid: int) -> float:
 
 
 def make_body(n: int, rnd: random.Random) -> tuple[str, bytes]:
-    from subscriptions import synthetic
+    from subscriptions.standin import synthetic
 
     # One in five notifications is a new version of an earlier resource (an update).
     if n > 10 and rnd.random() < 0.2:

@@ -1,4 +1,4 @@
-"""Start-up of the long-running commands: ports, dependencies, and servers that stop together.
+"""Serving apps: ports bound first, dependencies checked, servers that stop together.
 
 Everything that can stop a service is checked before anything starts, so an operator gets one
 line naming the cause and a non-zero exit within seconds, never a process that runs with
@@ -8,7 +8,9 @@ nothing bound or a traceback:
   uvicorn then serves on the socket it was handed (it cannot fail to bind later);
 - the hard dependencies are reached once (`check_redis`, `check_postgres`) with short timeouts;
 - `serve_together` runs several uvicorn servers (and background work) in one process and
-  stops all of them as soon as one stops, reporting a server that never started.
+  stops all of them as soon as one stops, reporting a server that never started;
+- `serve_asgi` serves one app in this event loop for as long as a block runs (tests, the
+  stand-in HAPI, the demo), once it answers.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import contextlib
 import errno
 import logging
 import socket
-from collections.abc import Awaitable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,10 +55,14 @@ def bind(host: str, port: int, name: str) -> socket.socket:
     if not 0 <= port <= 65535:
         raise StartupError(f"{name}: port {port} is not a TCP port (0-65535)")
     try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        infos = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP, flags=socket.AI_PASSIVE
+        )
     except socket.gaierror as exc:
         raise StartupError(f"{name}: cannot resolve the host {host!r} ({exc.strerror})") from None
     family, kind, proto, _, address = infos[0]
+    # The protocol named explicitly: asyncio only sets TCP_NODELAY on sockets whose proto says
+    # TCP, and without it every response waits ~40 ms for a delayed ACK.
     sock = socket.socket(family, kind, proto)
     # As uvicorn does: a restarted service can take its port while old connections linger.
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -148,3 +154,56 @@ async def serve_together(
     for task in extra:
         if task in done and task.exception() is not None:
             raise StartupError(f"a background task stopped: {task.exception()}")
+
+
+@contextlib.asynccontextmanager
+async def serve_asgi(
+    app: Any,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    path: str = "",
+    sock: socket.socket | None = None,
+    **uvicorn_options: Any,
+) -> AsyncIterator[str]:
+    """Serve an ASGI app with uvicorn in this event loop while the block runs; yields
+    `http://host:port{path}` once the server answers (port 0: a free one).
+
+    `sock`: serve on this bound socket instead (`bind`). `uvicorn_options` go to
+    `uvicorn.Config` (e.g. `log_config=None, access_log=True`). Without them: warnings only,
+    no Date or Server header of uvicorn's own (the stand-in HAPI sets Date from its clock).
+    Raises StartupError when the server stops before it starts (its lifespan failed). On
+    exit the server is asked to stop, waited for 5 s, then cancelled.
+    """
+    import uvicorn
+
+    own = sock is None
+    bound = bind(host, port, "the server") if sock is None else sock
+    options: dict[str, Any] = {
+        "log_level": "warning",
+        "lifespan": "auto",
+        "ws": "none",
+        "date_header": False,
+        "server_header": False,
+        "timeout_graceful_shutdown": 2,
+        **uvicorn_options,
+    }
+    server = uvicorn.Server(uvicorn.Config(app, **options))
+    task = asyncio.create_task(server.serve(sockets=[bound]))
+    try:
+        while not server.started:
+            if task.done():
+                task.result()
+                raise StartupError(f"the server on {host}:{port} stopped before it started")
+            await asyncio.sleep(0.005)
+        yield f"http://{host}:{bound.getsockname()[1]}{path}"
+    finally:
+        server.should_exit = True
+        try:
+            await asyncio.wait_for(task, timeout=5)
+        except TimeoutError:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if own:
+            bound.close()

@@ -29,7 +29,7 @@ import uvicorn
 from core.errors import BatchLayerUnavailable, ResearchFlowError
 from core.settings import Settings
 from core.store import SpeedStore, connect
-from subscriptions import synthetic
+from subscriptions.standin import synthetic
 
 logger = logging.getLogger(__name__)
 
@@ -168,7 +168,8 @@ async def _source(
         finally:
             await source.aclose()
         return
-    from subscriptions.standin import StandInHapi, serve_standin
+    from subscriptions.standin.hapi import StandInHapi
+    from subscriptions.standin.run import serve_standin
 
     if standin is None:
         standin = StandInHapi(activation_delay=0.2, retry_initial=0.5, retry_total=10.0)

@@ -20,7 +20,7 @@ import httpx
 
 from core.errors import ResearchFlowError
 from core.store import SpeedStore
-from subscriptions.standin import Truth
+from subscriptions.standin.hapi import Truth
 
 HAPI_SH = Path(__file__).resolve().parents[1] / "hapi-config" / "hapi.sh"
 FHIR_JSON = "application/fhir+json"

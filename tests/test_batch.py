@@ -15,6 +15,7 @@ import redis.asyncio as aioredis
 from starlette.responses import Response
 
 from core.errors import FhirTemporaryError, InvalidViewDefinition
+from core.serve import serve_asgi
 from core.settings import Settings
 from core.store import SpeedStore, parse_instant
 from core.validation import check_resource
@@ -32,7 +33,7 @@ from serving.batch_sync import RefreshFailed
 from serving.evaluator import evaluate
 from serving.viewdef import Column, Select, load_view, shipped_views
 from subscriptions.fhir_client import FhirClient
-from subscriptions.standin import StandInHapi, serve_asgi
+from subscriptions.standin.hapi import StandInHapi
 from tests.conftest import empty_redis, redis_db
 
 PAGE = 7  # the stand-in's largest page: every traversal has several

@@ -27,7 +27,8 @@ from subscriptions.bootstrap import (
     status,
 )
 from subscriptions.fhir_client import FhirClient
-from subscriptions.standin import StandInHapi, serve_standin
+from subscriptions.standin.hapi import StandInHapi
+from subscriptions.standin.run import serve_standin
 from subscriptions.watchdog import check_once, run_watchdog, watchdog_running
 
 BASE = "http://hapi.test/fhir"

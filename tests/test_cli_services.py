@@ -17,8 +17,9 @@ import redis
 import redis.asyncio
 
 import researchflow_cli
-from subscriptions import synthetic
-from subscriptions.standin import StandInHapi, ThreadedStandIn, serve_standin_in_thread
+from subscriptions.standin import synthetic
+from subscriptions.standin.hapi import StandInHapi
+from subscriptions.standin.run import ThreadedStandIn, serve_standin_in_thread
 from tests.conftest import redis_db
 from tests.procs import free_port, wait_port
 

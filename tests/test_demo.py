@@ -17,7 +17,7 @@ import pytest
 import researchflow_cli
 from core.settings import Settings
 from serving.demo import COHORT_QUERY, DemoError, run_demo
-from subscriptions.standin import StandInHapi
+from subscriptions.standin.hapi import StandInHapi
 from tests.conftest import TEST_PG_ADMIN_URL, TEST_REDIS_URL, empty_redis, redis_db
 from tests.oracle import cohort as oracle_cohort
 from tests.procs import free_port

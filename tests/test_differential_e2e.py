@@ -21,6 +21,7 @@ import pytest
 import redis.asyncio as aioredis
 from hypothesis import HealthCheck, given, settings
 
+from core.serve import serve_asgi
 from core.settings import Settings
 from core.store import SpeedStore
 from receiver.app import create_app as create_receiver
@@ -29,7 +30,8 @@ from serving.api import create_app as create_api
 from serving.derive import default_deriver
 from subscriptions import bootstrap
 from subscriptions.fhir_client import FhirClient
-from subscriptions.standin import StandInHapi, serve_asgi, serve_standin
+from subscriptions.standin.hapi import StandInHapi
+from subscriptions.standin.run import serve_standin
 from tests.asgi import running
 from tests.conftest import fresh_database, redis_db
 

@@ -40,7 +40,7 @@ from serving import batch
 from serving.api import create_app
 from serving.derive import default_deriver
 from subscriptions.fhir_client import FhirClient
-from subscriptions.standin import StandInHapi
+from subscriptions.standin.hapi import StandInHapi
 from tests.asgi import running
 from tests.conftest import fresh_database, redis_db
 from tests.oracle import cohort as oracle_cohort

@@ -19,14 +19,17 @@ import httpx
 import pytest
 import redis.asyncio as aioredis
 
+from core.serve import serve_asgi
 from core.settings import Settings
 from core.store import SpeedStore, connect
 from receiver.app import create_app
 from serving.derive import default_deriver
-from subscriptions import bootstrap, synthetic
+from subscriptions import bootstrap
 from subscriptions.fhir_client import FhirClient
 from subscriptions.poller import poll_once
-from subscriptions.standin import StandInHapi, serve_asgi, serve_standin
+from subscriptions.standin import synthetic
+from subscriptions.standin.hapi import StandInHapi
+from subscriptions.standin.run import serve_standin
 from tests.procs import RedisProcess, eventually, free_port, wait_port
 
 TOKEN = "fault-token"

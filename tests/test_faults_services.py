@@ -16,6 +16,7 @@ import psycopg
 import pytest
 import redis.asyncio as aioredis
 
+from core.serve import serve_asgi
 from core.settings import Settings
 from core.store import SpeedStore
 from receiver.app import create_app as create_receiver
@@ -23,10 +24,10 @@ from receiver.ingest import ingest
 from serving import batch
 from serving.api import create_app as create_api
 from serving.derive import default_deriver
-from subscriptions import synthetic
 from subscriptions.fhir_client import FhirClient
 from subscriptions.poller import run_poller
-from subscriptions.standin import StandInHapi, serve_asgi
+from subscriptions.standin import synthetic
+from subscriptions.standin.hapi import StandInHapi
 from tests.asgi import running
 from tests.conftest import empty_redis, redis_db
 from tests.procs import PostgresProcess, eventually, free_port

@@ -27,7 +27,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from subscriptions.standin import serve_asgi
+from core.serve import serve_asgi
 from tests.real_hapi import (
     FHIR_JSON,
     HAPI_SH,

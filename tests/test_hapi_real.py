@@ -33,6 +33,7 @@ import psycopg
 import pytest
 import redis.asyncio as aioredis
 
+from core.serve import serve_asgi
 from core.settings import Settings
 from core.store import SpeedStore
 from receiver.app import create_app as create_receiver
@@ -41,7 +42,6 @@ from serving.api import create_app as create_api
 from serving.derive import default_deriver
 from subscriptions import bootstrap, poller
 from subscriptions.fhir_client import FhirClient
-from subscriptions.standin import serve_asgi
 from tests.asgi import running
 from tests.conftest import free_port, fresh_database, redis_db
 from tests.real_hapi import (

@@ -27,6 +27,7 @@ import redis.asyncio as aioredis
 import uvicorn
 
 from core import auth
+from core.serve import bind
 from core.settings import Settings
 from core.store import SpeedStore
 from receiver.app import create_app as create_receiver
@@ -36,7 +37,8 @@ from serving.derive import default_deriver
 from serving.status import status_route
 from subscriptions.fhir_client import FhirClient
 from subscriptions.poller import poll_once
-from subscriptions.standin import StandInHapi, _bound_socket, serve_standin
+from subscriptions.standin.hapi import StandInHapi
+from subscriptions.standin.run import serve_standin
 from tests.conftest import empty_redis, redis_db
 
 RECEIVER_TOKEN = "rcv-tok-QX7f3a91c2"
@@ -106,7 +108,7 @@ def every_logger_at_debug() -> Iterator[Capture]:
 @contextlib.asynccontextmanager
 async def serve_with_access_log(app: Any, capture: Capture) -> AsyncIterator[str]:
     """uvicorn in this loop with its access log on and no logging config of its own."""
-    sock = _bound_socket("127.0.0.1", 0)
+    sock = bind("127.0.0.1", 0, "test server")
     config = uvicorn.Config(
         app, log_level="debug", access_log=True, log_config=None, lifespan="on", ws="none"
     )

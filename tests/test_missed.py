@@ -19,6 +19,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from core.metrics import Metrics
+from core.serve import serve_asgi
 from core.settings import Settings
 from core.store import SpeedStore
 from receiver.app import create_app as create_receiver
@@ -28,7 +29,8 @@ from serving.viewdef import served_types
 from subscriptions import bootstrap
 from subscriptions.fhir_client import FhirClient
 from subscriptions.poller import PollResult, poll_once
-from subscriptions.standin import StandInHapi, serve_asgi, serve_standin
+from subscriptions.standin.hapi import StandInHapi
+from subscriptions.standin.run import serve_standin
 from tests.conftest import empty_redis, redis_db
 
 MISSED_REDIS_URL = redis_db(12)

@@ -18,6 +18,7 @@ from starlette.responses import Response
 
 from core.errors import FhirTemporaryError
 from core.metrics import Metrics
+from core.serve import serve_asgi
 from core.settings import Settings
 from core.store import SpeedStore
 from receiver.ingest import ingest, ingest_deletion
@@ -28,7 +29,7 @@ from subscriptions.poller import (
     poll_once,
     run_poller,
 )
-from subscriptions.standin import StandInHapi, serve_asgi
+from subscriptions.standin.hapi import StandInHapi
 from tests.conftest import TEST_REDIS_URL
 
 # No notification is ever on its way here (nothing delivers): every change is judged at once.
@@ -497,7 +498,7 @@ def test_poll_once_on_endless_paging_exits_non_zero_with_one_line(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], pg_url: str
 ) -> None:
     import researchflow_cli
-    from subscriptions.standin import serve_asgi as serve
+    from core.serve import serve_asgi as serve
 
     async def main_with_server() -> tuple[int, str]:
         async with serve(EndlessPages(), path="/fhir") as base_url:

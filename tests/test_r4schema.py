@@ -151,7 +151,8 @@ async def test_the_receiver_takes_them_and_refuses_invalid_ones_with_422(
 
 async def test_the_poller_takes_them_too(redis_client: aioredis.Redis) -> None:
     from subscriptions.poller import poll_once
-    from subscriptions.standin import StandInHapi, serve_standin
+    from subscriptions.standin.hapi import StandInHapi
+    from subscriptions.standin.run import serve_standin
 
     hapi = StandInHapi()
     try:

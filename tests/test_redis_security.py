@@ -20,10 +20,11 @@ from serving import batch
 from serving.api import create_app as create_api
 from serving.derive import default_deriver
 from serving.status import status_route
-from subscriptions import synthetic
 from subscriptions.fhir_client import FhirClient
 from subscriptions.poller import poll_once
-from subscriptions.standin import StandInHapi, serve_standin
+from subscriptions.standin import synthetic
+from subscriptions.standin.hapi import StandInHapi
+from subscriptions.standin.run import serve_standin
 from tests.asgi import running
 from tests.procs import RedisProcess, free_port
 

@@ -17,7 +17,8 @@ from serving.viewdef import served_types
 from subscriptions import bootstrap
 from subscriptions.fhir_client import FhirClient
 from subscriptions.poller import poll_once
-from subscriptions.standin import StandInHapi, serve_standin
+from subscriptions.standin.hapi import StandInHapi
+from subscriptions.standin.run import serve_standin
 from tests.conftest import empty_redis, redis_db
 
 TYPES_REDIS_URL = redis_db(11)

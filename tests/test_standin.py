@@ -19,19 +19,15 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from subscriptions.standin import (
-    UNREACHABLE_HOST,
-    StandInError,
-    StandInHapi,
-    serve_asgi,
-    serve_standin,
-    serve_standin_in_thread,
-)
-from subscriptions.standin_delivery import (
+from core.serve import serve_asgi
+from subscriptions.standin.delivery import (
     EXT_DELIVER_LATEST,
     EXT_SEND_DELETES,
     EXT_STRIP_VERSIONS,
 )
+from subscriptions.standin.hapi import UNREACHABLE_HOST, StandInHapi
+from subscriptions.standin.http import StandInError
+from subscriptions.standin.run import serve_standin, serve_standin_in_thread
 
 NO_CACHE = {"Cache-Control": "no-cache"}
 

@@ -31,7 +31,8 @@ from serving import batch
 from serving.api import create_app
 from serving.derive import default_deriver
 from serving.viewdef import load_view, shipped_views
-from subscriptions.standin import StandInHapi, serve_standin
+from subscriptions.standin.hapi import StandInHapi
+from subscriptions.standin.run import serve_standin
 from tests.asgi import running
 from tests.conftest import fresh_database, redis_db
 from tests.test_api import api_settings, get, loaded, own_store

@@ -19,34 +19,23 @@ any endpoint, reachable or not: docs/hapi.md), `clock_skew`, `await wait_idle()`
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import copy
 import logging
-import socket
-import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from email.utils import formatdate
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, NamedTuple
 from urllib.parse import urlencode
 
-import uvicorn
-from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import Response
-from starlette.routing import Route
-
-from core.errors import FhirFatalError
-from core.fhir_values import JsonError, dumps, loads
 from core.validation import check_id, check_resource, is_resource_type
-from subscriptions.standin_delivery import (
+from subscriptions.standin.delivery import (
     CONTROL_PARAMS,
     EXT_DELIVER_LATEST,
     EXT_SEND_DELETES,
     EXT_STRIP_VERSIONS,
+    Deliverer,
     DeliveryAttempt,
     Notification,
     Operation,
@@ -56,41 +45,13 @@ from subscriptions.standin_delivery import (
     parse_criteria,
     resource_matches,
 )
-
-__all__ = [
-    "UNREACHABLE_HOST",
-    "DeliveryAttempt",
-    "Notification",
-    "StandInError",
-    "StandInHapi",
-    "ThreadedStandIn",
-    "Truth",
-    "serve_asgi",
-    "serve_standin",
-    "serve_standin_in_thread",
-]
+from subscriptions.standin.http import StandInError, build_app
 
 logger = logging.getLogger(__name__)
 
-FHIR_JSON = "application/fhir+json;charset=utf-8"
 # A host that never answers (tests point Subscriptions at it; HAPI still activates them).
 UNREACHABLE_HOST = "unreachable.invalid"
 PAYLOAD_TYPES = frozenset({"application/fhir+json", "application/json", "json"})
-T = TypeVar("T")
-
-
-class StandInError(FhirFatalError):
-    """What the stand-in answers with an OperationOutcome (status_code is the HTTP status)."""
-
-    def __init__(self, status_code: int, message: str, code: str = "processing") -> None:
-        super().__init__(message, status_code)
-        self.code = code
-
-    def outcome(self) -> dict[str, Any]:
-        return {
-            "resourceType": "OperationOutcome",
-            "issue": [{"severity": "error", "code": self.code, "diagnostics": self.message}],
-        }
 
 
 class Truth(NamedTuple):
@@ -102,7 +63,7 @@ class Truth(NamedTuple):
 
 
 @dataclass(frozen=True)
-class _Version:
+class VersionRecord:
     seq: int
     resource_type: str
     resource_id: str
@@ -116,7 +77,7 @@ class _Version:
 @dataclass
 class _Pages:
     kind: str  # "searchset" or "history"
-    items: list[Any]  # (type, id) keys for searches, _Version for history
+    items: list[Any]  # (type, id) keys for searches, VersionRecord for history
     created: float
 
 
@@ -127,10 +88,6 @@ def _strip_meta(resource: dict[str, Any]) -> dict[str, Any]:
     meta.pop("lastUpdated", None)
     out["meta"] = meta
     return out
-
-
-def _http_date(ms: int) -> str:
-    return formatdate(ms / 1000, usegmt=True)
 
 
 class StandInHapi:
@@ -162,8 +119,6 @@ class StandInHapi:
         validate_resources: bool = False,
         clock_skew: float = 0.0,
     ) -> None:
-        from subscriptions.standin_delivery import Deliverer
-
         self.activation_delay = activation_delay
         self.search_cache_seconds = search_cache_seconds
         self.default_page_size = default_page_size
@@ -180,8 +135,8 @@ class StandInHapi:
             retry_total=retry_total,
             timeout=delivery_timeout,
         )
-        self._versions: dict[tuple[str, str], list[_Version]] = {}
-        self._log: list[_Version] = []
+        self._versions: dict[tuple[str, str], list[VersionRecord]] = {}
+        self._log: list[VersionRecord] = []
         self._seq = 0
         self._next_id = 1
         self._last_ms = 0
@@ -189,7 +144,7 @@ class StandInHapi:
         self._search_cache: dict[str, tuple[float, str]] = {}
         self._activation_failure: str | None = None
         self._activations: set[asyncio.Task[None]] = set()
-        self.app = self._build_app()
+        self.app = build_app(self)
 
     # -- lifecycle ----------------------------------------------------------------------------
     async def __aenter__(self) -> StandInHapi:
@@ -279,7 +234,7 @@ class StandInHapi:
         self._last_ms = max(ms, self._last_ms + 1)
         return self._last_ms
 
-    def _current(self, resource_type: str, resource_id: str) -> _Version | None:
+    def _current(self, resource_type: str, resource_id: str) -> VersionRecord | None:
         versions = self._versions.get((resource_type, resource_id))
         return versions[-1] if versions else None
 
@@ -312,7 +267,7 @@ class StandInHapi:
 
     def _save(
         self, resource_type: str, resource_id: str, resource: dict[str, Any] | None
-    ) -> _Version:
+    ) -> VersionRecord:
         previous = self._current(resource_type, resource_id)
         ms = self._tick()
         version = 1 if previous is None else previous.version + 1
@@ -326,7 +281,7 @@ class StandInHapi:
             stored["meta"] = meta
         method = "DELETE" if resource is None else "POST" if previous is None else "PUT"
         self._seq += 1
-        record = _Version(
+        record = VersionRecord(
             self._seq, resource_type, resource_id, version, self._iso(ms), ms, method, stored
         )
         self._versions.setdefault((resource_type, resource_id), []).append(record)
@@ -334,7 +289,7 @@ class StandInHapi:
         self._after_change(record, previous)
         return record
 
-    async def _create(self, resource: Any, resource_type: str | None = None) -> _Version:
+    async def _create(self, resource: Any, resource_type: str | None = None) -> VersionRecord:
         resource = self._check_body(resource, resource_type)
         rtype = resource["resourceType"]
         while (rtype, str(self._next_id)) in self._versions:
@@ -349,7 +304,7 @@ class StandInHapi:
         resource_type: str | None = None,
         resource_id: str | None = None,
         if_match: str | None = None,
-    ) -> tuple[_Version, bool]:
+    ) -> tuple[VersionRecord, bool]:
         """PUT semantics; returns the version and whether it was created."""
         resource = self._check_body(resource, resource_type)
         rtype = resource["resourceType"]
@@ -395,7 +350,7 @@ class StandInHapi:
         record = self._save(rtype, body_id, resource)
         return record, current is None or current.resource is None
 
-    async def _delete(self, resource_type: str, resource_id: str) -> _Version | None:
+    async def _delete(self, resource_type: str, resource_id: str) -> VersionRecord | None:
         """A new deleted version; None when it was deleted already."""
         self._check_type(resource_type)
         current = self._current(resource_type, resource_id)
@@ -407,7 +362,7 @@ class StandInHapi:
             return None
         return self._save(resource_type, resource_id, None)
 
-    def _read(self, resource_type: str, resource_id: str, vid: str | None = None) -> _Version:
+    def _read(self, resource_type: str, resource_id: str, vid: str | None = None) -> VersionRecord:
         self._check_type(resource_type)
         versions = self._versions.get((resource_type, resource_id))
         if not versions:
@@ -476,7 +431,7 @@ class StandInHapi:
             raise StandInError(
                 422, f"Subscription/{subscription_id} is not active", "business-rule"
             )
-        targets: list[_Version] = []
+        targets: list[VersionRecord] = []
         for ref in resource_ids:
             rtype, _, rid = ref.partition("/")
             record = self._read(rtype, rid.split("/_history")[0])
@@ -559,7 +514,7 @@ class StandInHapi:
             deliver_latest=flags.get(EXT_DELIVER_LATEST, False),
         )
 
-    def _subscription_changed(self, record: _Version) -> None:
+    def _subscription_changed(self, record: VersionRecord) -> None:
         sub = record.resource
         if sub is not None and sub.get("status") == "active":
             self.delivery.register(self._hook(sub))
@@ -590,7 +545,7 @@ class StandInHapi:
         logger.info("stand-in Subscription/%s is now %s", subscription_id, sub["status"])
         self._save("Subscription", subscription_id, sub)
 
-    def _after_change(self, record: _Version, previous: _Version | None) -> None:
+    def _after_change(self, record: VersionRecord, previous: VersionRecord | None) -> None:
         if record.resource_type == "Subscription":
             self._subscription_changed(record)
         operation: Operation
@@ -605,7 +560,7 @@ class StandInHapi:
             if hook.matches(record.resource_type, content):
                 self._notify(hook, operation, record)
 
-    def _notify(self, hook: RestHook, operation: Operation, record: _Version) -> None:
+    def _notify(self, hook: RestHook, operation: Operation, record: VersionRecord) -> None:
         self.delivery.enqueue(
             hook,
             Notification(
@@ -689,14 +644,14 @@ class StandInHapi:
                 raise StandInError(
                     404, f"Resource {resource_type}/{resource_id} is not known", "not-found"
                 )
-            source: list[_Version] = versions
+            source: list[VersionRecord] = versions
         else:
             source = self._log
         try:
             since_ms = instant_ms(since) if since else None
         except ValueError as exc:
             raise StandInError(400, f"Invalid _since value: {since}") from exc
-        items: list[_Version] = []
+        items: list[VersionRecord] = []
         for v in reversed(source):  # the log is in time order: stop at the first older one
             if since_ms is not None and v.last_updated_ms < since_ms:
                 break
@@ -761,7 +716,7 @@ class StandInHapi:
         return bundle
 
     @staticmethod
-    def _history_entry(v: _Version, base: str) -> dict[str, Any]:
+    def _history_entry(v: VersionRecord, base: str) -> dict[str, Any]:
         entry: dict[str, Any] = {"fullUrl": f"{base}/{v.resource_type}/{v.resource_id}"}
         if v.resource is not None:
             entry["resource"] = v.resource
@@ -778,344 +733,3 @@ class StandInHapi:
             "lastModified": v.last_updated,
         }
         return entry
-
-    # -- HTTP ---------------------------------------------------------------------------------
-    def _build_app(self) -> Starlette:
-        return Starlette(routes=_Http(self).routes())
-
-
-_ALL_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
-_Handler = Callable[[Request], Awaitable[Response]]
-
-
-class _Http:
-    """The FHIR REST routes: parse, call the stand-in, build the response."""
-
-    def __init__(self, hapi: StandInHapi) -> None:
-        self.hapi = hapi
-
-    def routes(self) -> list[Route]:
-        def route(
-            path: str, endpoint: Callable[[Request], Awaitable[Response]], *methods: str
-        ) -> Route:
-            return Route(path, self._wrap(endpoint), methods=list(methods))
-
-        return [
-            route("/fhir/metadata", self.metadata, "GET"),
-            route("/fhir/_history", self.history, "GET"),
-            route("/fhir", self.pages, "GET"),
-            route("/fhir/{type}/_history", self.history, "GET"),
-            route("/fhir/{type}/{id}/_history/{vid}", self.vread, "GET"),
-            route("/fhir/{type}/{id}/_history", self.history, "GET"),
-            route("/fhir/{type}/{id}/{operation}", self.operation, "POST"),
-            route("/fhir/{type}/{id}", self.read, "GET"),
-            route("/fhir/{type}/{id}", self.update, "PUT"),
-            route("/fhir/{type}/{id}", self.delete, "DELETE"),
-            route("/fhir/{type}", self.search, "GET"),
-            route("/fhir/{type}", self.create, "POST"),
-            route("/{path:path}", self.unknown, *_ALL_METHODS),
-        ]
-
-    def _wrap(
-        self, endpoint: Callable[[Request], Awaitable[Response]]
-    ) -> Callable[[Request], Awaitable[Response]]:
-        async def handle(request: Request) -> Response:
-            try:
-                response = await endpoint(request)
-            except StandInError as exc:
-                response = self._json(exc.outcome(), exc.status_code or 500)
-            response.headers["Date"] = _http_date(int((time.time() + self.hapi.clock_skew) * 1000))
-            return response
-
-        return handle
-
-    @staticmethod
-    def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
-        return Response(dumps(data), status, headers=headers, media_type=FHIR_JSON)
-
-    @staticmethod
-    def _base(request: Request) -> str:
-        return f"{request.url.scheme}://{request.url.netloc}/fhir"
-
-    def _resource_response(self, request: Request, record: _Version, status: int) -> Response:
-        base = self._base(request)
-        location = f"{base}/{record.resource_type}/{record.resource_id}/_history/{record.version}"
-        headers = {
-            "ETag": f'W/"{record.version}"',
-            "Last-Modified": _http_date(record.last_updated_ms),
-            "Content-Location": location,
-        }
-        if status == 201:
-            headers["Location"] = location
-        return self._json(record.resource, status, headers)
-
-    @staticmethod
-    async def _body(request: Request) -> Any:
-        try:
-            return loads(await request.body())
-        except JsonError as exc:
-            raise StandInError(
-                400, f"Failed to parse request body as JSON resource: {exc}"
-            ) from exc
-
-    async def unknown(self, request: Request) -> Response:
-        raise StandInError(
-            400,
-            "Invalid request: The FHIR endpoint on this server does not know how to handle "
-            f"{request.method} operation[{request.url.path.removeprefix('/fhir/')}]",
-            "not-supported",
-        )
-
-    async def metadata(self, request: Request) -> Response:
-        return self._json(
-            {
-                "resourceType": "CapabilityStatement",
-                "status": "active",
-                "date": self.hapi.now(),
-                "kind": "instance",
-                "software": {"name": "HAPI FHIR Server (ResearchFlow stand-in)", "version": "8.x"},
-                "fhirVersion": "4.0.1",
-                "format": ["application/fhir+json"],
-            }
-        )
-
-    async def read(self, request: Request) -> Response:
-        p = request.path_params
-        return self._resource_response(request, self.hapi._read(p["type"], p["id"]), 200)
-
-    async def vread(self, request: Request) -> Response:
-        p = request.path_params
-        return self._resource_response(request, self.hapi._read(p["type"], p["id"], p["vid"]), 200)
-
-    async def create(self, request: Request) -> Response:
-        record = await self.hapi._create(await self._body(request), request.path_params["type"])
-        return self._resource_response(request, record, 201)
-
-    async def update(self, request: Request) -> Response:
-        p = request.path_params
-        record, created = await self.hapi._update(
-            await self._body(request), p["type"], p["id"], request.headers.get("if-match")
-        )
-        return self._resource_response(request, record, 201 if created else 200)
-
-    async def delete(self, request: Request) -> Response:
-        p = request.path_params
-        record = await self.hapi._delete(p["type"], p["id"])
-        if record is None:
-            message = f"Resource {p['type']}/{p['id']} was already deleted; nothing to do"
-        else:
-            message = (
-                f"Successfully deleted 1 resource(s). "
-                f"{p['type']}/{p['id']}/_history/{record.version}"
-            )
-        outcome = {
-            "resourceType": "OperationOutcome",
-            "issue": [{"severity": "information", "code": "informational", "diagnostics": message}],
-        }
-        headers = {"ETag": f'W/"{record.version}"'} if record is not None else None
-        return self._json(outcome, 200, headers)
-
-    async def search(self, request: Request) -> Response:
-        query = list(request.query_params.multi_items())
-        no_cache = "no-cache" in request.headers.get("cache-control", "").lower()
-        token, _ = self.hapi.search(request.path_params["type"], query, no_cache=no_cache)
-        count = self.hapi._page_size(dict(query))
-        if dict(query).get("_summary") == "count":
-            bundle = self.hapi._bundle(token, 0, 0, self._base(request), str(request.url))
-            bundle.pop("entry", None)
-            return self._json(bundle)
-        return self._json(self.hapi._bundle(token, 0, count, self._base(request), str(request.url)))
-
-    async def history(self, request: Request) -> Response:
-        params = dict(request.query_params)
-        p = request.path_params
-        offset = params.get("_offset", "0")
-        if not offset.isdigit():
-            raise StandInError(400, f"Invalid _offset value: {offset[:40]}")
-        token = self.hapi.history(p.get("type"), p.get("id"), params.get("_since"))
-        count = self.hapi._page_size(params)
-        bundle = self.hapi._bundle(token, int(offset), count, self._base(request), str(request.url))
-        total = len(self.hapi._pages.pop(token).items)
-        # HAPI 8.8 pages `_history` by `_offset` on the same URL, running it again for each
-        # page (no snapshot): a change made meanwhile shifts later pages, so an entry can come
-        # twice (newest first), never not at all.
-        links = [link for link in bundle["link"] if link["relation"] == "self"]
-        if count > 0 and int(offset) + count < total:
-            query = [(k, v) for k, v in request.query_params.multi_items() if k != "_offset"]
-            query.append(("_offset", str(int(offset) + count)))
-            links.append(
-                {
-                    "relation": "next",
-                    "url": str(request.url.replace(query=urlencode(query))),
-                }
-            )
-        bundle["link"] = links
-        return self._json(bundle)
-
-    async def pages(self, request: Request) -> Response:
-        params = dict(request.query_params)
-        token = params.get("_getpages")
-        if not token:
-            raise StandInError(400, "This server does not accept searches at the base URL")
-        offset = params.get("_getpagesoffset", "0")
-        if not offset.isdigit():
-            raise StandInError(400, f"Invalid _getpagesoffset: {offset[:40]}")
-        count = self.hapi._page_size(params)
-        return self._json(
-            self.hapi._bundle(token, int(offset), count, self._base(request), str(request.url))
-        )
-
-    async def operation(self, request: Request) -> Response:
-        p = request.path_params
-        if p["type"] != "Subscription" or p["operation"] != "$trigger-subscription":
-            raise StandInError(400, f"Unknown operation {p['operation'][:80]}", "not-supported")
-        body = await self._body(request)
-        resource_ids: list[str] = []
-        search_urls: list[str] = []
-        for param in (body or {}).get("parameter") or []:
-            kind, value = next(
-                ((k, v) for k, v in param.items() if k.startswith("value")), ("", None)
-            )
-            if param.get("name") == "resourceId" and kind != "valueUri":
-                # HAPI 8.8's operation declares resourceId a uri (docs/hapi.md).
-                found = kind.removeprefix("value") + "Type"
-                raise StandInError(
-                    400,
-                    f"HAPI-0362: Request has parameter resourceId of type {found} but method "
-                    "expects type UriType",
-                )
-            if param.get("name") == "resourceId" and isinstance(value, str):
-                resource_ids.append(value)
-            elif param.get("name") == "searchUrl" and isinstance(value, str):
-                search_urls.append(value)
-        if not resource_ids and not search_urls:
-            raise StandInError(400, "No resourceId or searchUrl parameters were provided")
-        sent = await self.hapi.trigger(p["id"], resource_ids, search_urls)
-        job = uuid.uuid4()
-        return self._json(
-            {
-                "resourceType": "Parameters",
-                "parameter": [
-                    {
-                        "name": "information",
-                        "valueString": f"Subscription triggering job submitted as JOB ID: {job}"
-                        f" ({sent} resource(s) queued)",
-                    }
-                ],
-            }
-        )
-
-
-# -- serving ------------------------------------------------------------------------------------
-
-
-def _bound_socket(host: str, port: int) -> socket.socket:
-    # IPPROTO_TCP explicitly: asyncio only sets TCP_NODELAY on sockets whose proto says TCP,
-    # and without it every response waits ~40 ms for a delayed ACK.
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
-    return sock
-
-
-@contextlib.asynccontextmanager
-async def serve_asgi(
-    app: Any, *, host: str = "127.0.0.1", port: int = 0, path: str = ""
-) -> AsyncIterator[str]:
-    """Serve an ASGI app with uvicorn in this event loop; yields `http://host:port{path}`."""
-    sock = _bound_socket(host, port)
-    config = uvicorn.Config(
-        app,
-        log_level="warning",
-        lifespan="auto",
-        ws="none",
-        date_header=False,  # the stand-in sets Date itself, from HAPI's clock
-        server_header=False,
-        timeout_graceful_shutdown=2,
-    )
-    server = uvicorn.Server(config)
-    task = asyncio.create_task(server.serve(sockets=[sock]))
-    try:
-        while not server.started:
-            if task.done():
-                task.result()
-                raise RuntimeError("uvicorn stopped before it started")
-            await asyncio.sleep(0.005)
-        yield f"http://{host}:{sock.getsockname()[1]}{path}"
-    finally:
-        server.should_exit = True
-        try:
-            await asyncio.wait_for(task, timeout=5)
-        except TimeoutError:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        sock.close()
-
-
-@contextlib.asynccontextmanager
-async def serve_standin(
-    hapi: StandInHapi, *, host: str = "127.0.0.1", port: int = 0
-) -> AsyncIterator[str]:
-    """Serve the stand-in on loopback; yields its FHIR base (`http://127.0.0.1:PORT/fhir`).
-
-    On exit the server stops and the stand-in's delivery workers are closed.
-    """
-    try:
-        async with serve_asgi(hapi.app, host=host, port=port, path="/fhir") as base_url:
-            hapi.base_url = base_url
-            yield base_url
-    finally:
-        await hapi.aclose()
-
-
-class ThreadedStandIn:
-    """A stand-in served from a background thread's event loop (for benchmarks and the CLI)."""
-
-    def __init__(self, hapi: StandInHapi, base_url: str, loop: asyncio.AbstractEventLoop) -> None:
-        self.hapi = hapi
-        self.base_url = base_url
-        self.loop = loop
-
-    def call(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
-        """Run a coroutine (e.g. `hapi.create(...)`) in the stand-in's loop and wait for it."""
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-
-@contextlib.contextmanager
-def serve_standin_in_thread(
-    hapi: StandInHapi, *, host: str = "127.0.0.1", port: int = 0
-) -> Iterator[ThreadedStandIn]:
-    """Serve the stand-in from a daemon thread; yields a handle with `base_url` and `call`."""
-    ready = threading.Event()
-    box: dict[str, Any] = {}
-
-    async def main() -> None:
-        stop = asyncio.Event()
-        box["stop"] = stop
-        box["loop"] = asyncio.get_running_loop()
-        try:
-            async with serve_standin(hapi, host=host, port=port) as base_url:
-                box["url"] = base_url
-                ready.set()
-                await stop.wait()
-        except BaseException as exc:
-            box["error"] = exc
-            ready.set()
-            raise
-
-    def run() -> None:
-        with contextlib.suppress(BaseException):
-            asyncio.run(main())
-
-    thread = threading.Thread(target=run, name="standin-hapi", daemon=True)
-    thread.start()
-    ready.wait(30)
-    if "url" not in box:
-        raise RuntimeError(f"the stand-in HAPI did not start: {box.get('error')!r}")
-    loop: asyncio.AbstractEventLoop = box["loop"]
-    try:
-        yield ThreadedStandIn(hapi, box["url"], loop)
-    finally:
-        loop.call_soon_threadsafe(box["stop"].set)
-        thread.join(10)
