@@ -168,12 +168,18 @@ def cmd_receiver(settings: Settings, args: argparse.Namespace) -> int:
     from core.serve import Listener, check_redis
     from receiver.app import create_app
     from serving.derive import default_deriver
+    from subscriptions.fhir_client import hapi_lookup
 
     _require_tokens(settings.receiver_tokens, "RECEIVER_TOKEN", args.insecure)
     sock = _bind(args.host, args.port, "receiver")
     try:
         asyncio.run(check_redis(settings))
-        app = create_app(settings, derive=default_deriver(), insecure=args.insecure)
+        app = create_app(
+            settings,
+            derive=default_deriver(),
+            hapi=hapi_lookup(settings.fhir_base_url),
+            insecure=args.insecure,
+        )
     except BaseException:
         sock.close()
         raise
@@ -533,6 +539,7 @@ def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
     from core.serve import Listener, close_all
     from receiver.app import create_app as create_receiver
     from serving.derive import default_deriver
+    from subscriptions.fhir_client import hapi_lookup
 
     _require_tokens(settings.receiver_tokens, "RECEIVER_TOKEN", args.insecure)
     _require_tokens(settings.serving_tokens, "SERVING_TOKEN", args.insecure)
@@ -543,7 +550,12 @@ def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
         sockets.append(_bind(args.host, args.serve_port, "query API"))
         listeners = [
             Listener(
-                create_receiver(settings, derive=default_deriver(), insecure=args.insecure),
+                create_receiver(
+                    settings,
+                    derive=default_deriver(),
+                    hapi=hapi_lookup(settings.fhir_base_url),
+                    insecure=args.insecure,
+                ),
                 sockets[0],
                 "receiver",
             ),

@@ -53,7 +53,7 @@ from serving import batch
 from serving.api import create_app as create_api
 from serving.derive import default_deriver
 from subscriptions import bootstrap
-from subscriptions.fhir_client import FhirClient
+from subscriptions.fhir_client import FhirClient, hapi_lookup
 
 ROOT = Path(__file__).resolve().parents[1]
 HAPI_SH = ROOT / "hapi-config" / "hapi.sh"
@@ -135,7 +135,9 @@ class Result:
 @contextlib.asynccontextmanager
 async def services(settings: Settings) -> AsyncIterator[str]:
     """The receiver (where HAPI delivers) and the query API; yields the API's base URL."""
-    receiver = create_receiver(settings, derive=default_deriver())
+    receiver = create_receiver(
+        settings, derive=default_deriver(), hapi=hapi_lookup(settings.fhir_base_url)
+    )
     api = create_api(settings)
     async with (
         serve_asgi(receiver, port=int(settings.receiver_url.rsplit(":", 1)[1].split("/")[0])),

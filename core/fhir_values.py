@@ -16,6 +16,7 @@
   PostgreSQL gives exactly the Python string (`case_map_sql`).
 - lowBoundary()/highBoundary() of decimals, dates, dateTimes and times (`boundary`,
   `boundary_sql`).
+- References: the type, id and version a literal reference or URL names (`split_reference`).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from datetime import datetime, timedelta
 from decimal import Context, Decimal
 from functools import lru_cache
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import orjson
 import psycopg
@@ -52,6 +54,7 @@ __all__ = [
     "is_temporal_type",
     "loads",
     "parse_number",
+    "split_reference",
     "temporal_compare_sql",
 ]
 
@@ -651,3 +654,20 @@ def case_map_sql(text_sql: str, kind: CaseKind) -> str:
         f" THEN translate(s.t, {_lit(ascii_from)}, {_lit(ascii_to)}) ELSE {full} END"
         f" FROM (SELECT ({text_sql})::text AS t) AS s)"
     )
+
+
+# --------------------------------------------------------------------------- references
+
+
+def split_reference(url: str | None) -> tuple[str | None, str | None, str | None]:
+    """(type, id, version) from `.../Type/id` or `.../Type/id/_history/N`."""
+    if not url:
+        return None, None, None
+    parts = [p for p in urlsplit(url).path.split("/") if p]
+    version = None
+    if len(parts) >= 2 and parts[-2] == "_history":
+        version = parts[-1]
+        parts = parts[:-2]
+    if len(parts) >= 2 and parts[-2][:1].isupper():
+        return parts[-2], parts[-1], version
+    return None, None, version

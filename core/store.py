@@ -24,7 +24,7 @@ import zlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeAlias
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
@@ -37,6 +37,9 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from core.errors import Issue, SpeedLayerUnavailable
 from core.settings import Settings
+
+if TYPE_CHECKING:
+    from core.validation import ValidResource
 
 logger = logging.getLogger(__name__)
 
@@ -114,6 +117,10 @@ class Derived:
 
     rows: dict[str, bytes] = field(default_factory=dict)  # view name -> JSON array of rows
     index: tuple[str, ...] = ()  # index entry names, e.g. "Condition.code:http://x|123"
+
+
+# What the write path computes for a validated resource (serving.derive.default_deriver).
+Deriver: TypeAlias = "Callable[[ValidResource], Derived]"
 
 
 @dataclass(frozen=True)

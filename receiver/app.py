@@ -7,7 +7,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, TypedDict
+from typing import TypedDict
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -19,16 +19,8 @@ from core import auth
 from core.errors import InvalidRequest, InvalidResource, Issue, SpeedLayerUnavailable
 from core.metrics import Metrics, metrics_response
 from core.settings import Settings
-from core.store import SpeedStore, connect
-from core.validation import (
-    NEVER_STORED,
-    ValidResource,
-    check_id,
-    is_resource_type,
-    operation_outcome,
-    parse_json,
-    validate_resource,
-)
+from core.store import Deriver, SpeedStore, connect
+from core.validation import NEVER_STORED, operation_outcome, parse_json
 from receiver.body import (
     ACCEPT_ENCODING,
     BodyTooLarge,
@@ -37,23 +29,26 @@ from receiver.body import (
     decode_body,
     read_body,
 )
-from receiver.ingest import Deriver, ingest, ingest_deletion, ingest_valid
+from receiver.ingest import (
+    FetchResource,
+    HapiLookup,
+    VersionLookup,
+    apply_delete,
+    apply_notification_bundle,
+    check_path,
+    fetch_of,
+    ingest,
+)
 
 logger = logging.getLogger(__name__)
 
 FHIR_JSON = "application/fhir+json"
 RETRY_AFTER_SECONDS = "2"
 
-# (version_id, last_updated, deleted) of the newest version HAPI holds, or None when unknown.
-LatestVersion = Callable[[str, str], Awaitable[tuple[str | None, str | None, bool] | None]]
-# The current version of a resource as HAPI holds it; None when HAPI says it is deleted (410).
-# Raises when HAPI cannot answer.
-FetchResource = Callable[[str, str], Awaitable[dict[str, Any] | None]]
-
 
 class State(TypedDict):
     store: SpeedStore
-    latest_version: LatestVersion | None
+    latest_version: VersionLookup | None
     fetch_resource: FetchResource | None
 
 
@@ -190,24 +185,6 @@ async def _guarded(request: Request, handler: Callable[[bytes], Awaitable[Respon
         )
 
 
-def _check_path(resource_type: str, resource_id: str, allowed: tuple[str, ...] = ()) -> None:
-    if allowed and resource_type not in allowed:
-        message = (
-            f"resource type {resource_type[:80]!r} is not taken here (RECEIVER_RESOURCE_TYPES)"
-        )
-        raise InvalidRequest(message, [Issue("not-supported", message, "resourceType")])
-    if not is_resource_type(resource_type):
-        raise InvalidRequest(
-            f"unknown resource type {resource_type[:80]!r}",
-            [
-                Issue(
-                    "not-supported", f"unknown resource type {resource_type[:80]!r}", "resourceType"
-                )
-            ],
-        )
-    check_id(resource_id)
-
-
 async def put_resource(request: Request) -> Response:
     resource_type = request.path_params["type"]
     resource_id = request.path_params["id"]
@@ -217,7 +194,7 @@ async def put_resource(request: Request) -> Response:
 
     async def handle(body: bytes) -> Response:
         started = time.perf_counter()
-        _check_path(resource_type, resource_id, request.app.state.settings.receiver_resource_types)
+        check_path(resource_type, resource_id, request.app.state.settings.receiver_resource_types)
         if not _is_json(request.headers.get("content-type")):
             return outcome_response(
                 415,
@@ -241,54 +218,16 @@ async def delete_resource(request: Request) -> Response:
     resource_type = request.path_params["type"]
     resource_id = request.path_params["id"]
     store: SpeedStore = request.state.store
-    latest_version: LatestVersion | None = request.state.latest_version
+    latest_version: VersionLookup | None = request.state.latest_version
     metrics: Metrics = request.app.state.metrics
 
     async def handle(_: bytes) -> Response:
-        _check_path(resource_type, resource_id, request.app.state.settings.receiver_resource_types)
+        check_path(resource_type, resource_id, request.app.state.settings.receiver_resource_types)
         await apply_delete(store, latest_version, resource_type, resource_id)
         metrics.notifications.labels(resource_type, "deleted").inc()
         return Response(status_code=204)
 
     return await _guarded(request, handle)
-
-
-async def apply_delete(
-    store: SpeedStore,
-    latest_version: LatestVersion | None,
-    resource_type: str,
-    resource_id: str,
-) -> None:
-    """Tombstone a deleted resource at the deletion's version, asking HAPI for it.
-
-    A DELETE carries no version. When HAPI cannot say, tombstone just after the newest version
-    held and ask the poller to settle it. A type that is never stored is left alone.
-    """
-    if resource_type in NEVER_STORED:
-        return
-    latest = None
-    if latest_version is not None:
-        try:
-            latest = await latest_version(resource_type, resource_id)
-        except Exception as exc:  # HAPI down or refusing: fall back, never fail the delivery
-            logger.warning(
-                "could not read the deletion version of %s/%s from HAPI (%s); catch-up requested",
-                resource_type,
-                resource_id,
-                type(exc).__name__,
-            )
-    if latest is not None and latest[2]:
-        await ingest_deletion(
-            store, resource_type, resource_id, version_id=latest[0], last_updated=latest[1]
-        )
-        return
-    if latest is not None:
-        # HAPI's newest version is not a deletion: it was re-created since; that version's own
-        # PUT (or the poller) brings the truth, so a tombstone now could only be wrong.
-        await store.request_catchup(f"stale DELETE {resource_type}/{resource_id}")
-        return
-    await store.tombstone_after_held(resource_type, resource_id)
-    await store.request_catchup(f"DELETE {resource_type}/{resource_id} without version")
 
 
 async def post_root(request: Request) -> Response:
@@ -316,134 +255,6 @@ async def post_root(request: Request) -> Response:
         return Response(status_code=204)
 
     return await _guarded(request, handle)
-
-
-async def apply_notification_bundle(
-    store: SpeedStore,
-    derive: Deriver | None,
-    data: Any,
-    latest_version: LatestVersion | None = None,
-    allowed: tuple[str, ...] = (),
-    fetch_resource: FetchResource | None = None,
-) -> None:
-    """A topic-based (R4 backport) notification: a history Bundle led by its status Parameters.
-
-    `full-resource` entries are validated before anything is written, so a bad one writes
-    nothing. `id-only` entries name their focus (fullUrl or request.url): each is fetched from
-    HAPI and written (a deleted one is tombstoned); a catch-up poll is recorded only when HAPI
-    cannot answer, or for `empty` content, which names nothing.
-    """
-    if not isinstance(data, dict) or data.get("resourceType") != "Bundle":
-        raise InvalidRequest(
-            "POST /fhir takes an empty body or a notification Bundle",
-            [Issue("not-supported", "expected a Bundle of type history", "resourceType")],
-        )
-    entries: list[Any] = data["entry"] if isinstance(data.get("entry"), list) else []
-    first = entries[0].get("resource") if entries and isinstance(entries[0], dict) else None
-    if (
-        data.get("type") != "history"
-        or not isinstance(first, dict)
-        or first.get("resourceType") not in {"Parameters", "SubscriptionStatus"}
-    ):
-        raise InvalidRequest(
-            "not a subscription notification: expected a history Bundle whose first entry is a "
-            "Parameters or SubscriptionStatus",
-            [Issue("invalid", "not a subscription notification Bundle", "Bundle.entry[0]")],
-        )
-    valid: list[ValidResource] = []
-    deletes: list[tuple[str, str]] = []
-    focuses: list[tuple[str, str]] = []
-    unnamed = False
-    for n, entry in enumerate(entries[1:], start=1):
-        if not isinstance(entry, dict):
-            raise InvalidRequest(f"Bundle.entry[{n}] is not an object")
-        resource = entry.get("resource")
-        request_part: dict[str, Any] = (
-            entry["request"] if isinstance(entry.get("request"), dict) else {}
-        )
-        if isinstance(resource, dict):
-            if allowed and resource.get("resourceType") not in allowed:
-                _check_path(str(resource.get("resourceType"))[:80], "x", allowed)
-            try:
-                valid.append(validate_resource(resource))
-            except InvalidResource as exc:
-                issues = [
-                    Issue(i.code, i.diagnostics, f"Bundle.entry[{n}].resource.{i.expression}")
-                    if i.expression
-                    else i
-                    for i in exc.issues
-                ]
-                raise InvalidResource(exc.message, issues) from exc
-        elif request_part.get("method") == "DELETE" and isinstance(request_part.get("url"), str):
-            type_, _, id_ = request_part["url"].partition("/")
-            _check_path(type_, id_.split("/", 1)[0], allowed)
-            deletes.append((type_, id_.split("/", 1)[0]))
-        else:
-            focus = _focus_of(entry, request_part)
-            if focus is None:
-                unnamed = True  # nothing to fetch: the poller finds what changed
-                continue
-            _check_path(*focus, allowed)
-            focuses.append(focus)
-    for resource in valid:
-        await ingest_valid(store, resource, derive)
-    for type_, id_ in deletes:
-        await apply_delete(store, latest_version, type_, id_)
-    for type_, id_ in dict.fromkeys(focuses):
-        if not await _fetch_focus(store, derive, latest_version, fetch_resource, type_, id_):
-            unnamed = True
-    if unnamed or len(entries) <= 1:
-        await store.request_catchup("topic notification without full resources")
-
-
-def _focus_of(entry: dict[str, Any], request_part: dict[str, Any]) -> tuple[str, str] | None:
-    """TYPE and ID an id-only entry names (request.url `Type/id`, or its fullUrl)."""
-    from subscriptions.fhir_client import split_reference
-
-    for url in (request_part.get("url"), entry.get("fullUrl")):
-        if isinstance(url, str):
-            resource_type, resource_id, _ = split_reference(url)
-            if resource_type and resource_id:
-                return resource_type, resource_id
-    return None
-
-
-async def _fetch_focus(
-    store: SpeedStore,
-    derive: Deriver | None,
-    latest_version: LatestVersion | None,
-    fetch_resource: FetchResource | None,
-    resource_type: str,
-    resource_id: str,
-) -> bool:
-    """Fetch one id-only focus from HAPI and write it; False when HAPI could not answer."""
-    if fetch_resource is None:
-        return False
-    try:
-        resource = await fetch_resource(resource_type, resource_id)
-    except Exception as exc:  # HAPI down or refusing: the poller brings it
-        logger.warning(
-            "could not fetch %s/%s named by an id-only notification (%s); catch-up requested",
-            resource_type,
-            resource_id,
-            type(exc).__name__,
-        )
-        return False
-    if resource is None:
-        await apply_delete(store, latest_version, resource_type, resource_id)
-        return True
-    try:
-        await ingest(store, resource, path_type=resource_type, path_id=resource_id, derive=derive)
-    except InvalidRequest as exc:
-        # HAPI's own copy fails the gate: recorded as a reject (422) or refused; the
-        # notification itself was fine, so it is not refused for it.
-        logger.warning(
-            "the %s/%s HAPI holds was refused by the gate: %s",
-            resource_type,
-            resource_id,
-            exc.message[:200],
-        )
-    return True
 
 
 async def health(request: Request) -> Response:
@@ -479,13 +290,16 @@ def create_app(
     settings: Settings,
     *,
     derive: Deriver | None = None,
-    latest_version: LatestVersion | None = None,
+    latest_version: VersionLookup | None = None,
     fetch_resource: FetchResource | None = None,
+    hapi: Callable[[], contextlib.AbstractAsyncContextManager[HapiLookup]] | None = None,
     insecure: bool = False,
     metrics: Metrics | None = None,
 ) -> Starlette:
-    """The receiver app. Its lifespan opens Redis and the FHIR client (deletion versions,
-    id-only notifications) unless `latest_version` and `fetch_resource` are given."""
+    """The receiver app. Its lifespan opens Redis, and `hapi()` (e.g. the FHIR client of
+    `subscriptions.fhir_client`) for a deletion's version and an id-only notification's
+    resource unless `latest_version` and `fetch_resource` are given. Without either, a
+    DELETE is tombstoned after the version held and the poller settles it."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[State]:
@@ -503,10 +317,10 @@ def create_app(
                     "Redis at start-up: %s (the receiver answers 503 until it is back)", exc
                 )
             lookup, fetch = latest_version, fetch_resource
-            if lookup is None or fetch is None:
-                hapi = await stack.enter_async_context(_fhir_lookup(settings))
-                lookup = lookup or hapi[0]
-                fetch = fetch or hapi[1]
+            if hapi is not None and (lookup is None or fetch is None):
+                fhir = await stack.enter_async_context(hapi())
+                lookup = lookup or fhir.latest_version
+                fetch = fetch or fetch_of(fhir)
             yield {"store": store, "latest_version": lookup, "fetch_resource": fetch}
 
     app = Starlette(
@@ -550,27 +364,3 @@ async def _flush_quietly(store: SpeedStore) -> None:
         await store.flush_stats()
     except Exception as exc:  # shutting down: statistics only
         logger.info("statistics not flushed at shutdown: %s", exc)
-
-
-@contextlib.asynccontextmanager
-async def _fhir_lookup(settings: Settings) -> AsyncIterator[tuple[LatestVersion, FetchResource]]:
-    """The deletion-version lookup and the id-only fetch through the project's FHIR client."""
-    from core.errors import FhirFatalError
-    from subscriptions.fhir_client import FhirClient
-
-    async with FhirClient(settings.fhir_base_url, max_retries=1) as client:
-
-        async def lookup(
-            resource_type: str, resource_id: str
-        ) -> tuple[str | None, str | None, bool] | None:
-            return await client.latest_version(resource_type, resource_id)
-
-        async def fetch(resource_type: str, resource_id: str) -> dict[str, Any] | None:
-            try:
-                return await client.read(resource_type, resource_id)
-            except FhirFatalError as exc:
-                if exc.status_code == 410:  # HAPI: deleted
-                    return None
-                raise
-
-        yield lookup, fetch

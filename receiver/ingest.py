@@ -1,19 +1,65 @@
-"""One code path into the speed layer for the receiver and the poller: validate, derive, write."""
+"""The write path into the speed layer, for the receiver and the poller: validate, derive, write.
+
+A resource (`ingest`, `ingest_valid`), a deletion (`apply_delete`, `ingest_deletion`) and a
+topic-based notification Bundle (`apply_notification_bundle`). What HAPI is asked on the way
+(a deletion's version, an id-only notification's resource) comes in as a `HapiLookup`.
+"""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
-from core.errors import InvalidResource
-from core.store import Derived, SpeedStore
-from core.validation import NEVER_STORED, ValidResource, validate_resource
+import orjson
+
+from core.errors import FhirFatalError, InvalidRequest, InvalidResource, Issue
+from core.fhir_values import split_reference
+from core.store import Deriver, SpeedStore
+from core.validation import (
+    NEVER_STORED,
+    ValidResource,
+    check_id,
+    is_resource_type,
+    validate_resource,
+)
 
 logger = logging.getLogger(__name__)
 
-Deriver = Callable[[ValidResource], Derived]
+# (version_id, last_updated, deleted) of the newest version HAPI holds, or None when unknown.
+VersionLookup = Callable[[str, str], Awaitable[tuple[str | None, str | None, bool] | None]]
+# The current version of a resource as HAPI holds it; None when HAPI says it is deleted (410).
+# Raises when HAPI cannot answer.
+FetchResource = Callable[[str, str], Awaitable[dict[str, Any] | None]]
+
+
+class HapiLookup(Protocol):
+    """What the write path asks HAPI (`subscriptions.fhir_client.FhirClient` is one)."""
+
+    async def latest_version(
+        self, resource_type: str, resource_id: str
+    ) -> tuple[str | None, str | None, bool] | None:
+        """The newest version HAPI holds (version_id, last_updated, deleted), None if unknown."""
+        ...
+
+    async def read(self, resource_type: str, resource_id: str) -> dict[str, Any]:
+        """The current version; FhirFatalError with status 410 when HAPI says it is deleted."""
+        ...
+
+
+def fetch_of(hapi: HapiLookup) -> FetchResource:
+    """`hapi.read` with a deleted resource (HAPI's 410) as None."""
+
+    async def fetch(resource_type: str, resource_id: str) -> dict[str, Any] | None:
+        try:
+            return await hapi.read(resource_type, resource_id)
+        except FhirFatalError as exc:
+            if exc.status_code == 410:  # HAPI: deleted
+                return None
+            raise
+
+    return fetch
 
 
 @dataclass(frozen=True)
@@ -78,22 +124,21 @@ async def ingest(
     try:
         resource = validate_resource(body, path_type=path_type, path_id=path_id)
     except InvalidResource as exc:
-        await _record_reject(store, body, path_type, path_id, exc)
+        await record_reject(store, body, path_type, path_id, exc)
         raise
     return await ingest_valid(store, resource, derive)
 
 
-async def _record_reject(
+async def record_reject(
     store: SpeedStore,
     body: bytes | dict[str, Any],
     path_type: str | None,
     path_id: str | None,
     exc: InvalidResource,
 ) -> None:
+    """Record a resource the gate refused (422) once in the reject store, without its body."""
     data: Any = body
     if isinstance(body, bytes):
-        import orjson
-
         try:
             data = orjson.loads(body)
         except orjson.JSONDecodeError:
@@ -134,3 +179,186 @@ async def ingest_deletion(
     if not written:
         await store.confirm_delivery(resource_type, resource_id, version_id, last_updated)
     return Outcome(resource_type, resource_id, version_id, written)
+
+
+def check_path(resource_type: str, resource_id: str, allowed: tuple[str, ...] = ()) -> None:
+    """A TYPE/ID this receiver takes (RECEIVER_RESOURCE_TYPES, when set); InvalidRequest."""
+    if allowed and resource_type not in allowed:
+        message = (
+            f"resource type {resource_type[:80]!r} is not taken here (RECEIVER_RESOURCE_TYPES)"
+        )
+        raise InvalidRequest(message, [Issue("not-supported", message, "resourceType")])
+    if not is_resource_type(resource_type):
+        raise InvalidRequest(
+            f"unknown resource type {resource_type[:80]!r}",
+            [
+                Issue(
+                    "not-supported", f"unknown resource type {resource_type[:80]!r}", "resourceType"
+                )
+            ],
+        )
+    check_id(resource_id)
+
+
+async def apply_delete(
+    store: SpeedStore,
+    latest_version: VersionLookup | None,
+    resource_type: str,
+    resource_id: str,
+) -> None:
+    """Tombstone a deleted resource at the deletion's version, asking HAPI for it.
+
+    A DELETE carries no version. When HAPI cannot say, tombstone just after the newest version
+    held and ask the poller to settle it. A type that is never stored is left alone.
+    """
+    if resource_type in NEVER_STORED:
+        return
+    latest = None
+    if latest_version is not None:
+        try:
+            latest = await latest_version(resource_type, resource_id)
+        except Exception as exc:  # HAPI down or refusing: fall back, never fail the delivery
+            logger.warning(
+                "could not read the deletion version of %s/%s from HAPI (%s); catch-up requested",
+                resource_type,
+                resource_id,
+                type(exc).__name__,
+            )
+    if latest is not None and latest[2]:
+        await ingest_deletion(
+            store, resource_type, resource_id, version_id=latest[0], last_updated=latest[1]
+        )
+        return
+    if latest is not None:
+        # HAPI's newest version is not a deletion: it was re-created since; that version's own
+        # PUT (or the poller) brings the truth, so a tombstone now could only be wrong.
+        await store.request_catchup(f"stale DELETE {resource_type}/{resource_id}")
+        return
+    await store.tombstone_after_held(resource_type, resource_id)
+    await store.request_catchup(f"DELETE {resource_type}/{resource_id} without version")
+
+
+async def apply_notification_bundle(
+    store: SpeedStore,
+    derive: Deriver | None,
+    data: Any,
+    latest_version: VersionLookup | None = None,
+    allowed: tuple[str, ...] = (),
+    fetch_resource: FetchResource | None = None,
+) -> None:
+    """A topic-based (R4 backport) notification: a history Bundle led by its status Parameters.
+
+    `full-resource` entries are validated before anything is written, so a bad one writes
+    nothing. `id-only` entries name their focus (fullUrl or request.url): each is fetched from
+    HAPI and written (a deleted one is tombstoned); a catch-up poll is recorded only when HAPI
+    cannot answer, or for `empty` content, which names nothing.
+    """
+    if not isinstance(data, dict) or data.get("resourceType") != "Bundle":
+        raise InvalidRequest(
+            "POST /fhir takes an empty body or a notification Bundle",
+            [Issue("not-supported", "expected a Bundle of type history", "resourceType")],
+        )
+    entries: list[Any] = data["entry"] if isinstance(data.get("entry"), list) else []
+    first = entries[0].get("resource") if entries and isinstance(entries[0], dict) else None
+    if (
+        data.get("type") != "history"
+        or not isinstance(first, dict)
+        or first.get("resourceType") not in {"Parameters", "SubscriptionStatus"}
+    ):
+        raise InvalidRequest(
+            "not a subscription notification: expected a history Bundle whose first entry is a "
+            "Parameters or SubscriptionStatus",
+            [Issue("invalid", "not a subscription notification Bundle", "Bundle.entry[0]")],
+        )
+    valid: list[ValidResource] = []
+    deletes: list[tuple[str, str]] = []
+    focuses: list[tuple[str, str]] = []
+    unnamed = False
+    for n, entry in enumerate(entries[1:], start=1):
+        if not isinstance(entry, dict):
+            raise InvalidRequest(f"Bundle.entry[{n}] is not an object")
+        resource = entry.get("resource")
+        request_part: dict[str, Any] = (
+            entry["request"] if isinstance(entry.get("request"), dict) else {}
+        )
+        if isinstance(resource, dict):
+            if allowed and resource.get("resourceType") not in allowed:
+                check_path(str(resource.get("resourceType"))[:80], "x", allowed)
+            try:
+                valid.append(validate_resource(resource))
+            except InvalidResource as exc:
+                issues = [
+                    Issue(i.code, i.diagnostics, f"Bundle.entry[{n}].resource.{i.expression}")
+                    if i.expression
+                    else i
+                    for i in exc.issues
+                ]
+                raise InvalidResource(exc.message, issues) from exc
+        elif request_part.get("method") == "DELETE" and isinstance(request_part.get("url"), str):
+            type_, _, id_ = request_part["url"].partition("/")
+            check_path(type_, id_.split("/", 1)[0], allowed)
+            deletes.append((type_, id_.split("/", 1)[0]))
+        else:
+            focus = _focus_of(entry, request_part)
+            if focus is None:
+                unnamed = True  # nothing to fetch: the poller finds what changed
+                continue
+            check_path(*focus, allowed)
+            focuses.append(focus)
+    for resource in valid:
+        await ingest_valid(store, resource, derive)
+    for type_, id_ in deletes:
+        await apply_delete(store, latest_version, type_, id_)
+    for type_, id_ in dict.fromkeys(focuses):
+        if not await _fetch_focus(store, derive, latest_version, fetch_resource, type_, id_):
+            unnamed = True
+    if unnamed or len(entries) <= 1:
+        await store.request_catchup("topic notification without full resources")
+
+
+def _focus_of(entry: dict[str, Any], request_part: dict[str, Any]) -> tuple[str, str] | None:
+    """TYPE and ID an id-only entry names (request.url `Type/id`, or its fullUrl)."""
+    for url in (request_part.get("url"), entry.get("fullUrl")):
+        if isinstance(url, str):
+            resource_type, resource_id, _ = split_reference(url)
+            if resource_type and resource_id:
+                return resource_type, resource_id
+    return None
+
+
+async def _fetch_focus(
+    store: SpeedStore,
+    derive: Deriver | None,
+    latest_version: VersionLookup | None,
+    fetch_resource: FetchResource | None,
+    resource_type: str,
+    resource_id: str,
+) -> bool:
+    """Fetch one id-only focus from HAPI and write it; False when HAPI could not answer."""
+    if fetch_resource is None:
+        return False
+    try:
+        resource = await fetch_resource(resource_type, resource_id)
+    except Exception as exc:  # HAPI down or refusing: the poller brings it
+        logger.warning(
+            "could not fetch %s/%s named by an id-only notification (%s); catch-up requested",
+            resource_type,
+            resource_id,
+            type(exc).__name__,
+        )
+        return False
+    if resource is None:
+        await apply_delete(store, latest_version, resource_type, resource_id)
+        return True
+    try:
+        await ingest(store, resource, path_type=resource_type, path_id=resource_id, derive=derive)
+    except InvalidRequest as exc:
+        # HAPI's own copy fails the gate: recorded as a reject (422) or refused; the
+        # notification itself was fine, so it is not refused for it.
+        logger.warning(
+            "the %s/%s HAPI holds was refused by the gate: %s",
+            resource_type,
+            resource_id,
+            exc.message[:200],
+        )
+    return True

@@ -273,7 +273,7 @@ async def _demo(
     from serving.status import status_route
     from serving.viewdef import served_types
     from subscriptions import bootstrap
-    from subscriptions.fhir_client import FhirClient
+    from subscriptions.fhir_client import FhirClient, hapi_lookup
     from subscriptions.poller import poll_once, run_poller
 
     receiver_port = receiver_sock.getsockname()[1]
@@ -317,7 +317,9 @@ async def _demo(
             + ", ".join(f"{name} {rows:,} rows" for name, rows in sorted(result.views.items()))
         )
         derive = default_deriver()
-        receiver_app = create_receiver(settings, derive=derive)
+        receiver_app = create_receiver(
+            settings, derive=derive, hapi=hapi_lookup(settings.fhir_base_url)
+        )
         api_app = create_api(settings, extra_routes=[status_route(settings)])
 
         def watermark() -> Any:

@@ -6,9 +6,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from core.fhir_values import dumps
-from core.store import Derived
+from core.store import Derived, Deriver
 from core.validation import ValidResource
-from receiver.ingest import Deriver
 from serving.evaluator import CompiledView, compile_view
 from serving.viewdef import ViewDefinition, shipped_views
 

@@ -20,10 +20,10 @@ import email.utils
 import logging
 import random
 from collections import deque
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from functools import cached_property
+from functools import cached_property, partial
 from types import TracebackType
 from typing import Any, NamedTuple
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
@@ -32,7 +32,7 @@ import httpx
 import orjson
 
 from core.errors import EndlessPaging, FhirFatalError, FhirTemporaryError
-from core.fhir_values import JsonError, dumps, loads
+from core.fhir_values import JsonError, dumps, loads, split_reference
 
 logger = logging.getLogger(__name__)
 
@@ -156,20 +156,6 @@ def _version_from_etag(etag: str | None) -> str | None:
     if text.startswith("W/"):
         text = text[2:]
     return text.strip('"') or None
-
-
-def split_reference(url: str | None) -> tuple[str | None, str | None, str | None]:
-    """(type, id, version) from `.../Type/id` or `.../Type/id/_history/N`."""
-    if not url:
-        return None, None, None
-    parts = [p for p in urlsplit(url).path.split("/") if p]
-    version = None
-    if len(parts) >= 2 and parts[-2] == "_history":
-        version = parts[-1]
-        parts = parts[:-2]
-    if len(parts) >= 2 and parts[-2][:1].isupper():
-        return parts[-2], parts[-1], version
-    return None, None, version
 
 
 def history_entry(entry: Mapping[str, Any]) -> HistoryEntry | None:
@@ -562,3 +548,9 @@ def _version_key(entry: HistoryEntry) -> tuple[float, str]:
     except ValueError:
         number = -1.0
     return number, entry.last_updated or ""
+
+
+def hapi_lookup(base_url: str) -> Callable[[], FhirClient]:
+    """The receiver's way to ask HAPI (`receiver.app.create_app(hapi=...)`): a client that
+    retries once, so a delivery waiting for a deletion's version never waits long."""
+    return partial(FhirClient, base_url, max_retries=1)

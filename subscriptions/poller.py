@@ -3,9 +3,9 @@
 Two sources, one write path. By default HAPI's REST `_history` (system level, or per type),
 newest first, following `next` links with `Cache-Control: no-cache`; with
 `HAPI_DATABASE_URL`, HAPI's own tables (`subscriptions.hapi_db`). Every resource passes the
-gate of `core.validation` and the version-guarded Lua write of `core.store`, the
-same as the receiver's; a rejected one is recorded once (through `receiver.ingest.ingest`)
-and never counted as missed.
+gate of `core.validation` and the version-guarded Lua write of `core.store`, the same as
+the receiver's; a rejected one is recorded once (`receiver.ingest.record_reject`) and never
+counted as missed.
 
 The watermark is HAPI's clock: the `Date` of the traversal's first answer (else the newest
 `lastUpdated` read) minus `poll_overlap_seconds` for late commits. `_history` lists newest
@@ -48,6 +48,7 @@ from core.errors import (
 from core.metrics import Metrics
 from core.settings import Settings
 from core.store import (
+    Deriver,
     SpeedStore,
     UpsertItem,
     is_newer,
@@ -56,7 +57,7 @@ from core.store import (
     version_number,
 )
 from core.validation import NEVER_STORED, validate_resource
-from receiver.ingest import Deriver, ingest
+from receiver.ingest import record_reject
 from subscriptions import hapi_db
 
 logger = logging.getLogger(__name__)
@@ -393,8 +394,12 @@ class _Writer:
             valid = validate_resource(
                 change.body, path_type=change.resource_type, path_id=change.resource_id
             )
-        except InvalidResource:
-            await self._reject(change)
+        except InvalidResource as exc:
+            # Recorded the way the receiver records it (once per version, without the body).
+            self.result.rejected += 1
+            await record_reject(
+                self.store, change.body, change.resource_type, change.resource_id, exc
+            )
             return None
         except InvalidRequest as exc:
             self.result.rejected += 1
@@ -410,19 +415,6 @@ class _Writer:
             last_updated=valid.last_updated,
             derived=self.derive(valid) if self.derive is not None else None,
         )
-
-    async def _reject(self, change: _Change) -> None:
-        # Rare: go through the receiver's own path so the reject is recorded the same way.
-        self.result.rejected += 1
-        assert change.body is not None
-        with contextlib.suppress(InvalidRequest):
-            await ingest(
-                self.store,
-                change.body,
-                path_type=change.resource_type,
-                path_id=change.resource_id,
-                derive=self.derive,
-            )
 
 
 def _field(item: UpsertItem) -> str:

@@ -40,6 +40,7 @@ from core.store import (
 from core.validation import NEVER_STORED
 from receiver.app import create_app
 from serving.derive import compiled_views, default_deriver, index_entries
+from subscriptions.fhir_client import hapi_lookup
 from tests.asgi import running
 from tests.cluster import RedisClusterProcesses, cluster_url, redis_cluster  # noqa: F401
 from tests.examples import official_examples
@@ -362,7 +363,8 @@ async def test_official_examples_are_taken_on_a_cluster(
     store: SpeedStore,
     shared_dir: Path,
 ) -> None:
-    app = create_app(cluster_settings(cluster_url), derive=default_deriver())
+    settings = cluster_settings(cluster_url)
+    app = create_app(settings, derive=default_deriver(), hapi=hapi_lookup(settings.fhir_base_url))
     taken, refused = [], []
     async with running(app) as http:
         for example in official_examples(shared_dir):
@@ -541,7 +543,9 @@ async def test_two_receiver_processes_end_where_one_receiver_ends(
     with deletion_history(deleted) as fhir:
         # One receiver, in order of versions.
         one = create_app(
-            cluster_settings(redis_cluster.url, fhir_base_url=fhir), derive=default_deriver()
+            cluster_settings(redis_cluster.url, fhir_base_url=fhir),
+            derive=default_deriver(),
+            hapi=hapi_lookup(fhir),
         )
         async with running(one) as http:
             statuses = await feed(http.request, sorted(deliveries, key=lambda d: d[1] or 99), 1)
@@ -577,7 +581,10 @@ async def test_cohort_queries_fan_out_over_the_cluster(
     batch.init(pg_url)  # an empty batch layer: every member comes from the cluster
     settings = cluster_settings(cluster_url, database_url=pg_url, serving_tokens=("serve",))
     ids = [f"c{n}" for n in range(30)]
-    async with running(create_app(settings, derive=default_deriver())) as receiver:
+    receiver_app = create_app(
+        settings, derive=default_deriver(), hapi=hapi_lookup(settings.fhir_base_url)
+    )
+    async with running(receiver_app) as receiver:
         for n, pid in enumerate(ids):
             body = json.dumps(patient(pid, 1 + n % 2))
             response = await receiver.put(f"/fhir/Patient/{pid}", content=body, headers=HEADERS)

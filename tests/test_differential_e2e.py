@@ -29,7 +29,7 @@ from serving import batch
 from serving.api import create_app as create_api
 from serving.derive import default_deriver
 from subscriptions import bootstrap
-from subscriptions.fhir_client import FhirClient
+from subscriptions.fhir_client import FhirClient, hapi_lookup
 from subscriptions.standin.hapi import StandInHapi
 from subscriptions.standin.run import serve_standin
 from tests.asgi import running
@@ -178,7 +178,9 @@ async def test_merged_answer_equals_a_full_batch_refresh(
             await apply(hapi, night)
             await batch.refresh(base, store=store)  # last night's refresh
             await store.mark_epoch()  # the speed layer is complete from here on
-            receiver = create_receiver(base, derive=default_deriver())
+            receiver = create_receiver(
+                base, derive=default_deriver(), hapi=hapi_lookup(base.fhir_base_url)
+            )
             async with serve_asgi(receiver, path="/fhir") as receiver_url:
                 settings_ = dataclasses.replace(base, receiver_url=receiver_url)
                 async with FhirClient(fhir_base) as client:

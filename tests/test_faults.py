@@ -25,7 +25,7 @@ from core.store import SpeedStore, connect
 from receiver.app import create_app
 from serving.derive import default_deriver
 from subscriptions import bootstrap
-from subscriptions.fhir_client import FhirClient
+from subscriptions.fhir_client import FhirClient, hapi_lookup
 from subscriptions.poller import poll_once
 from subscriptions.standin import synthetic
 from subscriptions.standin.hapi import StandInHapi
@@ -100,7 +100,7 @@ async def test_redis_killed_during_a_burst_loses_no_acknowledged_notification(
             receiver_tokens=(TOKEN,),
             instance="faults",
         )
-        app = create_app(settings, derive=default_deriver())
+        app = create_app(settings, derive=default_deriver(), hapi=hapi_lookup(fhir_base))
         async with serve_asgi(app, path="/fhir") as receiver_url:
             settings = Settings(**{**settings.__dict__, "receiver_url": receiver_url})
             async with FhirClient(fhir_base) as client:

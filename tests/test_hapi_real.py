@@ -41,7 +41,7 @@ from serving import batch
 from serving.api import create_app as create_api
 from serving.derive import default_deriver
 from subscriptions import bootstrap, poller
-from subscriptions.fhir_client import FhirClient
+from subscriptions.fhir_client import FhirClient, hapi_lookup
 from tests.asgi import running
 from tests.conftest import free_port, fresh_database, redis_db
 from tests.real_hapi import (
@@ -127,9 +127,12 @@ class Stack:
 @contextlib.asynccontextmanager
 async def receiver_on(stack_: Stack, recorder: Recorder | None = None) -> AsyncIterator[Recorder]:
     """The real receiver on the stack's port, behind a Recorder (pass one to keep its log)."""
-    app = recorder or Recorder(create_receiver(stack_.settings, derive=default_deriver()))
+    hapi = hapi_lookup(stack_.settings.fhir_base_url)
+    app = recorder or Recorder(
+        create_receiver(stack_.settings, derive=default_deriver(), hapi=hapi)
+    )
     if recorder is not None:
-        app.app = create_receiver(stack_.settings, derive=default_deriver())
+        app.app = create_receiver(stack_.settings, derive=default_deriver(), hapi=hapi)
     async with serve_asgi(app, port=stack_.port, path="/fhir"):
         yield app
 

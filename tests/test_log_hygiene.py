@@ -35,7 +35,7 @@ from serving import batch
 from serving.api import create_app as create_api
 from serving.derive import default_deriver
 from serving.status import status_route
-from subscriptions.fhir_client import FhirClient
+from subscriptions.fhir_client import FhirClient, hapi_lookup
 from subscriptions.poller import poll_once
 from subscriptions.standin.hapi import StandInHapi
 from subscriptions.standin.run import serve_standin
@@ -257,7 +257,9 @@ async def test_no_secret_or_body_in_any_log_record(
             serving_tokens=(SERVING_TOKEN,),
             receiver_max_body_bytes=1024 * 1024,
         )
-        receiver = create_receiver(settings, derive=default_deriver())
+        receiver = create_receiver(
+            settings, derive=default_deriver(), hapi=hapi_lookup(settings.fhir_base_url)
+        )
         async with serve_with_access_log(receiver, capture) as base:
             await receiver_flow(base, hapi)
 

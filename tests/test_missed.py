@@ -27,7 +27,7 @@ from serving import batch
 from serving.derive import default_deriver
 from serving.viewdef import served_types
 from subscriptions import bootstrap
-from subscriptions.fhir_client import FhirClient
+from subscriptions.fhir_client import FhirClient, hapi_lookup
 from subscriptions.poller import PollResult, poll_once
 from subscriptions.standin.hapi import StandInHapi
 from subscriptions.standin.run import serve_standin
@@ -85,7 +85,9 @@ async def day(pg_url: str) -> AsyncIterator[Day]:
                 instance="missed",
                 missed_grace_seconds=GRACE_SECONDS,
             )
-            receiver = create_receiver(base, derive=default_deriver())
+            receiver = create_receiver(
+                base, derive=default_deriver(), hapi=hapi_lookup(base.fhir_base_url)
+            )
             async with (
                 serve_asgi(receiver, path="/fhir") as receiver_url,
                 FhirClient(fhir_base) as client,

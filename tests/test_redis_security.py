@@ -20,7 +20,7 @@ from serving import batch
 from serving.api import create_app as create_api
 from serving.derive import default_deriver
 from serving.status import status_route
-from subscriptions.fhir_client import FhirClient
+from subscriptions.fhir_client import FhirClient, hapi_lookup
 from subscriptions.poller import poll_once
 from subscriptions.standin import synthetic
 from subscriptions.standin.hapi import StandInHapi
@@ -77,7 +77,9 @@ async def test_the_documented_acl_user_runs_receiver_poller_and_query_api(
             await batch.refresh(settings, store=store)
             async with FhirClient(fhir_base) as fhir:
                 await poll_once(settings, store, fhir, derive=default_deriver())
-            receiver = create_receiver(settings, derive=default_deriver())
+            receiver = create_receiver(
+                settings, derive=default_deriver(), hapi=hapi_lookup(settings.fhir_base_url)
+            )
             async with running(receiver) as http:
                 body = {
                     "resourceType": "Patient",
