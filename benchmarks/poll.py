@@ -30,8 +30,9 @@ import redis.asyncio as aioredis
 from benchmarks.common import machine
 from core.settings import Settings
 from core.store import SpeedStore
+from subscriptions.changes import HISTORY_COUNT
 from subscriptions.fhir_client import FhirClient
-from subscriptions.poller import HISTORY_COUNT, poll_once
+from subscriptions.poller import poll_once
 from subscriptions.standin import synthetic
 
 BENCH_REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/14")

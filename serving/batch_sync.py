@@ -2,10 +2,11 @@
 
 How a refresh stays all-or-nothing:
 
-1. Read from HAPI (`_history` since the watermark, or with `full` a search of every type)
-   through the one gate (`core.validation.validate_resource`) into a session-local
-   temporary table. Nothing shared is touched: a failure here (HAPI breaks on page 2, the
-   process is killed) leaves the batch layer, its watermark and the speed layer as they were.
+1. Read from HAPI through `subscriptions.changes` (`_history` since the watermark, or with
+   `full` a search of every type; HAPI's tables with `HAPI_DATABASE_URL`), through the one
+   gate (`core.validation.validate_resource`), into a session-local temporary table.
+   Nothing shared is touched: a failure here (HAPI breaks on page 2, the process is killed)
+   leaves the batch layer, its watermark and the speed layer as they were.
 2. One transaction: upsert the staged rows by version (only newer versions replace; deletes
    stay as rows), with `full` mark rows HAPI no longer has as deleted, run
    `REFRESH MATERIALIZED VIEW CONCURRENTLY` on every view, advance the watermark. PostgreSQL
@@ -23,9 +24,10 @@ The watermark is HAPI's clock: the `Date` of the traversal's first answer minus
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import AsyncGenerator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -44,12 +46,11 @@ from core.store import SpeedStore, parse_instant, version_number
 from core.validation import NEVER_STORED, check_id, is_resource_type, validate_resource
 from serving.batch import LOCK_KEY, VIEW_SCHEMA, BatchNotInitialized
 from serving.viewdef import served_types
-from subscriptions.fhir_client import FhirClient, HistoryEntry
+from subscriptions.changes import Change, reader_for
+from subscriptions.fhir_client import FhirClient
 
 logger = logging.getLogger(__name__)
 
-HISTORY_COUNT = 500  # `_count` per `_history` page
-SEARCH_COUNT = 500  # `_count` per search page (--full)
 FLUSH_ROWS = 2000  # staged rows per COPY
 TRIM_CHUNK = 10_000  # ids per batch look-up while trimming
 # Subscriptions carry the receiver's token in channel.header: never copied into the batch.
@@ -161,21 +162,32 @@ class _Stager:
             return vn > held[0]
         return lum > held[1]
 
-    def offer_deletion(self, entry: HistoryEntry) -> None:
+    def offer(self, change: Change) -> None:
+        """Stage one change HAPI lists (a row that cannot be read is skipped, with a warning)."""
+        if change.unreadable is not None:
+            logger.warning(
+                "skipped %s/%s: %s", change.resource_type, change.resource_id, change.unreadable
+            )
+        elif change.deleted or change.resource is None:
+            self.offer_deletion(change)
+        else:
+            self.offer_resource(change.resource, change.resource_type, change.resource_id)
+
+    def offer_deletion(self, change: Change) -> None:
         self.read += 1
-        key = (entry.resource_type, entry.id)
-        vn, lum = version_number(entry.version_id), parse_instant(entry.last_updated)
+        key = (change.resource_type, change.resource_id)
+        vn, lum = version_number(change.version_id), parse_instant(change.last_updated)
         self.newest_ms = max(self.newest_ms, lum)
-        if entry.resource_type in NOT_SYNCED or not self._is_new(key, vn, lum):
+        if change.resource_type in NOT_SYNCED or not self._is_new(key, vn, lum):
             return
-        if not is_resource_type(entry.resource_type):
+        if not is_resource_type(change.resource_type):
             return
         try:
-            check_id(entry.id)
+            check_id(change.resource_id)
         except InvalidRequest:
             return
         self._held[key] = (vn, lum)
-        self._add(key, entry.version_id, vn, entry.last_updated, lum, True, None, False)
+        self._add(key, change.version_id, vn, change.last_updated, lum, True, None, False)
 
     def offer_resource(self, resource: dict[str, Any], rtype: str, rid: str) -> None:
         self.read += 1
@@ -247,84 +259,13 @@ async def _scalar(
     return None if row is None else row[0]
 
 
-async def _traverse_history(
-    client: FhirClient, since: str | None, stager: _Stager, types: Sequence[str]
-) -> datetime | None:
-    """Each type's `_history` since `since`; HAPI's clock at the first answer."""
-    clock: datetime | None = None
-    for resource_type in types:
-        async for page in client.history(resource_type, since, HISTORY_COUNT):
-            if clock is None:
-                clock = page.server_date
-            for entry in page.entries:
-                if entry.deleted or entry.resource is None:
-                    stager.offer_deletion(entry)
-                else:
-                    stager.offer_resource(entry.resource, entry.resource_type, entry.id)
-            await stager.flush()
-    return clock
-
-
-async def _traverse_database(
-    url: str, since: str | None, stager: _Stager, types: Sequence[str]
-) -> datetime | None:
-    """HAPI_DATABASE_URL mode: the changed rows of HAPI's own tables (their current versions,
-    deletions included) since `since`; returns the newest RES_UPDATED read (HAPI's clock)."""
-    from subscriptions import hapi_db
-
-    since_at = datetime.fromtimestamp(parse_instant(since) / 1000.0, UTC) if since else None
-    newest: datetime | None = None
-    conn = await hapi_db.connect(url)
-    try:
-        async for page in hapi_db.changes_since(conn, since_at, types=types):
+async def _stage(pages: AsyncGenerator[list[Change], None], stager: _Stager) -> None:
+    """Stage every page of changes, flushing to the staging table page by page."""
+    async with contextlib.aclosing(pages) as changes:
+        async for page in changes:
             for change in page:
-                if change.unreadable is not None:
-                    logger.warning(
-                        "skipped %s/%s: %s",
-                        change.resource_type,
-                        change.resource_id,
-                        change.unreadable,
-                    )
-                    continue
-                if change.deleted or change.resource is None:
-                    stager.offer_deletion(
-                        HistoryEntry(
-                            change.resource_type,
-                            change.resource_id,
-                            change.version_id,
-                            change.last_updated,
-                            True,
-                            "DELETE",
-                            None,
-                        )
-                    )
-                else:
-                    stager.offer_resource(change.resource, change.resource_type, change.resource_id)
-            newest = page[-1].updated_at
+                stager.offer(change)
             await stager.flush()
-    finally:
-        await conn.close()
-    return newest
-
-
-async def _traverse_search(
-    client: FhirClient, types: Iterable[str], stager: _Stager
-) -> datetime | None:
-    clock: datetime | None = None
-    for resource_type in types:
-        count = 0
-        async for resource in client.search(resource_type, [("_count", SEARCH_COUNT)]):
-            if clock is None:
-                clock = client.server_date()
-            rid = resource.get("id")
-            stager.offer_resource(resource, resource_type, rid if isinstance(rid, str) else "")
-            count += 1
-            if count % SEARCH_COUNT == 0:
-                await stager.flush()
-        if clock is None:
-            clock = client.server_date()
-        await stager.flush()
-    return clock
 
 
 async def _full_types(conn: psycopg.AsyncConnection[Any], types: Sequence[str]) -> list[str]:
@@ -477,19 +418,18 @@ async def refresh(
             full_types = await _full_types(conn, read_types) if full else None
             if full_types is not None:
                 read_types = full_types
-            if settings.hapi_database_url:
-                # Every current row when full (absent ones are then marked), else the changes.
-                clock = await _traverse_database(
-                    settings.hapi_database_url, None if full else saved, stager, read_types
-                )
-            elif full_types is not None:
-                clock = await _traverse_search(fhir, full_types, stager)
-                if saved is not None:
-                    # Deletions since the last refresh, at HAPI's versions: only what
-                    # vanished without a trace is then marked absent.
-                    await _traverse_history(fhir, saved, stager, read_types)
-            else:
-                clock = await _traverse_history(fhir, saved, stager, read_types)
+            async with reader_for(settings, fhir) as reader:
+                if full_types is not None:
+                    # Every current resource: what HAPI no longer lists is then marked absent.
+                    await _stage(reader.current(full_types), stager)
+                    clock = reader.clock
+                    if saved is not None and not settings.hapi_database_url:
+                        # Deletions since the last refresh, at HAPI's versions: only what
+                        # vanished without a trace is then marked absent.
+                        await _stage(reader.pages(saved, read_types), stager)
+                else:
+                    await _stage(reader.pages(saved, read_types), stager)
+                    clock = reader.clock
             await stager.flush(force=True)
             if clock is None and stager.newest_ms:
                 clock = datetime.fromtimestamp(stager.newest_ms / 1000.0, UTC)

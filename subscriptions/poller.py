@@ -1,11 +1,10 @@
 """The fallback poller: pull every change from HAPI into the speed layer and count what was missed.
 
-Two sources, one write path. By default HAPI's REST `_history` (system level, or per type),
-newest first, following `next` links with `Cache-Control: no-cache`; with
-`HAPI_DATABASE_URL`, HAPI's own tables (`subscriptions.hapi_db`). Every resource passes the
-gate of `core.validation` and the version-guarded Lua write of `core.store`, the same as
-the receiver's; a rejected one is recorded once (`receiver.ingest.record_reject`) and never
-counted as missed.
+Two sources, one write path. The changes come from `subscriptions.changes`: HAPI's REST
+`_history` (system level, or per type), or with `HAPI_DATABASE_URL` HAPI's own tables. Every
+resource passes the gate of `core.validation` and the version-guarded Lua write of
+`core.store`, the same as the receiver's; a rejected one is recorded once
+(`receiver.ingest.record_reject`) and never counted as missed.
 
 The watermark is HAPI's clock: the `Date` of the traversal's first answer (else the newest
 `lastUpdated` read) minus `poll_overlap_seconds` for late commits. `_history` lists newest
@@ -30,10 +29,9 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any, Protocol
 
 from redis.exceptions import RedisError
 
@@ -58,12 +56,12 @@ from core.store import (
 )
 from core.validation import NEVER_STORED, validate_resource
 from receiver.ingest import record_reject
-from subscriptions import hapi_db
+from subscriptions.changes import Change, ChangeReader, reader_for
+from subscriptions.fhir_client import FhirClient
 
 logger = logging.getLogger(__name__)
 
 LEASE_TTL_MS = 30_000
-HISTORY_COUNT = 500  # `_count` per `_history` page
 SAMPLE_SIZE = 10  # ids of missed resources named in the log line
 # Subscriptions carry the receiver's token in channel.header: they never enter the speed layer
 # (a system-level `_history` of a real HAPI lists them like any other resource).
@@ -79,14 +77,6 @@ Progress = Callable[[int], None]
 
 class LeaseLost(ResearchFlowError):
     """Another poller took the lease during a traversal (ours expired): stop, save nothing."""
-
-
-class HistorySource(Protocol):
-    """What the poller needs of `subscriptions.fhir_client.FhirClient`."""
-
-    def history(
-        self, resource_type: str | None = None, since: str | None = None, count: int = 100
-    ) -> Any: ...
 
 
 @dataclass
@@ -178,16 +168,6 @@ class Lease:
                 self.held = False
 
 
-@dataclass(frozen=True)
-class _Change:
-    resource_type: str
-    resource_id: str
-    version_id: str | None
-    last_updated: str | None
-    deleted: bool
-    body: bytes | dict[str, Any] | None
-
-
 class _Writer:
     """Validates and writes the changes of one traversal, page by page, and counts.
 
@@ -223,7 +203,7 @@ class _Writer:
         self.newest_ms = 0.0
         self._pending: asyncio.Task[None] | None = None
 
-    async def write(self, changes: Iterable[_Change]) -> None:
+    async def write(self, changes: Iterable[Change]) -> None:
         """Validate a page now; its Redis write runs while the next page is validated."""
         items = await self._items(changes)
         await self.flush()
@@ -242,7 +222,7 @@ class _Writer:
             with contextlib.suppress(BaseException):
                 await pending
 
-    async def _items(self, changes: Iterable[_Change]) -> list[UpsertItem]:
+    async def _items(self, changes: Iterable[Change]) -> list[UpsertItem]:
         items: list[UpsertItem] = []
         for change in changes:
             if change.resource_type in NEVER_STORED:
@@ -377,7 +357,7 @@ class _Writer:
         await self.store.clear_pending(judged)
         self.result.pending = len(pending) - len(judged)
 
-    async def _item(self, change: _Change) -> UpsertItem | None:
+    async def _item(self, change: Change) -> UpsertItem | None:
         if change.deleted:
             return UpsertItem(
                 change.resource_type,
@@ -387,18 +367,18 @@ class _Writer:
                 last_updated=change.last_updated,
                 deleted=True,
             )
-        if change.body is None:
+        if change.resource is None:
             self.result.unreadable += 1
             return None
         try:
             valid = validate_resource(
-                change.body, path_type=change.resource_type, path_id=change.resource_id
+                change.resource, path_type=change.resource_type, path_id=change.resource_id
             )
         except InvalidResource as exc:
             # Recorded the way the receiver records it (once per version, without the body).
             self.result.rejected += 1
             await record_reject(
-                self.store, change.body, change.resource_type, change.resource_id, exc
+                self.store, change.resource, change.resource_type, change.resource_id, exc
             )
             return None
         except InvalidRequest as exc:
@@ -424,7 +404,7 @@ def _field(item: UpsertItem) -> str:
 async def poll_once(
     settings: Settings,
     store: SpeedStore,
-    client: HistorySource | None,
+    client: FhirClient | None,
     *,
     since: str | None = None,
     derive: Deriver | None = None,
@@ -472,7 +452,7 @@ async def poll_once(
 async def _poll(
     settings: Settings,
     store: SpeedStore,
-    client: HistorySource | None,
+    client: FhirClient | None,
     lease: Lease,
     *,
     since: str | None,
@@ -511,14 +491,8 @@ async def _poll(
         purged = await store.purge_type("Subscription")
         logger.warning("purged %d Subscription entries from the speed layer", purged)
     try:
-        if settings.hapi_database_url:
-            clock = await _traverse_database(
-                settings.hapi_database_url, start, writer, lease, types
-            )
-        else:
-            if client is None:
-                raise ValueError("the REST poller needs a FhirClient")
-            clock = await _traverse_history(client, start, writer, lease, types)
+        async with reader_for(settings, client) as reader:
+            clock = await _traverse(reader, start, writer, lease, types)
     finally:
         await writer.cancel()  # after a failure; a no-op once everything was flushed
     lease.check()
@@ -550,97 +524,24 @@ def _ms(instant: str) -> float:
     return parse_instant(instant)
 
 
-async def _traverse_history(
-    client: HistorySource,
+async def _traverse(
+    reader: ChangeReader,
     since: str | None,
     writer: _Writer,
     lease: Lease,
     types: Sequence[str] | None,
 ) -> datetime | None:
-    """Write every `_history` page; HAPI's clock at the first answer (its `Date`)."""
-    clock: datetime | None = None
-    for resource_type in list(types) if types else [None]:
-        pages = client.history(resource_type, since, HISTORY_COUNT)
-        async for page in _prefetched(pages):
-            if clock is None and page.server_date is not None:
-                clock = page.server_date
-                writer.clock_ms = clock.timestamp() * 1000.0
-            await writer.write(
-                _Change(
-                    entry.resource_type,
-                    entry.id,
-                    entry.version_id,
-                    entry.last_updated,
-                    entry.deleted,
-                    entry.resource,  # a dict: the gate serialises it once, compactly
-                )
-                for entry in page.entries
-            )
+    """Write every page of changes; HAPI's clock that the watermark may follow."""
+    async with contextlib.aclosing(reader.pages(since, types)) as pages:
+        async for page in pages:
+            if writer.clock_ms is None and reader.started_at is not None:
+                writer.clock_ms = reader.started_at.timestamp() * 1000.0
+            await writer.write(page)
             lease.check()
+    if writer.clock_ms is None and reader.started_at is not None:
+        writer.clock_ms = reader.started_at.timestamp() * 1000.0
     await writer.flush()
-    return clock
-
-
-async def _prefetched(pages: AsyncIterator[Any], depth: int = 2) -> AsyncIterator[Any]:
-    """Iterate `pages` while fetching up to `depth` pages ahead (HAPI answers the next page
-    while this one is validated and written)."""
-    queue: asyncio.Queue[tuple[Any, BaseException | None, bool]] = asyncio.Queue(depth)
-
-    async def fetch() -> None:
-        try:
-            async for page in pages:
-                await queue.put((page, None, False))
-        except Exception as exc:
-            await queue.put((None, exc, True))
-        else:
-            await queue.put((None, None, True))
-
-    task = asyncio.create_task(fetch())
-    try:
-        while True:
-            page, error, done = await queue.get()
-            if error is not None:
-                raise error
-            if done:
-                return
-            yield page
-    finally:
-        task.cancel()
-        with contextlib.suppress(BaseException):
-            await task
-
-
-async def _traverse_database(
-    url: str,
-    since: str | None,
-    writer: _Writer,
-    lease: Lease,
-    types: Sequence[str] | None,
-) -> datetime | None:
-    """Write every changed row of HAPI's tables; the newest RES_UPDATED read (HAPI's clock)."""
-    since_at = _instant_of_ms(_ms(since)) if since else None
-    newest: datetime | None = None
-    conn = await hapi_db.connect(url)
-    try:
-        writer.clock_ms = (await hapi_db.server_now(conn)).timestamp() * 1000.0
-        async for page in hapi_db.changes_since(conn, since_at, types=types):
-            await writer.write(
-                _Change(
-                    c.resource_type,
-                    c.resource_id,
-                    c.version_id,
-                    c.last_updated,
-                    c.deleted,
-                    c.resource,
-                )
-                for c in page
-            )
-            newest = page[-1].updated_at
-            lease.check()
-        await writer.flush()
-    finally:
-        await conn.close()
-    return newest
+    return reader.clock
 
 
 def _log(result: PollResult) -> None:
@@ -670,7 +571,7 @@ async def _wait(stop: asyncio.Event, seconds: float) -> None:
 async def run_poller(
     settings: Settings,
     store: SpeedStore,
-    client: HistorySource | None,
+    client: FhirClient | None,
     stop: asyncio.Event,
     derive: Deriver | None = None,
     *,

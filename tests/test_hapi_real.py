@@ -40,7 +40,7 @@ from receiver.app import create_app as create_receiver
 from serving import batch
 from serving.api import create_app as create_api
 from serving.derive import default_deriver
-from subscriptions import bootstrap, poller
+from subscriptions import bootstrap, changes, poller
 from subscriptions.fhir_client import FhirClient, hapi_lookup
 from tests.asgi import running
 from tests.conftest import free_port, fresh_database, redis_db
@@ -435,7 +435,7 @@ async def test_receiver_down_past_the_retry_budget_then_poll_once_recovers_exact
             assert sorted(x["status"] for x in ours) == ["active"] * 3
 
             # The poller over HAPI's real _history, two entries a page: every page followed.
-            monkeypatch.setattr(poller, "HISTORY_COUNT", 2)
+            monkeypatch.setattr(changes, "HISTORY_COUNT", 2)
             async with FhirClient(real_hapi.base_url) as fhir:
                 result = await poller.poll_once(
                     s.settings, s.store, fhir, since=since, derive=default_deriver(), types=TYPES
