@@ -399,11 +399,11 @@ def cmd_views(settings: Settings, args: argparse.Namespace) -> int:
     view = load_view(raw_view)
     resources = _read_resources(args.resources)
     if args.engine == "postgres":
-        from serving.sqlcompiler import postgres_engine
+        from serving.engines.postgres import postgres_engine
 
         rows = postgres_engine(settings.database_url)(raw_view, resources)
     else:
-        from serving.evaluator import evaluate
+        from serving.engines.python import evaluate
 
         rows = evaluate(view, resources)
     print(dumps(rows).decode())

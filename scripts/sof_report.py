@@ -6,25 +6,21 @@ Run: `DATABASE_URL=postgresql://127.0.0.1:5432/test .venv/bin/python scripts/sof
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
+
+from serving.engines.conformance import ENGINES, run_suite
 
 REPORTS = Path(__file__).resolve().parents[1] / "reports"
 
 
 def main() -> int:
     REPORTS.mkdir(exist_ok=True)
+    reports = {}
     for engine in ("python", "postgres"):
+        reports[engine] = run_suite(None, ENGINES[engine]()).to_official_json()
         out = REPORTS / f"sof-{engine}.json"
-        subprocess.run(
-            [sys.executable, "-m", "serving.conformance", "--engine", engine, "--out", str(out)],
-            check=False,
-            stdout=subprocess.DEVNULL,
-        )
-    reports = {
-        e: json.loads((REPORTS / f"sof-{e}.json").read_text()) for e in ("python", "postgres")
-    }
+        out.write_text(json.dumps(reports[engine], indent=2) + "\n")
     print("| file | tests | python | postgres |")
     print("| --- | ---: | ---: | ---: |")
     totals = {"tests": 0, "python": 0, "postgres": 0}

@@ -33,7 +33,7 @@ from psycopg import sql
 from core.errors import BatchLayerUnavailable, ResearchFlowError
 from core.fhir_values import case_map_sql, dumps, loads
 from serving.cohort import SEARCHED_TEXT, folded_column
-from serving.sqlcompiler import compile_view
+from serving.engines.postgres import compile_view
 from serving.viewdef import Select, ViewDefinition, shipped_views
 
 if TYPE_CHECKING:

@@ -8,7 +8,7 @@ from typing import Any
 from core.fhir_values import dumps
 from core.store import Derived, Deriver
 from core.validation import ValidResource
-from serving.evaluator import CompiledView, compile_view
+from serving.engines.python import CompiledView, compile_view
 from serving.viewdef import ViewDefinition, shipped_views
 
 # Statuses that never count in a cohort (the contract's Query API section).

@@ -32,8 +32,8 @@ from serving.cohort import (
     patient_sql,
     view_of,
 )
+from serving.engines.postgres import column_sql_types
 from serving.speed_index import BatchKey, Plan, SpeedMirror
-from serving.sqlcompiler import column_sql_types
 from serving.viewdef import ViewDefinition
 
 logger = logging.getLogger(__name__)

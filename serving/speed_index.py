@@ -35,7 +35,7 @@ from serving.cohort import (
     patient_matches,
 )
 from serving.derive import counts, index_entries
-from serving.evaluator import CompiledView, compile_view
+from serving.engines.python import CompiledView, compile_view
 from serving.viewdef import ViewDefinition, shipped_views
 
 MAIN_VIEWS = {

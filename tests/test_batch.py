@@ -30,7 +30,7 @@ from serving.batch import (
     view_stats,
 )
 from serving.batch_sync import RefreshFailed
-from serving.evaluator import evaluate
+from serving.engines.python import evaluate
 from serving.viewdef import Column, Select, load_view, shipped_views
 from subscriptions.fhir_client import FhirClient
 from subscriptions.standin.hapi import StandInHapi

@@ -35,8 +35,8 @@ from core.fhir_values import (
     fold,
     temporal_compare_sql,
 )
-from serving.evaluator import ViewEvaluationError, evaluate, pg_divide
-from serving.sqlcompiler import postgres_engine
+from serving.engines.postgres import postgres_engine
+from serving.engines.python import ViewEvaluationError, evaluate, pg_divide
 from serving.viewdef import load_view
 from tests.conftest import SHARED, fresh_database
 from tests.oracle import OracleError, View, view_rows

@@ -13,9 +13,9 @@ import pytest
 from psycopg.types.json import Jsonb
 
 from core.errors import BatchLayerUnavailable, InvalidViewDefinition
-from serving.conformance import ENGINES, SuiteCase, compare_rows, load_suite, run_case
-from serving.evaluator import evaluate
-from serving.sqlcompiler import column_sql_types, compile_view, postgres_engine
+from serving.engines.conformance import ENGINES, SuiteCase, compare_rows, load_suite, run_case
+from serving.engines.postgres import column_sql_types, compile_view, postgres_engine
+from serving.engines.python import evaluate
 from serving.viewdef import load_view
 from tests.conftest import fresh_database
 

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from core.errors import BatchLayerUnavailable, InvalidViewDefinition
-from serving.conformance import (
+from serving.engines.conformance import (
     ENGINES,
     SuiteCase,
     compare_rows,
@@ -24,7 +24,7 @@ from serving.conformance import (
     run_case,
     run_suite,
 )
-from serving.evaluator import (
+from serving.engines.python import (
     ViewEvaluationError,
     compile_view,
     evaluate,

@@ -2,10 +2,10 @@
 
 Every expression is resolved by `serving.fhirpath` (the same typed tree the PostgreSQL compiler
 compiles) and turned once into nested Python closures over plain JSON values (dict, list, str,
-int, Decimal, bool). Each operation does what its SQL counterpart in `serving.sqlcompiler`
+int, Decimal, bool). Each operation does what its SQL counterpart in `serving.engines.postgres`
 does, rule for rule (collections, empty propagation, the date/time and decimal rules of
 `core.fhir_values`, PostgreSQL's casts for typed columns), so both engines give the same
-rows by construction (`serving.sqlvalues` holds what PostgreSQL does to values);
+rows by construction (`serving.engines.sqlvalues` holds what PostgreSQL does to values);
 `tests/test_exact_views.py` checks both engines against an independent oracle.
 """
 
@@ -25,8 +25,7 @@ from core.fhir_values import (
     fold,
     is_temporal_type,
 )
-from serving.fhirpath import REFERENCE_KEY_PATTERN, Expr, Scope, Typer, json_type_of
-from serving.sqlvalues import (
+from serving.engines.sqlvalues import (
     ViewEvaluationError,
     canonical,
     cast,
@@ -42,7 +41,8 @@ from serving.sqlvalues import (
     scale,
     text_of,
 )
-from serving.viewdef import Column, Select, ViewDefinition, sql_type
+from serving.fhirpath import REFERENCE_KEY_PATTERN, Expr, Scope, Typer, json_type_of
+from serving.viewdef import Column, Select, ViewDefinition, load_view, sql_type
 
 __all__ = [
     "CompiledView",
@@ -50,6 +50,7 @@ __all__ = [
     "compile_view",
     "evaluate",
     "pg_divide",
+    "python_engine",
     "reference_key",
     "text_of",
 ]
@@ -803,3 +804,12 @@ def compile_view(view: ViewDefinition) -> CompiledView:
 def evaluate(view: ViewDefinition, resources: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """Evaluate `view` over `resources` (compiles it first; reuse compile_view in loops)."""
     return compile_view(view).evaluate(resources)
+
+
+def python_engine() -> Callable[[dict[str, Any], list[dict[str, Any]]], list[dict[str, Any]]]:
+    """This engine as the conformance runner takes one: `engine(view JSON, resources) -> rows`."""
+
+    def run(view: dict[str, Any], resources: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return evaluate(load_view(view), resources)
+
+    return run

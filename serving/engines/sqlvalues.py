@@ -1,6 +1,6 @@
 """What PostgreSQL does to JSON values, done in Python for the Python engine.
 
-The PostgreSQL engine works on jsonb, numeric and text; `serving.evaluator` works on the
+The PostgreSQL engine works on jsonb, numeric and text; `serving.engines.python` works on the
 parsed JSON (dict, list, str, int, Decimal, bool). These are the points where the two could
 differ, written once here the way PostgreSQL does them: jsonb equality and ordering of
 object keys, the text of a value (`#>> '{}'`), numeric division's scale, the casts of a

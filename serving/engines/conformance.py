@@ -14,6 +14,8 @@ from typing import Any
 
 from core.errors import InvalidViewDefinition
 from core.fhir_values import loads
+from serving.engines.postgres import engine_from_env
+from serving.engines.python import python_engine
 
 __all__ = [
     "ENGINES",
@@ -26,7 +28,6 @@ __all__ = [
     "default_suite_dir",
     "load_suite",
     "main",
-    "python_engine",
     "register_engine",
     "run_case",
     "run_suite",
@@ -37,32 +38,19 @@ __all__ = [
 Engine = Callable[[dict[str, Any], list[dict[str, Any]]], list[dict[str, Any]]]
 EngineFactory = Callable[[], Engine]
 
-ENGINES: dict[str, EngineFactory] = {}
+# The engines the CLI's `--engine` names.
+ENGINES: dict[str, EngineFactory] = {"python": python_engine, "postgres": engine_from_env}
 
 
 def register_engine(name: str, factory: EngineFactory) -> None:
-    """Make an engine available to run_suite's CLI as `--engine name`."""
+    """Make another engine available to the suite's CLI as `--engine name`."""
     ENGINES[name] = factory
-
-
-def python_engine() -> Engine:
-    """The in-process evaluator (serving.evaluator)."""
-    from serving.evaluator import evaluate
-    from serving.viewdef import load_view
-
-    def run(view: dict[str, Any], resources: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        return evaluate(load_view(view), resources)
-
-    return run
-
-
-register_engine("python", python_engine)
 
 
 def default_suite_dir() -> Path:
     """$RESEARCHFLOW_SHARED/sql-on-fhir-v2-tests, or ../shared next to the repository."""
     shared = os.environ.get("RESEARCHFLOW_SHARED")
-    base = Path(shared) if shared else Path(__file__).resolve().parents[2] / "shared"
+    base = Path(shared) if shared else Path(__file__).resolve().parents[3] / "shared"
     return base / "sql-on-fhir-v2-tests"
 
 
@@ -258,22 +246,16 @@ def run_files(files: Iterable[SuiteFile], engine: Engine) -> Report:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m serving.conformance",
+        prog="python -m serving.engines.conformance",
         description="Run the official SQL-on-FHIR v2 test suite on an engine.",
     )
     parser.add_argument("--engine", default="python", help=f"one of {sorted(ENGINES)}")
     parser.add_argument("--out", type=Path, help="write the official JSON test report here")
     parser.add_argument("--suite", type=Path, default=None, help="the suite's directory")
     args = parser.parse_args(argv)
-    if args.engine == "postgres":
-        import serving.sqlcompiler  # noqa: F401  (registers the postgres engine)
-    # Under `python -m` this module runs as __main__; engines register in serving.conformance.
-    import serving.conformance as registry
-
-    engines = {**registry.ENGINES, **ENGINES}
-    factory = engines.get(args.engine)
+    factory = ENGINES.get(args.engine)
     if factory is None:
-        print(f"unknown engine {args.engine!r}; known: {', '.join(sorted(engines))}")
+        print(f"unknown engine {args.engine!r}; known: {', '.join(sorted(ENGINES))}")
         return 2
     report = run_suite(args.suite, factory())
     print(report.table())
