@@ -165,7 +165,8 @@ def _serve_apps(listeners: list[Any]) -> None:
 
 
 def cmd_receiver(settings: Settings, args: argparse.Namespace) -> int:
-    from core.serve import Listener, check_redis
+    from core.serve import Listener
+    from core.store import check_redis
     from receiver.app import create_app
     from serving.derive import default_deriver
     from subscriptions.fhir_client import hapi_lookup
@@ -444,12 +445,13 @@ def cmd_batch(settings: Settings, args: argparse.Namespace) -> int:
             asyncio.run(_rederive_speed_rows(settings, rebuilt))
         return 0
 
-    async def refresh() -> int:
+    async def run_refresh() -> int:
         from core.store import SpeedStore, connect
+        from serving.batch_refresh import refresh
 
         redis_client = connect(settings)
         try:
-            result = await batch.refresh(
+            result = await refresh(
                 settings,
                 full=args.full,
                 store=SpeedStore(redis_client),
@@ -461,7 +463,7 @@ def cmd_batch(settings: Settings, args: argparse.Namespace) -> int:
         print(json.dumps(dataclasses.asdict(result), default=str))
         return 0
 
-    return asyncio.run(refresh())
+    return asyncio.run(run_refresh())
 
 
 # -- serve, run, demo ----------------------------------------------------------------------
@@ -475,7 +477,8 @@ def _api_app(settings: Settings, insecure: bool) -> Any:
 
 
 def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
-    from core.serve import Listener, check_postgres
+    from core.serve import Listener
+    from serving.batch import check_postgres
 
     _require_tokens(settings.serving_tokens, "SERVING_TOKEN", args.insecure)
     sock = _bind(args.host, args.port, "query API")
@@ -491,8 +494,9 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def _run_all(settings: Settings, args: argparse.Namespace, listeners: list[Any]) -> int:
-    from core.serve import check_postgres, check_redis, serve_together
-    from core.store import SpeedStore, connect
+    from core.serve import serve_together
+    from core.store import SpeedStore, check_redis, connect
+    from serving.batch import check_postgres
     from serving.derive import default_deriver
     from serving.viewdef import served_types
     from subscriptions.fhir_client import FhirClient

@@ -38,7 +38,8 @@ from benchmarks import common
 from core.serve import serve_asgi
 from core.settings import Settings
 from core.store import parse_instant
-from serving.batch import init, refresh
+from serving.batch import init
+from serving.batch_refresh import refresh
 from subscriptions.fhir_client import FhirClient
 from subscriptions.standin.hapi import StandInHapi
 

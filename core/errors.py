@@ -89,5 +89,9 @@ class EndlessPaging(FhirFatalError):
     """The FHIR server's paging makes no progress (empty pages with ever new `next` links)."""
 
 
+class StartupError(ResearchFlowError):
+    """A service cannot start: a port is taken, a dependency is down. One line, exit 1."""
+
+
 class InvalidViewDefinition(ResearchFlowError):
     """A SQL-on-FHIR ViewDefinition that is malformed or uses what we cannot evaluate."""

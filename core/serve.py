@@ -6,7 +6,8 @@ nothing bound or a traceback:
 
 - every listening socket is bound first (`bind`): a taken port is `StartupError` at once, and
   uvicorn then serves on the socket it was handed (it cannot fail to bind later);
-- the hard dependencies are reached once (`check_redis`, `check_postgres`) with short timeouts;
+- the hard dependencies are reached once (`core.store.check_redis`,
+  `serving.batch.check_postgres`) with short timeouts;
 - `serve_together` runs several uvicorn servers (and background work) in one process and
   stops all of them as soon as one stops, reporting a server that never started;
 - `serve_asgi` serves one app in this event loop for as long as a block runs (tests, the
@@ -24,16 +25,9 @@ from collections.abc import AsyncIterator, Awaitable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from core.errors import ResearchFlowError
-from core.settings import Settings
+from core.errors import StartupError
 
 logger = logging.getLogger(__name__)
-
-STARTUP_TIMEOUT_SECONDS = 5.0
-
-
-class StartupError(ResearchFlowError):
-    """A service cannot start: a port is taken, a dependency is down. One line, exit 1."""
 
 
 @dataclass
@@ -84,38 +78,6 @@ def close_all(sockets: Sequence[socket.socket]) -> None:
     for sock in sockets:
         with contextlib.suppress(OSError):
             sock.close()
-
-
-async def check_redis(settings: Settings) -> None:
-    """Reach the speed layer once (PING); StartupError naming REDIS_URL's host otherwise."""
-    from redis.exceptions import RedisError
-
-    from core.store import connect
-
-    client = connect(settings)
-    try:
-        await asyncio.wait_for(client.ping(), timeout=STARTUP_TIMEOUT_SECONDS * 2)
-    except (RedisError, OSError, TimeoutError) as exc:
-        raise StartupError(
-            f"Redis (REDIS_URL) cannot be reached: {type(exc).__name__}: {exc}"
-        ) from None
-    finally:
-        with contextlib.suppress(Exception):
-            await client.aclose()
-
-
-async def check_postgres(settings: Settings) -> None:
-    """Reach the batch layer once; StartupError naming DATABASE_URL otherwise."""
-    import psycopg
-
-    try:
-        conn = await psycopg.AsyncConnection.connect(
-            settings.database_url, connect_timeout=int(STARTUP_TIMEOUT_SECONDS)
-        )
-    except (psycopg.Error, OSError) as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise StartupError(f"PostgreSQL (DATABASE_URL) cannot be reached: {reason}") from None
-    await conn.close()
 
 
 async def serve_together(

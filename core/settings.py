@@ -7,6 +7,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
+# How long a command's start-up check waits for a dependency before it says it is down.
+STARTUP_TIMEOUT_SECONDS = 5.0
+
 
 class SettingsError(ValueError):
     """A setting in the environment has a value we cannot use."""

@@ -17,6 +17,8 @@ queries fan out over the BUCKETS buckets of a type. Nothing here ever uses SCAN 
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -35,8 +37,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from core.errors import Issue, SpeedLayerUnavailable
-from core.settings import Settings
+from core.errors import Issue, SpeedLayerUnavailable, StartupError
+from core.settings import STARTUP_TIMEOUT_SECONDS, Settings
 
 if TYPE_CHECKING:
     from core.validation import ValidResource
@@ -306,6 +308,20 @@ def connect(settings: Settings) -> RedisClient:
     # uvicorn's connections bound; past 1024 a command fails and the receiver answers 503.
     pool = aioredis.ConnectionPool.from_url(settings.redis_url, max_connections=1024, **common)
     return aioredis.Redis(connection_pool=pool)
+
+
+async def check_redis(settings: Settings) -> None:
+    """Reach the speed layer once (PING); StartupError naming REDIS_URL's host otherwise."""
+    client = connect(settings)
+    try:
+        await asyncio.wait_for(client.ping(), timeout=STARTUP_TIMEOUT_SECONDS * 2)
+    except (RedisError, OSError, TimeoutError) as exc:
+        raise StartupError(
+            f"Redis (REDIS_URL) cannot be reached: {type(exc).__name__}: {exc}"
+        ) from None
+    finally:
+        with contextlib.suppress(Exception):
+            await client.aclose()
 
 
 def _decode(value: Any) -> str | None:

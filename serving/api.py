@@ -26,6 +26,7 @@ from core.metrics import Metrics, metrics_response
 from core.settings import Settings
 from core.store import SpeedStore, connect
 from core.validation import operation_outcome
+from serving.batch import WATERMARK_SQL
 from serving.cohort import DEFAULT_COUNT, MAX_COUNT, parse_query, whole_number
 from serving.exports import CSV_MEDIA_TYPE, csv_text
 from serving.merge import (
@@ -217,7 +218,7 @@ async def list_views(request: Request, token: int) -> Response:
     pool: AsyncConnectionPool[Any] = request.state.pool
     out: list[dict[str, Any]] = []
     async with pool.connection(timeout=PG_TIMEOUT_SECONDS) as conn, conn.transaction():
-        cur = await conn.execute("SELECT watermark FROM rf_batch.watermark WHERE id = 1")
+        cur = await conn.execute(WATERMARK_SQL)
         row = await cur.fetchone()
         batch_as_of = row[0] if row else None
         for name, view in views.items():

@@ -16,7 +16,7 @@ numbers its rows the same way, identical rows are interchangeable), so a refresh
 rows that really changed, and `(id, _row)` is unique even when a resource holds two identical
 codings, where `(id, code_system, code)` would not be.
 
-The sync from HAPI lives in `serving.batch_sync`; `refresh` here calls it.
+The sync from HAPI is `serving.batch_refresh`.
 """
 
 from __future__ import annotations
@@ -25,22 +25,17 @@ import dataclasses
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import psycopg
 from psycopg import sql
 
-from core.errors import BatchLayerUnavailable, ResearchFlowError
+from core.errors import BatchLayerUnavailable, ResearchFlowError, StartupError
 from core.fhir_values import case_map_sql, dumps, loads
+from core.settings import STARTUP_TIMEOUT_SECONDS, Settings
 from serving.cohort import SEARCHED_TEXT, folded_column
 from serving.engines.postgres import compile_view
 from serving.viewdef import Select, ViewDefinition, shipped_views
-
-if TYPE_CHECKING:
-    from core.settings import Settings
-    from core.store import SpeedStore
-    from serving.batch_sync import RefreshResult
-    from subscriptions.fhir_client import FhirClient
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +85,10 @@ CREATE TABLE IF NOT EXISTS rf_batch.views (
     built_at timestamptz
 );
 """
+
+# The watermark row: HAPI's clock the views are complete to, when the last refresh committed,
+# how many resources it left.
+WATERMARK_SQL = "SELECT watermark, refreshed_at, resources FROM rf_batch.watermark WHERE id = 1"
 
 Progress = Callable[[str], None]
 
@@ -173,6 +172,16 @@ def connect(database_url: str, **kwargs: Any) -> psycopg.Connection[Any]:
     """A connection to the batch layer, or BatchLayerUnavailable with the reason."""
     try:
         return psycopg.connect(database_url, connect_timeout=10, **kwargs)
+    except psycopg.OperationalError as exc:
+        raise BatchLayerUnavailable(f"PostgreSQL cannot be reached: {exc}") from exc
+
+
+async def connect_async(database_url: str) -> psycopg.AsyncConnection[Any]:
+    """An autocommit async connection to the batch layer, or BatchLayerUnavailable."""
+    try:
+        return await psycopg.AsyncConnection.connect(
+            database_url, autocommit=True, connect_timeout=10
+        )
     except psycopg.OperationalError as exc:
         raise BatchLayerUnavailable(f"PostgreSQL cannot be reached: {exc}") from exc
 
@@ -272,23 +281,17 @@ def batch_watermark(database_url: str) -> str | None:
     with connect(database_url, autocommit=True) as conn:
         if conn.execute("SELECT to_regclass('rf_batch.watermark')").fetchone() in (None, (None,)):
             return None
-        row = conn.execute("SELECT watermark FROM rf_batch.watermark WHERE id = 1").fetchone()
+        row = conn.execute(WATERMARK_SQL).fetchone()
     return None if row is None else row[0]
 
 
 async def batch_watermark_async(database_url: str) -> str | None:
     """`batch_watermark` on an async connection (for the poller and the query API)."""
-    try:
-        conn = await psycopg.AsyncConnection.connect(
-            database_url, autocommit=True, connect_timeout=10
-        )
-    except psycopg.OperationalError as exc:
-        raise BatchLayerUnavailable(f"PostgreSQL cannot be reached: {exc}") from exc
-    async with conn:
+    async with await connect_async(database_url) as conn:
         cur = await conn.execute("SELECT to_regclass('rf_batch.watermark')")
         if (await cur.fetchone()) in (None, (None,)):
             return None
-        cur = await conn.execute("SELECT watermark FROM rf_batch.watermark WHERE id = 1")
+        cur = await conn.execute(WATERMARK_SQL)
         row = await cur.fetchone()
     return None if row is None else row[0]
 
@@ -306,14 +309,8 @@ async def batch_versions_async(
     """
     if not ids:
         return {}
-    try:
-        conn = await psycopg.AsyncConnection.connect(
-            database_url, autocommit=True, connect_timeout=10
-        )
-    except psycopg.OperationalError as exc:
-        raise BatchLayerUnavailable(f"PostgreSQL cannot be reached: {exc}") from exc
     out: dict[str, tuple[float, float]] = {}
-    async with conn:
+    async with await connect_async(database_url) as conn:
         cur = await conn.execute("SELECT to_regclass('rf_batch.resources')")
         if (await cur.fetchone()) in (None, (None,)):
             return out
@@ -348,30 +345,13 @@ def view_stats(database_url: str) -> dict[str, tuple[int, datetime | None]]:
     return out
 
 
-async def refresh(
-    settings: Settings,
-    *,
-    full: bool = False,
-    store: SpeedStore | None = None,
-    client: FhirClient | None = None,
-    progress: Callable[[int], None] | None = None,
-    types: Sequence[str] | None = None,
-) -> RefreshResult:
-    """Sync from HAPI, refresh every view, advance the watermark, trim the speed layer.
-
-    See `serving.batch_sync.refresh` (where the work is done) for the guarantees.
-    """
-    from serving import batch_sync
-
-    return await batch_sync.refresh(
-        settings, full=full, store=store, client=client, progress=progress, types=types
-    )
-
-
-def __getattr__(name: str) -> Any:
-    # `from serving.batch import RefreshResult, RefreshFailed` without an import cycle.
-    if name in ("RefreshResult", "RefreshFailed"):
-        from serving import batch_sync
-
-        return getattr(batch_sync, name)
-    raise AttributeError(name)
+async def check_postgres(settings: Settings) -> None:
+    """Reach the batch layer once; StartupError naming DATABASE_URL otherwise."""
+    try:
+        conn = await psycopg.AsyncConnection.connect(
+            settings.database_url, connect_timeout=int(STARTUP_TIMEOUT_SECONDS)
+        )
+    except (psycopg.Error, OSError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise StartupError(f"PostgreSQL (DATABASE_URL) cannot be reached: {reason}") from None
+    await conn.close()

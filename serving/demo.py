@@ -29,6 +29,7 @@ import uvicorn
 from core.errors import BatchLayerUnavailable, ResearchFlowError
 from core.settings import Settings
 from core.store import SpeedStore, connect
+from serving.batch_refresh import refresh
 from subscriptions.standin import synthetic
 
 logger = logging.getLogger(__name__)
@@ -311,7 +312,7 @@ async def _demo(
         )
         for line in await asyncio.to_thread(batch.init, settings.database_url):
             say(f"batch init: {line}")
-        result = await batch.refresh(settings, full=True, store=store)
+        result = await refresh(settings, full=True, store=store)
         say(
             f"batch refresh: {result.changed:,} resources, views "
             + ", ".join(f"{name} {rows:,} rows" for name, rows in sorted(result.views.items()))
@@ -398,7 +399,7 @@ async def _demo(
                 stop_poller.set()
                 await asyncio.wait_for(poller, timeout=10)
                 # The proof: a full refresh of the same state gives the same answer.
-                await batch.refresh(settings, full=True, store=store)
+                await refresh(settings, full=True, store=store)
                 check = (await http.get("/cohort", params=COHORT_QUERY)).json()
             # The reference is the batch layer alone after the full refresh.
             same = check.get("batch_count") == last.get("total_count")

@@ -24,6 +24,7 @@ from psycopg import sql
 from core.errors import InvalidRequest, Issue, SpeedLayerUnavailable
 from core.fhir_values import dumps
 from core.store import SpeedStore
+from serving.batch import WATERMARK_SQL
 from serving.cohort import (
     PD,
     CohortQuery,
@@ -52,8 +53,8 @@ SNAPSHOT_SQL = "; ".join(
     [
         "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY",
         *SERVING_SETTINGS,
-        "SELECT xmin::text, watermark, refreshed_at, resources"
-        " FROM rf_batch.watermark WHERE id = 1",
+        # The snapshot's identity (its xmin), then the watermark row.
+        WATERMARK_SQL.replace("SELECT ", "SELECT xmin::text, ", 1),
     ]
 )
 

@@ -27,6 +27,7 @@ from core.errors import ResearchFlowError
 from core.metrics import Metrics
 from core.settings import Settings
 from core.store import SpeedStore, parse_instant
+from serving.batch import WATERMARK_SQL
 from subscriptions.bootstrap import SubscriptionInfo
 from subscriptions.bootstrap import status as subscription_status
 from subscriptions.fhir_client import FhirClient
@@ -40,7 +41,6 @@ REJECTS_SHOWN = 50
 SUBSCRIPTIONS_TTL_SECONDS = 30.0
 SUBSCRIPTIONS_TIMEOUT_SECONDS = 5.0
 DATABASE_TIMEOUT_SECONDS = 3.0
-WATERMARK_SQL = "SELECT watermark, refreshed_at, resources FROM rf_batch.watermark WHERE id = 1"
 
 Database = str | AsyncConnectionPool[Any]
 

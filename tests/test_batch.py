@@ -26,10 +26,9 @@ from serving.batch import (
     batch_watermark_async,
     init,
     plan_view,
-    refresh,
     view_stats,
 )
-from serving.batch_sync import RefreshFailed
+from serving.batch_refresh import RefreshFailed, refresh
 from serving.engines.python import evaluate
 from serving.viewdef import Column, Select, load_view, shipped_views
 from subscriptions.fhir_client import FhirClient

@@ -11,6 +11,7 @@ import pytest
 
 from core.settings import Settings
 from serving import batch
+from serving.batch_refresh import refresh
 from tests.conftest import fresh_database
 from tests.test_hapi_db import HAPI_DDL, Hapi
 
@@ -60,7 +61,7 @@ async def test_refresh_from_hapis_tables(pg_url: str, hapi_url: str) -> None:
             database_url=pg_url, hapi_database_url=hapi_url, fhir_base_url="http://127.0.0.1:1/fhir"
         )
         batch.init(pg_url)
-        first = await batch.refresh(settings)
+        first = await refresh(settings)
         assert first.views["patient_demographics"] == 4
         assert rows(
             pg_url, "SELECT id, gender FROM sqlonfhir.patient_demographics ORDER BY id"
@@ -87,11 +88,11 @@ async def test_refresh_from_hapis_tables(pg_url: str, hapi_url: str) -> None:
             start + timedelta(seconds=20),
             body={"resourceType": "Patient", "id": "p2", "gender": "unknown"},
         )
-        second = await batch.refresh(settings)
+        second = await refresh(settings)
         assert second.changed == 1 and second.since == first.watermark
         assert ("p2", "unknown") in rows(
             pg_url, "SELECT id, gender FROM sqlonfhir.patient_demographics"
         )
         # A full refresh reads every current row and changes nothing more.
-        full = await batch.refresh(settings, full=True)
+        full = await refresh(settings, full=True)
         assert full.changed == 0 and full.marked_deleted == 0

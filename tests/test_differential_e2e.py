@@ -27,6 +27,7 @@ from core.store import SpeedStore
 from receiver.app import create_app as create_receiver
 from serving import batch
 from serving.api import create_app as create_api
+from serving.batch_refresh import refresh
 from serving.derive import default_deriver
 from subscriptions import bootstrap
 from subscriptions.fhir_client import FhirClient, hapi_lookup
@@ -176,7 +177,7 @@ async def test_merged_answer_equals_a_full_batch_refresh(
             )
             store = SpeedStore(redis_client)
             await apply(hapi, night)
-            await batch.refresh(base, store=store)  # last night's refresh
+            await refresh(base, store=store)  # last night's refresh
             await store.mark_epoch()  # the speed layer is complete from here on
             receiver = create_receiver(
                 base, derive=default_deriver(), hapi=hapi_lookup(base.fhir_base_url)
@@ -190,7 +191,7 @@ async def test_merged_answer_equals_a_full_batch_refresh(
             assert hapi.dropped == 0 and hapi.lost == 0
             merged = [await cohort(base, q) for q in asked]
             # The reference: a real full refresh of HAPI's final state, then the batch alone.
-            await batch.refresh(base, full=True, store=store)
+            await refresh(base, full=True, store=store)
             batch_only = dataclasses.replace(base, use_speed_layer=False)
             for params, got in zip(asked, merged, strict=True):
                 reference = await cohort(batch_only, params)

@@ -38,6 +38,7 @@ from core.store import SpeedStore
 from receiver.ingest import ingest, ingest_deletion
 from serving import batch
 from serving.api import create_app
+from serving.batch_refresh import refresh
 from serving.derive import default_deriver
 from subscriptions.fhir_client import FhirClient
 from subscriptions.standin.hapi import StandInHapi
@@ -95,7 +96,7 @@ class Layers:
         await self.hapi.aclose()
 
     async def refresh(self, full: bool = False) -> None:
-        await batch.refresh(self.settings, full=full, store=self.store, client=self.client)
+        await refresh(self.settings, full=full, store=self.store, client=self.client)
 
     async def night(self, resources: Sequence[dict[str, Any]]) -> None:
         """HAPI holds these; the batch layer takes them in a full refresh."""

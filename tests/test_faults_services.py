@@ -23,6 +23,7 @@ from receiver.app import create_app as create_receiver
 from receiver.ingest import ingest
 from serving import batch
 from serving.api import create_app as create_api
+from serving.batch_refresh import refresh
 from serving.derive import default_deriver
 from subscriptions.fhir_client import FhirClient
 from subscriptions.poller import run_poller
@@ -198,7 +199,7 @@ async def test_batch_refresh_killed_half_way_changes_nothing(
         settings = Settings(redis_url=FAULTS_REDIS_URL, database_url=pg_url, fhir_base_url=base)
         batch.init(pg_url)
         store = SpeedStore(redis_7)
-        await batch.refresh(settings, store=store)
+        await refresh(settings, store=store)
         for n in range(40, 1_500):
             await hapi.update(synthetic.patient(n, rnd))
         await ingest(store, patient("pat-7", version=5, gender="other"), derive=default_deriver())

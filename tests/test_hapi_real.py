@@ -39,6 +39,7 @@ from core.store import SpeedStore
 from receiver.app import create_app as create_receiver
 from serving import batch
 from serving.api import create_app as create_api
+from serving.batch_refresh import refresh
 from serving.derive import default_deriver
 from subscriptions import bootstrap, changes, poller
 from subscriptions.fhir_client import FhirClient, hapi_lookup
@@ -516,7 +517,7 @@ async def test_batch_refresh_full_over_rest_and_over_hapi_tables_equals_hapis_st
                     redis_url=REDIS_URL, database_url=db, fhir_base_url=real_hapi.base_url, **extra
                 )
                 batch.init(db)
-                await batch.refresh(settings_, full=True)
+                await refresh(settings_, full=True)
                 with psycopg.connect(db) as conn:
                     for view in ("patient_demographics", "condition_simple", "observation_simple"):
                         rows = conn.execute(
@@ -777,7 +778,7 @@ async def test_cohort_after_a_day_of_changes_equals_hapis_own_search_results(
             await transaction(hapi, [e for e in night if e is not None])
             day_plan.touched.clear()  # the night is the batch layer's; the day is checked
             batch.init(database)
-            await batch.refresh(s.settings, full=True, store=s.store)
+            await refresh(s.settings, full=True, store=s.store)
             await s.store.mark_epoch()
             async with receiver_on(s):
                 await subscribe(s)

@@ -24,6 +24,7 @@ from core.settings import Settings
 from core.store import SpeedStore
 from receiver.app import create_app as create_receiver
 from serving import batch
+from serving.batch_refresh import refresh
 from serving.derive import default_deriver
 from serving.viewdef import served_types
 from subscriptions import bootstrap
@@ -97,7 +98,7 @@ async def day(pg_url: str) -> AsyncIterator[Day]:
                 today = Day(hapi, settings, store, client, Metrics.create())
                 # Last night: data, a refresh, the first catch-up (restored, never missed).
                 await today.patients(0, 5)
-                await batch.refresh(settings, store=store)
+                await refresh(settings, store=store)
                 assert (await today.poll()).restored
                 await bootstrap.bootstrap(settings, client, wait=10)
                 yield today
@@ -124,7 +125,7 @@ async def test_a_clean_day_with_a_refresh_counts_no_missed_notification(day: Day
     day.hapi.resume_delivery()
     await day.hapi.wait_idle(timeout=30)
     # The nightly refresh moves today's changes from the speed layer to the batch layer ...
-    refreshed = await batch.refresh(day.settings, store=day.store)
+    refreshed = await refresh(day.settings, store=day.store)
     assert refreshed.trimmed >= 5
     # ... and the next polls read them again (the overlap): they are not missed.
     await day.patients(200, 3)
@@ -143,7 +144,7 @@ async def test_a_clean_day_with_a_refresh_counts_no_missed_notification(day: Day
 async def test_exactly_the_notifications_hapi_dropped_are_counted(day: Day, dropped: int) -> None:
     await day.patients(100, 2)
     await day.hapi.wait_idle(timeout=30)
-    await batch.refresh(day.settings, store=day.store)  # a refresh in the middle of the day
+    await refresh(day.settings, store=day.store)  # a refresh in the middle of the day
     day.hapi.drop_next(dropped)
     await day.patients(300, 6)
     await day.hapi.wait_idle(timeout=30)
@@ -173,7 +174,7 @@ async def test_a_change_the_batch_layer_holds_is_not_missed_when_the_poller_find
     day.hapi.drop_next(4)
     await day.patients(400, 4)
     await day.hapi.wait_idle(timeout=30)
-    await batch.refresh(day.settings, store=day.store)
+    await refresh(day.settings, store=day.store)
     await day.past_grace()
     result = await day.poll()
     assert result.written >= 4 and result.missed == 0 and result.pending == 0

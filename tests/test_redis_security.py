@@ -18,6 +18,7 @@ from core.store import SpeedStore, connect
 from receiver.app import create_app as create_receiver
 from serving import batch
 from serving.api import create_app as create_api
+from serving.batch_refresh import refresh
 from serving.derive import default_deriver
 from serving.status import status_route
 from subscriptions.fhir_client import FhirClient, hapi_lookup
@@ -74,7 +75,7 @@ async def test_the_documented_acl_user_runs_receiver_poller_and_query_api(
         client = connect(settings)
         store = SpeedStore(client)
         try:
-            await batch.refresh(settings, store=store)
+            await refresh(settings, store=store)
             async with FhirClient(fhir_base) as fhir:
                 await poll_once(settings, store, fhir, derive=default_deriver())
             receiver = create_receiver(
@@ -105,7 +106,7 @@ async def test_the_documented_acl_user_runs_receiver_poller_and_query_api(
                 assert cohort.status_code == 200 and cohort.json()["degraded"] is False
                 assert (await http.get("/status", headers=auth)).status_code == 200
                 assert (await http.get("/metrics")).status_code == 200
-            await batch.refresh(settings, store=store)  # the trim
+            await refresh(settings, store=store)  # the trim
             await store.flush_stats()
         finally:
             await client.aclose()

@@ -13,6 +13,7 @@ import redis.asyncio as aioredis
 from core.settings import Settings
 from core.store import SpeedStore
 from serving import batch
+from serving.batch_refresh import refresh
 from serving.viewdef import served_types
 from subscriptions import bootstrap
 from subscriptions.fhir_client import FhirClient
@@ -108,9 +109,9 @@ async def test_batch_refresh_reads_only_served_types_and_never_a_subscription(
     _, settings = hapi_with_subscriptions
     async with empty_redis(TYPES_REDIS_URL) as client:
         store = SpeedStore(client)
-        await batch.refresh(settings, store=store)
+        await refresh(settings, store=store)
         assert batch_types(settings.database_url) == {"Patient"}
-        await batch.refresh(settings, full=True, store=store)
+        await refresh(settings, full=True, store=store)
         assert batch_types(settings.database_url) == {"Patient"}
     with psycopg.connect(settings.database_url) as conn:
         text = conn.execute("SELECT string_agg(resource::text, '') FROM rf_batch.resources")
@@ -147,5 +148,5 @@ async def test_subscriptions_an_older_release_stored_are_purged_from_both_layers
         assert await store.get("Subscription", "old") is None
         assert "Subscription" not in await store.known_types()
         assert TOKEN.encode() not in await every_redis_value(client)
-        await batch.refresh(settings, store=store)
+        await refresh(settings, store=store)
     assert "Subscription" not in batch_types(settings.database_url)

@@ -29,6 +29,7 @@ from core.store import SpeedStore
 from receiver.ingest import ingest, ingest_deletion
 from serving import batch
 from serving.api import create_app
+from serving.batch_refresh import refresh
 from serving.derive import default_deriver
 from serving.viewdef import load_view, shipped_views
 from subscriptions.standin.hapi import StandInHapi
@@ -114,7 +115,7 @@ class World:
         self.note()
 
     async def refresh(self) -> None:
-        await batch.refresh(self.settings, store=self.store)
+        await refresh(self.settings, store=self.store)
         self.note()
 
     def truth(self) -> dict[str, dict[str, Any]]:

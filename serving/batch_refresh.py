@@ -42,9 +42,15 @@ from core.errors import (
     ResearchFlowError,
 )
 from core.settings import Settings
-from core.store import SpeedStore, parse_instant, version_number
+from core.store import SpeedStore, is_newer, parse_instant, version_number
 from core.validation import NEVER_STORED, check_id, is_resource_type, validate_resource
-from serving.batch import LOCK_KEY, VIEW_SCHEMA, BatchNotInitialized
+from serving.batch import (
+    LOCK_KEY,
+    VIEW_SCHEMA,
+    WATERMARK_SQL,
+    BatchNotInitialized,
+    connect_async,
+)
 from serving.viewdef import served_types
 from subscriptions.changes import Change, reader_for
 from subscriptions.fhir_client import FhirClient
@@ -156,11 +162,7 @@ class _Stager:
 
     def _is_new(self, key: tuple[str, str], vn: float, lum: float) -> bool:
         held = self._held.get(key)
-        if held is None:
-            return True
-        if vn >= 0 and held[0] >= 0:
-            return vn > held[0]
-        return lum > held[1]
+        return held is None or is_newer(vn, lum, *held)
 
     def offer(self, change: Change) -> None:
         """Stage one change HAPI lists (a row that cannot be read is skipped, with a warning)."""
@@ -240,15 +242,6 @@ class _Stager:
             self._rows.clear()
         if self.progress is not None:
             self.progress(self.read)
-
-
-async def _connect(database_url: str) -> psycopg.AsyncConnection[Any]:
-    try:
-        return await psycopg.AsyncConnection.connect(
-            database_url, autocommit=True, connect_timeout=10
-        )
-    except psycopg.OperationalError as exc:
-        raise BatchLayerUnavailable(f"PostgreSQL cannot be reached: {exc}") from exc
 
 
 async def _scalar(
@@ -396,7 +389,7 @@ async def refresh(
     started = time.perf_counter()
     own_client = client is None
     fhir = client or FhirClient(settings.fhir_base_url)
-    conn = await _connect(settings.database_url)
+    conn = await connect_async(settings.database_url)
     try:
         async with conn:
             if await _scalar(conn, "SELECT to_regclass('rf_batch.views')") is None:
@@ -405,7 +398,7 @@ async def refresh(
                 )
             # One refresh (or init) at a time; the session lock goes with the connection.
             await conn.execute("SELECT pg_advisory_lock(%s)", (LOCK_KEY,))
-            saved = await _scalar(conn, "SELECT watermark FROM rf_batch.watermark WHERE id = 1")
+            saved = await _scalar(conn, WATERMARK_SQL)
             result = RefreshResult(full=full, since=None if full else saved)
             await conn.execute(
                 "CREATE TEMP TABLE rf_staging (resource_type text, id text, version_id text,"
