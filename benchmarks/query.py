@@ -34,7 +34,7 @@ from serving import batch
 from serving.cohort import parse_query
 from serving.derive import default_deriver
 from serving.merge import SERVING_SETTINGS, BatchCounts, cohort, read_speed
-from serving.speed_index import SpeedMirror
+from serving.mirror import SpeedMirror
 
 ADMIN = os.environ.get("TEST_PG_ADMIN_URL", "postgresql://127.0.0.1:5432/postgres")
 REDIS = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/9").rsplit("/", 1)[0] + "/14"

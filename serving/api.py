@@ -7,6 +7,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from datetime import UTC, datetime
 from typing import Any, TypedDict
 from urllib.parse import urlencode
 
@@ -31,14 +32,12 @@ from serving.cohort import DEFAULT_COUNT, MAX_COUNT, parse_query, whole_number
 from serving.exports import CSV_MEDIA_TYPE, csv_text
 from serving.merge import (
     BatchCounts,
-    RowKey,
     SpeedView,
     cohort,
-    now_iso,
     read_speed,
-    view_rows,
 )
-from serving.speed_index import SpeedMirror
+from serving.mirror import SpeedMirror
+from serving.view_rows import RowKey, view_rows
 from serving.viewdef import ViewDefinition, shipped_views
 
 logger = logging.getLogger(__name__)
@@ -409,3 +408,8 @@ def create_app(
     app.state.metrics = metrics or Metrics.create()
     app.state.views = views
     return app
+
+
+def now_iso() -> str:
+    """This machine's clock, UTC, to the second (an answer's `query_timestamp`)."""
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")

@@ -10,7 +10,6 @@ from typing import Any, Literal
 
 from core.errors import InvalidRequest, Issue
 from core.fhir_values import fold, implied_range, parse_number
-from serving.derive import counts
 
 DEFAULT_COUNT = 1000
 MAX_COUNT = 10000
@@ -35,6 +34,20 @@ SEARCHED_TEXT: dict[str, tuple[str, ...]] = {"condition_simple": ("code_text", "
 def folded_column(column: str) -> str:
     """The batch view column holding `column` folded."""
     return f"{column}_folded"
+
+
+# Statuses that never count in a cohort (the contract's Query API section).
+CONDITION_NEVER_COUNTS = frozenset({"entered-in-error"})
+OBSERVATION_NEVER_COUNTS = frozenset({"entered-in-error", "cancelled"})
+
+
+def counts(resource_type: str, row: Mapping[str, Any]) -> bool:
+    """Whether a Condition/Observation view row may make its patient a cohort member."""
+    if resource_type == "Condition":
+        return row.get("verification_status") not in CONDITION_NEVER_COUNTS
+    if resource_type == "Observation":
+        return row.get("status") not in OBSERVATION_NEVER_COUNTS
+    return True
 
 
 Kind = Literal["condition", "condition-text", "observation"]

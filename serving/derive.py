@@ -8,21 +8,9 @@ from typing import Any
 from core.fhir_values import dumps
 from core.store import Derived, Deriver
 from core.validation import ValidResource
+from serving.cohort import counts
 from serving.engines.python import CompiledView, compile_view
 from serving.viewdef import ViewDefinition, shipped_views
-
-# Statuses that never count in a cohort (the contract's Query API section).
-CONDITION_NEVER_COUNTS = frozenset({"entered-in-error"})
-OBSERVATION_NEVER_COUNTS = frozenset({"entered-in-error", "cancelled"})
-
-
-def counts(resource_type: str, row: Mapping[str, Any]) -> bool:
-    """Whether a Condition/Observation view row may make its patient a cohort member."""
-    if resource_type == "Condition":
-        return row.get("verification_status") not in CONDITION_NEVER_COUNTS
-    if resource_type == "Observation":
-        return row.get("status") not in OBSERVATION_NEVER_COUNTS
-    return True
 
 
 def index_entries(resource_type: str, rows: Sequence[Mapping[str, Any]]) -> tuple[str, ...]:

@@ -17,7 +17,7 @@ from serving import batch
 from serving.cohort import date_matches, date_range, parse_query
 from serving.derive import default_deriver
 from serving.merge import BatchCounts, cohort
-from serving.speed_index import SpeedMirror
+from serving.mirror import SpeedMirror
 from tests.conftest import empty_redis, redis_db
 
 LU = "2024-01-01T00:00:00Z"

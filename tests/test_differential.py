@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, given, settings
 
 from core.store import SpeedStore
 from serving.merge import BatchCounts
-from serving.speed_index import SpeedMirror
+from serving.mirror import SpeedMirror
 from tests.test_cohort import (
     DIFF_REDIS_URL,
     Deleted,

@@ -278,7 +278,7 @@ async def test_the_query_mirror_rereads_a_type_whose_write_counter_went_back(
     query API's mirror must not keep serving entries Redis no longer holds."""
     from core.store import EPOCH_KEY
     from receiver.ingest import ingest
-    from serving.speed_index import SpeedMirror
+    from serving.mirror import SpeedMirror
 
     settings = Settings(redis_url=volatile_redis.url)
     client = connect(settings)

@@ -31,10 +31,11 @@ from serving.cohort import (
     CohortQuery,
     Criterion,
     DateCriterion,
+    counts,
     criterion_matches,
     patient_matches,
 )
-from serving.derive import counts, index_entries
+from serving.derive import index_entries
 from serving.engines.python import CompiledView, compile_view
 from serving.viewdef import ViewDefinition, shipped_views
 
