@@ -9,7 +9,11 @@ import hmac
 import time
 from collections.abc import Sequence
 
+from core.errors import Unauthorized
+
 SIGNATURE_HEADER = "X-ResearchFlow-Signature"
+# What a 401 answers a browser with (the status page): it then asks for the token as password.
+BASIC_CHALLENGE = 'Basic realm="ResearchFlow", charset="UTF-8"'
 # A signature older or newer than this is refused, so a captured request cannot be replayed.
 SIGNATURE_WINDOW_SECONDS = 300
 
@@ -48,6 +52,28 @@ def basic_position(authorization: str | None, tokens: Sequence[str]) -> int | No
         return None
     _, _, password = decoded.partition(":")
     return _matches_any(password, tokens) if password else None
+
+
+def authenticate(
+    authorization: str | None,
+    tokens: Sequence[str],
+    *,
+    insecure: bool = False,
+    allow_basic: bool = False,
+) -> int:
+    """Position of the token an Authorization header carries (`Bearer`, or with `allow_basic`
+    HTTP Basic with the token as password); -1 when `insecure` and none is given.
+
+    Raises Unauthorized, whose challenge asks for Basic when `allow_basic`, else a bearer token.
+    """
+    position = bearer_position(authorization, tokens)
+    if position is None and allow_basic:
+        position = basic_position(authorization, tokens)
+    if position is not None:
+        return position
+    if insecure:
+        return -1
+    raise Unauthorized(challenge=BASIC_CHALLENGE if allow_basic else "Bearer")
 
 
 def sign(secret: str, body: bytes, timestamp: int | None = None) -> str:

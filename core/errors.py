@@ -1,14 +1,20 @@
-"""The exception tree, split by what the caller does next.
+"""The exception tree, split by what the caller does next; `core.http` answers each over HTTP.
 
 ResearchFlowError
-├── InvalidRequest        the request is malformed: 400, nothing written
-│   └── InvalidResource   the JSON is a resource the validation rejects: 422
+├── InvalidRequest        the request is malformed: 400 (or its own status), nothing written
+│   ├── InvalidResource   the JSON is a resource the validation rejects: 422
+│   └── (receiver.body)   BodyTooLarge 413, UnsupportedEncoding / UnsupportedMediaType 415
+├── Unauthorized          missing or invalid credentials: 401 with a challenge
+├── NotFound              no such thing of ours (a view): 404
 ├── DependencyUnavailable Redis / PostgreSQL / HAPI cannot be reached: 503 / exit 1
-│   └── SpeedLayerUnavailable  Redis in particular (receiver answers 503 + Retry-After)
+│   ├── SpeedLayerUnavailable  Redis (the receiver answers 503 + Retry-After)
+│   ├── BatchLayerUnavailable  PostgreSQL
+│   └── FhirTemporaryError     HAPI: retry later (connection errors, 408, 429, 5xx)
 ├── FhirError             HAPI answered with an error
-│   ├── FhirTemporaryError   retry later (connection errors, 408, 429, 5xx)
+│   ├── FhirTemporaryError
 │   └── FhirFatalError       do not retry (other 4xx), carries HAPI's OperationOutcome text
 │       └── EndlessPaging    pages that bring nothing new keep naming a next page
+├── StartupError          a command cannot start (a port taken, a dependency down): exit 1
 └── InvalidViewDefinition a SQL-on-FHIR ViewDefinition we cannot evaluate
 """
 
@@ -32,9 +38,10 @@ class Issue:
 
 
 class InvalidRequest(ResearchFlowError):
-    """The request is malformed (HTTP 400)."""
+    """The request is malformed (HTTP 400, or a subclass's `status_code`, with `headers`)."""
 
     status_code = 400
+    headers: dict[str, str] = {}
 
     def __init__(self, message: str, issues: list[Issue] | None = None) -> None:
         super().__init__(message)
@@ -46,6 +53,22 @@ class InvalidResource(InvalidRequest):
     """Valid JSON that the FHIR validation rejects (HTTP 422); one issue per error."""
 
     status_code = 422
+
+
+class Unauthorized(ResearchFlowError):
+    """Missing or invalid credentials (HTTP 401). `reason` says what was wrong with them, never
+    what they were; `challenge` is the WWW-Authenticate value that asks for them."""
+
+    def __init__(
+        self, reason: str = "missing or invalid credentials", challenge: str = "Bearer"
+    ) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.challenge = challenge
+
+
+class NotFound(ResearchFlowError):
+    """Something of ours that does not exist, e.g. an unknown view (HTTP 404)."""
 
 
 class DependencyUnavailable(ResearchFlowError):

@@ -267,18 +267,3 @@ def validate_resource(
     version_id = meta.get("versionId") if isinstance(meta.get("versionId"), str) else None
     last_updated = meta.get("lastUpdated") if isinstance(meta.get("lastUpdated"), str) else None
     return ValidResource(resource_type, resource_id, version_id, last_updated, raw, data)
-
-
-def operation_outcome(issues: list[Issue]) -> dict[str, Any]:
-    """An OperationOutcome for these issues."""
-    out: list[dict[str, Any]] = []
-    for issue in issues:
-        entry: dict[str, Any] = {
-            "severity": issue.severity,
-            "code": issue.code,
-            "diagnostics": issue.diagnostics,
-        }
-        if issue.expression:
-            entry["expression"] = [issue.expression]
-        out.append(entry)
-    return {"resourceType": "OperationOutcome", "issue": out}

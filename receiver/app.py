@@ -10,24 +10,25 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypedDict
 
 from starlette.applications import Starlette
-from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from core import auth
-from core.errors import InvalidRequest, InvalidResource, Issue, SpeedLayerUnavailable
+from core.errors import InvalidRequest, InvalidResource, SpeedLayerUnavailable, Unauthorized
+from core.http import exception_handlers
 from core.metrics import Metrics, metrics_response
 from core.settings import Settings
 from core.store import Deriver, SpeedStore, connect
-from core.validation import NEVER_STORED, operation_outcome, parse_json
+from core.validation import NEVER_STORED, parse_json
 from receiver.body import (
-    ACCEPT_ENCODING,
     BodyTooLarge,
     UnsupportedEncoding,
+    UnsupportedMediaType,
     content_codings,
     decode_body,
     read_body,
+    require_json,
 )
 from receiver.ingest import (
     FetchResource,
@@ -42,30 +43,11 @@ from receiver.ingest import (
 
 logger = logging.getLogger(__name__)
 
-FHIR_JSON = "application/fhir+json"
-RETRY_AFTER_SECONDS = "2"
-
 
 class State(TypedDict):
     store: SpeedStore
     latest_version: VersionLookup | None
     fetch_resource: FetchResource | None
-
-
-def outcome_response(
-    status: int, issues: list[Issue], headers: dict[str, str] | None = None
-) -> Response:
-    return JSONResponse(
-        operation_outcome(issues), status_code=status, media_type=FHIR_JSON, headers=headers
-    )
-
-
-class _Unauthorized(Exception):
-    """`reason` says what was wrong with the credentials, never what they were."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
 
 
 def _credential_problem(authorization: str | None) -> str:
@@ -82,7 +64,7 @@ def _verify_hmac(request: Request, settings: Settings, body: bytes) -> None:
     if not secret or not auth.verify_signature(
         secret, request.headers.get(auth.SIGNATURE_HEADER), body
     ):
-        raise _Unauthorized(
+        raise Unauthorized(
             _credential_problem(request.headers.get("authorization"))
             + (" and no valid HMAC signature" if request.headers.get(auth.SIGNATURE_HEADER) else "")
         )
@@ -117,72 +99,53 @@ class RefusalLog:
         )
 
 
-def _is_json(content_type: str | None) -> bool:
-    if content_type is None:
-        return True  # no content type at all: judge the body itself
-    media = content_type.split(";", 1)[0].strip().lower()
-    return media in {"application/fhir+json", "application/json", "application/json+fhir"}
-
-
 async def _guarded(request: Request, handler: Callable[[bytes], Awaitable[Response]]) -> Response:
-    """Authenticate, read the body within the limit, run the handler, map errors."""
+    """Authenticate, read the body within the limit, decode it, run the handler. Errors are
+    answered by the app's exception handlers (and counted by `_observe`)."""
     settings: Settings = request.app.state.settings
-    metrics: Metrics = request.app.state.metrics
+    bearer_ok = request.app.state.insecure or (
+        auth.bearer_position(request.headers.get("authorization"), settings.receiver_tokens)
+        is not None
+    )
+    if not bearer_ok and not settings.receiver_hmac_secret:
+        raise Unauthorized(_credential_problem(request.headers.get("authorization")))
+    # An HMAC signature covers the body as sent, so read it (bounded) before checking, and
+    # decode only what an authenticated sender sent.
+    limit = settings.receiver_max_body_bytes
+    body = await read_body(request, limit)
+    if not bearer_ok:
+        _verify_hmac(request, settings, body)
+    codings = content_codings(request.headers.getlist("content-encoding"))
+    return await handler(decode_body(body, codings, limit))
 
-    def refuse(status: int, reason: str, detail: str) -> None:
+
+def _observe(request: Request, exc: Exception, status: int) -> None:
+    """Count and log a refused request (never its credentials or body)."""
+    metrics: Metrics = request.app.state.metrics
+    resource_type = request.path_params.get("type", "-")
+
+    def refuse(reason: str, detail: str) -> None:
         metrics.refused.labels(str(status), reason).inc()
         request.app.state.refusals.refused(request, status, detail)
 
-    try:
-        bearer_ok = request.app.state.insecure or (
-            auth.bearer_position(request.headers.get("authorization"), settings.receiver_tokens)
-            is not None
-        )
-        if not bearer_ok and not settings.receiver_hmac_secret:
-            raise _Unauthorized(_credential_problem(request.headers.get("authorization")))
-        # An HMAC signature covers the body as sent, so read it (bounded) before checking,
-        # and decode only what an authenticated sender sent.
-        limit = settings.receiver_max_body_bytes
-        body = await read_body(request, limit)
-        if not bearer_ok:
-            _verify_hmac(request, settings, body)
-        codings = content_codings(request.headers.getlist("content-encoding"))
-        response = await handler(decode_body(body, codings, limit))
-        if response.status_code == 415:
-            refuse(415, "unsupported-media-type", "not a FHIR JSON content type")
-        return response
-    except _Unauthorized as exc:
-        refuse(401, "unauthorized", exc.reason)
-        return outcome_response(
-            401,
-            [Issue("login", "missing or invalid credentials (Authorization: Bearer <token>)")],
-            {"WWW-Authenticate": "Bearer"},
-        )
-    except BodyTooLarge as exc:
-        refuse(413, "too-large", str(exc))
-        return outcome_response(413, [Issue("too-costly", str(exc))])
-    except UnsupportedEncoding as exc:
-        refuse(415, "unsupported-encoding", str(exc))
-        return outcome_response(
-            415, [Issue("not-supported", str(exc))], {"Accept-Encoding": ACCEPT_ENCODING}
-        )
-    except InvalidRequest as exc:
+    if isinstance(exc, Unauthorized):
+        refuse("unauthorized", exc.reason)
+    elif isinstance(exc, BodyTooLarge):
+        refuse("too-large", exc.message)
+    elif isinstance(exc, UnsupportedEncoding):
+        refuse("unsupported-encoding", exc.message)
+    elif isinstance(exc, UnsupportedMediaType):
+        refuse("unsupported-media-type", "not a FHIR JSON content type")
+    elif isinstance(exc, InvalidRequest):
         kind = "rejected" if isinstance(exc, InvalidResource) else "invalid"
-        metrics.notifications.labels(request.path_params.get("type", "-"), kind).inc()
+        metrics.notifications.labels(resource_type, kind).inc()
         if isinstance(exc, InvalidResource):
-            metrics.rejects.labels(request.path_params.get("type", "-")).inc()
+            metrics.rejects.labels(resource_type).inc()
         first = exc.issues[0] if exc.issues else None
         where = f" at {first.expression}" if first is not None and first.expression else ""
-        refuse(exc.status_code, kind, f"{len(exc.issues)} issue(s), the first{where}")
-        return outcome_response(exc.status_code, exc.issues)
-    except SpeedLayerUnavailable as exc:
-        logger.error("speed layer unavailable, answering 503: %s", exc)
-        metrics.notifications.labels(request.path_params.get("type", "-"), "unavailable").inc()
-        return outcome_response(
-            503,
-            [Issue("transient", "the speed layer (Redis) cannot take the write; retry later")],
-            {"Retry-After": RETRY_AFTER_SECONDS},
-        )
+        refuse(kind, f"{len(exc.issues)} issue(s), the first{where}")
+    elif isinstance(exc, SpeedLayerUnavailable):
+        metrics.notifications.labels(resource_type, "unavailable").inc()
 
 
 async def put_resource(request: Request) -> Response:
@@ -195,11 +158,9 @@ async def put_resource(request: Request) -> Response:
     async def handle(body: bytes) -> Response:
         started = time.perf_counter()
         check_path(resource_type, resource_id, request.app.state.settings.receiver_resource_types)
-        if not _is_json(request.headers.get("content-type")):
-            return outcome_response(
-                415,
-                [Issue("not-supported", "the content type must be application/fhir+json")],
-            )
+        require_json(
+            request.headers.get("content-type"), "the content type must be application/fhir+json"
+        )
         # HAPI sends creates as PUT too, with If-Match: "N"; the version guard does its job.
         outcome = await ingest(
             store, body, path_type=resource_type, path_id=resource_id, derive=derive
@@ -239,10 +200,7 @@ async def post_root(request: Request) -> Response:
             # An empty-payload notification: something matching changed; the poller fetches it.
             await store.request_catchup("empty-payload notification")
             return Response(status_code=204)
-        if not _is_json(request.headers.get("content-type")):
-            return outcome_response(
-                415, [Issue("not-supported", "a notification Bundle must be FHIR JSON")]
-            )
+        require_json(request.headers.get("content-type"), "a notification Bundle must be FHIR JSON")
         data = parse_json(body)
         await apply_notification_bundle(
             store,
@@ -272,18 +230,6 @@ async def health(request: Request) -> Response:
         "speed_layer_complete": epoch is not None,
     }
     return JSONResponse(body, status_code=200 if ok else 503)
-
-
-async def not_allowed(request: Request, exc: HTTPException) -> Response:
-    code = "not-found" if exc.status_code == 404 else "not-supported"
-    return outcome_response(
-        exc.status_code, [Issue(code, f"{request.method} {request.url.path}: {exc.detail}")]
-    )
-
-
-async def server_error(request: Request, exc: Exception) -> Response:
-    logger.exception("unexpected error on %s %s", request.method, request.url.path)
-    return outcome_response(500, [Issue("exception", "internal error; see the receiver's log")])
 
 
 def create_app(
@@ -333,7 +279,7 @@ def create_app(
             Route("/fhir/{type}/{id}", delete_resource, methods=["DELETE"]),
         ],
         lifespan=lifespan,
-        exception_handlers={HTTPException: not_allowed, Exception: server_error},  # type: ignore[dict-item]
+        exception_handlers=exception_handlers("receiver", _observe),
     )
     # No 307 to the slash-less path: it would answer a PUT with an empty redirect (not an
     # OperationOutcome) whose Location echoes the client's Host header.

@@ -1,4 +1,5 @@
-"""A delivery's body: read within the size limit, then decoded from its Content-Encoding."""
+"""A delivery's body: its Content-Type checked, read within the size limit, then decoded from its
+Content-Encoding."""
 
 from __future__ import annotations
 
@@ -18,16 +19,43 @@ ACCEPT_ENCODING = "gzip, deflate"
 MAX_CODINGS = 2
 
 
-class BodyTooLarge(Exception):
+class BodyTooLarge(InvalidRequest):
     """The body, as sent or once decoded, is larger than the limit (413)."""
+
+    status_code = 413
 
     def __init__(self, limit: int, decoded: bool = False) -> None:
         what = "the decoded body" if decoded else "the body"
-        super().__init__(f"{what} is larger than {limit} bytes")
+        message = f"{what} is larger than {limit} bytes"
+        super().__init__(message, [Issue("too-costly", message)])
 
 
-class UnsupportedEncoding(Exception):
+class UnsupportedEncoding(InvalidRequest):
     """A Content-Encoding this receiver does not decode (415 with Accept-Encoding)."""
+
+    status_code = 415
+    headers = {"Accept-Encoding": ACCEPT_ENCODING}
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, [Issue("not-supported", message)])
+
+
+class UnsupportedMediaType(InvalidRequest):
+    """A body that is not FHIR JSON by its Content-Type (415)."""
+
+    status_code = 415
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, [Issue("not-supported", message)])
+
+
+def require_json(content_type: str | None, message: str) -> None:
+    """UnsupportedMediaType (`message`) unless the Content-Type is a JSON one (or absent)."""
+    if content_type is None:
+        return  # no content type at all: the body itself is judged
+    media = content_type.split(";", 1)[0].strip().lower()
+    if media not in {"application/fhir+json", "application/json", "application/json+fhir"}:
+        raise UnsupportedMediaType(message)
 
 
 async def read_body(request: Request, limit: int) -> bytes:

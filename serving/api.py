@@ -13,20 +13,19 @@ from urllib.parse import urlencode
 
 import orjson
 import psycopg
-from psycopg_pool import AsyncConnectionPool, PoolTimeout
+from psycopg_pool import AsyncConnectionPool
 from starlette.applications import Starlette
-from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from core import auth
-from core.errors import DependencyUnavailable, InvalidRequest, Issue
+from core.errors import InvalidRequest, Issue, NotFound
 from core.fhir_values import dumps, exact_json
+from core.http import exception_handlers
 from core.metrics import Metrics, metrics_response
 from core.settings import Settings
 from core.store import SpeedStore, connect
-from core.validation import operation_outcome
 from serving.batch import WATERMARK_SQL
 from serving.cohort import DEFAULT_COUNT, MAX_COUNT, parse_query, whole_number
 from serving.exports import CSV_MEDIA_TYPE, csv_text
@@ -37,13 +36,13 @@ from serving.merge import (
     read_speed,
 )
 from serving.mirror import SpeedMirror
+from serving.status import update_gauges
 from serving.view_rows import RowKey, view_rows
 from serving.viewdef import ViewDefinition, shipped_views
 
 logger = logging.getLogger(__name__)
 audit = logging.getLogger("serving.audit")
 
-FHIR_JSON = "application/fhir+json"
 PG_TIMEOUT_SECONDS = 3.0
 FORMATS = {"json": "application/json", "ndjson": "application/x-ndjson", "csv": CSV_MEDIA_TYPE}
 
@@ -55,88 +54,30 @@ class State(TypedDict):
     batch_counts: BatchCounts
 
 
-class Unauthorized(Exception):
-    """Missing or invalid credentials (401)."""
-
-
-class NotFound(Exception):
-    """An unknown view (404)."""
-
-
 def require_token(request: Request, allow_basic: bool = False) -> int:
     """Position of the SERVING_TOKEN the request carries (Bearer, or Basic password when
-    `allow_basic`); -1 in insecure mode without one. Raises Unauthorized."""
+    `allow_basic`); -1 in insecure mode without one. Raises Unauthorized (401)."""
     settings: Settings = request.app.state.settings
-    header = request.headers.get("authorization")
-    position = auth.bearer_position(header, settings.serving_tokens)
-    if position is None and allow_basic:
-        position = auth.basic_position(header, settings.serving_tokens)
-    if position is not None:
-        return position
-    if request.app.state.insecure:
-        return -1
-    raise Unauthorized
-
-
-def outcome(
-    status: int, code: str, message: str, headers: dict[str, str] | None = None
-) -> Response:
-    return JSONResponse(
-        operation_outcome([Issue(code, message)]),
-        status_code=status,
-        media_type=FHIR_JSON,
-        headers=headers,
+    return auth.authenticate(
+        request.headers.get("authorization"),
+        settings.serving_tokens,
+        insecure=request.app.state.insecure,
+        allow_basic=allow_basic,
     )
-
-
-def map_error(exc: BaseException, allow_basic: bool = False) -> Response:
-    """Every error a handler can meet, as an OperationOutcome response (the one place)."""
-    if isinstance(exc, Unauthorized):
-        challenge = 'Bearer, Basic realm="researchflow"' if allow_basic else "Bearer"
-        return outcome(
-            401,
-            "login",
-            "missing or invalid credentials (Authorization: Bearer <token>)",
-            {"WWW-Authenticate": challenge},
-        )
-    if isinstance(exc, InvalidRequest):
-        return JSONResponse(
-            operation_outcome(exc.issues), status_code=exc.status_code, media_type=FHIR_JSON
-        )
-    if isinstance(exc, NotFound):
-        return outcome(404, "not-found", str(exc))
-    if isinstance(exc, HTTPException):
-        return outcome(exc.status_code, "not-found", str(exc.detail))
-    if isinstance(exc, PoolTimeout | psycopg.OperationalError | DependencyUnavailable):
-        logger.error("batch layer unavailable: %s", exc)
-        return outcome(
-            503,
-            "transient",
-            "the batch layer (PostgreSQL) cannot be reached; retry later",
-            {"Retry-After": "5"},
-        )
-    if isinstance(exc, psycopg.errors.UndefinedTable | psycopg.errors.UndefinedColumn):
-        return outcome(503, "transient", "the batch layer is not initialised (batch init)")
-    logger.error("unexpected error: %r", exc, exc_info=exc)
-    return outcome(500, "exception", "internal error; see the query API's log")
 
 
 Handler = Callable[[Request, int], Awaitable[Response]]
 
 
-def endpoint(
-    name: str, handler: Handler, *, allow_basic: bool = False
-) -> Callable[[Request], Awaitable[Response]]:
-    """Authenticate, time (metric per endpoint), and map errors for one route."""
+def endpoint(name: str, handler: Handler) -> Callable[[Request], Awaitable[Response]]:
+    """Authenticate and time one route (a latency metric per endpoint); errors are answered
+    by the app's exception handlers."""
 
     async def run(request: Request) -> Response:
         metrics: Metrics = request.app.state.metrics
         started = time.perf_counter()
         try:
-            token = require_token(request, allow_basic)
-            return await handler(request, token)
-        except Exception as exc:
-            return map_error(exc, allow_basic)
+            return await handler(request, require_token(request))
         finally:
             metrics.query_latency.labels(name).observe(time.perf_counter() - started)
 
@@ -329,14 +270,8 @@ async def health(request: Request) -> Response:
     return JSONResponse(body, status_code=503 if postgresql == "down" else 200)
 
 
-async def not_found(request: Request, exc: HTTPException) -> Response:
-    return map_error(exc)
-
-
 async def metrics_with_gauges(request: Request) -> Response:
     """GET /metrics (no auth): gauges read from the stores first, then the registry."""
-    from serving.status import update_gauges  # the status module imports this one
-
     await update_gauges(request.app.state.metrics, request.state.store, request.state.pool)
     return metrics_response(request)
 
@@ -401,7 +336,7 @@ def create_app(
     app = Starlette(
         routes=routes,
         lifespan=lifespan,
-        exception_handlers={HTTPException: not_found},  # type: ignore[dict-item]
+        exception_handlers=exception_handlers("query API"),
     )
     app.state.settings = settings
     app.state.insecure = insecure

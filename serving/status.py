@@ -23,6 +23,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
 from starlette.routing import Route
 
+from core import auth
 from core.errors import ResearchFlowError
 from core.metrics import Metrics
 from core.settings import Settings
@@ -34,7 +35,6 @@ from subscriptions.fhir_client import FhirClient
 
 logger = logging.getLogger(__name__)
 
-REALM = "ResearchFlow"
 HOURS = 24
 REJECTS_SHOWN = 50
 # HAPI is asked at most this often; the page may be reloaded by many people.
@@ -521,15 +521,6 @@ def render_status(data: StatusData) -> str:
 # -- the route -----------------------------------------------------------------------------
 
 
-def _unauthorized() -> Response:
-    return Response(
-        "401 Unauthorized: a bearer token, or HTTP Basic auth with the token as password\n",
-        status_code=401,
-        media_type="text/plain",
-        headers={"WWW-Authenticate": f'Basic realm="{REALM}", charset="UTF-8"'},
-    )
-
-
 def status_route(
     settings: Settings,
     *,
@@ -538,17 +529,14 @@ def status_route(
 ) -> Route:
     """`GET /status`, for `serving.api.create_app(settings, extra_routes=[status_route(settings)])`.
 
-    Authenticates through the app's `require_token` (Bearer, or HTTP Basic with a token as
-    the password; none needed when the app is `insecure`) and answers 401 with
-    `WWW-Authenticate: Basic realm="ResearchFlow"` so a browser asks for it. Reads
+    Authenticates with SERVING_TOKEN (Bearer, or HTTP Basic with a token as the password;
+    none needed when the app is `insecure`); a 401 carries `WWW-Authenticate: Basic
+    realm="ResearchFlow"` so a browser asks for it. Reads
     `request.state.store` (SpeedStore, None when the speed layer is off) and
     `request.state.pool` (psycopg pool) from the app's lifespan. HAPI is asked through a
     short-lived client of the route's own (`fhir_client_factory`; default: no retries, 5 s
     timeout) at most every 30 s.
     """
-    # Imported here, not at the top: serving.api may come to import this module.
-    from serving.api import Unauthorized, require_token
-
     cache = SubscriptionCache()
 
     def default_factory() -> FhirClient:
@@ -562,10 +550,12 @@ def status_route(
 
     async def status_page(request: Request) -> Response:
         started = time.perf_counter()
-        try:
-            require_token(request, allow_basic=True)
-        except Unauthorized:
-            return _unauthorized()
+        auth.authenticate(
+            request.headers.get("authorization"),
+            settings.serving_tokens,
+            insecure=getattr(request.app.state, "insecure", False),
+            allow_basic=True,
+        )
         store: SpeedStore | None = getattr(request.state, "store", None)
         database: Database = getattr(request.state, "pool", None) or settings.database_url
         if cache.fresh() is not None:
