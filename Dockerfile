@@ -8,7 +8,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
 WORKDIR /build
-COPY pyproject.toml researchflow_cli.py ./
+COPY pyproject.toml researchflow_cli.py researchflow_demo.py ./
 COPY core ./core
 COPY receiver ./receiver
 COPY subscriptions ./subscriptions

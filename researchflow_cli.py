@@ -571,7 +571,7 @@ def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
-    from serving.demo import main_demo
+    from researchflow_demo import main_demo
 
     return main_demo(settings, args)
 

@@ -296,6 +296,12 @@ class FhirClient:
             raise
         return True
 
+    async def transaction(self, entries: Sequence[Mapping[str, Any]]) -> Resource:
+        """`POST [base]` of a transaction Bundle of `entries`; HAPI's transaction-response."""
+        bundle = {"resourceType": "Bundle", "type": "transaction", "entry": list(entries)}
+        response = await self._request("POST", self.base_url, body=bundle, idempotent=False)
+        return self._decode(response)
+
     async def get(self, path_or_url: str, params: Params | None = None) -> Resource:
         """A GET of any path below the base (or an absolute URL), as JSON, uncached."""
         url = path_or_url if "://" in path_or_url else self._url(path_or_url)

@@ -16,7 +16,7 @@ import pytest
 
 import researchflow_cli
 from core.settings import Settings
-from serving.demo import COHORT_QUERY, DemoError, run_demo
+from researchflow_demo import COHORT_QUERY, DemoError, run_demo
 from subscriptions.standin.hapi import StandInHapi
 from tests.conftest import TEST_PG_ADMIN_URL, TEST_REDIS_URL, empty_redis, redis_db
 from tests.oracle import cohort as oracle_cohort

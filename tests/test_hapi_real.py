@@ -810,7 +810,7 @@ async def test_cohort_after_a_day_of_changes_equals_hapis_own_search_results(
 async def test_demo_runs_on_the_real_hapi_and_its_answer_is_exact(
     real_hapi: RealHapi, database: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from serving.demo import run_demo
+    from researchflow_demo import run_demo
 
     # `--hapi real` goes through hapi.sh, which finds this session's server running.
     monkeypatch.setenv("HAPI_PORT", str(real_hapi.port))

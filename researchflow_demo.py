@@ -159,7 +159,7 @@ async def _source(
 ) -> AsyncIterator[tuple[Any, str]]:
     """The FHIR server the demo writes to: the stand-in, or the real HAPI of hapi-config/."""
     if hapi == "real":
-        from serving.demo_hapi import RestHapi, start_local_hapi
+        from subscriptions.local_hapi import RestHapi, start_local_hapi
 
         base = hapi_base_url if hapi_base_url else await asyncio.to_thread(start_local_hapi, say)
         say(f"real HAPI FHIR server: {base}")

@@ -1,7 +1,7 @@
-"""The demo's source when it runs on the real HAPI FHIR server of `hapi-config/`.
+"""The real HAPI FHIR server of `hapi-config/` on this machine, for `researchflow demo --hapi real`.
 
 `start_local_hapi` starts (or finds running) the server through `hapi-config/hapi.sh`;
-`RestHapi` writes the demo's changes through HAPI's REST API with the same small interface
+`RestHapi` writes the demo's changes through the FHIR client with the same small interface
 the stand-in offers the demo (`update`, `delete`, `resources`, `wait_idle`), and deletes a
 Patient together with what refers to it, since HAPI refuses to delete a referenced resource.
 """
@@ -20,10 +20,10 @@ import httpx
 
 from core.errors import ResearchFlowError
 from core.store import SpeedStore
+from subscriptions.fhir_client import FhirClient
 from subscriptions.standin.hapi import Truth
 
 HAPI_SH = Path(__file__).resolve().parents[1] / "hapi-config" / "hapi.sh"
-FHIR_JSON = "application/fhir+json"
 SEED_BATCH = 250  # entries per transaction Bundle while seeding
 
 
@@ -63,10 +63,10 @@ class RestHapi:
         # Set by the demo: `wait_idle` then waits until the speed layer holds each change.
         self.store: SpeedStore | None = None
         self._changed: set[tuple[str, str]] = set()
-        self._http = httpx.AsyncClient(base_url=self.base_url + "/", timeout=120.0)
+        self._fhir = FhirClient(self.base_url, timeout=httpx.Timeout(120.0))
 
     async def aclose(self) -> None:
-        await self._http.aclose()
+        await self._fhir.aclose()
 
     async def seed(self, resources: Iterable[Mapping[str, Any]]) -> None:
         """Write many resources in transaction Bundles (a few hundred entries each)."""
@@ -81,12 +81,7 @@ class RestHapi:
         self._changed.clear()  # seeded before the Subscriptions: the batch layer's to hold
 
     async def update(self, resource: Mapping[str, Any]) -> dict[str, Any]:
-        response = await self._http.put(
-            f"{resource['resourceType']}/{resource['id']}",
-            json=dict(resource),
-            headers={"Content-Type": FHIR_JSON},
-        )
-        stored = self._ok(response)
+        stored = await self._fhir.update(resource)
         self._remember(stored)
         return stored
 
@@ -127,9 +122,7 @@ class RestHapi:
         return {"resource": dict(resource), "request": {"method": "PUT", "url": url}}
 
     async def _transaction(self, entries: list[dict[str, Any]]) -> None:
-        bundle = {"resourceType": "Bundle", "type": "transaction", "entry": entries}
-        response = await self._http.post("", json=bundle, headers={"Content-Type": FHIR_JSON})
-        answer = self._ok(response)
+        answer = await self._fhir.transaction(entries)
         for sent, got in zip(entries, answer.get("entry") or [], strict=False):
             outcome = got.get("response") or {}
             etag = str(outcome.get("etag") or "").removeprefix("W/").strip('"')
@@ -148,12 +141,3 @@ class RestHapi:
         key = (str(stored["resourceType"]), str(stored["id"]))
         self.resources[key] = Truth(int(version) if version.isdigit() else 1, False, dict(stored))
         self._changed.add(key)
-
-    @staticmethod
-    def _ok(response: httpx.Response) -> dict[str, Any]:
-        if response.status_code >= 300:
-            raise HapiStartError(
-                f"HAPI refused a demo write ({response.status_code}): {response.text[:300]}"
-            )
-        data = response.json()
-        return data if isinstance(data, dict) else {}
