@@ -35,9 +35,9 @@ import orjson
 import psycopg
 
 from benchmarks import common
+from core.fhir_values import parse_instant
 from core.serve import serve_asgi
 from core.settings import Settings
-from core.store import parse_instant
 from serving.batch import init
 from serving.batch_refresh import refresh
 from subscriptions.fhir_client import FhirClient

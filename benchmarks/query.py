@@ -28,7 +28,8 @@ import orjson
 import psycopg
 import redis.asyncio as aioredis
 
-from core.store import SpeedStore, parse_instant, version_number
+from core.fhir_values import parse_instant
+from core.store import SpeedStore, version_number
 from receiver.ingest import ingest, ingest_deletion
 from serving import batch
 from serving.cohort import parse_query

@@ -11,6 +11,12 @@
   (`compare_temporal`, `temporal_compare_sql`).
 - FHIR number search's implied precision: `7` is [6.5, 7.5), `7.0` is [6.95, 7.05)
   (`implied_range`; FHIR R4 search, "number").
+- Instants: read to epoch milliseconds (`parse_instant`), written in UTC to the millisecond
+  (`format_instant`), the range a date/dateTime/instant covers (`instant_bounds`).
+- Partial dates (a year, a month, a day) as the day range they cover (`date_range`,
+  `date_range_sql`), and FHIR search's prefixes over ranges (`range_matches`, `range_sql`;
+  FHIR R4 search, "prefix": eq is the target range within the search range, gt reaches
+  above it, ...).
 - Unicode case mapping per code point: default case folding (`fold`, `str.casefold` of each
   character) and FHIRPath's lower()/upper(), with the SQL generated from the same tables so
   PostgreSQL gives exactly the Python string (`case_map_sql`).
@@ -26,7 +32,7 @@ import json
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from decimal import Context, Decimal
 from functools import lru_cache
 from typing import Any, Literal
@@ -46,14 +52,25 @@ __all__ = [
     "case_map",
     "case_map_sql",
     "compare_temporal",
+    "date_range",
+    "date_range_sql",
     "decimal_text",
     "dumps",
     "exact_json",
     "fold",
+    "format_instant",
+    "full_date_sql",
     "implied_range",
+    "instant_bounds",
+    "instant_of_ms",
     "is_temporal_type",
+    "last_day",
     "loads",
+    "parse_instant",
     "parse_number",
+    "range_matches",
+    "range_may_match",
+    "range_sql",
     "split_reference",
     "temporal_compare_sql",
 ]
@@ -216,6 +233,203 @@ def implied_range(value: Decimal) -> tuple[Decimal, Decimal]:
     "number": `100` searches [99.5, 100.5)). `1e2` is [50, 150): one significant digit."""
     half = half_unit(value)
     return EXACT.subtract(value, half), EXACT.add(value, half)
+
+
+# --------------------------------------------------------------------------- instants
+
+
+def parse_instant(value: str | None) -> float:
+    """A FHIR instant as epoch milliseconds (0.0 when absent or unreadable)."""
+    if not value:
+        return 0.0
+    text = value.strip()
+    # fromisoformat takes at most 6 fractional digits; FHIR allows more.
+    if "." in text:
+        head, _, rest = text.partition(".")
+        digits = "".join(c for c in rest if c.isdigit())
+        text = f"{head}.{digits[:6]}{rest[len(digits) :]}" if digits else head + rest[len(digits) :]
+    try:
+        parsed = datetime.fromisoformat(text)
+    except ValueError:
+        return 0.0
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=UTC)
+    return parsed.timestamp() * 1000.0
+
+
+def instant_of_ms(ms: float) -> datetime:
+    """Epoch milliseconds as an aware UTC datetime."""
+    return datetime.fromtimestamp(ms / 1000.0, UTC)
+
+
+def format_instant(value: datetime, *, zulu: bool = True) -> str:
+    """A FHIR instant in UTC to the millisecond (a naive value is taken as UTC):
+    `2026-11-29T20:13:42.509Z`, or with `zulu=False` `...509+00:00`, as HAPI's REST API
+    renders `meta.lastUpdated`."""
+    moved = value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    text = moved.isoformat(timespec="milliseconds")
+    return text.replace("+00:00", "Z") if zulu else text
+
+
+def instant_bounds(text: str) -> tuple[int, int]:
+    """The epoch milliseconds [lower, upper) a FHIR date, dateTime or instant covers (a year,
+    a month, a day, or the precision the time is written to). Raises ValueError for a value
+    that is not one."""
+    value = text.strip()
+    if len(value) == 4 and value.isdigit():
+        start = datetime(int(value), 1, 1, tzinfo=UTC)
+        end = datetime(int(value) + 1, 1, 1, tzinfo=UTC)
+    elif len(value) == 7:
+        year, month = int(value[:4]), int(value[5:7])
+        start = datetime(year, month, 1, tzinfo=UTC)
+        end = datetime(year + (month == 12), month % 12 + 1, 1, tzinfo=UTC)
+    elif len(value) == 10:
+        start = datetime.fromisoformat(value).replace(tzinfo=UTC)
+        end = start + timedelta(days=1)
+    else:
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        start = parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+        time_part = value[11:]
+        if "." in time_part:
+            step = timedelta(milliseconds=1)
+        elif time_part.count(":") >= 2:
+            step = timedelta(seconds=1)
+        else:
+            step = timedelta(minutes=1)
+        end = start + step
+    return int(start.timestamp() * 1000), int(end.timestamp() * 1000)
+
+
+# --------------------------------------------------------------------------- partial dates
+
+# A FHIR date by its precision: its shape (the whole value; Python `fullmatch`, SQL
+# `~ '^...$'`) and what its day range's bounds append to it (None: the month's last day).
+_DAY_SHAPE = r"[0-9]{4}-[0-9]{2}-[0-9]{2}"
+PARTIAL_DATE: tuple[tuple[str, str, str | None], ...] = (
+    (r"[0-9]{4}", "-01-01", "-12-31"),  # a year
+    (r"[0-9]{4}-(?:0[1-9]|1[0-2])", "-01", None),  # a month
+    (_DAY_SHAPE, "", ""),  # a day: its own range
+)
+_PARTIAL_DATE_RE = tuple((re.compile(shape), low, high) for shape, low, high in PARTIAL_DATE)
+
+
+def last_day(year: int, month: int) -> int:
+    """The number of days of that month (Gregorian calendar)."""
+    return calendar.monthrange(year, month)[1]
+
+
+def date_range(text: Any) -> tuple[str, str] | None:
+    """The day range [low, high] a FHIR date covers ("1970" is the whole year), as
+    YYYY-MM-DD text; None when it is not a date. `date_range_sql` computes the same in SQL."""
+    if not isinstance(text, str):
+        return None
+    for shape, low, high in _PARTIAL_DATE_RE:
+        if shape.fullmatch(text):
+            end = f"-{last_day(int(text[:4]), int(text[5:7])):02d}" if high is None else high
+            return text + low, text + end
+    return None
+
+
+def _month_end_sql(column: str) -> str:
+    """SQL text: the last day (DD) of the month a YYYY-MM `column` names."""
+    year = f"substr({column}, 1, 4)::int"
+    leap = f"(mod({year}, 4) = 0 AND (mod({year}, 100) <> 0 OR mod({year}, 400) = 0))"
+    # The month lengths of a common year; February is the leap rule's.
+    lengths = {m: last_day(2001, m) for m in range(1, 13)}
+    short = " ".join(f"WHEN '{m:02d}' THEN '{n}'" for m, n in lengths.items() if n == 30)
+    return (
+        f"(CASE substr({column}, 6, 2) WHEN '02' THEN (CASE WHEN {leap} THEN '29' ELSE '28' END)"
+        f" {short} ELSE '31' END)"
+    )
+
+
+def date_range_sql(column: str) -> tuple[str, str]:
+    """SQL text expressions of `date_range`'s low and high for a text column (NULL when the
+    value is not a date), from the same PARTIAL_DATE table."""
+    lows: list[str] = []
+    highs: list[str] = []
+    for shape, low, high in PARTIAL_DATE:
+        when = f"WHEN {column} ~ {_lit('^' + shape + '$')} THEN {column}"
+        lows.append(f"{when} || {_lit(low)}" if low else when)
+        end = (
+            f" || '-' || {_month_end_sql(column)}"
+            if high is None
+            else (f" || {_lit(high)}" if high else "")
+        )
+        highs.append(when + end)
+    return f"(CASE {' '.join(lows)} END)", f"(CASE {' '.join(highs)} END)"
+
+
+def full_date_sql(column: str) -> str:
+    """SQL: `column` holds a full date (YYYY-MM-DD), which is its own one-day range."""
+    return f"{column} ~ {_lit('^' + _DAY_SHAPE + '$')}"
+
+
+# --------------------------------------------------------------------------- search prefixes
+
+# How a target range [low, high] compares with a search range [low, high] (bounds inclusive):
+# (the test in Python, in SQL over the target's bounds `{low}`/`{high}` and placeholders for
+# the search range's bounds (which: 0 low, 1 high), and whether a part of the target range
+# could meet it).
+_RangeTest = tuple[
+    Callable[[tuple[Any, Any], tuple[Any, Any]], bool],
+    str,
+    tuple[int, ...],
+    Callable[[tuple[Any, Any], tuple[Any, Any]], bool],
+]
+_RANGE_TESTS: dict[str, _RangeTest] = {
+    "within": (
+        lambda t, s: t[0] >= s[0] and t[1] <= s[1],
+        "({low} >= %s AND {high} <= %s)",
+        (0, 1),
+        lambda t, s: t[0] <= s[1] and t[1] >= s[0],
+    ),
+    "above": (lambda t, s: t[1] > s[1], "({high} > %s)", (1,), lambda t, s: t[1] > s[1]),
+    "below": (lambda t, s: t[0] < s[0], "({low} < %s)", (0,), lambda t, s: t[0] < s[0]),
+    "after": (lambda t, s: t[0] > s[1], "({low} > %s)", (1,), lambda t, s: t[1] > s[1]),
+    "before": (lambda t, s: t[1] < s[0], "({high} < %s)", (0,), lambda t, s: t[0] < s[0]),
+}
+# FHIR R4 search, "prefix" (date and number ranges): a target meets a prefix when one of its
+# tests holds (or, negated, none does). `ap` (approximately) is taken as `eq` here.
+SEARCH_PREFIXES: dict[str, tuple[bool, tuple[str, ...]]] = {
+    "eq": (False, ("within",)),
+    "ne": (True, ("within",)),
+    "gt": (False, ("above",)),
+    "lt": (False, ("below",)),
+    "ge": (False, ("above", "within")),
+    "le": (False, ("below", "within")),
+    "sa": (False, ("after",)),
+    "eb": (False, ("before",)),
+    "ap": (False, ("within",)),
+}
+
+
+def range_matches(target: tuple[Any, Any], search: tuple[Any, Any], prefix: str) -> bool:
+    """Whether the target range [low, high] meets `prefix` against the search range (both
+    inclusive, of any ordered values: day texts, epoch milliseconds)."""
+    negated, tests = SEARCH_PREFIXES[prefix]
+    met = any(_RANGE_TESTS[name][0](target, search) for name in tests)
+    return met != negated
+
+
+def range_may_match(target: tuple[Any, Any], search: tuple[Any, Any], prefix: str) -> bool:
+    """Whether some range within the target range could meet `prefix` (a year's range for
+    the dates in it): never False for a date that `range_matches`."""
+    negated, tests = SEARCH_PREFIXES[prefix]
+    return negated or any(_RANGE_TESTS[name][3](target, search) for name in tests)
+
+
+def range_sql(prefix: str, low: str, high: str, search: tuple[Any, Any], params: list[Any]) -> str:
+    """SQL of `range_matches` for the target bounds `low`/`high` (SQL expressions), with `%s`
+    placeholders whose values (from `search`) are appended to `params` in order."""
+    negated, tests = SEARCH_PREFIXES[prefix]
+    parts = []
+    for name in tests:
+        _, template, bounds, _ = _RANGE_TESTS[name]
+        parts.append(template.format(low=low, high=high))
+        params.extend(search[b] for b in bounds)
+    text = parts[0] if len(parts) == 1 else "(" + " OR ".join(parts) + ")"
+    return f"NOT {text}" if negated else text
 
 
 # --------------------------------------------------------------------------- dates and times

@@ -38,6 +38,7 @@ from redis.exceptions import NoScriptError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from core.errors import Issue, SpeedLayerUnavailable, StartupError
+from core.fhir_values import parse_instant
 from core.settings import STARTUP_TIMEOUT_SECONDS, Settings
 
 if TYPE_CHECKING:
@@ -77,25 +78,6 @@ def tag(resource_type: str, bucket: int) -> str:
 
 def resource_key(resource_type: str, resource_id: str) -> str:
     return f"{tag(resource_type, bucket_of(resource_id))}r:{resource_id}"
-
-
-def parse_instant(value: str | None) -> float:
-    """FHIR instant -> epoch milliseconds (0.0 when absent or unreadable)."""
-    if not value:
-        return 0.0
-    text = value.strip()
-    # fromisoformat takes at most 6 fractional digits; FHIR allows more.
-    if "." in text:
-        head, _, rest = text.partition(".")
-        digits = "".join(c for c in rest if c.isdigit())
-        text = f"{head}.{digits[:6]}{rest[len(digits) :]}" if digits else head + rest[len(digits) :]
-    try:
-        parsed = datetime.fromisoformat(text)
-    except ValueError:
-        return 0.0
-    if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=UTC)
-    return parsed.timestamp() * 1000.0
 
 
 def pending_field(

@@ -29,7 +29,7 @@ import logging
 import time
 from collections.abc import AsyncGenerator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
 import psycopg
@@ -41,8 +41,9 @@ from core.errors import (
     Issue,
     ResearchFlowError,
 )
+from core.fhir_values import format_instant, instant_of_ms, parse_instant
 from core.settings import Settings
-from core.store import SpeedStore, is_newer, parse_instant, version_number
+from core.store import SpeedStore, is_newer, version_number
 from core.validation import NEVER_STORED, check_id, is_resource_type, validate_resource
 from serving.batch import (
     LOCK_KEY,
@@ -130,11 +131,6 @@ class RefreshResult:
     trimmed: int = 0
     views: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
-
-
-def format_instant(value: datetime) -> str:
-    """A FHIR instant in UTC with milliseconds (as `_since` takes it)."""
-    return value.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 @dataclass(frozen=True)
@@ -425,7 +421,7 @@ async def refresh(
                     clock = reader.clock
             await stager.flush(force=True)
             if clock is None and stager.newest_ms:
-                clock = datetime.fromtimestamp(stager.newest_ms / 1000.0, UTC)
+                clock = instant_of_ms(stager.newest_ms)
             watermark = saved
             clock_ms = float("inf")
             if clock is not None:

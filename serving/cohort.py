@@ -8,8 +8,20 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any, Literal
 
+from psycopg import sql
+
 from core.errors import InvalidRequest, Issue
-from core.fhir_values import fold, implied_range, parse_number
+from core.fhir_values import (
+    date_range,
+    date_range_sql,
+    fold,
+    full_date_sql,
+    implied_range,
+    last_day,
+    parse_number,
+    range_matches,
+    range_sql,
+)
 
 DEFAULT_COUNT = 1000
 MAX_COUNT = 10000
@@ -36,18 +48,28 @@ def folded_column(column: str) -> str:
     return f"{column}_folded"
 
 
-# Statuses that never count in a cohort (the contract's Query API section).
-CONDITION_NEVER_COUNTS = frozenset({"entered-in-error"})
-OBSERVATION_NEVER_COUNTS = frozenset({"entered-in-error", "cancelled"})
+# Statuses that never count in a cohort (the contract's Query API section): per resource type,
+# the view column holding the status and its values that never count. Both layers read this
+# table: the rows in Python (`counts`), the batch views in SQL (`counted_sql`).
+NEVER_COUNTED: dict[str, tuple[str, frozenset[str]]] = {
+    "Condition": ("verification_status", frozenset({"entered-in-error"})),
+    "Observation": ("status", frozenset({"entered-in-error", "cancelled"})),
+}
 
 
 def counts(resource_type: str, row: Mapping[str, Any]) -> bool:
     """Whether a Condition/Observation view row may make its patient a cohort member."""
-    if resource_type == "Condition":
-        return row.get("verification_status") not in CONDITION_NEVER_COUNTS
-    if resource_type == "Observation":
-        return row.get("status") not in OBSERVATION_NEVER_COUNTS
-    return True
+    if resource_type not in NEVER_COUNTED:
+        return True
+    column, never = NEVER_COUNTED[resource_type]
+    return row.get(column) not in never
+
+
+def counted_sql(resource_type: str) -> str:
+    """SQL: a row of the type's view counts (`counts`); a row without a status does."""
+    column, never = NEVER_COUNTED[resource_type]
+    values = ", ".join(sql.Literal(v).as_string(None) for v in sorted(never))
+    return f"({column} IS NULL OR {column} NOT IN ({values}))"
 
 
 Kind = Literal["condition", "condition-text", "observation"]
@@ -141,56 +163,10 @@ def split_alternatives(value: str) -> list[str]:
     return parts
 
 
-def _leap(year: int) -> bool:
-    return year % 4 == 0 and (year % 100 != 0 or year % 400 == 0)
-
-
-def _last_day(year: int, month: int) -> int:
-    if month == 2:
-        return 29 if _leap(year) else 28
-    return 30 if month in (4, 6, 9, 11) else 31
-
-
-_YEAR = re.compile(r"[0-9]{4}")
-_MONTH = re.compile(r"([0-9]{4})-(0[1-9]|1[0-2])")
-_DAY = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
-
-
-def date_range(text: Any) -> tuple[str, str] | None:
-    """The day range [low, high] a FHIR date covers ("1970" is the whole year); None if not one.
-
-    Mirrors `_SQL_LOW` / `_SQL_HIGH` so both layers read the data the same way.
-    """
-    if not isinstance(text, str):
-        return None
-    if _YEAR.fullmatch(text):
-        return f"{text}-01-01", f"{text}-12-31"
-    month = _MONTH.fullmatch(text)
-    if month:
-        year, mon = int(month.group(1)), int(month.group(2))
-        return f"{text}-01", f"{text}-{_last_day(year, mon):02d}"
-    if _DAY.fullmatch(text):
-        return text, text
-    return None
-
-
 def date_matches(target: tuple[str, str] | None, crit: DateCriterion) -> bool:
-    """FHIR's date-range rules (search range vs. the data's range)."""
-    if target is None:
-        return False
-    low, high = target
-    contained = low >= crit.low and high <= crit.high
-    if crit.prefix == "eq":
-        return contained
-    if crit.prefix == "ne":
-        return not contained
-    if crit.prefix == "gt":
-        return high > crit.high
-    if crit.prefix == "lt":
-        return low < crit.low
-    if crit.prefix == "ge":
-        return high > crit.high or contained
-    return low < crit.low or contained  # le
+    """Whether a birth date's day range (`date_range`) meets one birthdate alternative, by
+    FHIR's date-range rules (`core.fhir_values.range_matches`)."""
+    return target is not None and range_matches(target, (crit.low, crit.high), crit.prefix)
 
 
 _DATE_SHAPE = re.compile(r"([0-9]{4})(?:-([0-9]{2})(?:-([0-9]{2}))?)?")
@@ -218,11 +194,11 @@ def _parse_date(name: str, raw: str) -> DateCriterion:
         raise _bad(name, f"{name}: year 0000 in {raw!r} is not a FHIR year (0001-9999)")
     if month is not None and not 1 <= int(month) <= 12:
         raise _bad(name, f"{name}: month {month} in {raw!r} is not a month (01-12)")
-    if day is not None and not 1 <= int(day) <= _last_day(int(year), int(month or 1)):
+    if day is not None and not 1 <= int(day) <= last_day(int(year), int(month or 1)):
         raise _bad(
             name,
             f"{name}: day {day} in {raw!r} is not a day of {year}-{month} "
-            f"(01-{_last_day(int(year), int(month or 1)):02d})",
+            f"(01-{last_day(int(year), int(month or 1)):02d})",
         )
     span = date_range(raw)
     assert span is not None  # the shape and ranges above are date_range's grammar
@@ -422,46 +398,6 @@ def criterion_matches(criterion: Criterion, row: Row) -> bool:
 
 # --------------------------------------------------------------------------- SQL
 
-# The day range of a FHIR date column, as `date_range` computes it; NULL when unreadable.
-_YEAR_SQL = "substr({c}, 1, 4)::int"
-_LEAP_SQL = (
-    f"(mod({_YEAR_SQL}, 4) = 0 AND (mod({_YEAR_SQL}, 100) <> 0 OR mod({_YEAR_SQL}, 400) = 0))"
-)
-_SQL_LOW = (
-    "(CASE WHEN {c} ~ '^[0-9]{{4}}$' THEN {c} || '-01-01'"
-    " WHEN {c} ~ '^[0-9]{{4}}-(0[1-9]|1[0-2])$' THEN {c} || '-01'"
-    " WHEN {c} ~ '^[0-9]{{4}}-[0-9]{{2}}-[0-9]{{2}}$' THEN {c} END)"
-)
-_SQL_HIGH = (
-    "(CASE WHEN {c} ~ '^[0-9]{{4}}$' THEN {c} || '-12-31'"
-    " WHEN {c} ~ '^[0-9]{{4}}-(0[1-9]|1[0-2])$' THEN {c} || '-' || (CASE substr({c}, 6, 2)"
-    " WHEN '02' THEN (CASE WHEN " + _LEAP_SQL + " THEN '29' ELSE '28' END)"
-    " WHEN '04' THEN '30' WHEN '06' THEN '30' WHEN '09' THEN '30' WHEN '11' THEN '30'"
-    " ELSE '31' END)"
-    " WHEN {c} ~ '^[0-9]{{4}}-[0-9]{{2}}-[0-9]{{2}}$' THEN {c} END)"
-)
-
-
-_DAY_SQL = "birth_date ~ '^[0-9]{4}-[0-9]{2}-[0-9]{2}$'"
-
-
-def _range_sql(crit: DateCriterion, params: list[Any], low: str, high: str) -> str:
-    contained = f"({low} >= %s AND {high} <= %s)"
-    if crit.prefix in ("eq", "ne"):
-        params.extend([crit.low, crit.high])
-        return contained if crit.prefix == "eq" else f"NOT {contained}"
-    if crit.prefix == "gt":
-        params.append(crit.high)
-        return f"({high} > %s)"
-    if crit.prefix == "lt":
-        params.append(crit.low)
-        return f"({low} < %s)"
-    if crit.prefix == "ge":
-        params.extend([crit.high, crit.low, crit.high])
-        return f"({high} > %s OR {contained})"
-    params.extend([crit.low, crit.low, crit.high])
-    return f"({low} < %s OR {contained})"
-
 
 def patient_sql(query: CohortQuery, params: list[Any]) -> str:
     """WHERE conditions on patient_demographics for the gender/birthdate parameters."""
@@ -474,19 +410,16 @@ def patient_sql(query: CohortQuery, params: list[Any]) -> str:
         # comparisons instead of the dozen regexes the general range expressions evaluate.
         day_params: list[Any] = []
         general_params: list[Any] = []
-        low, high = _SQL_LOW.format(c="birth_date"), _SQL_HIGH.format(c="birth_date")
-        day = [
-            "("
-            + " OR ".join(_range_sql(d, day_params, "birth_date", "birth_date") for d in ds)
-            + ")"
-            for ds in query.birthdates
-        ]
-        general = [
-            "(" + " OR ".join(_range_sql(d, general_params, low, high) for d in ds) + ")"
-            for ds in query.birthdates
-        ]
+        low, high = date_range_sql("birth_date")
+
+        def any_of(dates: Sequence[DateCriterion], low: str, high: str, params: list[Any]) -> str:
+            tests = (range_sql(d.prefix, low, high, (d.low, d.high), params) for d in dates)
+            return "(" + " OR ".join(tests) + ")"
+
+        day = [any_of(ds, "birth_date", "birth_date", day_params) for ds in query.birthdates]
+        general = [any_of(ds, low, high, general_params) for ds in query.birthdates]
         parts.append(
-            f"COALESCE(CASE WHEN {_DAY_SQL} THEN {' AND '.join(day)}"
+            f"COALESCE(CASE WHEN {full_date_sql('birth_date')} THEN {' AND '.join(day)}"
             f" ELSE {' AND '.join(general)} END, FALSE)"
         )
         params.extend(day_params + general_params)
@@ -509,10 +442,7 @@ def criterion_sql(criterion: Criterion, params: list[Any]) -> str:
 
     Only for a WHERE clause (or EXISTS): it may be NULL where it does not hold.
     """
-    if criterion.resource_type == "Condition":
-        parts = ["verification_status IS DISTINCT FROM 'entered-in-error'"]
-    else:
-        parts = ["(status IS NULL OR status NOT IN ('entered-in-error', 'cancelled'))"]
+    parts = [counted_sql(criterion.resource_type)]
     alternatives: list[str] = []
     if criterion.kind == "condition-text":
         columns = [folded_column(c) for c in SEARCHED_TEXT["condition_simple"]]

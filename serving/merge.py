@@ -19,14 +19,7 @@ import psycopg
 from core.errors import SpeedLayerUnavailable
 from core.store import SpeedStore
 from serving.batch import WATERMARK_SQL
-from serving.cohort import (
-    PD,
-    CohortQuery,
-    Criterion,
-    criterion_sql,
-    patient_sql,
-    view_of,
-)
+from serving.cohort import PD, CohortQuery, Criterion, criterion_sql, patient_sql, view_of
 from serving.mirror import BatchKey, Plan, SpeedMirror
 
 logger = logging.getLogger(__name__)

@@ -17,7 +17,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError
 
 from core.errors import SpeedLayerUnavailable
-from core.fhir_values import fold, loads
+from core.fhir_values import date_range, fold, loads, range_may_match
 from core.store import (
     BUCKETS,
     EPOCH_KEY,
@@ -170,14 +170,10 @@ class RowIndex:
 
 
 def _year_may_match(year: str, crit: DateCriterion) -> bool:
-    low, high = f"{year}-01-01", f"{year}-12-31"
-    if crit.prefix in ("eq",):
-        return high >= crit.low and low <= crit.high
-    if crit.prefix in ("gt", "ge"):
-        return high >= crit.low
-    if crit.prefix in ("lt", "le"):
-        return low <= crit.high
-    return True
+    """Whether a birth date in `year` could meet one birthdate alternative."""
+    year_range = date_range(year)
+    assert year_range is not None
+    return range_may_match(year_range, (crit.low, crit.high), crit.prefix)
 
 
 @dataclass

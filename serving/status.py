@@ -25,9 +25,10 @@ from starlette.routing import Route
 
 from core import auth
 from core.errors import ResearchFlowError
+from core.fhir_values import parse_instant
 from core.metrics import Metrics
 from core.settings import Settings
-from core.store import SpeedStore, parse_instant
+from core.store import SpeedStore
 from serving.batch import WATERMARK_SQL
 from subscriptions.bootstrap import SubscriptionInfo
 from subscriptions.bootstrap import status as subscription_status

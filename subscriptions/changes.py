@@ -20,14 +20,14 @@ import asyncio
 import contextlib
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from types import TracebackType
 from typing import Any, Protocol, TypeVar
 
 import psycopg
 
+from core.fhir_values import instant_of_ms, parse_instant
 from core.settings import Settings
-from core.store import parse_instant
 from subscriptions import hapi_db
 from subscriptions.fhir_client import FhirClient, HistoryEntry
 
@@ -158,7 +158,7 @@ class DatabaseChanges:
             raise RuntimeError("use DatabaseChanges as `async with`")
         if self.started_at is None:
             self.started_at = await hapi_db.server_now(self._conn)
-        since_at = datetime.fromtimestamp(parse_instant(since) / 1000.0, UTC) if since else None
+        since_at = instant_of_ms(parse_instant(since)) if since else None
         async for rows in hapi_db.changes_since(self._conn, since_at, types=types):
             self.newest = rows[-1].updated_at
             yield [

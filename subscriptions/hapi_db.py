@@ -20,7 +20,7 @@ import psycopg
 from psycopg.rows import dict_row
 
 from core.errors import BatchLayerUnavailable
-from core.fhir_values import loads
+from core.fhir_values import format_instant, loads
 
 logger = logging.getLogger(__name__)
 
@@ -61,18 +61,6 @@ async def server_now(conn: psycopg.AsyncConnection[Any]) -> datetime:
 def as_utc(value: datetime) -> datetime:
     """HAPI writes `timestamp without time zone` in the JVM's zone; deployments run in UTC."""
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
-
-
-def instant(value: datetime) -> str:
-    """A FHIR instant (millisecond precision, UTC) for a database timestamp."""
-    return as_utc(value).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-def rest_instant(value: datetime) -> str:
-    """`meta.lastUpdated` as HAPI's REST API renders it for a server running in UTC
-    (`2026-11-29T20:13:42.509+00:00`: milliseconds and a numeric offset, never `Z`), so a
-    resource read from the tables is byte-for-byte the one `_history` would have given."""
-    return as_utc(value).isoformat(timespec="milliseconds")
 
 
 def decode_text(encoding: str | None, text_vc: str | None, blob: bytes | None) -> dict[str, Any]:
@@ -180,7 +168,9 @@ def _change(row: dict[str, Any]) -> DbChange:
     resource_id = str(row["fhir_id"])
     version = str(row["res_ver"])
     updated_at = as_utc(row["res_updated"])
-    last_updated = rest_instant(updated_at)
+    # As HAPI's REST API renders it for a server in UTC (+00:00, never Z), so a resource read
+    # from the tables is byte for byte the one `_history` would have given.
+    last_updated = format_instant(updated_at, zulu=False)
     encoding = (row["res_encoding"] or "").upper()
     deleted = row["res_deleted_at"] is not None or encoding == "DEL"
     common: dict[str, Any] = {

@@ -31,7 +31,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 
 from redis.exceptions import RedisError
 
@@ -43,17 +43,10 @@ from core.errors import (
     ResearchFlowError,
     SpeedLayerUnavailable,
 )
+from core.fhir_values import format_instant, instant_of_ms, parse_instant
 from core.metrics import Metrics
 from core.settings import Settings
-from core.store import (
-    Deriver,
-    SpeedStore,
-    UpsertItem,
-    is_newer,
-    parse_instant,
-    pending_field,
-    version_number,
-)
+from core.store import Deriver, SpeedStore, UpsertItem, is_newer, pending_field, version_number
 from core.validation import NEVER_STORED, validate_resource
 from receiver.ingest import record_reject
 from subscriptions.changes import Change, ChangeReader, reader_for
@@ -108,15 +101,6 @@ class PollResult:
     missed_by_type: dict[str, int] = field(default_factory=dict)
     missed_sample: list[str] = field(default_factory=list)
     seconds: float = 0.0
-
-
-def format_instant(value: datetime) -> str:
-    """A FHIR instant in UTC with milliseconds, as `_since` takes it."""
-    return value.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-def _instant_of_ms(ms: float) -> datetime:
-    return datetime.fromtimestamp(ms / 1000.0, UTC)
 
 
 class Lease:
@@ -471,7 +455,7 @@ async def _poll(
         # A `since` given too is honoured when it reaches further back. None = the beginning.
         batch = await batch_watermark() if batch_watermark is not None else None
         start = batch
-        if since is not None and batch is not None and _ms(since) < _ms(batch):
+        if since is not None and batch is not None and parse_instant(since) < parse_instant(batch):
             start = since
     else:
         start = since if since is not None else saved
@@ -500,11 +484,11 @@ async def _poll(
         await writer.judge_pending()
     # Everything is written: now the watermark may move (never backwards).
     if clock is None and writer.newest_ms:
-        clock = _instant_of_ms(writer.newest_ms)
+        clock = instant_of_ms(writer.newest_ms)
     watermark = saved
     if clock is not None:
         candidate = clock - timedelta(seconds=settings.poll_overlap_seconds)
-        if saved is None or candidate.timestamp() * 1000.0 > _ms(saved):
+        if saved is None or candidate.timestamp() * 1000.0 > parse_instant(saved):
             watermark = format_instant(candidate)
             await store.set_poller_watermark(watermark)
     result.watermark = watermark
@@ -518,10 +502,6 @@ async def _poll(
     result.seconds = time.perf_counter() - started
     _log(result)
     return result
-
-
-def _ms(instant: str) -> float:
-    return parse_instant(instant)
 
 
 async def _traverse(

@@ -15,9 +15,10 @@ import redis.asyncio as aioredis
 from starlette.responses import Response
 
 from core.errors import FhirTemporaryError, InvalidViewDefinition
+from core.fhir_values import parse_instant
 from core.serve import serve_asgi
 from core.settings import Settings
-from core.store import SpeedStore, parse_instant
+from core.store import SpeedStore
 from core.validation import check_resource
 from receiver.ingest import ingest, ingest_deletion
 from serving.batch import (

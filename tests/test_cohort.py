@@ -11,10 +11,11 @@ import psycopg
 import pytest
 
 from core.errors import InvalidRequest
-from core.store import SpeedStore, parse_instant, version_number
+from core.fhir_values import date_range, parse_instant
+from core.store import SpeedStore, version_number
 from receiver.ingest import ingest, ingest_deletion
 from serving import batch
-from serving.cohort import date_matches, date_range, parse_query
+from serving.cohort import date_matches, parse_query
 from serving.derive import default_deriver
 from serving.merge import BatchCounts, cohort
 from serving.mirror import SpeedMirror

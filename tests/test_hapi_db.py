@@ -10,9 +10,10 @@ import orjson
 import psycopg
 import pytest
 
+from core.fhir_values import format_instant as instant
 from core.settings import Settings
 from core.store import SpeedStore
-from subscriptions.hapi_db import DbChange, changes_since, connect, decode_text, instant
+from subscriptions.hapi_db import DbChange, changes_since, connect, decode_text
 from subscriptions.poller import poll_once
 
 # The columns the poller reads, as HAPI's Hibernate creates them on PostgreSQL.

@@ -275,7 +275,7 @@ async def test_watermark_is_hapi_clock_at_first_answer_minus_overlap(
     before = time.time()
     result = await poll_once(settings, store, standin.client)
     assert result.watermark is not None
-    from core.store import parse_instant
+    from core.fhir_values import parse_instant
 
     watermark_s = parse_instant(result.watermark) / 1000.0
     assert before + 3600 - 60 - 2 <= watermark_s <= time.time() + 3600 - 60 + 1

@@ -10,7 +10,8 @@ import redis.asyncio as aioredis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from core.store import BUCKETS, Derived, SpeedStore, is_newer, parse_instant, version_number
+from core.fhir_values import parse_instant
+from core.store import BUCKETS, Derived, SpeedStore, is_newer, version_number
 from tests.conftest import TEST_REDIS_URL
 
 

@@ -18,13 +18,12 @@ import random
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 from urllib.parse import parse_qsl
 
 import httpx
 
-from core.fhir_values import dumps
+from core.fhir_values import SEARCH_PREFIXES, dumps, instant_bounds, range_matches
 
 logger = logging.getLogger(__name__)
 
@@ -79,54 +78,11 @@ def parse_criteria(criteria: str) -> tuple[str, list[tuple[str, str]]]:
     return resource_type.strip(), parse_qsl(query, keep_blank_values=True)
 
 
-def instant_bounds(text: str) -> tuple[int, int]:
-    """The range of epoch milliseconds [lower, upper) a FHIR date/dateTime/instant covers."""
-    value = text.strip()
-    if len(value) == 4 and value.isdigit():
-        start = datetime(int(value), 1, 1, tzinfo=UTC)
-        end = datetime(int(value) + 1, 1, 1, tzinfo=UTC)
-    elif len(value) == 7:
-        year, month = int(value[:4]), int(value[5:7])
-        start = datetime(year, month, 1, tzinfo=UTC)
-        end = datetime(year + (month == 12), month % 12 + 1, 1, tzinfo=UTC)
-    elif len(value) == 10:
-        start = datetime.fromisoformat(value).replace(tzinfo=UTC)
-        end = start + timedelta(days=1)
-    else:
-        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
-        start = parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
-        time_part = value[11:]
-        if "." in time_part:
-            step = timedelta(milliseconds=1)
-        elif time_part.count(":") >= 2:
-            step = timedelta(seconds=1)
-        else:
-            step = timedelta(minutes=1)
-        end = start + step
-    return int(start.timestamp() * 1000), int(end.timestamp() * 1000)
-
-
-def instant_ms(text: str) -> int:
-    return instant_bounds(text)[0]
-
-
-_PREFIXES = ("eq", "ne", "gt", "lt", "ge", "le", "sa", "eb", "ap")
-
-
 def _date_matches(value_ms: int, spec: str) -> bool:
-    prefix, rest = (spec[:2], spec[2:]) if spec[:2] in _PREFIXES else ("eq", spec)
+    """A date search parameter (`ge2024-01-01`) against an instant (epoch ms)."""
+    prefix, rest = (spec[:2], spec[2:]) if spec[:2] in SEARCH_PREFIXES else ("eq", spec)
     lower, upper = instant_bounds(rest)
-    if prefix in ("gt", "sa"):
-        return value_ms >= upper
-    if prefix == "ge":
-        return value_ms >= lower
-    if prefix in ("lt", "eb"):
-        return value_ms < lower
-    if prefix == "le":
-        return value_ms < upper
-    if prefix == "ne":
-        return not lower <= value_ms < upper
-    return lower <= value_ms < upper
+    return range_matches((value_ms, value_ms), (lower, upper - 1), prefix)
 
 
 def _token_matches(item: Any, system: str | None, code: str) -> bool:
@@ -169,7 +125,7 @@ def _param_matches(resource: dict[str, Any], name: str, value: str) -> bool:
         found = any(resource.get("id") == alt for alt in alternatives)
     elif base == "_lastUpdated":
         last = meta.get("lastUpdated")
-        return isinstance(last, str) and _date_matches(instant_ms(last), value)
+        return isinstance(last, str) and _date_matches(instant_bounds(last)[0], value)
     elif base in ("_tag", "_security", "_profile"):
         meta_element = {"_tag": "tag", "_security": "security", "_profile": "profile"}[base]
         found = any(_token(meta.get(meta_element), alt) for alt in alternatives)

@@ -25,10 +25,10 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any, NamedTuple
 from urllib.parse import urlencode
 
+from core.fhir_values import format_instant, instant_bounds, instant_of_ms
 from core.validation import check_id, check_resource, is_resource_type
 from subscriptions.standin.delivery import (
     CONTROL_PARAMS,
@@ -41,7 +41,6 @@ from subscriptions.standin.delivery import (
     Operation,
     RestHook,
     channel_headers,
-    instant_ms,
     parse_criteria,
     resource_matches,
 )
@@ -222,13 +221,9 @@ class StandInHapi:
 
     def now(self) -> str:
         """HAPI's clock, as in its `Date` header (ISO, ms)."""
-        return self._iso(int((time.time() + self.clock_skew) * 1000))
+        return _hapi_instant(int((time.time() + self.clock_skew) * 1000))
 
     # -- the store ----------------------------------------------------------------------------
-    @staticmethod
-    def _iso(ms: int) -> str:
-        return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="milliseconds")
-
     def _tick(self) -> int:
         ms = int((time.time() + self.clock_skew) * 1000)
         self._last_ms = max(ms, self._last_ms + 1)
@@ -277,12 +272,12 @@ class StandInHapi:
             stored["id"] = resource_id
             meta = dict(stored.get("meta") or {})
             meta["versionId"] = str(version)
-            meta["lastUpdated"] = self._iso(ms)
+            meta["lastUpdated"] = _hapi_instant(ms)
             stored["meta"] = meta
         method = "DELETE" if resource is None else "POST" if previous is None else "PUT"
         self._seq += 1
         record = VersionRecord(
-            self._seq, resource_type, resource_id, version, self._iso(ms), ms, method, stored
+            self._seq, resource_type, resource_id, version, _hapi_instant(ms), ms, method, stored
         )
         self._versions.setdefault((resource_type, resource_id), []).append(record)
         self._log.append(record)
@@ -648,7 +643,7 @@ class StandInHapi:
         else:
             source = self._log
         try:
-            since_ms = instant_ms(since) if since else None
+            since_ms = instant_bounds(since)[0] if since else None
         except ValueError as exc:
             raise StandInError(400, f"Invalid _since value: {since}") from exc
         items: list[VersionRecord] = []
@@ -733,3 +728,8 @@ class StandInHapi:
             "lastModified": v.last_updated,
         }
         return entry
+
+
+def _hapi_instant(ms: int) -> str:
+    # As HAPI renders meta.lastUpdated and its clock: +00:00, never Z (docs/hapi.md).
+    return format_instant(instant_of_ms(ms), zulu=False)
