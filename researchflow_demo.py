@@ -24,9 +24,9 @@ from dataclasses import replace
 from typing import Any
 
 import httpx
-import uvicorn
 
 from core.errors import BatchLayerUnavailable, ResearchFlowError
+from core.serve import bind, close_all, serve_asgi
 from core.settings import Settings
 from core.store import SpeedStore, connect
 from serving.batch_refresh import refresh
@@ -74,8 +74,6 @@ def ensure_database(database_url: str) -> bool:
 
 def bind_ports(receiver_port: int, serve_port: int) -> tuple[socket.socket, socket.socket]:
     """Both listening sockets, before anything starts (0: any free port)."""
-    from core.serve import bind, close_all
-
     receiver = bind("127.0.0.1", receiver_port, "demo receiver (--receiver-port; 0: any)")
     try:
         api = bind("127.0.0.1", serve_port, "demo query API (--serve-port; 0: any)")
@@ -83,22 +81,6 @@ def bind_ports(receiver_port: int, serve_port: int) -> tuple[socket.socket, sock
         close_all([receiver])
         raise
     return receiver, api
-
-
-@contextlib.asynccontextmanager
-async def _serve(app: Any, sock: socket.socket) -> AsyncIterator[None]:
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
-    task = asyncio.create_task(server.serve(sockets=[sock]))
-    while not server.started:
-        if task.done():
-            await task
-            raise DemoError(f"could not serve on {sock.getsockname()[:2]}")
-        await asyncio.sleep(0.02)
-    try:
-        yield
-    finally:
-        server.should_exit = True
-        await task
 
 
 class _Changes:
@@ -330,8 +312,8 @@ async def _demo(
             return batch.batch_versions_async(settings.database_url, resource_type, ids)
 
         async with (
-            _serve(receiver_app, receiver_sock),
-            _serve(api_app, api_sock),
+            serve_asgi(receiver_app, sock=receiver_sock, access_log=False),
+            serve_asgi(api_app, sock=api_sock, access_log=False),
             FhirClient(settings.fhir_base_url) as client,
         ):
             # A real HAPI activates within a minute (it re-reads Subscriptions every 60 s).

@@ -12,7 +12,6 @@ searched for the secret strings.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import contextlib
 import json
@@ -24,10 +23,9 @@ from typing import Any
 import httpx
 import pytest
 import redis.asyncio as aioredis
-import uvicorn
 
 from core import auth
-from core.serve import bind
+from core.serve import serve_asgi
 from core.settings import Settings
 from core.store import SpeedStore
 from receiver.app import create_app as create_receiver
@@ -108,23 +106,11 @@ def every_logger_at_debug() -> Iterator[Capture]:
 @contextlib.asynccontextmanager
 async def serve_with_access_log(app: Any, capture: Capture) -> AsyncIterator[str]:
     """uvicorn in this loop with its access log on and no logging config of its own."""
-    sock = bind("127.0.0.1", 0, "test server")
-    config = uvicorn.Config(
-        app, log_level="debug", access_log=True, log_config=None, lifespan="on", ws="none"
-    )
-    server = uvicorn.Server(config)
-    task = asyncio.create_task(server.serve(sockets=[sock]))
-    try:
-        while not server.started:
-            if task.done():
-                task.result()
-            await asyncio.sleep(0.005)
+    async with serve_asgi(
+        app, log_level="debug", access_log=True, log_config=None, lifespan="on"
+    ) as url:
         capture.open_up()  # type: ignore[attr-defined]  # uvicorn set its loggers' levels
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        await asyncio.wait_for(task, timeout=10)
-        sock.close()
+        yield url
 
 
 def secret_patient(pid: str, version: int = 1, **extra: Any) -> dict[str, Any]:

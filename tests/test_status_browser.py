@@ -16,11 +16,10 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-import uvicorn
 
+from core.serve import serve_asgi
 from core.settings import Settings
 from core.store import SpeedStore
-from tests.conftest import free_port
 from tests.test_status import (
     STATUS_REDIS_URL,
     Page,
@@ -92,27 +91,8 @@ def status_settings(settings: Settings) -> Settings:
 @pytest.fixture
 async def served(status_settings: Settings) -> AsyncIterator[str]:
     """The status page on uvicorn at a free loopback port; yields host:port."""
-    port = free_port()
-    config = uvicorn.Config(
-        status_app(status_settings),
-        host="127.0.0.1",
-        port=port,
-        log_level="warning",
-        lifespan="on",
-        ws="none",
-    )
-    server = uvicorn.Server(config)
-    task = asyncio.create_task(server.serve())
-    try:
-        async with asyncio.timeout(10):
-            while not server.started:
-                if task.done():
-                    task.result()
-                await asyncio.sleep(0.02)
-        yield f"127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        await asyncio.wait_for(task, 10)
+    async with serve_asgi(status_app(status_settings), lifespan="on") as url:
+        yield url.removeprefix("http://")
 
 
 def png_size(data: bytes) -> tuple[int, int]:
