@@ -2,11 +2,10 @@
 
 Key schema (every key starts with `rf:`; `{...}` is a Redis Cluster hash tag):
 
-    rf:{T.b}:r:<id>          HASH   one resource: vn, lum, vid, lu, st (p|d), body, ch, ix
+    rf:{T.b}:r:<id>          HASH   one resource: vn, lum, vid, lu, st (p|d), body, ch, rcv, views
     rf:{T.b}:ver             HASH   id -> "st|vn|lum|vid" for every entry of the bucket
     rf:{T.b}:chg             ZSET   id scored by change time (HAPI's lastUpdated, epoch ms)
     rf:{T.b}:rows:<view>     HASH   id -> JSON array of the view's rows (present entries only)
-    rf:{T.b}:ix:<name>       SET    ids whose derived data carries index entry <name>
     rf:{T.b}:log / :seq      ZSET   id scored by a per-bucket write sequence (incremental reads)
     rf:{meta}:...            global: epoch marker, rejects, catch-up flag, poller state, stats
 
@@ -100,7 +99,6 @@ class Derived:
     """What the serving layer keeps up to date at write time for one resource version."""
 
     rows: dict[str, bytes] = field(default_factory=dict)  # view name -> JSON array of rows
-    index: tuple[str, ...] = ()  # index entry names, e.g. "Condition.code:http://x|123"
 
 
 # What the write path computes for a validated resource (serving.derive.default_deriver).
@@ -148,11 +146,16 @@ local function newer(vn, lum, ovn, olum)
   return lum > olum
 end
 local function drop_derived(prefix, r, id)
+  -- Legacy: entries written before the ix: index sets went still name theirs; remove them
+  -- (nothing may SCAN for them). To go once every deployment ran a refresh cycle after.
   local ix = redis.call('HGET', r, 'ix')
-  if ix and ix ~= '' then
-    for _, name in ipairs(cjson.decode(ix)) do
-      redis.call('SREM', prefix .. 'ix:' .. name, id)
+  if ix then
+    if ix ~= '' then
+      for _, name in ipairs(cjson.decode(ix)) do
+        redis.call('SREM', prefix .. 'ix:' .. name, id)
+      end
     end
+    redis.call('HDEL', r, 'ix')
   end
   local views = redis.call('HGET', r, 'views')
   if views and views ~= '' then
@@ -161,8 +164,8 @@ local function drop_derived(prefix, r, id)
     end
   end
 end
--- Write the derived data laid out in ARGV from position i: nviews, (view, rows)..., nix,
--- ix..., and remember on the resource hash which keys hold it (for drop_derived).
+-- Write the derived rows laid out in ARGV from position i: nviews, (view, rows)..., and
+-- remember on the resource hash which views hold them (for drop_derived).
 local function write_derived(prefix, r, id, i)
   local nviews = tonumber(ARGV[i])
   local views = {}
@@ -171,21 +174,13 @@ local function write_derived(prefix, r, id, i)
     redis.call('HSET', prefix .. 'rows:' .. v, id, ARGV[i + 2 * k])
     views[#views + 1] = v
   end
-  i = i + 2 * nviews + 1
-  local nix = tonumber(ARGV[i])
-  local ix = {}
-  for k = 1, nix do
-    redis.call('SADD', prefix .. 'ix:' .. ARGV[i + k], id)
-    ix[#ix + 1] = ARGV[i + k]
-  end
-  redis.call('HSET', r, 'views', #views > 0 and cjson.encode(views) or '',
-    'ix', #ix > 0 and cjson.encode(ix) or '')
+  redis.call('HSET', r, 'views', #views > 0 and cjson.encode(views) or '')
 end
 """
 
 # KEYS[1] resource hash, KEYS[2] ver hash, KEYS[3] chg zset
 # ARGV: prefix, id, vn, lum, vid, lu, st, body, score, received, expire_seconds,
-#       nviews, view1, rows1, ..., nix, ix1, ...
+#       nviews, view1, rows1, ...
 _UPSERT_LUA = (
     _LUA_COMMON
     + """
@@ -238,9 +233,9 @@ return 1
 )
 
 
-# Replace the derived rows and index entries of an entry, only if it still holds the same
-# present version (a newer write meanwhile derived its own). Logged, so mirrors re-read it.
-# KEYS as upsert; ARGV: prefix, id, vn, lum, nviews, view1, rows1, ..., nix, ix1, ...
+# Replace the derived rows of an entry, only if it still holds the same present version (a
+# newer write meanwhile derived its own). Logged, so mirrors re-read it.
+# KEYS as upsert; ARGV: prefix, id, vn, lum, nviews, view1, rows1, ...
 _REDERIVE_LUA = (
     _LUA_COMMON
     + """
@@ -260,14 +255,12 @@ return 1
 
 
 def _derived_args(derived: Derived | None) -> list[Any]:
-    """The ARGV tail the Lua `write_derived` reads: nviews, (view, rows)..., nix, ix..."""
+    """The ARGV tail the Lua `write_derived` reads: nviews, (view, rows)..."""
     if derived is None:
-        return [0, 0]
+        return [0]
     args: list[Any] = [len(derived.rows)]
     for view, rows in derived.rows.items():
         args.extend([view, rows])
-    args.append(len(derived.index))
-    args.extend(derived.index)
     return args
 
 
@@ -466,7 +459,7 @@ class SpeedStore:
         return removed
 
     async def rederive(self, resource_type: str, derive: Callable[[bytes], Derived | None]) -> int:
-        """Recompute every present entry's derived rows and index entries of a type.
+        """Recompute every present entry's derived rows of a type.
 
         For a ViewDefinition that changed (`batch init` rebuilt its view): `derive` maps a
         stored body to its new Derived data (None: leave the entry as it is). An entry written
@@ -564,11 +557,6 @@ class SpeedStore:
         except RedisError as exc:
             raise SpeedLayerUnavailable(f"Redis cannot be read: {exc}") from exc
         return {i: v for i, v in zip(ids, values, strict=True) if v is not None}
-
-    async def index_members(self, resource_type: str, name: str) -> set[str]:
-        """Ids of present entries of a type whose derived data carries index entry `name`."""
-        results = await self._fan_out(lambda p, t: p.smembers(f"{t}ix:{name}"), resource_type)
-        return {_decode(m) or "" for result in results for m in result}
 
     async def changed_since(self, resource_type: str, since_ms: float) -> list[str]:
         """Ids of a type whose stored change time is at or after `since_ms` (HAPI's clock)."""
@@ -788,7 +776,7 @@ class SpeedStore:
             async with self.client.pipeline(transaction=False) as pipe:
                 for bucket in range(BUCKETS):
                     prefix = tag(resource_type, bucket)
-                    # Derived keys (rows, index sets) hold nothing for a type no view reads.
+                    # Derived keys (view rows) hold nothing for a type no view reads.
                     pipe.delete(prefix + "ver", prefix + "chg", prefix + "log")
                 pipe.srem(TYPES_KEY, resource_type)
                 pipe.incr(GENERATION_KEY)  # incremental readers reload

@@ -9,7 +9,7 @@ entries hide). A query then costs a few set operations, never a SCAN of Redis.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,9 +35,9 @@ from serving.cohort import (
     criterion_matches,
     patient_matches,
 )
-from serving.derive import index_entries
-from serving.engines.python import CompiledView, compile_view
-from serving.viewdef import ViewDefinition, shipped_views
+from serving.derive import compiled_views
+from serving.engines.python import CompiledView
+from serving.viewdef import ViewDefinition
 
 MAIN_VIEWS = {
     "Patient": "patient_demographics",
@@ -46,6 +46,33 @@ MAIN_VIEWS = {
 }
 Rows = list[dict[str, Any]]
 BatchKey = tuple[Any, ...]
+
+
+def index_entries(resource_type: str, rows: Sequence[Mapping[str, Any]]) -> tuple[str, ...]:
+    """The keys `RowIndex` finds rows by, for the columns cohort queries filter on.
+
+    Patient: `gender:<g>`, `birthyear:<yyyy>` (a birthdate range fans out over the years it
+    covers; the exact bounds are checked on the rows). Condition/Observation: `subject:<id>`
+    and, only for rows that count, `code:<code>` and `code:<system>|<code>`.
+    """
+    names: dict[str, None] = {}
+    for row in rows:
+        if resource_type == "Patient":
+            if row.get("gender"):
+                names[f"gender:{row['gender']}"] = None
+            birth = row.get("birth_date")
+            if isinstance(birth, str) and len(birth) >= 4:
+                names[f"birthyear:{birth[:4]}"] = None
+            continue
+        if row.get("patient_id"):
+            names[f"subject:{row['patient_id']}"] = None
+        if not counts(resource_type, row):
+            continue
+        code = row.get("code")
+        if code:
+            names[f"code:{code}"] = None
+            names[f"code:{row.get('code_system') or ''}|{code}"] = None
+    return tuple(names)
 
 
 @dataclass
@@ -298,9 +325,7 @@ class SpeedMirror:
     """Every shipped view's type, mirrored; `sync` then `sync_batch` before `plan`."""
 
     def __init__(self, views: Mapping[str, ViewDefinition] | None = None) -> None:
-        by_type: dict[str, list[tuple[str, CompiledView]]] = {}
-        for name, view in (views or shipped_views()).items():
-            by_type.setdefault(view.resource, []).append((name, compile_view(view)))
+        by_type = compiled_views(views)
         self.types = {
             t: TypeMirror(t, v, MAIN_VIEWS.get(t) if MAIN_VIEWS.get(t) in dict(v) else None)
             for t, v in by_type.items()

@@ -39,7 +39,7 @@ from core.store import (
 )
 from core.validation import NEVER_STORED
 from receiver.app import create_app
-from serving.derive import compiled_views, default_deriver, index_entries
+from serving.derive import compiled_views, default_deriver
 from subscriptions.fhir_client import hapi_lookup
 from tests.asgi import running
 from tests.cluster import RedisClusterProcesses, cluster_url, redis_cluster  # noqa: F401
@@ -118,7 +118,7 @@ async def test_a_resource_write_touches_one_slot_and_buckets_spread_over_the_nod
         body=b"{}",
         version_id="1",
         last_updated=None,
-        derived=Derived(rows={"patient_demographics": b"[{}]"}, index=("gender:male",)),
+        derived=Derived(rows={"patient_demographics": b"[{}]"}),
     )
     assert written
     prefix = tag("Patient", bucket_of("p1"))
@@ -127,7 +127,6 @@ async def test_a_resource_write_touches_one_slot_and_buckets_spread_over_the_nod
         prefix + "ver",
         prefix + "chg",
         prefix + "rows:patient_demographics",
-        prefix + "ix:gender:male",
         prefix + "log",
         prefix + "seq",
     ]
@@ -160,7 +159,7 @@ async def test_scripts_touch_only_the_slot_of_their_first_key(
             b"{}",
             "2",
             None,
-            derived=Derived(rows={"v": b"[1]", "w": b"[2]"}, index=("a", "b")),
+            derived=Derived(rows={"v": b"[1]", "w": b"[2]"}),
         )
         keys, args = store._upsert_call(item, 1.0)
         assert await strict_upsert(keys=keys, args=args) == 1
@@ -191,7 +190,7 @@ async def test_upsert_many_and_trim_covered_are_version_guarded_across_nodes(
     client: RedisCluster, store: SpeedStore
 ) -> None:
     ids = [f"m{n}" for n in range(300)]
-    derived = Derived(rows={"v": b"[1]"}, index=("flag",))
+    derived = Derived(rows={"v": b"[1]"})
     first = [UpsertItem("Patient", i, b'{"v":3}', "3", None, derived=derived) for i in ids]
     # A node that lost its script cache (restart, SCRIPT FLUSH) answers NOSCRIPT: reloaded.
     await client.script_flush()
@@ -208,7 +207,6 @@ async def test_upsert_many_and_trim_covered_are_version_guarded_across_nodes(
         i: str(max(3, v)) for i, v in second.items()
     }
     assert await store.count("Patient") == 300
-    assert set(await store.index_members("Patient", "flag")) == set(ids)
     assert set(await store.rows("Patient", "v")) == set(ids)
 
     # The batch layer holds version 3 of all: only the entries still at 3 go.
@@ -218,7 +216,6 @@ async def test_upsert_many_and_trim_covered_are_version_guarded_across_nodes(
     stays = {i for i, v in versions.items() if v.version_id == "4"}
     assert removed == len(ids) - len(stays)
     assert set(await store.versions("Patient")) == stays
-    assert set(await store.index_members("Patient", "flag")) == stays
     assert set(await store.rows("Patient", "v")) == stays
     assert await store.generation() == generation + 1
     log = await store.log_since("Patient", [0] * BUCKETS)
@@ -347,11 +344,6 @@ async def check_final_state(
     views = [name for name, _ in compiled_views()["Patient"]]
     for view in views:
         assert set(await store.rows("Patient", view)) == set(present)
-    expected = index_entries("Patient", [{"gender": "male", "birth_date": f"19{50 + newest}"}])
-    for name in expected:
-        assert await store.index_members("Patient", name) == set(present)
-    for stale in ("gender:female", f"birthyear:19{50 + newest - 1}"):
-        assert await store.index_members("Patient", stale) == set()
     log = await store.log_since("Patient", [0] * BUCKETS)
     for bucket, (_, bucket_ids) in enumerate(log):
         assert all(bucket_of(i) == bucket for i in bucket_ids)
@@ -516,15 +508,11 @@ async def feed(send: Any, deliveries: list[tuple[str, int]], concurrency: int = 
 async def snapshot(store: SpeedStore) -> dict[str, Any]:
     versions = await store.versions("Patient")
     views = [name for name, _ in compiled_views()["Patient"]]
-    names = {f"gender:{g}" for g in ("male", "female")} | {
-        f"birthyear:19{50 + v}" for v in range(1, 8)
-    }
     entries = {i: await store.get("Patient", i) for i in versions}
     return {
         "versions": versions,
         "bodies": {i: (e.state, e.version_id, e.body) for i, e in entries.items() if e},
         "rows": {v: await store.rows("Patient", v) for v in views},
-        "index": {n: await store.index_members("Patient", n) for n in names},
         "count": await store.count("Patient"),
     }
 
