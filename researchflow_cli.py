@@ -691,14 +691,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     v.add_argument("--engine", choices=["python", "postgres"], default="python")
     p.set_defaults(func=cmd_views)
-
-    for register in _EXTRA_COMMANDS:
-        register(sub)
     return parser
-
-
-# Commands registered by other modules' `register_cli` functions (kept in one list).
-_EXTRA_COMMANDS: list[Callable[[Any], None]] = []
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -775,13 +768,6 @@ def _dependency_reason(exc: Exception) -> str | None:
     if isinstance(exc, OSError):
         return f"{type(exc).__name__}: {exc}"
     return None
-
-
-def run_async(coro: Awaitable[int]) -> int:
-    async def wrapper() -> int:
-        return await coro
-
-    return asyncio.run(wrapper())
 
 
 if __name__ == "__main__":

@@ -74,19 +74,13 @@ class NotFound(ResearchFlowError):
 class DependencyUnavailable(ResearchFlowError):
     """A dependency (Redis, PostgreSQL, HAPI) cannot be reached."""
 
-    dependency = "dependency"
-
 
 class SpeedLayerUnavailable(DependencyUnavailable):
     """Redis cannot take or answer the request."""
 
-    dependency = "redis"
-
 
 class BatchLayerUnavailable(DependencyUnavailable):
     """PostgreSQL cannot be reached."""
-
-    dependency = "postgresql"
 
 
 class FhirError(ResearchFlowError):
@@ -100,8 +94,6 @@ class FhirError(ResearchFlowError):
 
 class FhirTemporaryError(FhirError, DependencyUnavailable):
     """Worth retrying later: connection errors, 408, 429, 5xx."""
-
-    dependency = "fhir"
 
 
 class FhirFatalError(FhirError):

@@ -691,7 +691,6 @@ _BOUNDARY_TIME_RE = re.compile(
 )
 _SQL_BOUNDARY_DATE = r"^(\d{4})(?:-(\d{2})(?:-(\d{2}))?)?(?:T([0-9:.]*)(Z|[+-]\d{2}:\d{2})?)?$"
 _SQL_BOUNDARY_TIME = r"^(\d{2})(?::(\d{2})(?::(\d{2})(?:\.(\d+))?)?)?$"
-BoundaryKind = Literal["decimal", "date", "dateTime", "time"]
 
 
 def _time_boundary(text: str, high: bool) -> str | None:

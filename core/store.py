@@ -63,7 +63,6 @@ PENDING_KEY = META + "missed:pending"
 REJECTS_MAX = 1000
 REJECTS_SEEN_MAX = 100_000
 
-State = Literal["present", "deleted", "absent"]
 RedisClient = aioredis.Redis | RedisCluster
 
 
@@ -128,9 +127,6 @@ class Version:
     version_number: float
     last_updated_ms: float
     version_id: str | None
-
-    def is_newer_than(self, version_number_: float, last_updated_ms: float) -> bool:
-        return is_newer(self.version_number, self.last_updated_ms, version_number_, last_updated_ms)
 
 
 def is_newer(vn: float, lum: float, old_vn: float, old_lum: float) -> bool:

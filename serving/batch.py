@@ -39,7 +39,6 @@ from serving.viewdef import Select, ViewDefinition, shipped_views
 
 logger = logging.getLogger(__name__)
 
-SCHEMA = "rf_batch"
 VIEW_SCHEMA = "sqlonfhir"
 RESOURCES = "rf_batch.resources"
 ROW_COLUMN = "_row"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, Literal
 
@@ -130,11 +130,6 @@ class CohortQuery:
     ids: bool = True
     count: int = DEFAULT_COUNT
     after: str | None = None
-    parameters: tuple[tuple[str, str], ...] = field(default=())
-
-    @property
-    def has_patient_criteria(self) -> bool:
-        return bool(self.genders or self.birthdates)
 
     def signature(self) -> tuple[Any, ...]:
         """What the answer's counts depend on (not paging)."""
@@ -251,7 +246,6 @@ def parse_query(params: Sequence[tuple[str, str]]) -> CohortQuery:
     criteria: list[Criterion] = []
     observation_values: list[str] = []
     ids, count, after = True, DEFAULT_COUNT, None
-    kept: list[tuple[str, str]] = []
     for name, value in params:
         if "\x00" in value and (name in PARAMETERS or name in CONTROL):
             raise _bad(name, f"{name} contains a NUL character")
@@ -259,7 +253,6 @@ def parse_query(params: Sequence[tuple[str, str]]) -> CohortQuery:
             if name.startswith("_"):
                 continue
             raise _bad(name, f"unknown parameter {name!r}")
-        kept.append((name, value))
         if name == "ids":
             if value not in ("true", "false"):
                 raise _bad(name, "ids must be true or false")
@@ -322,7 +315,6 @@ def parse_query(params: Sequence[tuple[str, str]]) -> CohortQuery:
         ids=ids,
         count=count,
         after=after,
-        parameters=tuple(kept),
     )
 
 

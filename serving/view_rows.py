@@ -25,11 +25,6 @@ from serving.merge import SpeedView, begin_snapshot
 from serving.viewdef import ViewDefinition
 
 
-def jsonable(value: Any) -> Any:
-    # Decimals stay Decimal (core.fhir_values.dumps writes them exactly).
-    return value
-
-
 @dataclass(frozen=True)
 class RowKey:
     """Where a page of view rows ended: the row's resource key (its `id` column, or the row's
@@ -128,7 +123,7 @@ async def view_rows(
             last = RowKey(row_key, last.position + 1)
         else:
             last = RowKey(row_key, 1)  # a key after `after` starts on this page
-        rows.append({c: jsonable(v) for c, v in zip(columns, record, strict=False)})
+        rows.append(dict(zip(columns, record, strict=False)))
     return ViewRows(rows, last if len(fetched) > count else None, batch_as_of, columns)
 
 

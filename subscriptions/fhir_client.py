@@ -70,7 +70,6 @@ class HistoryEntry:
     version_id: str | None
     last_updated: str | None
     deleted: bool
-    method: str | None
     resource: Resource | None = field(repr=False)
 
     @cached_property
@@ -187,7 +186,6 @@ def history_entry(entry: Mapping[str, Any]) -> HistoryEntry | None:
         version_id=None if version_id is None else str(version_id),
         last_updated=None if last_updated is None else str(last_updated),
         deleted=deleted,
-        method=method,
         resource=None if deleted else resource,
     )
 
@@ -252,9 +250,6 @@ class FhirClient:
     async def read(self, resource_type: str, resource_id: str) -> Resource:
         """`GET {type}/{id}`; a missing (404) or deleted (410) one raises FhirFatalError."""
         return await self._json("GET", f"{resource_type}/{resource_id}")
-
-    async def vread(self, resource_type: str, resource_id: str, version_id: str) -> Resource:
-        return await self._json("GET", f"{resource_type}/{resource_id}/_history/{version_id}")
 
     async def create(self, resource: Mapping[str, Any]) -> Resource:
         """`POST {type}`; returns the stored resource (with HAPI's id and meta)."""

@@ -30,8 +30,6 @@ PAGE_SIZE = 1000
 class HapiDatabaseUnavailable(BatchLayerUnavailable):
     """HAPI's PostgreSQL cannot be reached or does not hold HAPI's tables."""
 
-    dependency = "hapi-postgresql"
-
 
 @dataclass(frozen=True)
 class DbChange:
@@ -42,7 +40,6 @@ class DbChange:
     version_id: str
     last_updated: str  # FHIR instant from RES_UPDATED, rendered as HAPI's REST API does
     updated_at: datetime  # RES_UPDATED as read (keyset position), aware, UTC
-    res_pid: int  # RES_ID, HAPI's internal key (keyset tie-breaker)
     deleted: bool
     resource: dict[str, Any] | None  # with meta.versionId/lastUpdated put back; None if deleted
     unreadable: str | None = None  # why the content could not be read (e.g. ESR)
@@ -179,7 +176,6 @@ def _change(row: dict[str, Any]) -> DbChange:
         "version_id": version,
         "last_updated": last_updated,
         "updated_at": updated_at,
-        "res_pid": int(row["res_id"]),
     }
     if deleted:
         return DbChange(**common, deleted=True, resource=None)

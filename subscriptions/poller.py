@@ -56,9 +56,6 @@ logger = logging.getLogger(__name__)
 
 LEASE_TTL_MS = 30_000
 SAMPLE_SIZE = 10  # ids of missed resources named in the log line
-# Subscriptions carry the receiver's token in channel.header: they never enter the speed layer
-# (a system-level `_history` of a real HAPI lists them like any other resource).
-NEVER_POLLED = frozenset({"Subscription"})
 CATCHUP_CHECK_SECONDS = 1.0
 STANDBY_SECONDS = 5.0  # how often a poller without the lease tries to take it
 

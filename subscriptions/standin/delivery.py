@@ -290,10 +290,6 @@ class Deliverer:
     def drop_when(self, predicate: Callable[[Notification], bool] | None) -> None:
         self._drop_when = predicate
 
-    @property
-    def outstanding(self) -> int:
-        return self._outstanding
-
     # -- registry -----------------------------------------------------------------------------
     def active(self) -> list[RestHook]:
         return [ch.hook for ch in self._channels.values()]
