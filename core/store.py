@@ -129,11 +129,17 @@ class Version:
     version_id: str | None
 
 
-def is_newer(vn: float, lum: float, old_vn: float, old_lum: float) -> bool:
-    """The version order of the contract; mirrors the Lua `newer` below."""
-    if vn >= 0 and old_vn >= 0:
-        return vn > old_vn
-    return lum > old_lum
+def is_newer(
+    version_number: float,
+    last_updated_ms: float,
+    old_version_number: float,
+    old_last_updated_ms: float,
+) -> bool:
+    """The version order of the contract: integer versionIds when both have one, else
+    lastUpdated (epoch ms); mirrors the Lua `newer` below."""
+    if version_number >= 0 and old_version_number >= 0:
+        return version_number > old_version_number
+    return last_updated_ms > old_last_updated_ms
 
 
 _LUA_COMMON = """

@@ -164,7 +164,7 @@ async def list_views(request: Request, token: int) -> Response:
         for name, view in views.items():
             cur = await conn.execute(f'SELECT count(*) FROM sqlonfhir."{name}"'.encode())
             counted = await cur.fetchone()
-            tm = speed.mirror.types.get(view.resource) if speed.mirror else None
+            type_mirror = speed.mirror.types.get(view.resource) if speed.mirror else None
             out.append(
                 {
                     "name": name,
@@ -172,7 +172,7 @@ async def list_views(request: Request, token: int) -> Response:
                     "columns": list(view.column_names),
                     "batch_as_of": batch_as_of,
                     "batch_rows": int(counted[0]) if counted else 0,
-                    "speed_resources": len(tm.entries) if tm is not None else None,
+                    "speed_resources": None if type_mirror is None else len(type_mirror.entries),
                 }
             )
     _audit(request, token, len(out))

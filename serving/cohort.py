@@ -33,14 +33,23 @@ PREFIXES = ("eq", "ne", "gt", "lt", "ge", "le")
 # FHIR's AdministrativeGender, the required binding of Patient.gender.
 GENDERS = ("male", "female", "other", "unknown")
 
-PD = "sqlonfhir.patient_demographics"
-CS = "sqlonfhir.condition_simple"
-OS = "sqlonfhir.observation_simple"
+# The shipped views cohort queries read, by resource type; in the batch layer each is the
+# materialized view sqlonfhir.<name>.
+COHORT_VIEWS = {
+    "Patient": "patient_demographics",
+    "Condition": "condition_simple",
+    "Observation": "observation_simple",
+}
+PATIENTS_VIEW = f"sqlonfhir.{COHORT_VIEWS['Patient']}"
+CONDITIONS_VIEW = f"sqlonfhir.{COHORT_VIEWS['Condition']}"
+OBSERVATIONS_VIEW = f"sqlonfhir.{COHORT_VIEWS['Observation']}"
 # The view columns condition-text searches. Each is also kept folded (Unicode default case
 # folding, core.fhir_values.fold) beside the view's own columns: in the batch layer's
 # view as `<column>_folded` (computed by the SQL that fold_sql generates from the same
 # table), in the speed layer's index at write time, so both layers compare the same string.
-SEARCHED_TEXT: dict[str, tuple[str, ...]] = {"condition_simple": ("code_text", "code_display")}
+SEARCHED_TEXT: dict[str, tuple[str, ...]] = {
+    COHORT_VIEWS["Condition"]: ("code_text", "code_display")
+}
 
 
 def folded_column(column: str) -> str:
@@ -50,14 +59,14 @@ def folded_column(column: str) -> str:
 
 # Statuses that never count in a cohort (the contract's Query API section): per resource type,
 # the view column holding the status and its values that never count. Both layers read this
-# table: the rows in Python (`counts`), the batch views in SQL (`counted_sql`).
+# table: the rows in Python (`is_counted`), the batch views in SQL (`counted_sql`).
 NEVER_COUNTED: dict[str, tuple[str, frozenset[str]]] = {
     "Condition": ("verification_status", frozenset({"entered-in-error"})),
     "Observation": ("status", frozenset({"entered-in-error", "cancelled"})),
 }
 
 
-def counts(resource_type: str, row: Mapping[str, Any]) -> bool:
+def is_counted(resource_type: str, row: Mapping[str, Any]) -> bool:
     """Whether a Condition/Observation view row may make its patient a cohort member."""
     if resource_type not in NEVER_COUNTED:
         return True
@@ -66,7 +75,7 @@ def counts(resource_type: str, row: Mapping[str, Any]) -> bool:
 
 
 def counted_sql(resource_type: str) -> str:
-    """SQL: a row of the type's view counts (`counts`); a row without a status does."""
+    """SQL: a row of the type's view counts (`is_counted`); a row without a status does."""
     column, never = NEVER_COUNTED[resource_type]
     values = ", ".join(sql.Literal(v).as_string(None) for v in sorted(never))
     return f"({column} IS NULL OR {column} NOT IN ({values}))"
@@ -378,7 +387,7 @@ def _contains(text: Any, needle: str) -> bool:
 
 def criterion_matches(criterion: Criterion, row: Row) -> bool:
     """A condition_simple/observation_simple row meets one Condition/Observation parameter."""
-    if not counts(criterion.resource_type, row):
+    if not is_counted(criterion.resource_type, row):
         return False
     if criterion.kind == "condition-text":
         return any(
@@ -437,7 +446,7 @@ def criterion_sql(criterion: Criterion, params: list[Any]) -> str:
     parts = [counted_sql(criterion.resource_type)]
     alternatives: list[str] = []
     if criterion.kind == "condition-text":
-        columns = [folded_column(c) for c in SEARCHED_TEXT["condition_simple"]]
+        columns = [folded_column(c) for c in SEARCHED_TEXT[COHORT_VIEWS["Condition"]]]
         for text in criterion.texts:
             alternatives.append("(" + " OR ".join(f"strpos({c}, %s) > 0" for c in columns) + ")")
             params.extend([text] * len(columns))
@@ -465,4 +474,5 @@ def criterion_sql(criterion: Criterion, params: list[Any]) -> str:
 
 
 def view_of(criterion: Criterion) -> str:
-    return OS if criterion.kind == "observation" else CS
+    """The batch view a Condition/Observation parameter reads."""
+    return OBSERVATIONS_VIEW if criterion.kind == "observation" else CONDITIONS_VIEW

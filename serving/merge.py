@@ -19,7 +19,14 @@ import psycopg
 from core.errors import SpeedLayerUnavailable
 from core.store import SpeedStore
 from serving.batch import WATERMARK_SQL
-from serving.cohort import PD, CohortQuery, Criterion, criterion_sql, patient_sql, view_of
+from serving.cohort import (
+    PATIENTS_VIEW,
+    CohortQuery,
+    Criterion,
+    criterion_sql,
+    patient_sql,
+    view_of,
+)
 from serving.mirror import BatchKey, Plan, SpeedMirror
 
 logger = logging.getLogger(__name__)
@@ -102,15 +109,15 @@ async def begin_snapshot(conn: psycopg.AsyncConnection[Any]) -> tuple[BatchKey, 
     return tuple(row), row[1]
 
 
-class _Sql:
+class _Params:
     """Named parameters of one statement, so fragments may be built in any order."""
 
     def __init__(self) -> None:
-        self.params: dict[str, Any] = {}
+        self.named: dict[str, Any] = {}
 
     def value(self, value: Any) -> str:
-        name = f"p{len(self.params)}"
-        self.params[name] = value
+        name = f"p{len(self.named)}"
+        self.named[name] = value
         return f"%({name})s"
 
     def array(self, values: Sequence[str]) -> str:
@@ -135,23 +142,30 @@ class _Sql:
 
 
 def _criterion_part(
-    criterion: Criterion, speed_ids: Sequence[str], hidden: Sequence[str], q: _Sql, distinct: bool
+    criterion: Criterion,
+    speed_ids: Sequence[str],
+    hidden: Sequence[str],
+    params: _Params,
+    distinct: bool,
 ) -> str:
     """Patient ids with a merged row meeting one parameter (`distinct`: each once)."""
-    where = q.criterion(criterion) + " AND patient_id IS NOT NULL"
+    where = params.criterion(criterion) + " AND patient_id IS NOT NULL"
     if hidden:
-        where += f" AND id <> ALL({q.array(hidden)})"
+        where += f" AND id <> ALL({params.array(hidden)})"
     select = "SELECT DISTINCT" if distinct and not speed_ids else "SELECT"
     part = f"{select} patient_id FROM {view_of(criterion)} WHERE {where}"
     if speed_ids:
-        return f"{part} UNION SELECT unnest({q.array(speed_ids)})"
+        return f"{part} UNION SELECT unnest({params.array(speed_ids)})"
     return part
 
 
-def members_cte(query: CohortQuery, plan: Plan | None, q: _Sql, name: str = "j") -> str:
-    """CTE `name`(id, member, absent): candidate patients, whether each is a member by the
-    batch rows, and whether the batch layer has no such patient at all (with parameters on
-    Conditions/Observations; then only the speed layer can make it a member).
+def members_cte(
+    query: CohortQuery, plan: Plan | None, params: _Params, name: str = "merged_members"
+) -> str:
+    """CTE `name`(id, member, absent): candidate patients, whether each is a member (by the
+    merged rows, or by the batch rows alone without a `plan`), and whether the batch layer has
+    no such patient at all (with parameters on Conditions/Observations; then only the speed
+    layer can make it a member).
 
     The parameters on Conditions/Observations are met first (INTERSECT of their patient ids,
     the selective side, by their indexes), then joined to patient_demographics on its unique
@@ -159,60 +173,70 @@ def members_cte(query: CohortQuery, plan: Plan | None, q: _Sql, name: str = "j")
     """
     hidden_p = plan.hidden_patients if plan else []
     speed_p = plan.speed_patients if plan else []
-    patient_where = q.patient(query)
+    patient_where = params.patient(query)
     if not query.criteria:
-        text = f"SELECT id, TRUE AS member, FALSE AS absent FROM {PD} WHERE {patient_where}"
+        text = (
+            f"SELECT id, TRUE AS member, FALSE AS absent FROM {PATIENTS_VIEW} WHERE {patient_where}"
+        )
         if hidden_p:
-            text += f" AND id <> ALL({q.array(hidden_p)})"
+            text += f" AND id <> ALL({params.array(hidden_p)})"
         if speed_p:
-            text += f" UNION ALL SELECT unnest({q.array(speed_p)}), TRUE, FALSE"
+            text += f" UNION ALL SELECT unnest({params.array(speed_p)}), TRUE, FALSE"
         return f"{name} AS MATERIALIZED ({text})"
     parts = []
     for n, criterion in enumerate(query.criteria):
         speed_ids, hidden = plan.criteria[n] if plan else ([], [])
-        parts.append(_criterion_part(criterion, speed_ids, hidden, q, len(query.criteria) == 1))
+        parts.append(
+            _criterion_part(criterion, speed_ids, hidden, params, len(query.criteria) == 1)
+        )
     candidates = " INTERSECT ".join(f"({p})" for p in parts)
-    member = f"d.id IS NOT NULL AND COALESCE({patient_where}, FALSE)"
+    member = f"patient.id IS NOT NULL AND COALESCE({patient_where}, FALSE)"
     if hidden_p:
-        member = f"({member} AND c.id <> ALL({q.array(hidden_p)}))"
+        member = f"({member} AND candidate.id <> ALL({params.array(hidden_p)}))"
     if speed_p:
-        member = f"({member} OR c.id = ANY({q.array(speed_p)}))"
+        member = f"({member} OR candidate.id = ANY({params.array(speed_p)}))"
+    candidates_name = name.replace("members", "candidates")
     return (
-        f"{name}_c(id) AS ({candidates}), {name} AS MATERIALIZED ("
-        f"SELECT c.id, {member} AS member, d.id IS NULL AS absent"
-        f" FROM {name}_c AS c LEFT JOIN {PD} AS d ON d.id = c.id)"
+        f"{candidates_name}(id) AS ({candidates}), {name} AS MATERIALIZED ("
+        f"SELECT candidate.id, {member} AS member, patient.id IS NULL AS absent"
+        f" FROM {candidates_name} AS candidate"
+        f" LEFT JOIN {PATIENTS_VIEW} AS patient ON patient.id = candidate.id)"
     )
 
 
-def _removed_sql(query: CohortQuery, plan: Plan, q: _Sql) -> str:
+def _removed_sql(query: CohortQuery, plan: Plan, params: _Params) -> str:
     """Count of removal candidates that are batch members but not merged members.
 
     Checked by index probes per candidate (a few), never against the member set.
     """
-    batch = [f"EXISTS (SELECT 1 FROM {PD} AS d WHERE d.id = r.id AND {q.patient(query)})"]
+    batch = [
+        f"EXISTS (SELECT 1 FROM {PATIENTS_VIEW} AS patient WHERE patient.id = removal.id"
+        f" AND {params.patient(query)})"
+    ]
     lost = []
     if plan.hidden_patients:
-        lost.append(f"r.id = ANY({q.array(plan.hidden_patients)})")
+        lost.append(f"removal.id = ANY({params.array(plan.hidden_patients)})")
     for n, criterion in enumerate(query.criteria):
         view = view_of(criterion)
         batch.append(
-            f"EXISTS (SELECT 1 FROM {view} AS v WHERE v.patient_id = r.id"
-            f" AND {q.criterion(criterion)})"
+            f"EXISTS (SELECT 1 FROM {view} AS view_row WHERE view_row.patient_id = removal.id"
+            f" AND {params.criterion(criterion)})"
         )
         speed_ids, hidden = plan.criteria[n]
         if not hidden:
             continue  # every batch row still counts: a batch member keeps meeting it
         keeps = (
-            f"EXISTS (SELECT 1 FROM {view} AS v WHERE v.patient_id = r.id"
-            f" AND {q.criterion(criterion)} AND v.id <> ALL({q.array(hidden)}))"
+            f"EXISTS (SELECT 1 FROM {view} AS view_row WHERE view_row.patient_id = removal.id"
+            f" AND {params.criterion(criterion)}"
+            f" AND view_row.id <> ALL({params.array(hidden)}))"
         )
         if speed_ids:
-            keeps += f" OR r.id = ANY({q.array(speed_ids)})"
+            keeps += f" OR removal.id = ANY({params.array(speed_ids)})"
         lost.append(f"NOT ({keeps})")
     if not lost:
         return "0"
     return (
-        f"(SELECT count(*) FROM unnest({q.array(plan.removal_candidates)}) AS r(id)"
+        f"(SELECT count(*) FROM unnest({params.array(plan.removal_candidates)}) AS removal(id)"
         f" WHERE {' AND '.join(batch)} AND ({' OR '.join(lost)}))"
     )
 
@@ -252,32 +276,33 @@ async def cohort(
             plan = mirror.plan(query)
         if plan.touches_nothing:
             plan = None  # the batch SQL alone, and batch_count = total
-    q = _Sql()
-    ctes = [members_cte(query, plan, q)]
+    params = _Params()
+    ctes = [members_cte(query, plan, params)]
     page = query.count if query.ids else 0
     fresh = plan is not None and bool(plan.fresh)
-    # The count and the ids without a batch patient in one pass over j.
+    # The count and the ids without a batch patient in one pass over merged_members.
     absent = "coalesce(array_agg(id) FILTER (WHERE absent), '{}')" if fresh else "'{}'::text[]"
     columns = [
-        "a.n",
+        "totals.n",
         "(SELECT coalesce(array_agg(id ORDER BY id COLLATE \"C\"), '{}') FROM"
-        f" (SELECT id FROM j WHERE member AND ({q.value(query.after)}::text IS NULL"
-        f' OR id COLLATE "C" > {q.value(query.after)}) ORDER BY id COLLATE "C"'
-        f" LIMIT {q.value(page + 1)}) AS p)",
+        " (SELECT id FROM merged_members WHERE member"
+        f" AND ({params.value(query.after)}::text IS NULL"
+        f' OR id COLLATE "C" > {params.value(query.after)}) ORDER BY id COLLATE "C"'
+        f" LIMIT {params.value(page + 1)}) AS page)",
     ]
-    columns.append("a.absent")
-    columns.append(_removed_sql(query, plan, q) if plan and plan.removal_candidates else "0")
+    columns.append("totals.absent")
+    columns.append(_removed_sql(query, plan, params) if plan and plan.removal_candidates else "0")
     batch_count = batch_counts.get(key, query) if plan is not None else None
     if plan is not None and batch_count is None:
-        ctes.append(members_cte(query, None, q, "b"))
-        columns.append("(SELECT count(*) FROM b WHERE member)")
+        ctes.append(members_cte(query, None, params, "batch_members"))
+        columns.append("(SELECT count(*) FROM batch_members WHERE member)")
     text = (
         f"WITH {', '.join(ctes)} SELECT {', '.join(columns)} FROM (SELECT"
-        f" count(*) FILTER (WHERE member) AS n, {absent} AS absent FROM j) AS a"
+        f" count(*) FILTER (WHERE member) AS n, {absent} AS absent FROM merged_members) AS totals"
     )
     # Never prepared: a generic plan would treat the arrays as unknown parameters (no hashed
     # `= ANY`, no row estimates from their length).
-    cur = await conn.execute(text.encode(), q.params, prepare=False)
+    cur = await conn.execute(text.encode(), params.named, prepare=False)
     row = await cur.fetchone()
     assert row is not None
     total, ids, removed = int(row[0]), list(row[1]), int(row[3])

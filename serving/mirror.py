@@ -2,8 +2,8 @@
 
 Per resource type it holds every speed entry's version and decoded view rows, the batch
 layer's version of the same ids (looked up once per batch snapshot), and two row indexes:
-`speed` (rows of the entries that win over the batch layer) and `over` (the batch rows those
-entries hide). A query then costs a few set operations, never a SCAN of Redis.
+`winning_index` (rows of the entries that win over the batch layer) and `hidden_index` (the
+batch rows those entries hide). A query then costs a few set operations, never a SCAN of Redis.
 """
 
 from __future__ import annotations
@@ -28,22 +28,18 @@ from core.store import (
     tag,
 )
 from serving.cohort import (
+    COHORT_VIEWS,
     CohortQuery,
     Criterion,
     DateCriterion,
-    counts,
     criterion_matches,
+    is_counted,
     patient_matches,
 )
 from serving.derive import compiled_views
 from serving.engines.python import CompiledView
 from serving.viewdef import ViewDefinition
 
-MAIN_VIEWS = {
-    "Patient": "patient_demographics",
-    "Condition": "condition_simple",
-    "Observation": "observation_simple",
-}
 Rows = list[dict[str, Any]]
 BatchKey = tuple[Any, ...]
 
@@ -66,7 +62,7 @@ def index_entries(resource_type: str, rows: Sequence[Mapping[str, Any]]) -> tupl
             continue
         if row.get("patient_id"):
             names[f"subject:{row['patient_id']}"] = None
-        if not counts(resource_type, row):
+        if not is_counted(resource_type, row):
             continue
         code = row.get("code")
         if code:
@@ -79,8 +75,8 @@ def index_entries(resource_type: str, rows: Sequence[Mapping[str, Any]]) -> tupl
 class Held:
     """One version (speed or batch) of a resource with its rows per view."""
 
-    vn: float
-    lum: float
+    version_number: float
+    last_updated_ms: float
     deleted: bool
     rows: dict[str, Rows]
 
@@ -104,7 +100,7 @@ class RowIndex:
         keys = index_entries(self.resource_type, rows)
         texts: dict[str, set[str]] = {}
         for row in rows:
-            if counts(self.resource_type, row):
+            if is_counted(self.resource_type, row):
                 for col in ("code_text", "code_display"):
                     if isinstance(row.get(col), str):
                         owners = texts.setdefault(fold(row[col]), set())
@@ -252,8 +248,8 @@ class TypeMirror:
     fresh_shared: bool = False
 
     def __post_init__(self) -> None:
-        self.speed = RowIndex(self.resource_type)
-        self.over = RowIndex(self.resource_type)
+        self.winning_index = RowIndex(self.resource_type)
+        self.hidden_index = RowIndex(self.resource_type)
 
     def rows_of(self, data: Mapping[str, Any]) -> dict[str, Rows]:
         return {name: view.rows(data) for name, view in self.views}
@@ -288,8 +284,8 @@ class TypeMirror:
             self.fresh[rid] = rows
 
     def _status(self, rid: str) -> None:
-        self.speed.remove(rid)
-        self.over.remove(rid)
+        self.winning_index.remove(rid)
+        self.hidden_index.remove(rid)
         self.winning.discard(rid)
         self.overriding.discard(rid)
         fresh: Rows | None = None
@@ -298,15 +294,17 @@ class TypeMirror:
             if held is None or rid in self.unchecked:
                 return
             old = self.batch.get(rid)
-            if old is not None and not is_newer(held.vn, held.lum, old.vn, old.lum):
+            if old is not None and not is_newer(
+                held.version_number, held.last_updated_ms, old.version_number, old.last_updated_ms
+            ):
                 return  # the batch layer holds this version or a newer one
             self.winning.add(rid)
             if not held.deleted and self.main:
-                self.speed.add(rid, held.rows.get(self.main, []))
+                self.winning_index.add(rid, held.rows.get(self.main, []))
             if old is not None and not old.deleted:
                 self.overriding.add(rid)
                 if self.main:
-                    self.over.add(rid, old.rows.get(self.main, []))
+                    self.hidden_index.add(rid, old.rows.get(self.main, []))
             elif not held.deleted and self.main:
                 fresh = held.rows.get(self.main, [])
         finally:
@@ -327,7 +325,7 @@ class SpeedMirror:
     def __init__(self, views: Mapping[str, ViewDefinition] | None = None) -> None:
         by_type = compiled_views(views)
         self.types = {
-            t: TypeMirror(t, v, MAIN_VIEWS.get(t) if MAIN_VIEWS.get(t) in dict(v) else None)
+            t: TypeMirror(t, v, COHORT_VIEWS.get(t) if COHORT_VIEWS.get(t) in dict(v) else None)
             for t, v in by_type.items()
         }
         self.lock = asyncio.Lock()
@@ -344,7 +342,9 @@ class SpeedMirror:
         """
         types = list(self.types.values())
         keys = [EPOCH_KEY, GENERATION_KEY, POLLER_WATERMARK_KEY] + [
-            tag(tm.resource_type, b) + "seq" for tm in types for b in range(BUCKETS)
+            tag(type_mirror.resource_type, b) + "seq"
+            for type_mirror in types
+            for b in range(BUCKETS)
         ]
         try:
             if isinstance(store.client, RedisCluster):
@@ -359,42 +359,42 @@ class SpeedMirror:
         self.poller_watermark = text[2]
         marker = (str(text[0]), int(text[1] or 0))
         full = marker != self.marker
-        for n, tm in enumerate(types):
+        for n, type_mirror in enumerate(types):
             counters = [int(v or 0) for v in text[3 + n * BUCKETS : 3 + (n + 1) * BUCKETS]]
-            if full or counters != tm.counters:
+            if full or counters != type_mirror.counters:
                 # A write counter that went back means Redis lost writes without losing its
                 # epoch marker (a restart from an older snapshot): what the mirror read past
                 # that point may be gone, so this type is read again whole.
-                went_back = any(c < o for c, o in zip(counters, tm.counters, strict=True))
-                await self._sync_type(store, tm, full or went_back)
-                tm.counters = counters
+                went_back = any(c < o for c, o in zip(counters, type_mirror.counters, strict=True))
+                await self._sync_type(store, type_mirror, full or went_back)
+                type_mirror.counters = counters
         self.marker = marker
         return True
 
-    async def _sync_type(self, store: SpeedStore, tm: TypeMirror, full: bool) -> None:
-        t = tm.resource_type
-        log = await store.log_since(t, [0] * BUCKETS if full else tm.seqs)
+    async def _sync_type(self, store: SpeedStore, type_mirror: TypeMirror, full: bool) -> None:
+        t = type_mirror.resource_type
+        log = await store.log_since(t, [0] * BUCKETS if full else type_mirror.seqs)
         seqs = [newest for newest, _ in log]
         if full:
             versions = await store.versions(t)
-            rows = {name: await store.rows(t, name) for name, _ in tm.views}
-            for rid in list(tm.entries):
+            rows = {name: await store.rows(t, name) for name, _ in type_mirror.views}
+            for rid in list(type_mirror.entries):
                 if rid not in versions:
-                    tm.set_entry(rid, None)
+                    type_mirror.set_entry(rid, None)
             ids = list(versions)
         else:
             ids = list(dict.fromkeys(i for _, batch in log for i in batch))
             versions = await store.entries(t, ids)
-            rows = {name: await store.rows_for(t, name, ids) for name, _ in tm.views}
+            rows = {name: await store.rows_for(t, name, ids) for name, _ in type_mirror.views}
         for rid in ids:
             version = versions.get(rid)
             if version is None:
-                tm.set_entry(rid, None)
+                type_mirror.set_entry(rid, None)
                 continue
             deleted = version.state == "deleted"
             decoded: dict[str, Rows] = {}
             missing = False
-            for name, _ in tm.views:
+            for name, _ in type_mirror.views:
                 raw = rows[name].get(rid)
                 if raw is None:
                     missing = True
@@ -404,52 +404,52 @@ class SpeedMirror:
                 # Written without derived rows (a receiver run without the deriver).
                 entry = await store.get(t, rid)
                 data = loads(entry.body) if entry is not None and entry.body else {}
-                decoded = tm.rows_of(data)
+                decoded = type_mirror.rows_of(data)
             held = Held(version.version_number, version.last_updated_ms, deleted, decoded)
-            tm.set_entry(rid, held)
-        tm.seqs = seqs
+            type_mirror.set_entry(rid, held)
+        type_mirror.seqs = seqs
 
     async def sync_batch(self, conn: Any, key: BatchKey) -> None:
         """Look up the batch versions of speed ids, inside the query's snapshot."""
         if key != self.batch_key:
-            for tm in self.types.values():
-                tm.batch.clear()
-                tm.unchecked = set(tm.entries)
-                for rid in list(tm.winning):
-                    tm._status(rid)
+            for type_mirror in self.types.values():
+                type_mirror.batch.clear()
+                type_mirror.unchecked = set(type_mirror.entries)
+                for rid in list(type_mirror.winning):
+                    type_mirror._status(rid)
             self.batch_key = key
-        for tm in self.types.values():
-            pending = list(tm.unchecked)
+        for type_mirror in self.types.values():
+            pending = list(type_mirror.unchecked)
             for start in range(0, len(pending), 20000):
                 chunk = pending[start : start + 20000]
                 cur = await conn.execute(
                     "SELECT id, version_number, last_updated_ms, deleted, resource"
                     " FROM rf_batch.resources WHERE resource_type = %s AND id = ANY(%s)",
-                    (tm.resource_type, chunk),
+                    (type_mirror.resource_type, chunk),
                 )
                 found = set()
                 for rid, vn, lum, deleted, resource in await cur.fetchall():
                     found.add(rid)
-                    rows = {} if deleted or resource is None else tm.rows_of(resource)
-                    tm.set_batch(rid, Held(float(vn), float(lum), bool(deleted), rows))
+                    rows = {} if deleted or resource is None else type_mirror.rows_of(resource)
+                    type_mirror.set_batch(rid, Held(float(vn), float(lum), bool(deleted), rows))
                 for rid in chunk:
                     if rid not in found:
-                        tm.set_batch(rid, None)
+                        type_mirror.set_batch(rid, None)
 
     def plan(self, query: CohortQuery) -> Plan:
         """The speed layer's part of one cohort query (call under `lock`, after syncing)."""
         patients = self.types["Patient"]
 
         def speed_meets(rid: str) -> bool:
-            return any(patient_matches(query, r) for r in patients.speed.rows.get(rid, []))
+            return any(patient_matches(query, r) for r in patients.winning_index.rows.get(rid, []))
 
         batch_match = {
             rid
-            for rid in patients.over.patient_candidates(query)
-            if any(patient_matches(query, r) for r in patients.over.rows.get(rid, []))
+            for rid in patients.hidden_index.patient_candidates(query)
+            if any(patient_matches(query, r) for r in patients.hidden_index.rows.get(rid, []))
         }
         # Patients with a batch row whose winning speed version meets the patient parameters.
-        known = {rid for rid in patients.overriding if rid in patients.speed.rows}
+        known = {rid for rid in patients.overriding if rid in patients.winning_index.rows}
         known_match = {rid for rid in known if speed_meets(rid)}
         hidden = batch_match - known_match
         fresh: Mapping[str, Rows] = {}
@@ -459,30 +459,30 @@ class SpeedMirror:
         else:  # no Condition/Observation parameter to narrow them down: ship them all
             new = {
                 rid
-                for rid in patients.speed.patient_candidates(query)
+                for rid in patients.winning_index.patient_candidates(query)
                 if rid not in patients.overriding and speed_meets(rid)
             }
             speed_patients = (known_match - batch_match) | new
         removal = set(hidden)
         criteria: list[tuple[list[str], list[str]]] = []
         for criterion in query.criteria:
-            tm = self.types[criterion.resource_type]
+            type_mirror = self.types[criterion.resource_type]
             speed_ids: set[str] = set()
             if criterion.kind == "condition-text":
-                speed_ids = tm.speed.text_patients_of(criterion)
-                over = tm.over.text_owners(criterion)
+                speed_ids = type_mirror.winning_index.text_patients_of(criterion)
+                over = type_mirror.hidden_index.text_owners(criterion)
             else:
-                for rid in tm.speed.criterion_candidates(criterion):
-                    for row in tm.speed.rows.get(rid, []):
+                for rid in type_mirror.winning_index.criterion_candidates(criterion):
+                    for row in type_mirror.winning_index.rows.get(rid, []):
                         if row.get("patient_id") and criterion_matches(criterion, row):
                             speed_ids.add(row["patient_id"])
                 over = {
                     rid: {
                         r["patient_id"]
-                        for r in tm.over.rows.get(rid, [])
+                        for r in type_mirror.hidden_index.rows.get(rid, [])
                         if r.get("patient_id") and criterion_matches(criterion, r)
                     }
-                    for rid in tm.over.criterion_candidates(criterion)
+                    for rid in type_mirror.hidden_index.criterion_candidates(criterion)
                 }
             hidden_ids: list[str] = []
             for rid, owners in over.items():

@@ -102,10 +102,10 @@ async def view_rows(
     if speed.mirror is not None and "id" in type_of:
         async with speed.mirror.lock:
             await speed.mirror.sync_batch(conn, key)
-            tm = speed.mirror.types.get(view.resource)
-            if tm is not None:
-                hidden = sorted(tm.overriding)
-                for resource_rows in tm.winning_rows(name).values():
+            type_mirror = speed.mirror.types.get(view.resource)
+            if type_mirror is not None:
+                hidden = sorted(type_mirror.overriding)
+                for resource_rows in type_mirror.winning_rows(name).values():
                     speed_rows.extend(resource_rows)
     query, params = _page_sql(name, types, filters, after, hidden, speed_rows, count + 1)
     try:
@@ -154,27 +154,29 @@ def _page_sql(
             sql.SQL("{} {}").format(sql.Identifier(c), sql.SQL(t)) for c, t in types
         )
         union += sql.SQL(
-            " UNION ALL SELECT {} FROM jsonb_to_recordset(%(speed)s::jsonb) AS t({})"
+            " UNION ALL SELECT {} FROM jsonb_to_recordset(%(speed)s::jsonb) AS speed_row({})"
         ).format(cols, record)
         params["speed"] = dumps(speed_rows).decode()
     type_of = dict(types)
     where: list[sql.Composable] = []
     for n, (column, value) in enumerate(filters):
         where.append(
-            sql.SQL("u.{} = {}::" + type_of[column]).format(
+            sql.SQL("merged.{} = {}::" + type_of[column]).format(
                 sql.Identifier(column), sql.Placeholder(f"f{n}")
             )
         )
         params[f"f{n}"] = value
-    key = sql.SQL('u."id"::text' if "id" in type_of else "u::text")
-    out = sql.SQL(", ").join(sql.Identifier("p", c) for c in columns)
+    key = sql.SQL('merged."id"::text' if "id" in type_of else "merged::text")
+
+    def of(alias: str) -> sql.Composed:
+        return sql.SQL(", ").join(sql.Identifier(alias, c) for c in columns)
 
     def branch(condition: sql.Composable | None) -> sql.Composed:
         conditions = [*where, condition] if condition is not None else where
         return sql.SQL(
-            'SELECT {}, {} AS _key, u::text COLLATE "C" AS _text FROM ({}) AS u{}'
+            'SELECT {}, {} AS _key, merged::text COLLATE "C" AS _text FROM ({}) AS merged{}'
         ).format(
-            sql.SQL(", ").join(sql.Identifier("u", c) for c in columns),
+            of("merged"),
             key,
             union,
             sql.SQL(" WHERE ") + sql.SQL(" AND ").join(conditions) if conditions else sql.SQL(""),
@@ -190,15 +192,16 @@ def _page_sql(
             same = sql.SQL("{} = %(after)s").format(key)
             later = sql.SQL('{} COLLATE "C" > %(after)s').format(key)
         numbered = sql.SQL(
-            "SELECT {}, p._key, p._text FROM (SELECT b.*, row_number() OVER (ORDER BY b._text)"
-            " AS _position FROM ({}) AS b) AS p WHERE p._position > %(position)s"
-        ).format(out, branch(same))
+            "SELECT {}, numbered._key, numbered._text FROM (SELECT same_key.*,"
+            " row_number() OVER (ORDER BY same_key._text) AS _position FROM ({}) AS same_key)"
+            " AS numbered WHERE numbered._position > %(position)s"
+        ).format(of("numbered"), branch(same))
         pages = numbered + sql.SQL(" UNION ALL ") + branch(later)
     params["limit"] = limit
     query = sql.SQL(
-        'SELECT {}, p._key FROM ({}) AS p ORDER BY p._key COLLATE "C" NULLS FIRST, p._text'
-        " LIMIT %(limit)s"
-    ).format(out, pages)
+        "SELECT {}, page._key FROM ({}) AS page"
+        ' ORDER BY page._key COLLATE "C" NULLS FIRST, page._text LIMIT %(limit)s'
+    ).format(of("page"), pages)
     return query, params
 
 
