@@ -407,7 +407,7 @@ def cmd_views(settings: Settings, args: argparse.Namespace) -> int:
         from serving.engines.python import evaluate
 
         rows = evaluate(view, resources)
-    print(dumps(rows).decode())
+    print(dumps(rows, plain_decimals=True).decode())
     return 0
 
 

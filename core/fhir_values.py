@@ -90,9 +90,24 @@ def _no_constant(name: str) -> Any:
     raise JsonError(f"{name} is not a JSON number")
 
 
-# The C scanner of the standard library with Decimal for every number that has a fraction or
-# an exponent (~2.5 us more than orjson for a 600-byte resource; benchmarks/README.md).
-_DECODER = json.JSONDecoder(parse_float=Decimal, parse_constant=_no_constant)
+class JsonDecimal(Decimal):
+    """A Decimal read from JSON that remembers its source text (`text`, e.g. "1.50E+3"), so a
+    body re-serialised by `dumps` carries the number as it was sent, byte for byte. Arithmetic
+    on it gives a plain Decimal; equality and hashing are the Decimal's."""
+
+    __slots__ = ("text",)
+    text: str
+
+
+def _json_decimal(text: str) -> JsonDecimal:
+    value = JsonDecimal(text)
+    value.text = text
+    return value
+
+
+# The C scanner of the standard library with a JsonDecimal for every number that has a fraction
+# or an exponent (~2.5 us more than orjson for a 600-byte resource; benchmarks/README.md).
+_DECODER = json.JSONDecoder(parse_float=_json_decimal, parse_constant=_no_constant)
 _LONE_SURROGATE = re.compile(
     r"[\ud800-\udbff](?![\udc00-\udfff])|(?<![\ud800-\udbff])[\udc00-\udfff]"
 )
@@ -109,7 +124,8 @@ class JsonTooDeep(JsonError):
 
 
 def loads(data: bytes | bytearray | memoryview | str) -> Any:
-    """Parse JSON keeping every number exact: integers as int, others as Decimal.
+    """Parse JSON keeping every number exact: integers as int, others as JsonDecimal (a
+    Decimal that keeps its source text for `dumps`).
 
     Raises JsonError (a ValueError) for malformed JSON (as orjson sees it: deeper than 1,024
     levels is malformed), invalid UTF-8, NaN/Infinity and escaped lone surrogates (which no
@@ -178,7 +194,9 @@ def decimal_text(value: Decimal) -> str:
 
 def _default(value: Any) -> Any:
     if isinstance(value, Decimal):
-        return orjson.Fragment(decimal_text(value))
+        # A copy (copy.deepcopy, pickle) of a JsonDecimal is one without its text.
+        text = getattr(value, "text", None)
+        return orjson.Fragment(text if text is not None else decimal_text(value))
     if isinstance(value, tuple):  # a NamedTuple, which orjson does not take
         return list(value)
     raise TypeError(f"{type(value).__name__} is not JSON serializable")
@@ -196,14 +214,27 @@ def _big_ints(value: Any) -> Any:
     return value
 
 
-def dumps(value: Any, option: int | None = None) -> bytes:
-    """orjson.dumps, with Decimals and integers beyond 64 bits written exactly."""
+def _plain_default(value: Any) -> Any:
+    if isinstance(value, Decimal):
+        return orjson.Fragment(decimal_text(value))
+    return _default(value)
+
+
+def dumps(value: Any, option: int | None = None, *, plain_decimals: bool = False) -> bytes:
+    """orjson.dumps, with Decimals and integers beyond 64 bits written exactly.
+
+    A decimal read by `loads` is written as its source text ("1.0E+2" stays "1.0E+2": a
+    resource body carries the number as it was sent); with `plain_decimals`, and for every
+    other Decimal, as `decimal_text` gives it ("100"), the form PostgreSQL's numeric prints,
+    which view rows use so that both layers write a number alike.
+    """
+    default = _plain_default if plain_decimals else _default
     try:
-        return orjson.dumps(value, default=_default, option=option)
+        return orjson.dumps(value, default=default, option=option)
     except TypeError as exc:
         if "64-bit" not in str(exc):
             raise
-        return orjson.dumps(_big_ints(value), default=_default, option=option)
+        return orjson.dumps(_big_ints(value), default=default, option=option)
 
 
 def exact_json(conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any]) -> None:

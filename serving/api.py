@@ -215,7 +215,7 @@ async def get_view_rows(request: Request, token: int) -> Response:
     headers = {"Link": f'<{next_url}>; rel="next"'} if next_url else {}
     _audit(request, token, len(page.rows))
     if fmt == "ndjson":
-        text = b"".join(dumps(r) + b"\n" for r in page.rows)
+        text = b"".join(dumps(r, plain_decimals=True) + b"\n" for r in page.rows)
         return Response(text, media_type=FORMATS[fmt], headers=headers)
     if fmt == "csv":
         raw = params.get("_csv") == "raw"
@@ -230,7 +230,9 @@ async def get_view_rows(request: Request, token: int) -> Response:
         "speed_as_of": speed.speed_as_of,
         "degraded": speed.degraded,
     }
-    return Response(dumps(body), media_type="application/json", headers=headers)
+    return Response(
+        dumps(body, plain_decimals=True), media_type="application/json", headers=headers
+    )
 
 
 def _bad_parameter(name: str, message: str) -> InvalidRequest:

@@ -29,6 +29,11 @@ def default_deriver(views: Mapping[str, ViewDefinition] | None = None) -> Derive
         compiled = by_type.get(resource.resource_type)
         if not compiled:
             return Derived()
-        return Derived(rows={name: dumps(view.rows(resource.data)) for name, view in compiled})
+        return Derived(
+            rows={
+                name: dumps(view.rows(resource.data), plain_decimals=True)
+                for name, view in compiled
+            }
+        )
 
     return derive

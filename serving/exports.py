@@ -30,8 +30,9 @@ def csv_cell(value: Any, *, raw: bool = False) -> str:
         return str(value)
     if isinstance(value, str):
         return "'" + value if not raw and value.startswith(FORMULA_STARTS) else value
-    # The exact codec: decimals as received, integers past 64 bits as they are.
-    return dumps(value).decode()
+    # The exact codec: decimals as PostgreSQL's numeric prints them (both layers alike),
+    # integers past 64 bits as they are.
+    return dumps(value, plain_decimals=True).decode()
 
 
 def csv_text(

@@ -156,7 +156,7 @@ def _page_sql(
         union += sql.SQL(
             " UNION ALL SELECT {} FROM jsonb_to_recordset(%(speed)s::jsonb) AS speed_row({})"
         ).format(cols, record)
-        params["speed"] = dumps(speed_rows).decode()
+        params["speed"] = dumps(speed_rows, plain_decimals=True).decode()
     type_of = dict(types)
     where: list[sql.Composable] = []
     for n, (column, value) in enumerate(filters):
