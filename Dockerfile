@@ -8,13 +8,15 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
 WORKDIR /build
-COPY pyproject.toml researchflow_cli.py researchflow_demo.py ./
+COPY pyproject.toml requirements.lock researchflow_cli.py researchflow_demo.py ./
 COPY core ./core
 COPY receiver ./receiver
 COPY subscriptions ./subscriptions
 COPY serving ./serving
-# psycopg[binary] and redis[hiredis] come as wheels: no compiler in the image.
-RUN pip install . && rm -rf /build
+# Every dependency at the version and hash of requirements.lock (scripts/lock.sh), then the
+# package alone. psycopg[binary] and redis[hiredis] come as wheels: no compiler in the image.
+RUN pip install --require-hashes -r requirements.lock \
+    && pip install --no-deps . && rm -rf /build
 
 # The services never need root: a fixed, unprivileged uid owns nothing but its home.
 RUN useradd --system --uid 10001 --create-home --home-dir /home/researchflow \

@@ -71,12 +71,15 @@ if [ ! -x .venv/bin/python ]; then
   python3.11 -m venv .venv 2>/dev/null || python3 -m venv .venv
 fi
 if ! .venv/bin/python -c "import core, receiver, subscriptions, serving, pytest, respx" >/dev/null 2>&1 \
-   || [ pyproject.toml -nt .venv/.installed ]; then
+   || [ pyproject.toml -nt .venv/.installed ] || [ requirements-dev.lock -nt .venv/.installed ]; then
   echo "setup: installing the package and its development tools into .venv"
   .venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
+  # Every dependency at the version and hash requirements-dev.lock pins (scripts/lock.sh
+  # writes it from pyproject.toml), then the package itself without resolving again.
   # pip's and setuptools' notices stay in a log (shown only on failure): whoever runs this
   # (scripts/demo.sh, CI) sees its own output, not a build backend's deprecation banners.
-  if ! .venv/bin/python -m pip install -q -e ".[dev]" >.venv/pip-install.log 2>&1; then
+  if ! { .venv/bin/python -m pip install -q --require-hashes -r requirements-dev.lock \
+         && .venv/bin/python -m pip install -q --no-deps -e .; } >.venv/pip-install.log 2>&1; then
     cat .venv/pip-install.log >&2
     echo "setup: pip install failed (the lines above say why)" >&2
     exit 1
