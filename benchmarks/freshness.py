@@ -16,8 +16,11 @@ by `--interval` (0.5 to 1.5 times it, at random) so the figure is latency, not a
 commit, matching, its rest-hook delivery (PUT to the receiver), validation and the Redis
 write, the query API's mirror of the speed layer and the merged answer.
 
-HAPI settings that give the numbers (hapi-config/application.yaml): rest-hook on,
-`immediately_queued: true` (no 5 s sweep), in-memory channels, HAPI's defaults otherwise.
+HAPI settings that give the numbers (hapi-config/application.yaml and its Java classes):
+rest-hook on, `immediately_queued: true`, with which hapi-config registers HAPI's after-commit
+subscription matcher so every change is matched right after its commit (a stock HAPI parks
+non-Subscription changes for a job that runs every 5 s: docs/hapi.md, difference 1),
+in-memory channels, HAPI's defaults otherwise.
 """
 
 from __future__ import annotations
