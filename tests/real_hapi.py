@@ -215,9 +215,15 @@ class Recorder:
 
         await self.app(scope, replay, send)
 
-    def last_put(self, resource_type: str, rid: str) -> bytes | None:
+    def put_of_version(self, resource_type: str, rid: str, version: str) -> bytes | None:
+        """The body of the PUT that carried that version (HAPI's two delivery threads and
+        its retries may send an older version after a newer one), by its If-Match header."""
         path = f"/fhir/{resource_type}/{rid}"
-        bodies = [b for m, p, b, _ in self.requests if m == "PUT" and p == path]
+        bodies = [
+            b
+            for m, p, b, headers in self.requests
+            if m == "PUT" and p == path and headers.get("if-match") == f'W/"{version}"'
+        ]
         return bodies[-1] if bodies else None
 
 

@@ -333,8 +333,10 @@ async def test_rest_writes_and_transactions_end_in_the_speed_layer_as_hapi_holds
             if state.deleted:
                 assert entry.body is None
                 continue
-            sent = recorder.last_put(resource_type, rid)
-            assert sent is not None, f"HAPI never sent {resource_type}/{rid}"
+            sent = recorder.put_of_version(resource_type, rid, state.version)
+            assert sent is not None, (
+                f"HAPI never sent {resource_type}/{rid}/_history/{state.version}"
+            )
             assert entry.body == sent, f"{resource_type}/{rid}: the speed layer holds other bytes"
             assert json.loads(entry.body) == state.resource  # = HAPI's read of that version
             assert entry.last_updated == state.resource["meta"]["lastUpdated"]  # type: ignore[index]
