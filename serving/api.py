@@ -36,9 +36,10 @@ from serving.merge import (
     read_speed,
 )
 from serving.mirror import SpeedMirror
+from serving.registry import served_views
 from serving.status import update_gauges
 from serving.view_rows import RowKey, view_rows
-from serving.viewdef import ViewDefinition, shipped_views
+from serving.viewdef import ViewDefinition
 
 logger = logging.getLogger(__name__)
 audit = logging.getLogger("serving.audit")
@@ -295,7 +296,7 @@ def create_app(
     """
     if not settings.serving_tokens and not insecure:
         raise ValueError("SERVING_TOKEN is required (or run with --insecure)")
-    views = shipped_views()
+    views = served_views(settings.views_dir)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[State]:
