@@ -40,6 +40,7 @@ from serving.api import create_app
 from serving.batch_refresh import refresh
 from serving.derive import default_deriver
 from serving.registry import served_views
+from serving.status import status_route
 from subscriptions.fhir_client import FhirClient
 from subscriptions.standin.hapi import StandInHapi
 from tests.asgi import running
@@ -47,6 +48,7 @@ from tests.conftest import fresh_database, redis_db
 from tests.oracle import Column, Function, Select, Step, View
 from tests.oracle import Path as OPath
 from tests.test_bootstrap import BASE, FakeHapi
+from tests.test_status import Page
 
 ROOT = Path(__file__).resolve().parents[1]
 VIEWS_REDIS_URL = redis_db(12)
@@ -338,9 +340,26 @@ async def test_views_lists_freshness_per_view(database: str, views_folder: Path)
             },
         )
         newest = layers.hapi.resources[("Observation", "o1")].resource["meta"]["lastUpdated"]
-        async with running(create_app(layers.settings)) as client:
+        app = create_app(layers.settings, extra_routes=[status_route(layers.settings)])
+        async with running(app) as client:
             body = (await client.get("/views", headers=AUTH)).json()
+            page = Page((await client.get("/status", headers=AUTH)).text)
         listed = {v["name"]: v for v in body["views"]}
+        # The status page shows the same per view: batch_as_of, batch rows, speed_as_of,
+        # speed resources and the rows each layer holds.
+        shown = {row[0]: row for row in page.rows("view-table")}
+        assert set(shown) == set(listed)
+        for name, view in listed.items():
+            assert shown[name][:6] == [
+                name,
+                view["resource"],
+                view["batch_as_of"],
+                str(view["batch_rows"]),
+                view["speed_as_of"] or "-",
+                str(view["speed_resources"]),
+            ]
+        assert shown["observation_components"][6] == "2"  # one row per component
+        assert shown["patient_names"][6] == "0"
         watermark = psycopg.connect(database).execute(batch.WATERMARK_SQL).fetchone()
         assert watermark is not None
         components = listed["observation_components"]
