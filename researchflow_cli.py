@@ -343,7 +343,7 @@ async def _poll(settings: Settings, args: argparse.Namespace) -> int:
 
             stop = asyncio.Event()
             _stop_on_signals(stop)
-            async with watchdog_running(settings, client):
+            async with watchdog_running(settings, client, _served_types(settings)):
                 await run_poller(
                     settings,
                     store,
@@ -526,7 +526,10 @@ async def _run_all(settings: Settings, args: argparse.Namespace, listeners: list
     stop = asyncio.Event()
     freeze_startup_objects()
     try:
-        async with FhirClient(settings.fhir_base_url) as client, watchdog_running(settings, client):
+        async with (
+            FhirClient(settings.fhir_base_url) as client,
+            watchdog_running(settings, client, _served_types(settings)),
+        ):
             poller = asyncio.create_task(
                 run_poller(
                     settings,

@@ -319,7 +319,7 @@ async def _demo(
             FhirClient(settings.fhir_base_url) as client,
         ):
             # A real HAPI activates within a minute (it re-reads Subscriptions every 60 s).
-            subs = await bootstrap.bootstrap(settings, client, wait=120.0 if real else 15.0)
+            subs = await bootstrap.bootstrap(settings, client, types, wait=120.0 if real else 15.0)
             say(f"{len(subs)} Subscriptions active: " + ", ".join(s.criteria for s in subs))
             # One catch-up first: it marks the speed layer complete since the batch
             # watermark, so the very first answer is not a degraded one.
