@@ -602,3 +602,17 @@ def test_bootstrap_subscribes_to_the_served_views_types_by_default(
         assert researchflow_cli.main(["subscriptions", "bootstrap", "--wait", "5"]) == 0
     criteria = sorted(s["criteria"] for s in fake.subs.values())
     assert criteria == ["Condition?", "MedicationRequest?", "Observation?", "Patient?"]
+
+
+def test_a_view_name_of_63_characters_becomes_its_table(tmp_path: Path) -> None:
+    longest = "v" * 63
+    write_views(tmp_path, {longest: definition(longest, PATIENT_NAMES)})
+    with fresh_database("rf_views_long") as url:
+        lines = batch.init(url, served_views(str(tmp_path)))
+        assert f"created view sqlonfhir.{longest}" in lines
+        with psycopg.connect(url) as conn:
+            indexes = conn.execute(
+                "SELECT indexname FROM pg_indexes WHERE schemaname = 'sqlonfhir' AND tablename = %s",
+                (longest,),
+            ).fetchall()
+        assert len(indexes) == 2 and all(len(i[0]) <= 63 for i in indexes)  # unique, and gender
