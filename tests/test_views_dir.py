@@ -48,6 +48,7 @@ from tests.conftest import fresh_database, redis_db
 from tests.oracle import Column, Function, Select, Step, View
 from tests.oracle import Path as OPath
 from tests.test_bootstrap import BASE, FakeHapi
+from tests.test_startup import COMMANDS
 from tests.test_status import Page
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -530,11 +531,17 @@ BAD_FOLDERS: dict[str, tuple[dict[str, str], str]] = {
 }
 
 
-@pytest.mark.parametrize("kind", sorted(BAD_FOLDERS))
-@pytest.mark.parametrize("command", [["batch", "init"], ["speed", "stats"]])
+# Every kind on one command, and one kind on every command of the contract.
+CASES = [(kind, "batch init") for kind in sorted(BAD_FOLDERS)] + [
+    ("duplicate within the folder", name) for name in sorted(COMMANDS) if name != "batch init"
+]
+
+
+@pytest.mark.parametrize(("kind", "name"), CASES)
 def test_a_bad_definition_stops_a_command_with_one_line_naming_the_file(
-    tmp_path: Path, kind: str, command: list[str]
+    tmp_path: Path, kind: str, name: str
 ) -> None:
+    command = COMMANDS[name]
     files, reason = BAD_FOLDERS[kind]
     for name, text in files.items():
         (tmp_path / name).write_text(text)
