@@ -66,6 +66,25 @@ def _end_progress() -> None:
         sys.stderr.write("\n")
 
 
+def _views(settings: Settings) -> dict[str, Any]:
+    """The served views (shipped and VIEWS_DIR): the one registry every command reads."""
+    from serving.registry import served_views
+
+    return served_views(settings.views_dir)
+
+
+def _served_types(settings: Settings) -> tuple[str, ...]:
+    from serving.viewdef import served_types
+
+    return served_types(_views(settings))
+
+
+def _deriver(settings: Settings) -> Any:
+    from serving.derive import default_deriver
+
+    return default_deriver(_views(settings))
+
+
 # -- speed ---------------------------------------------------------------------------------
 
 
@@ -168,7 +187,6 @@ def cmd_receiver(settings: Settings, args: argparse.Namespace) -> int:
     from core.serve import Listener
     from core.store import check_redis
     from receiver.app import create_app
-    from serving.derive import default_deriver
     from subscriptions.fhir_client import hapi_lookup
 
     _require_tokens(settings.receiver_tokens, "RECEIVER_TOKEN", args.insecure)
@@ -177,7 +195,7 @@ def cmd_receiver(settings: Settings, args: argparse.Namespace) -> int:
         asyncio.run(check_redis(settings))
         app = create_app(
             settings,
-            derive=default_deriver(),
+            derive=_deriver(settings),
             hapi=hapi_lookup(settings.fhir_base_url),
             insecure=args.insecure,
         )
@@ -199,12 +217,11 @@ def cmd_speed(settings: Settings, args: argparse.Namespace) -> int:
 # -- subscriptions, poll, views, batch ------------------------------------------------------
 
 
-def _types(raw: str | None) -> tuple[str, ...]:
+def _types(settings: Settings, raw: str | None) -> tuple[str, ...]:
     from core.validation import NEVER_STORED, is_resource_type
-    from serving.viewdef import served_types
 
     if raw is None:
-        return served_types()
+        return _served_types(settings)
     types = tuple(t.strip() for t in raw.split(",") if t.strip())
     bad = [t for t in types if not is_resource_type(t) or t in NEVER_STORED]
     if not types or bad:
@@ -231,7 +248,7 @@ async def _subscriptions(settings: Settings, args: argparse.Namespace) -> int:
                 rows = await bootstrap.bootstrap(
                     settings,
                     client,
-                    _types(args.types),
+                    _types(settings, args.types),
                     args.wait,
                     progress=lambda line: print(line, file=sys.stderr),
                 )
@@ -281,15 +298,13 @@ def _batch_watermark(settings: Settings) -> Callable[[], Awaitable[str | None]]:
 
 async def _poll(settings: Settings, args: argparse.Namespace) -> int:
     from core.store import SpeedStore, connect
-    from serving.derive import default_deriver
-    from serving.viewdef import served_types
     from subscriptions.fhir_client import FhirClient
     from subscriptions.poller import poll_once, run_poller
 
     redis_client = connect(settings)
     store = SpeedStore(redis_client, max_age_hours=settings.speed_max_age_hours)
     await redis_client.ping()
-    derive = default_deriver()
+    derive = _deriver(settings)
     try:
         async with FhirClient(settings.fhir_base_url) as client:
             if args.once:
@@ -303,7 +318,7 @@ async def _poll(settings: Settings, args: argparse.Namespace) -> int:
                     progress=progress,
                     batch_watermark=_batch_watermark(settings),
                     batch_versions=_batch_versions(settings),
-                    types=served_types(),
+                    types=_served_types(settings),
                 )
                 _end_progress()
                 print(
@@ -328,7 +343,7 @@ async def _poll(settings: Settings, args: argparse.Namespace) -> int:
 
             stop = asyncio.Event()
             _stop_on_signals(stop)
-            async with watchdog_running(settings, client):
+            async with watchdog_running(settings, client, _served_types(settings)):
                 await run_poller(
                     settings,
                     store,
@@ -337,7 +352,7 @@ async def _poll(settings: Settings, args: argparse.Namespace) -> int:
                     derive,
                     batch_watermark=_batch_watermark(settings),
                     batch_versions=_batch_versions(settings),
-                    types=served_types(),
+                    types=_served_types(settings),
                 )
             return 0
     finally:
@@ -412,15 +427,14 @@ def cmd_views(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def _rederive_speed_rows(settings: Settings, views: list[str]) -> None:
-    """A rebuilt view's rows in the speed layer were derived from the old definition."""
+    """A rebuilt view's rows in the speed layer were derived from the old definition, an added
+    view's were never derived: the stored rows of every cached resource of its type are."""
     from core.store import SpeedStore, connect
     from core.validation import validate_resource
-    from serving.derive import default_deriver
-    from serving.viewdef import shipped_views
 
-    derive = default_deriver()
-    shipped = shipped_views()
-    types = sorted({shipped[v].resource for v in views if v in shipped})
+    derive = _deriver(settings)
+    served = _views(settings)
+    types = sorted({served[v].resource for v in views if v in served})
     client = connect(settings)
     try:
         store = SpeedStore(client)
@@ -437,10 +451,13 @@ def cmd_batch(settings: Settings, args: argparse.Namespace) -> int:
     from serving import batch
 
     if args.batch_command == "init":
-        lines = batch.init(settings.database_url)
+        lines = batch.init(settings.database_url, _views(settings))
         for line in lines:
             print(line)
-        rebuilt = [line.rsplit(".", 1)[1] for line in lines if line.startswith("rebuilt view ")]
+        # A view added to a batch layer that existed may have speed entries of its type.
+        fresh = bool(lines) and lines[0].startswith("created schema ")
+        verbs = ("rebuilt view ",) if fresh else ("rebuilt view ", "created view ")
+        rebuilt = [line.rsplit(".", 1)[1] for line in lines if line.startswith(verbs)]
         if rebuilt:
             asyncio.run(_rederive_speed_rows(settings, rebuilt))
         return 0
@@ -497,21 +514,22 @@ async def _run_all(settings: Settings, args: argparse.Namespace, listeners: list
     from core.serve import serve_together
     from core.store import SpeedStore, check_redis, connect
     from serving.batch import check_postgres
-    from serving.derive import default_deriver
-    from serving.viewdef import served_types
     from subscriptions.fhir_client import FhirClient
     from subscriptions.poller import run_poller
     from subscriptions.watchdog import watchdog_running
 
     await check_redis(settings)
     await check_postgres(settings)
-    derive = default_deriver()
+    derive = _deriver(settings)
     redis_client = connect(settings)
     store = SpeedStore(redis_client, max_age_hours=settings.speed_max_age_hours)
     stop = asyncio.Event()
     freeze_startup_objects()
     try:
-        async with FhirClient(settings.fhir_base_url) as client, watchdog_running(settings, client):
+        async with (
+            FhirClient(settings.fhir_base_url) as client,
+            watchdog_running(settings, client, _served_types(settings)),
+        ):
             poller = asyncio.create_task(
                 run_poller(
                     settings,
@@ -523,7 +541,7 @@ async def _run_all(settings: Settings, args: argparse.Namespace, listeners: list
                     batch_versions=_batch_versions(settings),
                     # missed notifications on the API's /metrics
                     metrics=listeners[1].app.state.metrics,
-                    types=served_types(),
+                    types=_served_types(settings),
                 )
             )
             try:
@@ -542,7 +560,6 @@ async def _run_all(settings: Settings, args: argparse.Namespace, listeners: list
 def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
     from core.serve import Listener, close_all
     from receiver.app import create_app as create_receiver
-    from serving.derive import default_deriver
     from subscriptions.fhir_client import hapi_lookup
 
     _require_tokens(settings.receiver_tokens, "RECEIVER_TOKEN", args.insecure)
@@ -556,7 +573,7 @@ def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
             Listener(
                 create_receiver(
                     settings,
-                    derive=default_deriver(),
+                    derive=_deriver(settings),
                     hapi=hapi_lookup(settings.fhir_base_url),
                     insecure=args.insecure,
                 ),
@@ -701,6 +718,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = Settings.from_env()
         _check_resource_types(settings)
+        if settings.views_dir is not None:
+            _views(settings)  # every command stops on a VIEWS_DIR file it cannot serve
         code = int(args.func(settings, args))
     except CommandError as exc:
         _end_progress()

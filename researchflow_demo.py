@@ -253,6 +253,7 @@ async def _demo(
     from serving import batch
     from serving.api import create_app as create_api
     from serving.derive import default_deriver
+    from serving.registry import served_views
     from serving.status import status_route
     from serving.viewdef import served_types
     from subscriptions import bootstrap
@@ -270,7 +271,8 @@ async def _demo(
     rnd = random.Random(2026)
     real = hapi == "real"
     last: dict[str, Any] = {}
-    types = served_types()
+    views = served_views(settings.views_dir)
+    types = served_types(views)
     async with _source(hapi, hapi_base_url, standin, say) as (source, fhir_base):
         settings = replace(
             settings,
@@ -292,14 +294,14 @@ async def _demo(
             f"seeded {len(source.resources):,} resources ({patients} patients) in "
             f"{time.perf_counter() - started:.1f}s"
         )
-        for line in await asyncio.to_thread(batch.init, settings.database_url):
+        for line in await asyncio.to_thread(batch.init, settings.database_url, views):
             say(f"batch init: {line}")
         result = await refresh(settings, full=True, store=store)
         say(
             f"batch refresh: {result.changed:,} resources, views "
             + ", ".join(f"{name} {rows:,} rows" for name, rows in sorted(result.views.items()))
         )
-        derive = default_deriver()
+        derive = default_deriver(views)
         receiver_app = create_receiver(
             settings, derive=derive, hapi=hapi_lookup(settings.fhir_base_url)
         )
@@ -317,7 +319,7 @@ async def _demo(
             FhirClient(settings.fhir_base_url) as client,
         ):
             # A real HAPI activates within a minute (it re-reads Subscriptions every 60 s).
-            subs = await bootstrap.bootstrap(settings, client, wait=120.0 if real else 15.0)
+            subs = await bootstrap.bootstrap(settings, client, types, wait=120.0 if real else 15.0)
             say(f"{len(subs)} Subscriptions active: " + ", ".join(s.criteria for s in subs))
             # One catch-up first: it marks the speed layer complete since the batch
             # watermark, so the very first answer is not a degraded one.

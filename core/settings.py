@@ -103,6 +103,16 @@ def _postgres_url(env: Mapping[str, str], name: str, default: str | None) -> str
     return value
 
 
+def _folder(env: Mapping[str, str], name: str) -> str | None:
+    """An existing folder (the path as given), or None when unset."""
+    value = (env.get(name) or "").strip()
+    if not value:
+        return None
+    if not os.path.isdir(value):
+        raise SettingsError(f"{name} must name an existing folder, not {value!r}")
+    return value
+
+
 def instance_from_url(url: str) -> str:
     """Derive a deployment name from the receiver URL (host, port and path)."""
     parts = urlsplit(url)
@@ -132,6 +142,9 @@ class Settings:
     speed_max_age_hours: int | None = None
     min_cell_count: int | None = None
     instance: str = field(default="")
+    # A folder of the operator's ViewDefinitions (*.json), served beside the shipped ones;
+    # serving.registry.served_views reads and checks them.
+    views_dir: str | None = None
     # Not in the contract's table: tuning knobs with safe defaults.
     watchdog_interval_seconds: int = 60
     poll_overlap_seconds: int = 120
@@ -175,4 +188,5 @@ class Settings:
             speed_max_age_hours=_int(env, "SPEED_MAX_AGE_HOURS", None),
             min_cell_count=_int(env, "MIN_CELL_COUNT", None),
             instance=env.get("RESEARCHFLOW_INSTANCE") or instance_from_url(receiver_url),
+            views_dir=_folder(env, "VIEWS_DIR"),
         )

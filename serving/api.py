@@ -26,9 +26,9 @@ from core.http import exception_handlers
 from core.metrics import Metrics, metrics_response
 from core.settings import Settings
 from core.store import SpeedStore, connect
-from serving.batch import WATERMARK_SQL
 from serving.cohort import DEFAULT_COUNT, MAX_COUNT, parse_query, whole_number
 from serving.exports import CSV_MEDIA_TYPE, csv_text
+from serving.freshness import view_freshness
 from serving.merge import (
     BatchCounts,
     SpeedView,
@@ -36,9 +36,10 @@ from serving.merge import (
     read_speed,
 )
 from serving.mirror import SpeedMirror
+from serving.registry import served_views
 from serving.status import update_gauges
 from serving.view_rows import RowKey, view_rows
-from serving.viewdef import ViewDefinition, shipped_views
+from serving.viewdef import ViewDefinition
 
 logger = logging.getLogger(__name__)
 audit = logging.getLogger("serving.audit")
@@ -156,25 +157,9 @@ async def list_views(request: Request, token: int) -> Response:
     views: dict[str, ViewDefinition] = request.app.state.views
     speed = await _speed(request)
     pool: AsyncConnectionPool[Any] = request.state.pool
-    out: list[dict[str, Any]] = []
     async with pool.connection(timeout=PG_TIMEOUT_SECONDS) as conn, conn.transaction():
-        cur = await conn.execute(WATERMARK_SQL)
-        row = await cur.fetchone()
-        batch_as_of = row[0] if row else None
-        for name, view in views.items():
-            cur = await conn.execute(f'SELECT count(*) FROM sqlonfhir."{name}"'.encode())
-            counted = await cur.fetchone()
-            type_mirror = speed.mirror.types.get(view.resource) if speed.mirror else None
-            out.append(
-                {
-                    "name": name,
-                    "resource": view.resource,
-                    "columns": list(view.column_names),
-                    "batch_as_of": batch_as_of,
-                    "batch_rows": int(counted[0]) if counted else 0,
-                    "speed_resources": None if type_mirror is None else len(type_mirror.entries),
-                }
-            )
+        listed = await view_freshness(conn, views, speed)
+    out = [view.contract() for view in listed]
     _audit(request, token, len(out))
     return Response(orjson.dumps({"views": out}), media_type="application/json")
 
@@ -297,7 +282,7 @@ def create_app(
     """
     if not settings.serving_tokens and not insecure:
         raise ValueError("SERVING_TOKEN is required (or run with --insecure)")
-    views = shipped_views()
+    views = served_views(settings.views_dir)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[State]:

@@ -22,6 +22,7 @@ The sync from HAPI is `serving.batch_refresh`.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
@@ -189,6 +190,15 @@ def _ident(*parts: str) -> sql.Identifier:
     return sql.Identifier(*parts)
 
 
+def _index_name(view: str, what: str) -> str:
+    """`<view>_<what>`, shortened with a hash past 63 bytes: PostgreSQL would cut it to 63,
+    which for a view name of 63 is the view's own name (a `[a-z][a-z0-9_]{0,62}` name)."""
+    name = f"{view}_{what}"
+    if len(name) <= 63:
+        return name
+    return f"{name[:52]}_{hashlib.sha256(name.encode()).hexdigest()[:10]}"
+
+
 def _build_view(conn: psycopg.Connection[Any], plan: ViewPlan) -> None:
     target = _ident(VIEW_SCHEMA, plan.name)
     conn.execute(sql.SQL("DROP MATERIALIZED VIEW IF EXISTS {}").format(target))
@@ -197,7 +207,7 @@ def _build_view(conn: psycopg.Connection[Any], plan: ViewPlan) -> None:
     )
     conn.execute(
         sql.SQL("CREATE UNIQUE INDEX {} ON {} ({}) NULLS NOT DISTINCT").format(
-            _ident(f"{plan.name}_unique"),
+            _ident(_index_name(plan.name, "unique")),
             target,
             sql.SQL(", ").join(_ident(c) for c in plan.unique),
         )
@@ -205,7 +215,7 @@ def _build_view(conn: psycopg.Connection[Any], plan: ViewPlan) -> None:
     for cols in plan.indexes:
         conn.execute(
             sql.SQL("CREATE INDEX {} ON {} ({})").format(
-                _ident(f"{plan.name}_{'_'.join(cols)}"),
+                _ident(_index_name(plan.name, "_".join(cols))),
                 target,
                 sql.SQL(", ").join(_ident(c) for c in cols),
             )

@@ -52,6 +52,7 @@ from serving.batch import (
     BatchNotInitialized,
     connect_async,
 )
+from serving.registry import served_views
 from serving.viewdef import served_types
 from subscriptions.changes import Change, reader_for
 from subscriptions.fhir_client import FhirClient
@@ -368,8 +369,8 @@ async def refresh(
     """Sync rf_batch.resources from HAPI, refresh every view, advance the watermark, trim.
 
     Only the resource types the served views read are read from HAPI (`types`, default
-    `serving.viewdef.served_types()`); a Subscription never enters the batch layer, and any
-    an older release stored is purged from both layers. Incremental: each type's `_history`
+    those of `serving.registry.served_views`); a Subscription never enters the batch layer,
+    and any an older release stored is purged from both layers. Incremental: each type's `_history`
     since the batch watermark (from the beginning before the first refresh). `full`: every
     current resource of those types (and of the views the batch layer was built with), by
     search, plus `_history` since the watermark for the deletions' versions; rows of those
@@ -403,7 +404,8 @@ async def refresh(
                 " rejected boolean)"
             )
             stager = _Stager(conn, progress)
-            read_types = [t for t in (types or served_types()) if t not in NOT_SYNCED]
+            types = types or served_types(served_views(settings.views_dir))
+            read_types = [t for t in types if t not in NOT_SYNCED]
             full_types = await _full_types(conn, read_types) if full else None
             if full_types is not None:
                 read_types = full_types

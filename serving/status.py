@@ -10,13 +10,15 @@ import asyncio
 import html
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 import httpx
+import jinja2
 import psycopg
+from markupsafe import Markup
 from psycopg import errors as pg_errors
 from psycopg_pool import AsyncConnectionPool
 from starlette.requests import Request
@@ -30,6 +32,10 @@ from core.metrics import Metrics
 from core.settings import Settings
 from core.store import SpeedStore
 from serving.batch import WATERMARK_SQL
+from serving.freshness import ViewFreshness, view_freshness
+from serving.merge import read_speed
+from serving.mirror import SpeedMirror
+from serving.viewdef import ViewDefinition
 from subscriptions.bootstrap import SubscriptionInfo
 from subscriptions.bootstrap import status as subscription_status
 from subscriptions.fhir_client import FhirClient
@@ -94,6 +100,9 @@ class StatusData:
     rejects: tuple[RejectRow, ...] = ()
     batch: BatchStatus = field(default_factory=BatchStatus)
     subscriptions: SubscriptionsStatus = field(default_factory=SubscriptionsStatus)
+    # Per served view: batch_as_of, speed_as_of and the rows each layer holds.
+    views: tuple[ViewFreshness, ...] = ()
+    views_error: str | None = None
 
 
 class SubscriptionCache:
@@ -234,12 +243,16 @@ async def gather_status(
     *,
     cache: SubscriptionCache | None = None,
     now: datetime | None = None,
+    views: Mapping[str, ViewDefinition] | None = None,
+    mirror: SpeedMirror | None = None,
 ) -> StatusData:
     """Read every section of the status page; a dependency that fails becomes a message.
 
     `store` is None when the speed layer is off (USE_SPEED_LAYER=false).
     `database` is a libpq URL or a psycopg pool. With `cache`, HAPI is asked at most once
     per its TTL; without `fhir_client` only the cache's last answer (if any) is shown.
+    With `views` (the served views) and `mirror` (the query API's speed mirror), each view's
+    freshness in both layers is read too (`serving.freshness`).
     """
     now = now or datetime.now(UTC)
 
@@ -260,10 +273,46 @@ async def gather_status(
             logger.info("status page: speed layer unreadable: %s", exc)
             return {"speed_error": f"Redis unreachable: {exc}"}
 
-    speed_values, batch, subs = await asyncio.gather(
-        speed(), read_batch_watermark(database, now), subscriptions()
+    async def freshness() -> dict[str, Any]:
+        if not views or mirror is None:
+            return {}
+        try:
+            return {"views": tuple(await read_freshness(settings, store, database, views, mirror))}
+        except TimeoutError:
+            return {"views_error": "PostgreSQL unreachable: no answer in time"}
+        except psycopg.Error as exc:
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            return {"views_error": f"PostgreSQL unreachable: {reason}"}
+
+    speed_values, batch, subs, view_values = await asyncio.gather(
+        speed(), read_batch_watermark(database, now), subscriptions(), freshness()
     )
-    return StatusData(generated_at=now, batch=batch, subscriptions=subs, **speed_values)
+    return StatusData(
+        generated_at=now, batch=batch, subscriptions=subs, **speed_values, **view_values
+    )
+
+
+async def read_freshness(
+    settings: Settings,
+    store: SpeedStore | None,
+    database: Database,
+    views: Mapping[str, ViewDefinition],
+    mirror: SpeedMirror,
+) -> list[ViewFreshness]:
+    """Each view in both layers, as `GET /views` lists them (the speed layer read first).
+    Raises psycopg.Error or TimeoutError when PostgreSQL cannot answer."""
+    speed = await read_speed(store, mirror, settings.use_speed_layer)
+    async with asyncio.timeout(DATABASE_TIMEOUT_SECONDS + 1):
+        if isinstance(database, str):
+            async with await psycopg.AsyncConnection.connect(
+                database, connect_timeout=int(DATABASE_TIMEOUT_SECONDS)
+            ) as conn:
+                return await view_freshness(conn, views, speed)
+        async with (
+            database.connection(timeout=DATABASE_TIMEOUT_SECONDS) as conn,
+            conn.transaction(),
+        ):
+            return await view_freshness(conn, views, speed)
 
 
 async def update_gauges(metrics: Metrics, store: SpeedStore | None, database: Database) -> None:
@@ -298,8 +347,21 @@ async def update_gauges(metrics: Metrics, store: SpeedStore | None, database: Da
 # -- HTML ----------------------------------------------------------------------------------
 
 
-def _e(value: object) -> str:
-    return html.escape(str(value), quote=True)
+def _escape(value: object) -> Markup:
+    """Every value the template prints, escaped by the standard library's `html.escape`
+    (quotes too), so the page reads as it did before templates (`'` is `&#x27;`, where
+    markupsafe writes `&#39;`); what the template built itself is Markup and stays."""
+    if isinstance(value, Markup):
+        return value
+    return Markup(html.escape(str(value), quote=True))
+
+
+_TEMPLATES = jinja2.Environment(
+    loader=jinja2.PackageLoader("serving", "templates"),
+    autoescape=True,
+    finalize=_escape,
+    undefined=jinja2.StrictUndefined,
+)
 
 
 def format_age(seconds: float | None) -> str:
@@ -316,169 +378,36 @@ def format_age(seconds: float | None) -> str:
     return f"{s // 86400} d {s % 86400 // 3600} h"
 
 
-def render_chart(hourly: Sequence[tuple[str, int]]) -> str:
-    """An inline SVG bar chart: one `rect.bar` per hour with `data-hour`/`data-count`."""
+def chart_geometry(hourly: Sequence[tuple[str, int]]) -> dict[str, Any]:
+    """The inline SVG bar chart's geometry (px): one bar per hour, `h` scaled to the peak
+    (at least 2 px for a non-zero count), an axis label every 6 hours and on the last."""
     bar_w, gap, height, top, bottom, left = 28, 4, 140, 16, 22, 40
-    width = left + len(hourly) * (bar_w + gap)
     peak = max((c for _, c in hourly), default=0) or 1
-    parts = [
-        f'<svg id="hourly-chart" xmlns="http://www.w3.org/2000/svg" width="{width}" '
-        f'height="{top + height + bottom}" viewBox="0 0 {width} {top + height + bottom}" '
-        f'role="img" aria-label="changes per hour, last {len(hourly)} hours (UTC)">',
-        f'<text x="{left - 6}" y="{top + 4}" text-anchor="end" class="axis">{peak}</text>',
-        f'<text x="{left - 6}" y="{top + height}" text-anchor="end" class="axis">0</text>',
-        f'<line x1="{left}" y1="{top + height}" x2="{width}" y2="{top + height}" class="base"/>',
-    ]
+    hours = []
     for i, (hour, count) in enumerate(hourly):
         h = round(height * count / peak)
-        if count and h < 2:
-            h = 2
         x = left + i * (bar_w + gap)
-        label = f"{hour}:00Z: {count} change{'s' if count != 1 else ''}"
-        parts.append(
-            f'<rect class="bar" data-hour="{_e(hour)}" data-count="{count}" x="{x}" '
-            f'y="{top + height - h}" width="{bar_w}" height="{h}"><title>{_e(label)}</title>'
-            "</rect>"
+        hours.append(
+            {
+                "hour": hour,
+                "count": count,
+                "x": x,
+                "h": 2 if count and h < 2 else h,
+                "label": f"{hour}:00Z: {count} change{'s' if count != 1 else ''}",
+                "axis": i % 6 == 0 or i == len(hourly) - 1,
+                "axis_x": f"{x + bar_w / 2:g}",
+            }
         )
-        if i % 6 == 0 or i == len(hourly) - 1:
-            parts.append(
-                f'<text x="{x + bar_w / 2:g}" y="{top + height + 16}" text-anchor="middle" '
-                f'class="axis">{_e(hour[-2:])}h</text>'
-            )
-    parts.append("</svg>")
-    return "".join(parts)
-
-
-def _table(headers: Sequence[str], rows: Sequence[Sequence[str]], table_id: str) -> str:
-    head = "".join(f"<th>{_e(h)}</th>" for h in headers)
-    body = "".join("<tr>" + "".join(f"<td>{cell}</td>" for cell in row) + "</tr>" for row in rows)
-    return f'<table id="{table_id}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
-
-
-def _section(title: str, section_id: str, content: str) -> str:
-    return f'<section id="{section_id}"><h2>{_e(title)}</h2>{content}</section>'
-
-
-def _error(text: str) -> str:
-    return f'<p class="error">{_e(text)}</p>'
-
-
-def _speed_sections(data: StatusData) -> dict[str, str]:
-    if data.speed_disabled:
-        return {
-            "coverage": _section(
-                "Speed layer",
-                "speed",
-                "<p>Disabled (USE_SPEED_LAYER=false): answers come from the batch layer.</p>",
-            )
-        }
-    if data.speed_error:
-        return {"coverage": _section("Speed layer", "speed", _error(data.speed_error))}
-    total = sum(c for _, c in data.hourly)
-    state = (
-        "complete (epoch marker since " + _e(data.epoch) + ")"
-        if data.epoch
-        else '<span class="warn">degraded: no epoch marker (Redis lost its data or was '
-        "never caught up); answers come from the batch layer until the poller re-reads</span>"
-    )
-    coverage = (
-        f"<p>State: {state}</p>"
-        f"<p>Changes received in the last {len(data.hourly)} hours: "
-        f'<strong id="changes-total">{total}</strong> (UTC hours, oldest first)</p>'
-        + render_chart(data.hourly)
-    )
-    types = (
-        _table(
-            ["resource type", "entries"],
-            [[_e(t), f'<span class="num">{c}</span>'] for t, c in data.type_counts],
-            "types",
-        )
-        if data.type_counts
-        else "<p>The speed layer holds no entries.</p>"
-    )
-    poller = (
-        "<dl>"
-        f'<dt>Poller watermark (HAPI clock)</dt><dd id="poller-watermark">'
-        f"{_e(data.poller_watermark or 'never polled')}</dd>"
-        f'<dt>Poller lag</dt><dd id="poller-lag">{_e(format_age(data.poller_lag_seconds))}'
-        "</dd>"
-        f'<dt>Missed notifications (found by the poller)</dt><dd id="missed">{data.missed}</dd>'
-        f'<dt>Rejected resources (all time)</dt><dd id="reject-total">{data.reject_total}</dd>'
-        "</dl>"
-    )
-    reject_rows = [
-        [
-            _e(r.resource_type),
-            _e(r.resource_id),
-            "<ul>" + "".join(f"<li>{_e(i)}</li>" for i in r.issues) + "</ul>",
-            _e(r.at or ""),
-        ]
-        for r in data.rejects
-    ]
-    rejects = (
-        _table(["type", "id", "issues", "rejected at"], reject_rows, "rejects")
-        if reject_rows
-        else "<p>No rejects.</p>"
-    )
     return {
-        "coverage": _section("Speed-layer coverage", "coverage", coverage),
-        "entries": _section("Entries per resource type", "entries", types),
-        "poller": _section("Poller", "poller", poller),
-        "rejects": _section(f"Recent rejects (newest {REJECTS_SHOWN})", "recent-rejects", rejects),
+        "bar_w": bar_w,
+        "height": height,
+        "top": top,
+        "left": left,
+        "width": left + len(hourly) * (bar_w + gap),
+        "full_height": top + height + bottom,
+        "peak": peak,
+        "hours": hours,
     }
-
-
-def _batch_section(batch: BatchStatus) -> str:
-    if batch.error:
-        return _section("Batch layer", "batch", _error(batch.error))
-    if batch.watermark is None:
-        return _section("Batch layer", "batch", '<p id="batch-watermark">never refreshed</p>')
-    refreshed = batch.refreshed_at.isoformat() if batch.refreshed_at else "unknown"
-    return _section(
-        "Batch layer",
-        "batch",
-        "<dl>"
-        f'<dt>Watermark</dt><dd id="batch-watermark">{_e(batch.watermark)}</dd>'
-        f'<dt>Age</dt><dd id="batch-age">{_e(format_age(batch.age_seconds))}</dd>'
-        f'<dt>Last refresh</dt><dd id="batch-refreshed">{_e(refreshed)}</dd>'
-        f'<dt>Resources</dt><dd id="batch-resources">{_e(batch.resources)}</dd>'
-        "</dl>",
-    )
-
-
-def _subscriptions_section(subs: SubscriptionsStatus) -> str:
-    if not subs.checked:
-        return _section("Subscriptions", "subscriptions", "<p>Not checked.</p>")
-    checked = (
-        f'<p class="small">checked {_e(subs.checked_at.isoformat(timespec="seconds"))}</p>'
-        if subs.checked_at
-        else ""
-    )
-    if subs.error:
-        return _section("Subscriptions", "subscriptions", _error(subs.error) + checked)
-    if not subs.rows:
-        return _section(
-            "Subscriptions",
-            "subscriptions",
-            '<p class="warn">No Subscriptions of this deployment on HAPI '
-            "(run <code>researchflow subscriptions bootstrap</code>).</p>" + checked,
-        )
-    rows = [
-        [
-            _e(s.id),
-            _e(s.criteria),
-            f'<span class="{"ok" if s.status == "active" else "warn"}">{_e(s.status)}</span>',
-            _e(s.endpoint),
-            _e(s.error or ""),
-        ]
-        for s in subs.rows
-    ]
-    return _section(
-        "Subscriptions",
-        "subscriptions",
-        _table(["id", "criteria", "status", "endpoint", "error"], rows, "subscription-table")
-        + checked,
-    )
 
 
 _STYLE = """
@@ -495,27 +424,15 @@ svg .base{stroke:#999}
 
 
 def render_status(data: StatusData) -> str:
-    """The status page as one self-contained HTML document (no scripts, no outside assets)."""
-    generated = data.generated_at.isoformat(timespec="seconds")
-    speed = _speed_sections(data)
-    # What an operator checks first (is data flowing, how far behind) above the details.
-    body = "".join(
-        [
-            speed["coverage"],
-            speed.get("poller", ""),
-            _batch_section(data.batch),
-            _subscriptions_section(data.subscriptions),
-            speed.get("entries", ""),
-            speed.get("rejects", ""),
-        ]
-    )
-    return (
-        '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
-        '<meta name="viewport" content="width=device-width, initial-scale=1">'
-        '<meta http-equiv="refresh" content="60">'
-        f"<title>ResearchFlow status</title><style>{_STYLE}</style></head><body>"
-        f'<h1>ResearchFlow status</h1><p class="small">as of <span id="generated">'
-        f"{_e(generated)}</span>; reloads every minute</p>{body}</body></html>"
+    """The status page as one self-contained HTML document (no scripts, no outside assets),
+    from `serving/templates/status.html`."""
+    return _TEMPLATES.get_template("status.html").render(
+        data=data,
+        bars=chart_geometry(data.hourly),
+        changes_total=sum(c for _, c in data.hourly),
+        format_age=format_age,
+        rejects_shown=REJECTS_SHOWN,
+        style=Markup(_STYLE),
     )
 
 
@@ -559,11 +476,17 @@ def status_route(
         )
         store: SpeedStore | None = getattr(request.state, "store", None)
         database: Database = getattr(request.state, "pool", None) or settings.database_url
+        views = getattr(request.app.state, "views", None)
+        mirror: SpeedMirror | None = getattr(request.state, "mirror", None)
         if cache.fresh() is not None:
-            data = await gather_status(settings, store, database, None, cache=cache)
+            data = await gather_status(
+                settings, store, database, None, cache=cache, views=views, mirror=mirror
+            )
         else:
             async with factory() as fhir:
-                data = await gather_status(settings, store, database, fhir, cache=cache)
+                data = await gather_status(
+                    settings, store, database, fhir, cache=cache, views=views, mirror=mirror
+                )
         metrics: Metrics | None = getattr(request.app.state, "metrics", None)
         if metrics is not None:
             metrics.query_latency.labels("status").observe(time.perf_counter() - started)

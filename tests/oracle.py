@@ -318,11 +318,13 @@ class Function(Expr):
     type: str | None = None
 
     def text(self) -> str:
+        # A function of the focus itself (an empty base path): `getResourceKey()`.
+        base = f"{self.base.text()}." if self.base.text() else ""
         if self.name == "join":
-            return f"{self.base.text()}.join({_string_literal(str(self.argument))})"
+            return f"{base}join({_string_literal(str(self.argument))})"
         if isinstance(self.argument, Expr):
-            return f"{self.base.text()}.{self.name}({self.argument.text()})"
-        return f"{self.base.text()}.{self.name}()"
+            return f"{base}{self.name}({self.argument.text()})"
+        return f"{base}{self.name}()"
 
     def evaluate(self, focus: list[Json], env: Env) -> list[Json]:
         items = self.base.evaluate(focus, env)
