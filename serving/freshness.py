@@ -9,7 +9,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from core.fhir_values import format_instant, instant_of_ms, parse_instant
+from core.fhir_values import format_instant, instant_of_ms
 from serving.batch import VIEW_SCHEMA, WATERMARK_SQL
 from serving.merge import SpeedView
 from serving.viewdef import ViewDefinition
@@ -22,10 +22,12 @@ class ViewFreshness:
     `batch_as_of`: the batch watermark (HAPI's clock) the batch table is complete to;
     `batch_rows`: rows of `sqlonfhir.<name>` (None while `batch init` has not built it).
     `speed_resources`: entries of the view's type the speed layer holds (tombstones too),
-    `speed_rows`: the view's rows derived from its present entries; `speed_as_of`: the newest
-    of the poller's watermark and the newest `meta.lastUpdated` of those entries (HAPI's
-    clock), so the view holds every change of its type HAPI made up to then that reached the
-    speed layer. The speed fields are None when the speed layer was not consulted.
+    `speed_rows`: the view's rows derived from its present entries; `speed_as_of`: what it
+    means for `/cohort` (../shared/interfaces.md, "Query API"): both layers together are
+    complete up to the poller's watermark (HAPI's clock) and hold every notification received
+    since; `speed_newest`: the newest `meta.lastUpdated` of the type's entries (HAPI's clock),
+    the last change that reached the speed layer (shown by the status page; no completeness
+    claim). The speed fields are None when the speed layer was not consulted.
     """
 
     name: str
@@ -36,6 +38,7 @@ class ViewFreshness:
     speed_resources: int | None
     speed_rows: int | None
     speed_as_of: str | None
+    speed_newest: str | None = None
 
     def contract(self) -> dict[str, Any]:
         """The fields of `GET /views` (../shared/interfaces.md, "Views")."""
@@ -67,15 +70,15 @@ async def view_freshness(
             counted = await (await conn.execute(query)).fetchone()
             batch_rows = int(counted[0]) if counted else 0
         speed_resources = speed_rows = None
-        speed_as_of: str | None = None
+        speed_as_of = speed_newest = None
         type_mirror = speed.mirror.types.get(view.resource) if speed.mirror else None
         if type_mirror is not None:
             held = type_mirror.entries.values()
             speed_resources = len(held)
             speed_rows = sum(len(h.rows.get(name, ())) for h in held if not h.deleted)
-            speed_as_of = _newest(
-                speed.speed_as_of, max((h.last_updated_ms for h in held), default=0)
-            )
+            speed_as_of = speed.speed_as_of
+            newest_ms = max((h.last_updated_ms for h in held), default=0)
+            speed_newest = format_instant(instant_of_ms(newest_ms)) if newest_ms > 0 else None
         out.append(
             ViewFreshness(
                 name,
@@ -86,16 +89,10 @@ async def view_freshness(
                 speed_resources,
                 speed_rows,
                 speed_as_of,
+                speed_newest,
             )
         )
     return out
-
-
-def _newest(watermark: str | None, newest_ms: float) -> str | None:
-    """The later of the poller's watermark (kept as HAPI wrote it) and an entry's lastUpdated."""
-    if newest_ms > 0 and newest_ms > (parse_instant(watermark) or 0):
-        return format_instant(instant_of_ms(newest_ms))
-    return watermark
 
 
 async def _exists(conn: psycopg.AsyncConnection[Any], relation: str) -> bool:

@@ -375,8 +375,14 @@ async def test_views_lists_freshness_per_view(database: str, views_folder: Path)
         }
         assert components["batch_as_of"] == watermark[0]
         assert components["batch_rows"] == 0 and components["speed_resources"] == 1
-        # The newest lastUpdated the speed layer holds for Observation (HAPI's clock).
-        assert _ms(components["speed_as_of"]) == _ms(newest)
+        # speed_as_of means what it means for /cohort: complete up to the poller's watermark.
+        async with running(app) as client:
+            cohort = (await client.get("/cohort", params={"gender": "male"}, headers=AUTH)).json()
+        assert components["speed_as_of"] == cohort["speed_as_of"]
+        assert {v["speed_as_of"] for v in listed.values()} == {cohort["speed_as_of"]}
+        # The status page also shows the newest lastUpdated held for Observation (HAPI's clock).
+        assert _ms(shown["observation_components"][7]) == _ms(newest)
+        assert shown["patient_names"][7] == "-"
         names = listed["patient_names"]
         assert names["batch_rows"] == 1 and names["speed_resources"] == 0
 
