@@ -87,16 +87,18 @@ def _maybe(draw: st.DrawFn, value: Any) -> Any:
 
 @st.composite
 def extension(draw: st.DrawFn, depth: int = 0) -> dict[str, Any]:
+    # FHIR's ext-1: a value[x] or extensions, never both nor neither.
     ext: dict[str, Any] = {"url": draw(st.sampled_from(EXT_URLS))}
-    kind = draw(st.sampled_from(["string", "decimal", "dateTime", "nested"]))
+    kinds = ["string", "decimal", "dateTime"] + (["nested"] if depth < 2 else [])
+    kind = draw(st.sampled_from(kinds))
     if kind == "string":
         ext["valueString"] = draw(st.sampled_from(TEXTS))
     elif kind == "decimal":
         ext["valueDecimal"] = draw(st.sampled_from(DECIMALS))
     elif kind == "dateTime":
         ext["valueDateTime"] = draw(st.sampled_from(DATE_TIMES))
-    if kind == "nested" or (depth < 2 and draw(st.integers(0, 3)) == 0):
-        ext["extension"] = draw(st.lists(extension(depth + 1), max_size=2)) if depth < 2 else []
+    else:
+        ext["extension"] = draw(st.lists(extension(depth + 1), min_size=1, max_size=2))
     return ext
 
 
@@ -127,6 +129,8 @@ def human_name(draw: st.DrawFn) -> dict[str, Any]:
         name["given"] = given  # all holes: value-less primitives only
     if any(e is not None for e in elements):
         name["_given"] = elements
+    if not name:  # FHIR JSON has no empty objects
+        name["text"] = draw(st.sampled_from(TEXTS))
     return name
 
 
@@ -147,7 +151,7 @@ def patient(draw: st.DrawFn, rid: str) -> dict[str, Any]:
     data["name"] = draw(
         st.lists(human_name(), min_size=draw(st.sampled_from([0, 1, 1])), max_size=2)
     )
-    if not data["name"] and draw(st.booleans()):
+    if not data["name"]:  # FHIR JSON has no empty arrays
         del data["name"]
     telecom = draw(st.lists(st.sampled_from(TEXTS), max_size=2))
     if telecom:
@@ -176,7 +180,9 @@ def observation(draw: st.DrawFn, rid: str) -> dict[str, Any]:
             ]
         },
     }
-    if draw(st.booleans()):
+    if not data["code"]["coding"]:  # FHIR JSON has no empty arrays
+        del data["code"]["coding"]
+    if draw(st.booleans()) or not data["code"]:
         data["code"]["text"] = draw(st.sampled_from(TEXTS))
     value = draw(st.sampled_from(["quantity", "string", "none"]))
     if value == "quantity":
