@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from core.errors import InvalidViewDefinition
-from core.r4schema import R4_RESOURCE_TYPES
 from core.fhir_values import JsonError
 from core.fhir_values import loads as exact_loads
+from core.r4schema import R4_RESOURCE_TYPES
 from serving.fhirpath import BUILTIN_VARIABLES, parse, variables_used
 
 __all__ = [
