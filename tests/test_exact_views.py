@@ -23,7 +23,7 @@ from typing import Any
 import hypothesis.strategies as st
 import psycopg
 import pytest
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import HealthCheck, event, example, given, settings
 
 import researchflow_cli
 from core.errors import InvalidViewDefinition
@@ -31,6 +31,7 @@ from core.fhir_values import (
     case_map,
     case_map_sql,
     compare_temporal,
+    decimal_text,
     dumps,
     fold,
     temporal_compare_sql,
@@ -219,18 +220,53 @@ def test_date_comparison_rules() -> None:
     assert compare_temporal("10:30:00", "10:30:00.0", time=True) == 0
 
 
-@settings(max_examples=200, deadline=None)
-@given(
-    a=st.decimals(
-        allow_nan=False, allow_infinity=False, places=6, min_value=-(10**9), max_value=10**9
-    ),
-    b=st.decimals(
-        allow_nan=False, allow_infinity=False, places=4, min_value=-(10**6), max_value=10**6
-    ).filter(bool),
-)
+def _numbers(places: int, bound: int) -> st.SearchStrategy[Decimal]:
+    fixed = st.decimals(
+        allow_nan=False, allow_infinity=False, places=places, min_value=-bound, max_value=bound
+    )
+    # Any exponent (1E+2, 0.000120), zeros of every scale and sign.
+    free = st.builds(
+        lambda digits, exponent: Decimal(digits).scaleb(exponent),
+        st.integers(-(10**12), 10**12),
+        st.integers(-20, 8),
+    )
+    zeros = st.sampled_from([Decimal("0"), Decimal("-0.0"), Decimal("0.000"), Decimal("0E+3")])
+    return st.one_of(fixed, free, zeros)
+
+
+@settings(max_examples=300, deadline=None)
+@given(a=_numbers(6, 10**9), b=_numbers(4, 10**6).filter(bool))
+@example(a=Decimal("-0.0"), b=Decimal(3))
+@example(a=Decimal("0"), b=Decimal("0.5"))
 def test_division_is_postgresql_numeric_division(
     a: Decimal, b: Decimal, module_pg_url: str
 ) -> None:
+    """PostgreSQL itself is the reference: the Python engine's `/` prints what it prints."""
     with psycopg.connect(module_pg_url) as conn:
-        row = conn.execute("SELECT %s::numeric / %s::numeric", (a, b)).fetchone()
-    assert row is not None and str(row[0]) == str(pg_divide(a, b))
+        row = conn.execute("SELECT (%s::numeric / %s::numeric)::text", (a, b)).fetchone()
+    assert row is not None and row[0] == decimal_text(pg_divide(a, b)), (a, b)
+
+
+def test_both_engines_print_arithmetic_on_any_decimal_alike(module_pg_url: str) -> None:
+    """Zeros of every scale and sign, exponents: the same digits from both engines."""
+    values = ["-0.0", "0", "0.000", "0E+3", "1E+2", "-1E-24", "6.50000000000000001", "7"]
+    observations = [
+        {"resourceType": "Observation", "id": f"o{n}", "status": "final",
+         "code": {"text": "x"}, "valueQuantity": {"value": Decimal(v)}}
+        for n, v in enumerate(values)
+    ]  # fmt: skip
+    paths = ["value.ofType(Quantity).value / 3", "value.ofType(Quantity).value * 1.50",
+             "value.ofType(Quantity).value + 0.0", "-value.ofType(Quantity).value",
+             "value.ofType(Quantity).value div 7", "value.ofType(Quantity).value mod 7"]  # fmt: skip
+    definition = {
+        "resourceType": "ViewDefinition",
+        "resource": "Observation",
+        "status": "active",
+        "select": [
+            {"column": [{"name": "id", "path": "id"}]
+             + [{"name": f"c{n}", "path": p} for n, p in enumerate(paths)]}
+        ],
+    }  # fmt: skip
+    python = evaluate(load_view(definition), observations)
+    postgres = postgres_engine(module_pg_url)(definition, observations)
+    assert _multiset(python, exact=True) == _multiset(postgres, exact=True)

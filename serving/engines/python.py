@@ -37,6 +37,7 @@ from serving.engines.sqlvalues import (
     jsonb_text,
     pg_divide,
     pg_integer,
+    pg_numeric,
     round_half_away,
     scale,
     text_of,
@@ -604,7 +605,7 @@ def _arithmetic(op: str, left: Fn, right: Fn) -> Fn:
             return []
         if isinstance(a, int) and isinstance(b, int) and op in ("+", "-", "*"):
             return [a + b if op == "+" else a - b if op == "-" else a * b]
-        x, y = Decimal(a), Decimal(b)
+        x, y = pg_numeric(a), pg_numeric(b)
         if op == "+":
             return [EXACT.add(x, y)]
         if op == "-":
