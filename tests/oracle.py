@@ -22,7 +22,7 @@ import calendar
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -624,10 +624,51 @@ def _day_range(text: Any) -> tuple[str, str] | None:
     return None
 
 
+def _epoch_ms(moment: datetime) -> int:
+    return (moment - datetime(1970, 1, 1, tzinfo=UTC)) // timedelta(milliseconds=1)
+
+
+def _instant_range(text: str) -> tuple[int, int]:
+    """The epoch milliseconds [first, last] a dateTime search value covers (UTC without a
+    zone; a minute, a second or a millisecond, as written)."""
+    clock = text[11:]
+    zone = ""
+    for mark in ("Z", "+", "-"):
+        if mark in clock:
+            clock, zone = clock[: clock.index(mark)], clock[clock.index(mark) :]
+            break
+    parts = clock.split(":")
+    step = 60_000 if len(parts) == 2 else 1_000 if "." not in parts[2] else 1
+    seconds = Decimal(parts[2]) if len(parts) == 3 else Decimal(0)
+    moment = datetime(
+        int(text[:4]), int(text[5:7]), int(text[8:10]), int(parts[0]), int(parts[1]),
+        tzinfo=UTC,
+    )  # fmt: skip
+    if zone not in ("", "Z"):
+        sign = 1 if zone[0] == "+" else -1
+        moment -= sign * timedelta(hours=int(zone[1:3]), minutes=int(zone[4:6]))
+    first = _epoch_ms(moment) + int(seconds * 1000)
+    return first, first + step - 1
+
+
+def _birth_instants(value: Any) -> tuple[int, int] | None:
+    days = _day_range(value)
+    if days is None:
+        return None
+    low = datetime.fromisoformat(days[0]).replace(tzinfo=UTC)
+    high = datetime.fromisoformat(days[1]).replace(tzinfo=UTC) + timedelta(days=1)
+    return _epoch_ms(low), _epoch_ms(high) - 1
+
+
 def _birthdate_matches(value: Any, query: str) -> bool:
     prefix = query[:2] if query[:2] in ("eq", "ne", "gt", "lt", "ge", "le") else "eq"
-    bounds = _day_range(query[2:] if query[:2] == prefix else query)
-    target = _day_range(value)
+    searched = query[2:] if query[:2] == prefix else query
+    bounds: tuple[Any, Any] | None
+    target: tuple[Any, Any] | None
+    if "T" in searched:  # a dateTime: instants, a birth date's days taken in UTC
+        bounds, target = _instant_range(searched), _birth_instants(value)
+    else:
+        bounds, target = _day_range(searched), _day_range(value)
     if target is None or bounds is None:
         return False
     # FHIR R4 search, "date": ranges against ranges.
