@@ -9,8 +9,10 @@ the way FHIR's JSON format and the specifications define it, so a shared bug can
   propagation, three-valued logic, singleton evaluation, date/time comparison by precision
   (§6.1.1, §6.2). Policies the spec leaves open are the contract's: values that both carry
   a UTC offset compare in UTC; an offset on one side only is unknown at hour precision and
-  above (a date against a dateTime compares the dateTime's written date); a primitive with
-  only extensions (`_birthDate` without `birthDate`) has no value.
+  above (a date against a dateTime compares the dateTime's written date). A primitive
+  element is a node, its value and its `_name` object (FHIR JSON, "Representing primitive
+  elements"): one with only extensions (`_birthDate` without `birthDate`) exists, has
+  extensions on every path (`name.given.first().extension(...)`), and no value.
 - /cohort: the contract's Query API section (../shared/interfaces.md) over the newest
   version of every resource: FHIR date ranges, number search with implied precision,
   condition-text by Unicode default case folding (`str.casefold`).
@@ -46,6 +48,46 @@ def element_values(item: Json, name: str) -> list[Json]:
         return []
     values = value if isinstance(value, list) else [value]
     return [v for v in values if v is not None]
+
+
+@dataclass(frozen=True)
+class Node:
+    """A primitive element that has its `_name` object: its value (None: none) and that
+    object. One without an `_name` object is just its value."""
+
+    value: Json
+    element: dict[str, Json]
+
+
+def element_nodes(item: Json, name: str) -> list[Json]:
+    """FHIR JSON member access that keeps primitive elements whole: `name` and `_name` line
+    up by position; an entry with an `_name` object is a Node (with or without a value)."""
+    if not isinstance(item, dict):
+        return []
+    objects = item.get("_" + name)
+    if objects is None:
+        return element_values(item, name)
+    value = item.get(name)
+    found = [] if value is None else value if isinstance(value, list) else [value]
+    beside = objects if isinstance(objects, list) else [objects]
+    out: list[Json] = []
+    for n in range(max(len(found), len(beside))):
+        v = found[n] if n < len(found) else None
+        e = beside[n] if n < len(beside) else None
+        if isinstance(e, dict):
+            out.append(Node(v, e))
+        elif v is not None:
+            out.append(v)
+    return out
+
+
+def values(items: list[Json]) -> list[Json]:
+    """What items are as values: a Node's value (a Node without one is no value)."""
+    return [
+        i.value if isinstance(i, Node) else i
+        for i in items
+        if not isinstance(i, Node) or i.value is not None
+    ]
 
 
 def primitive_elements(item: Json, name: str) -> list[Json]:
@@ -237,13 +279,13 @@ class Step:
                 out.extend(primitive_elements(item, self.name))
             elif self.of_type is not None:
                 out.extend(
-                    element_values(item, self.name + self.of_type[0].upper() + self.of_type[1:])
+                    element_nodes(item, self.name + self.of_type[0].upper() + self.of_type[1:])
                 )
             elif self.choices:
                 for suffix in self.choices:
                     out.extend(element_values(item, self.name + suffix))
             else:
-                out.extend(element_values(item, self.name))
+                out.extend(element_nodes(item, self.name))
         return out
 
 
@@ -266,20 +308,24 @@ class Path(Expr):
 
 @dataclass
 class Extension(Expr):
-    """`base.extension('url')` (base a primitive element's path or any element)."""
+    """`base.extension('url')` (base a primitive element, a node, or any element)."""
 
-    base: Path
+    base: Expr
     url: str
     type: str | None = "Extension"
 
     def text(self) -> str:
         call = f"extension({_string_literal(self.url)})"
-        return f"{self.base.text()}.{call}" if self.base.steps else call
+        if isinstance(self.base, Path) and not self.base.steps:
+            return call
+        return f"{self.base.text()}.{call}"
 
     def evaluate(self, focus: list[Json], env: Env) -> list[Json]:
         owners = self.base.evaluate(focus, env)
         out: list[Json] = []
         for owner in owners:
+            if isinstance(owner, Node):
+                owner = owner.element
             for ext in element_values(owner, "extension"):
                 if isinstance(ext, dict) and ext.get("url") == self.url:
                     out.append(ext)
@@ -337,15 +383,32 @@ class Function(Expr):
         if self.name == "getResourceKey":
             return [i["id"] for i in items if isinstance(i, dict) and "id" in i]
         if self.name == "not":
-            value = singleton_boolean(items)
+            value = singleton_boolean(values(items))
             return [] if value is None else [not value]
         if self.name == "join":
-            return [str(self.argument).join(items)]
+            return [str(self.argument).join(values(items))]
         assert isinstance(self.argument, Expr)
-        kept = [i for i in items if singleton_boolean(self.argument.evaluate([i], env)) is True]
+        kept = [
+            i for i in items if singleton_boolean(values(self.argument.evaluate([i], env))) is True
+        ]
         if self.name == "where":
             return kept
         return [bool(kept)]  # exists(criterion)
+
+
+@dataclass
+class Index(Expr):
+    """`base[n]`: the item at position n, if there is one."""
+
+    base: Expr
+    n: int
+    type: str | None = None
+
+    def text(self) -> str:
+        return f"{self.base.text()}[{self.n}]"
+
+    def evaluate(self, focus: list[Json], env: Env) -> list[Json]:
+        return self.base.evaluate(focus, env)[self.n : self.n + 1]
 
 
 @dataclass
@@ -374,7 +437,7 @@ class Compare(Expr):
         return f"({self.left.text()}) {self.op} ({self.right.text()})"
 
     def evaluate(self, focus: list[Json], env: Env) -> list[Json]:
-        a, b = self.left.evaluate(focus, env), self.right.evaluate(focus, env)
+        a, b = values(self.left.evaluate(focus, env)), values(self.right.evaluate(focus, env))
         if not a or not b:
             return []
         dates = self.left.type in TEMPORAL or self.right.type in TEMPORAL
@@ -435,8 +498,8 @@ class Logic(Expr):
         return f"({self.left.text()}) {self.op} ({self.right.text()})"
 
     def evaluate(self, focus: list[Json], env: Env) -> list[Json]:
-        a = singleton_boolean(self.left.evaluate(focus, env))
-        b = singleton_boolean(self.right.evaluate(focus, env))
+        a = singleton_boolean(values(self.left.evaluate(focus, env)))
+        b = singleton_boolean(values(self.right.evaluate(focus, env)))
         if self.op == "and":
             if a is False or b is False:
                 return [False]
@@ -527,10 +590,10 @@ class View:
             return []
         env = Env(resource, 0, {n: v for n, _, v in self.constants})
         for where in self.where:
-            values = where.evaluate([resource], env)
-            if values not in ([], [True], [False]):
+            result = values(where.evaluate([resource], env))
+            if result not in ([], [True], [False]):
                 raise OracleError("a where clause gave no boolean")
-            if values != [True]:
+            if result != [True]:
                 return []
         return process(Select(select=self.select), resource, env)
 
@@ -543,7 +606,7 @@ def process(sel: Select, node: Json, env: Env) -> list[dict[str, Json]]:
 
         def traverse(item: Json) -> None:
             for path in sel.repeat:
-                for child in path.evaluate([item], env):
+                for child in values(path.evaluate([item], env)):
                     foci.append(child)
                     traverse(child)
 
@@ -561,13 +624,13 @@ def process(sel: Select, node: Json, env: Env) -> list[dict[str, Json]]:
             env.row_index = index
         parts: list[list[dict[str, Json]]] = []
         for col in sel.column:
-            values = col.path.evaluate([focus], env)
+            found = values(col.path.evaluate([focus], env))
             if col.collection:
-                value: Json = values
-            elif not values:
+                value: Json = found
+            elif not found:
                 value = None
-            elif len(values) == 1:
-                value = values[0]
+            elif len(found) == 1:
+                value = found[0]
             else:
                 raise OracleError(f"column {col.name} got several values")
             parts.append([{col.name: value}])

@@ -24,6 +24,7 @@ from tests.oracle import (
     Expr,
     Extension,
     Function,
+    Index,
     Literal,
     Logic,
     Path,
@@ -217,11 +218,47 @@ def _value_of(first: Expr, of_type: str, type_: str) -> Expr:
     return Then(first, _path(Step("value", of_type=of_type), type_=type_), type=type_)
 
 
+def _given_extensions(given: Path) -> list[Candidate]:
+    """Extensions of `given` items reached through first(), last(), [n] and where(): a
+    primitive element keeps its extensions on every evaluation path."""
+    s = Step
+    picks: list[Expr] = [
+        Function(given, "first", type="string"),
+        Function(given, "last", type="string"),
+        Index(given, 1, type="string"),
+        Function(
+            given, "where", Compare("!=", This(type="string"), Literal(TEXTS[0], "string")),
+            type="string",
+        ),
+    ]  # fmt: skip
+    out = [
+        Candidate(_value_of(Extension(pick, url), "string", "string"), "string", True)
+        for pick, url in zip(picks, EXT_URLS * 2, strict=True)
+    ]
+    out.append(
+        Candidate(
+            Then(Extension(picks[0], ABSENT), _path(s("value", of_type="code"), type_="code")),
+            "code",
+            True,
+        )
+    )
+    return out
+
+
 def candidates(focus: str) -> list[Candidate]:
     """Expressions at a focus type, with what they give."""
     s = Step
     if focus == "Patient":
         return [
+            *_given_extensions(_path(s("name"), s("given"), type_="string")),
+            Candidate(
+                Then(
+                    Extension(_path(s("birthDate"), type_="date"), ABSENT),
+                    _path(s("value", choices=("Code", "String")), type_=None),
+                ),
+                None,
+                True,
+            ),
             Candidate(Function(_path(s("id"), type_="id"), "getResourceKey"), "id", False),
             Candidate(_path(s("gender"), type_="code"), "code", False),
             Candidate(_path(s("birthDate"), type_="date"), "date", False),
@@ -283,6 +320,7 @@ def candidates(focus: str) -> list[Candidate]:
         ]
     if focus == "HumanName":
         return [
+            *_given_extensions(_path(s("given"), type_="string")),
             Candidate(_path(s("family"), type_="string"), "string", False),
             Candidate(_path(s("use"), type_="code"), "code", False),
             Candidate(_path(s("given"), type_="string"), "string", True),
@@ -386,7 +424,9 @@ def _literal(draw: st.DrawFn, type_: str | None) -> Expr:
 @st.composite
 def condition(draw: st.DrawFn, focus: str, constants: list[tuple[str, str, Any]]) -> Expr:
     """A boolean expression at `focus`."""
-    options = [c for c in candidates(focus) if c.type != "uri"] if focus != "string" else []
+    options = (
+        [c for c in candidates(focus) if c.type not in ("uri", None)] if focus != "string" else []
+    )
     kinds = ["compare", "compare", "compare", "exists", "logic"]
     kind = draw(st.sampled_from(kinds if options else ["rowindex"]))
     if kind == "rowindex":
@@ -434,10 +474,18 @@ _COLUMN_TYPES = {
 
 @st.composite
 def column(draw: st.DrawFn, focus: str, name: str, constants: list[tuple[str, str, Any]]) -> Column:
-    if focus == "string":
-        kind = draw(st.sampled_from(["this", "rowindex"]))
+    if focus == "string":  # an item of name.given: a primitive element, maybe value-less
+        kind = draw(st.sampled_from(["this", "rowindex", "extension", "exists", "url"]))
         if kind == "rowindex":
             return Column(name, RowIndex(), "integer")
+        if kind == "extension":
+            url = draw(st.sampled_from(EXT_URLS))
+            return Column(name, _value_of(Extension(This(), url), "string", "string"), "string")
+        if kind == "exists":
+            return Column(name, Exists(This()), "boolean")
+        if kind == "url":
+            urls = Then(Extension(This(), ABSENT), _path(Step("url"), type_="uri"), type="uri")
+            return Column(name, Function(urls, "first", type="uri"), "uri")
         return Column(name, This(type="string"), "string")
     roll = draw(st.integers(0, 9))
     if roll == 0:

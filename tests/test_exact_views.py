@@ -138,6 +138,10 @@ def test_engines_and_oracle_give_the_same_rows(
     for marker in (
         "extension('http://hl7",
         "given.extension",
+        "first().extension",
+        "[1].extension",
+        "$this.extension",
+        "$this.exists()",
         "@2",
         "ofType(decimal)",
         "collection",
@@ -270,3 +274,62 @@ def test_both_engines_print_arithmetic_on_any_decimal_alike(module_pg_url: str) 
     python = evaluate(load_view(definition), observations)
     postgres = postgres_engine(module_pg_url)(definition, observations)
     assert _multiset(python, exact=True) == _multiset(postgres, exact=True)
+
+
+# FHIR JSON "Representing primitive elements": pa's birthDate has only its `_birthDate`, and
+# its second given name is a null with an extension. Expected values from FHIRPath on FHIR:
+# the element exists (no value), and extensions are reached on every evaluation path.
+_ABSENT = "http://hl7.org/fhir/StructureDefinition/data-absent-reason"
+_PRIMITIVE_PATIENTS = [
+    {"resourceType": "Patient", "id": "pa",
+     "_birthDate": {"extension": [{"url": _ABSENT, "valueCode": "masked"}]},
+     "name": [{"given": ["Ann", None, "Cee"],
+               "_given": [None, {"extension": [{"url": "g", "valueString": "mid"}]},
+                          {"id": "g3", "extension": [{"url": "g", "valueString": "last"}]}]}]},
+    {"resourceType": "Patient", "id": "pb", "birthDate": "1970", "name": [{"given": ["X"]}]},
+]  # fmt: skip
+_PRIMITIVE_PATHS = {
+    "exists": ("birthDate.exists()", [True, True]),
+    "has_value": ("birthDate.hasValue()", [False, True]),
+    "birth": ("birthDate", [None, "1970"]),
+    "absent": (f"birthDate.extension('{_ABSENT}').value", ["masked", None]),
+    "count": ("name.given.count()", [3, 1]),
+    "values": ("name.given.join(',')", ["Ann,Cee", "X"]),
+    "first": ("name.given.first().extension('g').value.ofType(string)", [None, None]),
+    "index": ("name.given[1].extension('g').value.ofType(string)", ["mid", None]),
+    "last_id": ("name.given.last().id", ["g3", None]),
+    "where": ("name.given.where($this = 'Cee').extension('g').value.ofType(string)",
+              ["last", None]),
+    "tail": ("name.given.tail().extension('g').value.ofType(string).join('|')",
+             ["mid|last", ""]),
+    "computed": ("name.given.first().lower().extension('g').exists()", [False, False]),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("engine", ["python", "postgres"])
+def test_primitive_extensions_on_every_evaluation_path(engine: str, module_pg_url: str) -> None:
+    definition = {
+        "resourceType": "ViewDefinition",
+        "resource": "Patient",
+        "status": "active",
+        "select": [
+            {"column": [{"name": "id", "path": "id"}]
+             + [{"name": n, "path": p} for n, (p, _) in _PRIMITIVE_PATHS.items()]},
+            {"forEachOrNull": "name.given",
+             "column": [{"name": "given", "path": "$this"},
+                        {"name": "given_ext", "path": "$this.extension('g').value"},
+                        {"name": "n", "path": "%rowIndex"}]},
+        ],
+    }  # fmt: skip
+    if engine == "python":
+        rows = evaluate(load_view(definition), _PRIMITIVE_PATIENTS)
+    else:
+        rows = postgres_engine(module_pg_url)(definition, _PRIMITIVE_PATIENTS)
+    given = {"pa": [("Ann", None), (None, "mid"), ("Cee", "last")], "pb": [("X", None)]}
+    expected = [
+        {"id": rid, **{n: want[k] for n, (_, want) in _PRIMITIVE_PATHS.items()},
+         "given": g, "given_ext": x, "n": i}
+        for k, rid in enumerate(["pa", "pb"])
+        for i, (g, x) in enumerate(given[rid])
+    ]  # fmt: skip
+    assert _multiset(rows, exact=True) == _multiset(expected, exact=True)
