@@ -412,7 +412,7 @@ def cmd_views(settings: Settings, args: argparse.Namespace) -> int:
         raise InvalidViewDefinition(f"{args.view} is not JSON: {exc}") from None
     if not isinstance(raw_view, dict):
         raise InvalidViewDefinition("a ViewDefinition must be a JSON object")
-    view = load_view(raw_view)
+    view = load_view(raw_view, require_status=True)
     resources = _read_resources(args.resources)
     if args.engine == "postgres":
         from serving.engines.postgres import postgres_engine

@@ -54,6 +54,9 @@ __all__ = [
     "compare_temporal",
     "date_range",
     "date_range_sql",
+    "datetime_search_range",
+    "day_instants",
+    "day_instants_sql",
     "decimal_text",
     "dumps",
     "exact_json",
@@ -389,6 +392,58 @@ def date_range_sql(column: str) -> tuple[str, str]:
         )
         highs.append(when + end)
     return f"(CASE {' '.join(lows)} END)", f"(CASE {' '.join(highs)} END)"
+
+
+# A dateTime search value (FHIR R4 search, "date": yyyy-mm-ddThh:mm[:ss[.sss]][Z|(+|-)hh:mm]).
+_SEARCH_DATETIME_RE = re.compile(
+    r"([0-9]{4}-[0-9]{2}-[0-9]{2})T([01][0-9]|2[0-3]):([0-5][0-9])(?::([0-5][0-9])(\.[0-9]+)?)?"
+    r"(Z|[+-](?:0[0-9]|1[0-4]):[0-5][0-9])?"
+)
+# A day as the instants it covers, in UTC to the millisecond (bounds inclusive).
+_DAY_START, _DAY_END = "T00:00:00.000", "T23:59:59.999"
+
+
+def _instant_text(moment: datetime) -> str:
+    m = moment  # strftime's %Y does not pad years before 1000
+    return (
+        f"{m.year:04d}-{m.month:02d}-{m.day:02d}T{m.hour:02d}:{m.minute:02d}:{m.second:02d}"
+        f".{m.microsecond // 1000:03d}"
+    )
+
+
+def datetime_search_range(text: str) -> tuple[str, str] | None:
+    """The instants [low, high] (inclusive, UTC, YYYY-MM-DDThh:mm:ss.sss text) a dateTime
+    search value covers at the precision it is written to (a minute, a second, a
+    millisecond; finer fractions are read to the millisecond, which FHIR lets a server do).
+    Without a zone the value is UTC (FHIR: the server's zone, UTC here). None when `text`
+    is no such value; a date part out of the calendar raises ValueError."""
+    match = _SEARCH_DATETIME_RE.fullmatch(text)
+    if match is None:
+        return None
+    day, hour, minute, second, fraction, zone = match.groups()
+    step = timedelta(minutes=1)
+    clock = f"{hour}:{minute}:00"
+    if second is not None:
+        step = timedelta(seconds=1) if not fraction else timedelta(milliseconds=1)
+        clock = f"{hour}:{minute}:{second}" + (fraction[:4].ljust(4, "0") if fraction else "")
+    moment = datetime.fromisoformat(f"{day}T{clock}{'+00:00' if zone in (None, 'Z') else zone}")
+    try:
+        start = moment.astimezone(UTC)
+        end = start + step - timedelta(milliseconds=1)
+    except OverflowError:
+        raise ValueError(f"{text} is outside the years 0001-9999 in UTC") from None
+    return _instant_text(start), _instant_text(end)
+
+
+def day_instants(days: tuple[str, str]) -> tuple[str, str]:
+    """A day range (`date_range`) as the instants it covers, comparable with
+    `datetime_search_range`'s: a date has no zone, and is read in UTC (the server's)."""
+    return days[0] + _DAY_START, days[1] + _DAY_END
+
+
+def day_instants_sql(low: str, high: str) -> tuple[str, str]:
+    """SQL of `day_instants` over day-range bound expressions."""
+    return f"({low} || {_lit(_DAY_START)})", f"({high} || {_lit(_DAY_END)})"
 
 
 def full_date_sql(column: str) -> str:

@@ -22,6 +22,46 @@ import orjson
 
 from core.errors import Issue
 
+# Every resource type of FHIR R4 (the R4 schema's discriminator; tests/test_r4schema.py checks
+# this list against it). R4B-only types (Citation, SubscriptionTopic, ...) are not R4 types.
+R4_RESOURCE_TYPES = frozenset(
+    {
+        "Account", "ActivityDefinition", "AdverseEvent", "AllergyIntolerance", "Appointment",
+        "AppointmentResponse", "AuditEvent", "Basic", "Binary", "BiologicallyDerivedProduct",
+        "BodyStructure", "Bundle", "CapabilityStatement", "CarePlan", "CareTeam", "CatalogEntry",
+        "ChargeItem", "ChargeItemDefinition", "Claim", "ClaimResponse", "ClinicalImpression",
+        "CodeSystem", "Communication", "CommunicationRequest", "CompartmentDefinition",
+        "Composition", "ConceptMap", "Condition", "Consent", "Contract", "Coverage",
+        "CoverageEligibilityRequest", "CoverageEligibilityResponse", "DetectedIssue", "Device",
+        "DeviceDefinition", "DeviceMetric", "DeviceRequest", "DeviceUseStatement",
+        "DiagnosticReport", "DocumentManifest", "DocumentReference", "EffectEvidenceSynthesis",
+        "Encounter", "Endpoint", "EnrollmentRequest", "EnrollmentResponse", "EpisodeOfCare",
+        "EventDefinition", "Evidence", "EvidenceVariable", "ExampleScenario",
+        "ExplanationOfBenefit", "FamilyMemberHistory", "Flag", "Goal", "GraphDefinition", "Group",
+        "GuidanceResponse", "HealthcareService", "ImagingStudy", "Immunization",
+        "ImmunizationEvaluation", "ImmunizationRecommendation", "ImplementationGuide",
+        "InsurancePlan", "Invoice", "Library", "Linkage", "List", "Location", "Measure",
+        "MeasureReport", "Media", "Medication", "MedicationAdministration", "MedicationDispense",
+        "MedicationKnowledge", "MedicationRequest", "MedicationStatement", "MedicinalProduct",
+        "MedicinalProductAuthorization", "MedicinalProductContraindication",
+        "MedicinalProductIndication", "MedicinalProductIngredient", "MedicinalProductInteraction",
+        "MedicinalProductManufactured", "MedicinalProductPackaged",
+        "MedicinalProductPharmaceutical", "MedicinalProductUndesirableEffect", "MessageDefinition",
+        "MessageHeader", "MolecularSequence", "NamingSystem", "NutritionOrder", "Observation",
+        "ObservationDefinition", "OperationDefinition", "OperationOutcome", "Organization",
+        "OrganizationAffiliation", "Parameters", "Patient", "PaymentNotice",
+        "PaymentReconciliation", "Person", "PlanDefinition", "Practitioner", "PractitionerRole",
+        "Procedure", "Provenance", "Questionnaire", "QuestionnaireResponse", "RelatedPerson",
+        "RequestGroup", "ResearchDefinition", "ResearchElementDefinition", "ResearchStudy",
+        "ResearchSubject", "RiskAssessment", "RiskEvidenceSynthesis", "Schedule",
+        "SearchParameter", "ServiceRequest", "Slot", "Specimen", "SpecimenDefinition",
+        "StructureDefinition", "StructureMap", "Subscription", "Substance", "SubstanceNucleicAcid",
+        "SubstancePolymer", "SubstanceProtein", "SubstanceReferenceInformation",
+        "SubstanceSourceMaterial", "SubstanceSpecification", "SupplyDelivery", "SupplyRequest",
+        "Task", "TerminologyCapabilities", "TestReport", "TestScript", "ValueSet",
+        "VerificationResult", "VisionPrescription",
+    }
+)  # fmt: skip
 # R4 resource types fhir.resources' R4B package has no model of (tests/test_r4schema.py
 # derives the same list from the schema and the models).
 R4_ONLY_TYPES = frozenset(

@@ -74,13 +74,77 @@ def _model(resource_type: str) -> Any:
 
 
 def is_resource_type(name: str) -> bool:
-    """True for a FHIR resource type name: one the R4B models know, or an R4 one they lack."""
-    return (
-        bool(name)
-        and name[0].isupper()
-        and name.isalpha()
-        and (name in r4schema.R4_SCHEMA_TYPES or _model(name) is not None)
-    )
+    """True for a FHIR R4 resource type name (`core.r4schema.R4_RESOURCE_TYPES`, R4's own list):
+    an R4B-only type (Citation, SubscriptionTopic, ...) is none, though the models know it."""
+    return name in r4schema.R4_RESOURCE_TYPES
+
+
+_EXTENSION_KEYS = frozenset({"extension", "modifierExtension"})
+
+
+def json_rules_issues(data: dict[str, Any]) -> list[Issue]:
+    """Issues of FHIR's JSON rules that neither the R4B models nor R4's JSON schema check, so
+    both paths of the gate give one answer (FHIR R4 JSON §2.6.2, Extension, ele-1, ext-1):
+
+    - no empty object or array, and no null except where a primitive array's `_name`
+      partner holds the element at that index (`"given": [null, "B"]` with `_given`);
+    - an extension has a `url` and either one value[x] or extensions, never both;
+    - every resource inside (contained, Bundle entries, Parameters) is of an R4 type.
+    """
+    issues: list[Issue] = []
+    stack: list[tuple[str, Any, bool]] = [("", data, False)]
+    while stack and len(issues) < r4schema.MAX_ISSUES:
+        path, node, is_extension = stack.pop()
+        if not node:
+            issues.append(Issue("invalid", f"{path}: an empty object or array is not FHIR", path))
+            continue
+        if is_extension:
+            issues.extend(_extension_issues(path, node))
+        kind = node.get("resourceType")
+        if path and isinstance(kind, str) and kind not in r4schema.R4_RESOURCE_TYPES:
+            where = f"{path}.resourceType"
+            issues.append(Issue("not-supported", f"{where}: unknown resource type {kind!r}", where))
+        for key, value in node.items():
+            where = f"{path}.{key}" if path else key
+            if value is None:
+                issues.append(Issue("invalid", f"{where}: null is not a FHIR value", where))
+            elif isinstance(value, dict):
+                stack.append((where, value, False))
+            elif isinstance(value, list):
+                if not value:
+                    issues.append(Issue("invalid", f"{where}: an empty array is not FHIR", where))
+                    continue
+                other = node.get(key[1:] if key.startswith("_") else "_" + key)
+                partner: list[Any] = other if isinstance(other, list) else []
+                for n, item in enumerate(value):
+                    if item is None:
+                        if n >= len(partner) or partner[n] is None:
+                            at = f"{where}[{n}]"
+                            issues.append(Issue("invalid", f"{at}: null is not a FHIR value", at))
+                    elif isinstance(item, dict):
+                        stack.append((f"{where}[{n}]", item, key in _EXTENSION_KEYS))
+    issues.sort(key=lambda issue: issue.expression or "")
+    return issues
+
+
+def _extension_issues(path: str, node: dict[str, Any]) -> list[Issue]:
+    found: list[Issue] = []
+    url = node.get("url")
+    if not isinstance(url, str) or not url:
+        found.append(Issue("required", f"{path}.url: an extension needs its url", f"{path}.url"))
+    values = sorted(k for k in node if k.startswith("value"))
+    if len(values) > 1:
+        found.append(Issue("invalid", f"{path}: an extension has one value[x], not {values}", path))
+    if bool(values) == ("extension" in node):
+        found.append(
+            Issue(
+                "invalid",
+                f"{path}: an extension has either a value[x] or extensions, not both or"
+                " neither (ext-1)",
+                path,
+            )
+        )
+    return found
 
 
 def _deeper_than(value: Any, limit: int) -> bool:
@@ -169,9 +233,12 @@ def check_resource(data: dict[str, Any]) -> list[Issue]:
     """Validation issues of a parsed resource against the R4B models and our bindings, or,
     for the R4 types and shapes those models lack, against R4's own JSON schema."""
     resource_type = data.get("resourceType")
+    if not isinstance(resource_type, str) or not is_resource_type(resource_type):
+        return [Issue("not-supported", f"unknown resource type {resource_type!r}", "resourceType")]
+    rules = json_rules_issues(data)
     if resource_type in r4schema.R4_SCHEMA_TYPES:
-        return r4schema.issues(data)
-    model = _model(resource_type) if isinstance(resource_type, str) else None
+        return r4schema.issues(data) + rules
+    model = _model(resource_type)
     if model is None:
         return [Issue("not-supported", f"unknown resource type {resource_type!r}", "resourceType")]
     issues: list[Issue] = []
@@ -190,7 +257,9 @@ def check_resource(data: dict[str, Any]) -> list[Issue]:
         # fhir.resources raises plain errors now and then, e.g. KeyError('R4.Type') for a
         # contained resource whose resourceType is "": invalid input, never a 500.
         issues.append(Issue("invalid", f"{type(exc).__name__}: {str(exc)[:500]}"))
-    issues.extend(_binding_issues(resource_type, data))  # type: ignore[arg-type]
+    issues.extend(_binding_issues(resource_type, data))
+    seen = {issue.expression for issue in issues}
+    issues.extend(issue for issue in rules if issue.expression not in seen)
     return issues
 
 

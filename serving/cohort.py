@@ -14,6 +14,9 @@ from core.errors import InvalidRequest, Issue
 from core.fhir_values import (
     date_range,
     date_range_sql,
+    datetime_search_range,
+    day_instants,
+    day_instants_sql,
     fold,
     full_date_sql,
     implied_range,
@@ -90,11 +93,22 @@ Row = Mapping[str, Any]
 
 @dataclass(frozen=True)
 class DateCriterion:
-    """One birthdate alternative: prefix and the day range the search value covers."""
+    """One birthdate alternative: prefix and the range the search value covers, both bounds
+    inclusive: days (YYYY-MM-DD) for a date, UTC instants (YYYY-MM-DDThh:mm:ss.sss,
+    `core.fhir_values.datetime_search_range`) for a dateTime, when `instants` is set."""
 
     prefix: str
     low: str
     high: str
+    instants: bool = False
+
+    def target(self, days: tuple[str, str]) -> tuple[str, str]:
+        """A birth date's day range (`date_range`) in this criterion's terms."""
+        return day_instants(days) if self.instants else days
+
+    def target_sql(self, low: str, high: str) -> tuple[str, str]:
+        """SQL of `target` over the day range's bound expressions."""
+        return day_instants_sql(low, high) if self.instants else (low, high)
 
 
 @dataclass(frozen=True)
@@ -170,17 +184,21 @@ def split_alternatives(value: str) -> list[str]:
 def date_matches(target: tuple[str, str] | None, crit: DateCriterion) -> bool:
     """Whether a birth date's day range (`date_range`) meets one birthdate alternative, by
     FHIR's date-range rules (`core.fhir_values.range_matches`)."""
-    return target is not None and range_matches(target, (crit.low, crit.high), crit.prefix)
+    if target is None:
+        return False
+    return range_matches(crit.target(target), (crit.low, crit.high), crit.prefix)
 
 
 _DATE_SHAPE = re.compile(r"([0-9]{4})(?:-([0-9]{2})(?:-([0-9]{2}))?)?")
 
 
 def _parse_date(name: str, raw: str) -> DateCriterion:
-    """One birthdate value: an optional prefix and a FHIR date (YYYY, YYYY-MM, YYYY-MM-DD).
+    """One birthdate value: an optional prefix and a FHIR date (YYYY, YYYY-MM, YYYY-MM-DD)
+    or dateTime (YYYY-MM-DDThh:mm[:ss[.sss]][Z|(+|-)hh:mm], FHIR R4 search "date").
 
     FHIR's date grammar has years 0001-9999, months 01-12 and the days of that month; each
-    way out of it is named in the 400's message.
+    way out of it is named in the 400's message. A dateTime is the instants it covers, a
+    birth date the instants of its days in UTC (`DateCriterion.target`).
     """
     prefix = "eq"
     if raw[:2] in PREFIXES:
@@ -190,9 +208,14 @@ def _parse_date(name: str, raw: str) -> DateCriterion:
             name,
             f"{name}: unknown prefix {raw[:2]!r} in {raw!r} (FHIR's are eq, ne, gt, lt, ge, le)",
         )
-    shape = _DATE_SHAPE.fullmatch(raw)
-    if shape is None:
-        raise _bad(name, f"{name}: {raw!r} is not a date (YYYY, YYYY-MM or YYYY-MM-DD)")
+    date_part, has_time, _ = raw.partition("T")
+    shape = _DATE_SHAPE.fullmatch(date_part)
+    if shape is None or (has_time and shape.group(3) is None):
+        raise _bad(
+            name,
+            f"{name}: {raw!r} is not a date (YYYY, YYYY-MM or YYYY-MM-DD) or dateTime"
+            " (YYYY-MM-DDThh:mm[:ss[.sss]][Z|+hh:mm|-hh:mm])",
+        )
     year, month, day = shape.groups()
     if year == "0000":
         raise _bad(name, f"{name}: year 0000 in {raw!r} is not a FHIR year (0001-9999)")
@@ -204,6 +227,18 @@ def _parse_date(name: str, raw: str) -> DateCriterion:
             f"{name}: day {day} in {raw!r} is not a day of {year}-{month} "
             f"(01-{last_day(int(year), int(month or 1)):02d})",
         )
+    if has_time:
+        try:
+            instants = datetime_search_range(raw)
+        except ValueError as exc:
+            raise _bad(name, f"{name}: {exc}") from None
+        if instants is None:
+            raise _bad(
+                name,
+                f"{name}: the time of {raw!r} is not hh:mm[:ss[.sss]] with an optional zone"
+                " (Z, +hh:mm or -hh:mm)",
+            )
+        return DateCriterion(prefix, *instants, instants=True)
     span = date_range(raw)
     assert span is not None  # the shape and ranges above are date_range's grammar
     return DateCriterion(prefix, *span)
@@ -414,7 +449,10 @@ def patient_sql(query: CohortQuery, params: list[Any]) -> str:
         low, high = date_range_sql("birth_date")
 
         def any_of(dates: Sequence[DateCriterion], low: str, high: str, params: list[Any]) -> str:
-            tests = (range_sql(d.prefix, low, high, (d.low, d.high), params) for d in dates)
+            tests = (
+                range_sql(d.prefix, *d.target_sql(low, high), (d.low, d.high), params)
+                for d in dates
+            )
             return "(" + " OR ".join(tests) + ")"
 
         day = [any_of(ds, "birth_date", "birth_date", day_params) for ds in query.birthdates]

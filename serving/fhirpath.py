@@ -8,9 +8,15 @@ model is already decided, the same way for the Python evaluator and the PostgreS
   where the date/time rules apply (`core.fhir_values`);
 - choice elements: `value` of an Observation is every `value[x]` key, `value.ofType(Quantity)`
   the `valueQuantity` key;
-- extensions on primitive elements: `birthDate.extension(...)` and `birthDate.id` read the
-  `_birthDate` element that FHIR's JSON keeps beside the value (FHIR R4 JSON §2.6.2). A
-  primitive's own value is its JSON value: one that has only extensions has no value.
+- primitive elements: a primitive element is a node, its value and the `_name` element FHIR's
+  JSON keeps beside it (FHIR R4 JSON §2.6.2, "Representing primitive elements"). Expressions
+  whose items are such nodes are marked `elements`; everything that keeps items as they are
+  (where, first, [n], forEach's $this, ...) keeps the mark, so `extension()` and `id` reach the
+  `_name` element on every evaluation path (an `element` node), and existence and counts see
+  a node that has only extensions (`birthDate.exists()` is true for `_birthDate` alone).
+  Everything that reads values (operators, string functions, columns, where clauses) takes
+  the nodes' values through a `values` node: a node without a value gives none. A computed
+  primitive (a literal, `lower()`, ...) has no extensions.
 - constants become literals of their declared type.
 
 An engine therefore cannot see a different expression than the other one does.
@@ -38,6 +44,7 @@ __all__ = [
     "Typer",
     "json_type_of",
     "parse",
+    "values",
     "variables_used",
 ]
 
@@ -336,23 +343,31 @@ class Expr:
 
     Tags: lit (value), temporal (text), empty, this, root, rowindex, member (base, key),
     choice (base, name, suffixes), oftype_member (base, name, type), index (base, index),
-    call (base, name, args), unary (op, operand), bin (op, left, right). `is` and `as` are
-    an ofType (then exists()); a function's lambda arguments are Exprs, others literals.
+    call (base, name, args), unary (op, operand), bin (op, left, right), values (base):
+    the values of primitive element nodes, element (base): their `_name` objects. `is` and
+    `as` are an ofType (then exists()); a function's lambda arguments are Exprs, others
+    literals.
     """
 
     tag: str
     args: tuple[Any, ...] = ()
     fpath: str | None = None  # the FHIR element path, e.g. "Patient.birthDate", when known
     ftype: str | None = None  # the FHIR type, e.g. "date", when known
+    # The items are primitive element nodes: a value (or none) with its `_name` element
+    # where the JSON has one. Engines give such an item as the plain value where there is
+    # no `_name` element, else as a node (see serving.engines.python._Node).
+    elements: bool = False
 
 
 @dataclass(frozen=True, slots=True)
 class Scope:
-    """Where an expression is evaluated: the focus's element path, and whether the focus is
-    the resource itself (where a leading `Patient.` names it)."""
+    """Where an expression is evaluated: the focus's element path, whether the focus is
+    the resource itself (where a leading `Patient.` names it), and whether its items are
+    primitive element nodes (forEach over `name.given`)."""
 
     fpath: str | None
     at_root: bool = False
+    elements: bool = False
 
 
 def model_type(fpath: str | None) -> str | None:
@@ -419,6 +434,8 @@ def _suffix(type_name: str) -> str:
 
 _BOOLEAN = frozenset({"exists", "empty", "not", "hasValue", "all", "startsWith", "endsWith"})
 _SAME = frozenset({"where", "first", "last", "tail", "skip", "take", "distinct"})
+# Functions whose result holds items of their input as they are (nodes stay nodes).
+_KEEP = frozenset({"where", "first", "last", "tail", "skip", "take"})
 _STRINGS = frozenset({"join", "lower", "upper", "toString"})
 
 
@@ -431,8 +448,13 @@ class Typer:
         self.constants = dict(constants)
 
     def expression(self, text: str, scope: Scope) -> Expr:
-        """Parse and resolve `text` evaluated at `scope`. Raises InvalidViewDefinition."""
+        """Parse and resolve `text` evaluated at `scope`: items as they are (a forEach's
+        items may be primitive element nodes). Raises InvalidViewDefinition."""
         return self.resolve(parse(text), scope)
+
+    def value_expression(self, text: str, scope: Scope) -> Expr:
+        """`expression`, read for its values (a column, a where clause, repeat)."""
+        return values(self.expression(text, scope))
 
     def resolve(self, node: Node, scope: Scope) -> Expr:
         tag = node[0]
@@ -446,7 +468,9 @@ class Typer:
         if tag == "empty":
             return Expr("empty")
         if tag == "this":
-            return Expr("this", fpath=scope.fpath, ftype=model_type(scope.fpath))
+            return Expr(
+                "this", fpath=scope.fpath, ftype=model_type(scope.fpath), elements=scope.elements
+            )
         if tag == "ext":
             return self.variable(node[1])
         if tag == "member":
@@ -455,20 +479,22 @@ class Typer:
             return self.member(self.resolve(node[1], scope), node[2])
         if tag == "index":
             base = self.resolve(node[1], scope)
-            return Expr("index", (base, self.resolve(node[2], scope)), base.fpath, base.ftype)
+            index = values(self.resolve(node[2], scope))
+            return Expr("index", (base, index), base.fpath, base.ftype, base.elements)
         if tag == "call":
             return self.call(node[1], node[2], node[3], scope)
         if tag == "unary":
-            operand = self.resolve(node[2], scope)
+            operand = values(self.resolve(node[2], scope))
             return Expr("unary", (node[1], operand), ftype=operand.ftype)
         if tag == "type":
-            typed = self.of_type(self.resolve(node[2], scope), node[3])
+            typed = self.of_type(values(self.resolve(node[2], scope)), node[3])
             if node[1] == "is":
                 return Expr("call", (typed, "exists", ()), ftype="boolean")
             return typed
         if tag == "bin":
             op = node[1]
-            left, right = self.resolve(node[2], scope), self.resolve(node[3], scope)
+            left = values(self.resolve(node[2], scope))
+            right = values(self.resolve(node[3], scope))
             if op in ("and", "or", "xor", "implies", "=", "!=", "~", "!~", "<", ">", "<=", ">="):
                 ftype: str | None = "boolean"
             elif op in ("in", "contains"):
@@ -494,24 +520,27 @@ class Typer:
 
     def member(self, base: Expr, name: str) -> Expr:
         if name in ("extension", "id"):
-            base = self.primitive_element(base, name)
+            owner = self.primitive_element(base)
+            if owner is None:
+                return Expr("empty")
+            base = owner
+        else:
+            base = values(base)  # a primitive has no other children
         fpath = _child(base.fpath, name)
         if fpath is not None and fpath in _CHOICE_PATHS:
             suffixes = tuple(_CHOICE_PATHS[fpath])
             return Expr("choice", (base, name, suffixes), fpath=fpath)
-        return Expr("member", (base, name), fpath=fpath, ftype=model_type(fpath))
+        ftype = model_type(fpath)
+        return Expr("member", (base, name), fpath, ftype, ftype in PRIMITIVE_TYPES)
 
-    def primitive_element(self, base: Expr, what: str) -> Expr:
-        """`base` when it is not a primitive, else the `_name` element beside it in the JSON."""
-        if base.ftype not in PRIMITIVE_TYPES:
-            return base
-        if base.tag == "member":
-            parent, name = base.args
-            return Expr("member", (parent, "_" + name))
-        raise InvalidViewDefinition(
-            f"{what} of a computed primitive value is not supported: name the element"
-            " directly before it (e.g. birthDate.extension(...), name.given.extension(...))"
-        )
+    def primitive_element(self, base: Expr) -> Expr | None:
+        """What `extension`/`id` are read on: the `_name` elements of primitive element nodes,
+        None for a computed primitive value (it has none), else `base` itself."""
+        if base.elements:
+            return Expr("element", (base,), fpath="Element", ftype="Element")
+        if base.ftype in PRIMITIVE_TYPES:
+            return None
+        return base
 
     def call(self, base_node: Node, name: str, args: tuple[Node, ...], scope: Scope) -> Expr:
         allowed = FUNCTIONS.get(name)
@@ -525,19 +554,27 @@ class Typer:
         if name == "extension":
             if args[0][0] != "lit" or not isinstance(args[0][1], str):
                 raise InvalidViewDefinition("extension() needs a string literal url")
-            base = self.primitive_element(base, "extension()")
-            return Expr("call", (base, name, (args[0][1],)), ftype="Extension")
+            owner = self.primitive_element(base)
+            if owner is None:
+                return Expr("empty", fpath="Extension", ftype="Extension")
+            return Expr("call", (owner, name, (args[0][1],)), "Extension", "Extension")
+        if name in ("exists", "empty", "count", "where", "select", "all") or name in _KEEP:
+            pass  # these see the nodes themselves (a node without a value exists)
+        else:
+            base = values(base)
         if name == "getReferenceKey":
             wanted = _type_arg(args[0]) if args else None
             return Expr("call", (base, name, (wanted,)))
         if name in ("skip", "take"):
             if args[0][0] != "lit" or type(args[0][1]) is not int:
                 raise InvalidViewDefinition(f"{name}() needs an integer literal")
-            return Expr("call", (base, name, (args[0][1],)), base.fpath, base.ftype)
-        inner = Scope(base.fpath) if name in _LAMBDAS else scope
+            return Expr("call", (base, name, (args[0][1],)), base.fpath, base.ftype, base.elements)
+        inner = Scope(base.fpath, elements=base.elements) if name in _LAMBDAS else scope
         resolved = tuple(self.resolve(a, inner) for a in args)
+        if name != "select":
+            resolved = tuple(values(a) for a in resolved)
         if name in _SAME:
-            return Expr("call", (base, name, resolved), base.fpath, base.ftype)
+            return Expr("call", (base, name, resolved), base.fpath, base.ftype, base.elements)
         if name in _BOOLEAN:
             return Expr("call", (base, name, resolved), ftype="boolean")
         if name in ("count", "length"):
@@ -545,7 +582,11 @@ class Typer:
         if name in _STRINGS:
             return Expr("call", (base, name, resolved), ftype="string")
         if name == "select":
-            return Expr("call", (base, name, resolved), resolved[0].fpath, resolved[0].ftype)
+            (inner_expr,) = resolved
+            return Expr(
+                "call", (base, name, resolved), inner_expr.fpath, inner_expr.ftype,
+                inner_expr.elements,
+            )  # fmt: skip
         if name in ("lowBoundary", "highBoundary"):
             return Expr("call", (base, name, resolved), ftype=base.ftype)
         return Expr("call", (base, name, resolved))
@@ -553,12 +594,20 @@ class Typer:
     def of_type(self, base: Expr, type_name: str) -> Expr:
         if base.tag == "choice":
             parent, name, _ = base.args
-            fpath = None
-            return Expr("member", (parent, name + _suffix(type_name)), fpath, type_name)
+            primitive = type_name in PRIMITIVE_TYPES
+            return Expr("member", (parent, name + _suffix(type_name)), None, type_name, primitive)
         if base.tag == "member" and not base.args[1].startswith("_"):
             parent, name = base.args
             return Expr("oftype_member", (parent, name, type_name), ftype=type_name)
-        return Expr("call", (base, "ofType", (type_name,)), ftype=type_name)
+        return Expr("call", (values(base), "ofType", (type_name,)), ftype=type_name)
+
+
+def values(expr: Expr) -> Expr:
+    """`expr` read for its values: the values of primitive element nodes (a node without
+    a value gives none), anything else as it is."""
+    if not expr.elements:
+        return expr
+    return Expr("values", (expr,), expr.fpath, expr.ftype)
 
 
 def _literal_type(value: Any) -> str:

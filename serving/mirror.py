@@ -196,7 +196,7 @@ def _year_may_match(year: str, crit: DateCriterion) -> bool:
     """Whether a birth date in `year` could meet one birthdate alternative."""
     year_range = date_range(year)
     assert year_range is not None
-    return range_may_match(year_range, (crit.low, crit.high), crit.prefix)
+    return range_may_match(crit.target(year_range), (crit.low, crit.high), crit.prefix)
 
 
 @dataclass

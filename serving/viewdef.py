@@ -13,6 +13,7 @@ from typing import Any, NamedTuple
 from core.errors import InvalidViewDefinition
 from core.fhir_values import JsonError
 from core.fhir_values import loads as exact_loads
+from core.r4schema import R4_RESOURCE_TYPES
 from serving.fhirpath import BUILTIN_VARIABLES, parse, variables_used
 
 __all__ = [
@@ -31,6 +32,9 @@ __all__ = [
 
 # SQL-on-FHIR names must be usable as SQL identifiers without quoting.
 _NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
+
+# ViewDefinition.status (1..1), the PublicationStatus codes.
+STATUSES = ("draft", "active", "retired", "unknown")
 
 # The value[x] types a ViewDefinition.constant may carry, mapped to the Python
 # type the JSON value must have (bool is checked before int on purpose).
@@ -211,10 +215,15 @@ def sql_type(fhir_type: str | None, collection: bool) -> str:
     return "jsonb"
 
 
-def load_view(data: Mapping[str, Any]) -> ViewDefinition:
+def load_view(data: Mapping[str, Any], *, require_status: bool = False) -> ViewDefinition:
     """Validate a ViewDefinition (parsed JSON) and return its typed form.
 
-    Raises InvalidViewDefinition naming what is wrong and where.
+    `resource` must be a FHIR R4 resource type (`core.r4schema.R4_RESOURCE_TYPES`) and
+    `status` one of STATUSES (1..1 in SQL-on-FHIR v2's ViewDefinition). A view an operator
+    gives (`views run`, a file, the shipped ones) is loaded with `require_status=True`; the
+    engines' own callers take one without, as the official SQL-on-FHIR v2 tests write most
+    of theirs. A status that is there is checked either way. Raises InvalidViewDefinition
+    naming what is wrong and where.
     """
     if not isinstance(data, Mapping):
         raise InvalidViewDefinition("a ViewDefinition must be a JSON object")
@@ -222,8 +231,19 @@ def load_view(data: Mapping[str, Any]) -> ViewDefinition:
     if resource_type is not None and resource_type != "ViewDefinition":
         raise InvalidViewDefinition(f"resourceType is {resource_type!r}, not 'ViewDefinition'")
     resource = data.get("resource")
-    if not isinstance(resource, str) or not re.fullmatch(r"[A-Z][A-Za-z]*", resource):
+    if not isinstance(resource, str) or not resource:
         raise InvalidViewDefinition("'resource' must name a FHIR resource type, e.g. 'Patient'")
+    if resource not in R4_RESOURCE_TYPES:
+        raise InvalidViewDefinition(
+            f"'resource' {resource[:80]!r} is not a FHIR R4 resource type (e.g. 'Patient')"
+        )
+    status = data.get("status")
+    if (status is not None or require_status) and status not in STATUSES:
+        raise InvalidViewDefinition(
+            f"'status' must be one of {', '.join(STATUSES)}, not {status!r}"
+            if status is not None
+            else f"'status' is missing: a ViewDefinition has one of {', '.join(STATUSES)}"
+        )
 
     constants = tuple(_constant(c, f"constant[{i}]") for i, c in enumerate(_list(data, "constant")))
     seen_constants: set[str] = set()
@@ -272,7 +292,7 @@ def load_view_file(path: str | Path) -> ViewDefinition:
         data = exact_loads(Path(path).read_bytes())
     except (OSError, JsonError) as exc:
         raise InvalidViewDefinition(f"cannot read ViewDefinition {path}: {exc}") from exc
-    return load_view(data)
+    return load_view(data, require_status=True)
 
 
 def shipped_views() -> dict[str, ViewDefinition]:
@@ -285,7 +305,7 @@ def shipped_views() -> dict[str, ViewDefinition]:
             data = exact_loads(entry.read_bytes())
         except JsonError as exc:
             raise InvalidViewDefinition(f"{entry.name}: {exc}") from exc
-        view = load_view(data)
+        view = load_view(data, require_status=True)
         views[view.name or entry.name.removesuffix(".json")] = view
     return views
 

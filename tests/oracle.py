@@ -9,8 +9,10 @@ the way FHIR's JSON format and the specifications define it, so a shared bug can
   propagation, three-valued logic, singleton evaluation, date/time comparison by precision
   (§6.1.1, §6.2). Policies the spec leaves open are the contract's: values that both carry
   a UTC offset compare in UTC; an offset on one side only is unknown at hour precision and
-  above (a date against a dateTime compares the dateTime's written date); a primitive with
-  only extensions (`_birthDate` without `birthDate`) has no value.
+  above (a date against a dateTime compares the dateTime's written date). A primitive
+  element is a node, its value and its `_name` object (FHIR JSON, "Representing primitive
+  elements"): one with only extensions (`_birthDate` without `birthDate`) exists, has
+  extensions on every path (`name.given.first().extension(...)`), and no value.
 - /cohort: the contract's Query API section (../shared/interfaces.md) over the newest
   version of every resource: FHIR date ranges, number search with implied precision,
   condition-text by Unicode default case folding (`str.casefold`).
@@ -22,7 +24,7 @@ import calendar
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -46,6 +48,46 @@ def element_values(item: Json, name: str) -> list[Json]:
         return []
     values = value if isinstance(value, list) else [value]
     return [v for v in values if v is not None]
+
+
+@dataclass(frozen=True)
+class Node:
+    """A primitive element that has its `_name` object: its value (None: none) and that
+    object. One without an `_name` object is just its value."""
+
+    value: Json
+    element: dict[str, Json]
+
+
+def element_nodes(item: Json, name: str) -> list[Json]:
+    """FHIR JSON member access that keeps primitive elements whole: `name` and `_name` line
+    up by position; an entry with an `_name` object is a Node (with or without a value)."""
+    if not isinstance(item, dict):
+        return []
+    objects = item.get("_" + name)
+    if objects is None:
+        return element_values(item, name)
+    value = item.get(name)
+    found = [] if value is None else value if isinstance(value, list) else [value]
+    beside = objects if isinstance(objects, list) else [objects]
+    out: list[Json] = []
+    for n in range(max(len(found), len(beside))):
+        v = found[n] if n < len(found) else None
+        e = beside[n] if n < len(beside) else None
+        if isinstance(e, dict):
+            out.append(Node(v, e))
+        elif v is not None:
+            out.append(v)
+    return out
+
+
+def values(items: list[Json]) -> list[Json]:
+    """What items are as values: a Node's value (a Node without one is no value)."""
+    return [
+        i.value if isinstance(i, Node) else i
+        for i in items
+        if not isinstance(i, Node) or i.value is not None
+    ]
 
 
 def primitive_elements(item: Json, name: str) -> list[Json]:
@@ -237,13 +279,13 @@ class Step:
                 out.extend(primitive_elements(item, self.name))
             elif self.of_type is not None:
                 out.extend(
-                    element_values(item, self.name + self.of_type[0].upper() + self.of_type[1:])
+                    element_nodes(item, self.name + self.of_type[0].upper() + self.of_type[1:])
                 )
             elif self.choices:
                 for suffix in self.choices:
                     out.extend(element_values(item, self.name + suffix))
             else:
-                out.extend(element_values(item, self.name))
+                out.extend(element_nodes(item, self.name))
         return out
 
 
@@ -266,20 +308,24 @@ class Path(Expr):
 
 @dataclass
 class Extension(Expr):
-    """`base.extension('url')` (base a primitive element's path or any element)."""
+    """`base.extension('url')` (base a primitive element, a node, or any element)."""
 
-    base: Path
+    base: Expr
     url: str
     type: str | None = "Extension"
 
     def text(self) -> str:
         call = f"extension({_string_literal(self.url)})"
-        return f"{self.base.text()}.{call}" if self.base.steps else call
+        if isinstance(self.base, Path) and not self.base.steps:
+            return call
+        return f"{self.base.text()}.{call}"
 
     def evaluate(self, focus: list[Json], env: Env) -> list[Json]:
         owners = self.base.evaluate(focus, env)
         out: list[Json] = []
         for owner in owners:
+            if isinstance(owner, Node):
+                owner = owner.element
             for ext in element_values(owner, "extension"):
                 if isinstance(ext, dict) and ext.get("url") == self.url:
                     out.append(ext)
@@ -339,15 +385,32 @@ class Function(Expr):
         if self.name == "getResourceKey":
             return [i["id"] for i in items if isinstance(i, dict) and "id" in i]
         if self.name == "not":
-            value = singleton_boolean(items)
+            value = singleton_boolean(values(items))
             return [] if value is None else [not value]
         if self.name == "join":
-            return [str(self.argument).join(items)]
+            return [str(self.argument).join(values(items))]
         assert isinstance(self.argument, Expr)
-        kept = [i for i in items if singleton_boolean(self.argument.evaluate([i], env)) is True]
+        kept = [
+            i for i in items if singleton_boolean(values(self.argument.evaluate([i], env))) is True
+        ]
         if self.name == "where":
             return kept
         return [bool(kept)]  # exists(criterion)
+
+
+@dataclass
+class Index(Expr):
+    """`base[n]`: the item at position n, if there is one."""
+
+    base: Expr
+    n: int
+    type: str | None = None
+
+    def text(self) -> str:
+        return f"{self.base.text()}[{self.n}]"
+
+    def evaluate(self, focus: list[Json], env: Env) -> list[Json]:
+        return self.base.evaluate(focus, env)[self.n : self.n + 1]
 
 
 @dataclass
@@ -376,7 +439,7 @@ class Compare(Expr):
         return f"({self.left.text()}) {self.op} ({self.right.text()})"
 
     def evaluate(self, focus: list[Json], env: Env) -> list[Json]:
-        a, b = self.left.evaluate(focus, env), self.right.evaluate(focus, env)
+        a, b = values(self.left.evaluate(focus, env)), values(self.right.evaluate(focus, env))
         if not a or not b:
             return []
         dates = self.left.type in TEMPORAL or self.right.type in TEMPORAL
@@ -437,8 +500,8 @@ class Logic(Expr):
         return f"({self.left.text()}) {self.op} ({self.right.text()})"
 
     def evaluate(self, focus: list[Json], env: Env) -> list[Json]:
-        a = singleton_boolean(self.left.evaluate(focus, env))
-        b = singleton_boolean(self.right.evaluate(focus, env))
+        a = singleton_boolean(values(self.left.evaluate(focus, env)))
+        b = singleton_boolean(values(self.right.evaluate(focus, env)))
         if self.op == "and":
             if a is False or b is False:
                 return [False]
@@ -529,10 +592,10 @@ class View:
             return []
         env = Env(resource, 0, {n: v for n, _, v in self.constants})
         for where in self.where:
-            values = where.evaluate([resource], env)
-            if values not in ([], [True], [False]):
+            result = values(where.evaluate([resource], env))
+            if result not in ([], [True], [False]):
                 raise OracleError("a where clause gave no boolean")
-            if values != [True]:
+            if result != [True]:
                 return []
         return process(Select(select=self.select), resource, env)
 
@@ -545,7 +608,7 @@ def process(sel: Select, node: Json, env: Env) -> list[dict[str, Json]]:
 
         def traverse(item: Json) -> None:
             for path in sel.repeat:
-                for child in path.evaluate([item], env):
+                for child in values(path.evaluate([item], env)):
                     foci.append(child)
                     traverse(child)
 
@@ -563,13 +626,13 @@ def process(sel: Select, node: Json, env: Env) -> list[dict[str, Json]]:
             env.row_index = index
         parts: list[list[dict[str, Json]]] = []
         for col in sel.column:
-            values = col.path.evaluate([focus], env)
+            found = values(col.path.evaluate([focus], env))
             if col.collection:
-                value: Json = values
-            elif not values:
+                value: Json = found
+            elif not found:
                 value = None
-            elif len(values) == 1:
-                value = values[0]
+            elif len(found) == 1:
+                value = found[0]
             else:
                 raise OracleError(f"column {col.name} got several values")
             parts.append([{col.name: value}])
@@ -626,10 +689,51 @@ def _day_range(text: Any) -> tuple[str, str] | None:
     return None
 
 
+def _epoch_ms(moment: datetime) -> int:
+    return (moment - datetime(1970, 1, 1, tzinfo=UTC)) // timedelta(milliseconds=1)
+
+
+def _instant_range(text: str) -> tuple[int, int]:
+    """The epoch milliseconds [first, last] a dateTime search value covers (UTC without a
+    zone; a minute, a second or a millisecond, as written)."""
+    clock = text[11:]
+    zone = ""
+    for mark in ("Z", "+", "-"):
+        if mark in clock:
+            clock, zone = clock[: clock.index(mark)], clock[clock.index(mark) :]
+            break
+    parts = clock.split(":")
+    step = 60_000 if len(parts) == 2 else 1_000 if "." not in parts[2] else 1
+    seconds = Decimal(parts[2]) if len(parts) == 3 else Decimal(0)
+    moment = datetime(
+        int(text[:4]), int(text[5:7]), int(text[8:10]), int(parts[0]), int(parts[1]),
+        tzinfo=UTC,
+    )  # fmt: skip
+    if zone not in ("", "Z"):
+        sign = 1 if zone[0] == "+" else -1
+        moment -= sign * timedelta(hours=int(zone[1:3]), minutes=int(zone[4:6]))
+    first = _epoch_ms(moment) + int(seconds * 1000)
+    return first, first + step - 1
+
+
+def _birth_instants(value: Any) -> tuple[int, int] | None:
+    days = _day_range(value)
+    if days is None:
+        return None
+    low = datetime.fromisoformat(days[0]).replace(tzinfo=UTC)
+    high = datetime.fromisoformat(days[1]).replace(tzinfo=UTC) + timedelta(days=1)
+    return _epoch_ms(low), _epoch_ms(high) - 1
+
+
 def _birthdate_matches(value: Any, query: str) -> bool:
     prefix = query[:2] if query[:2] in ("eq", "ne", "gt", "lt", "ge", "le") else "eq"
-    bounds = _day_range(query[2:] if query[:2] == prefix else query)
-    target = _day_range(value)
+    searched = query[2:] if query[:2] == prefix else query
+    bounds: tuple[Any, Any] | None
+    target: tuple[Any, Any] | None
+    if "T" in searched:  # a dateTime: instants, a birth date's days taken in UTC
+        bounds, target = _instant_range(searched), _birth_instants(value)
+    else:
+        bounds, target = _day_range(searched), _day_range(value)
     if target is None or bounds is None:
         return False
     # FHIR R4 search, "date": ranges against ranges.

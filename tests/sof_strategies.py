@@ -24,6 +24,7 @@ from tests.oracle import (
     Expr,
     Extension,
     Function,
+    Index,
     Literal,
     Logic,
     Path,
@@ -87,16 +88,18 @@ def _maybe(draw: st.DrawFn, value: Any) -> Any:
 
 @st.composite
 def extension(draw: st.DrawFn, depth: int = 0) -> dict[str, Any]:
+    # FHIR's ext-1: a value[x] or extensions, never both nor neither.
     ext: dict[str, Any] = {"url": draw(st.sampled_from(EXT_URLS))}
-    kind = draw(st.sampled_from(["string", "decimal", "dateTime", "nested"]))
+    kinds = ["string", "decimal", "dateTime"] + (["nested"] if depth < 2 else [])
+    kind = draw(st.sampled_from(kinds))
     if kind == "string":
         ext["valueString"] = draw(st.sampled_from(TEXTS))
     elif kind == "decimal":
         ext["valueDecimal"] = draw(st.sampled_from(DECIMALS))
     elif kind == "dateTime":
         ext["valueDateTime"] = draw(st.sampled_from(DATE_TIMES))
-    if kind == "nested" or (depth < 2 and draw(st.integers(0, 3)) == 0):
-        ext["extension"] = draw(st.lists(extension(depth + 1), max_size=2)) if depth < 2 else []
+    else:
+        ext["extension"] = draw(st.lists(extension(depth + 1), min_size=1, max_size=2))
     return ext
 
 
@@ -127,6 +130,8 @@ def human_name(draw: st.DrawFn) -> dict[str, Any]:
         name["given"] = given  # all holes: value-less primitives only
     if any(e is not None for e in elements):
         name["_given"] = elements
+    if not name:  # FHIR JSON has no empty objects
+        name["text"] = draw(st.sampled_from(TEXTS))
     return name
 
 
@@ -147,7 +152,7 @@ def patient(draw: st.DrawFn, rid: str) -> dict[str, Any]:
     data["name"] = draw(
         st.lists(human_name(), min_size=draw(st.sampled_from([0, 1, 1])), max_size=2)
     )
-    if not data["name"] and draw(st.booleans()):
+    if not data["name"]:  # FHIR JSON has no empty arrays
         del data["name"]
     telecom = draw(st.lists(st.sampled_from(TEXTS), max_size=2))
     if telecom:
@@ -176,7 +181,9 @@ def observation(draw: st.DrawFn, rid: str) -> dict[str, Any]:
             ]
         },
     }
-    if draw(st.booleans()):
+    if not data["code"]["coding"]:  # FHIR JSON has no empty arrays
+        del data["code"]["coding"]
+    if draw(st.booleans()) or not data["code"]:
         data["code"]["text"] = draw(st.sampled_from(TEXTS))
     value = draw(st.sampled_from(["quantity", "string", "none"]))
     if value == "quantity":
@@ -211,11 +218,47 @@ def _value_of(first: Expr, of_type: str, type_: str) -> Expr:
     return Then(first, _path(Step("value", of_type=of_type), type_=type_), type=type_)
 
 
+def _given_extensions(given: Path) -> list[Candidate]:
+    """Extensions of `given` items reached through first(), last(), [n] and where(): a
+    primitive element keeps its extensions on every evaluation path."""
+    s = Step
+    picks: list[Expr] = [
+        Function(given, "first", type="string"),
+        Function(given, "last", type="string"),
+        Index(given, 1, type="string"),
+        Function(
+            given, "where", Compare("!=", This(type="string"), Literal(TEXTS[0], "string")),
+            type="string",
+        ),
+    ]  # fmt: skip
+    out = [
+        Candidate(_value_of(Extension(pick, url), "string", "string"), "string", True)
+        for pick, url in zip(picks, EXT_URLS * 2, strict=True)
+    ]
+    out.append(
+        Candidate(
+            Then(Extension(picks[0], ABSENT), _path(s("value", of_type="code"), type_="code")),
+            "code",
+            True,
+        )
+    )
+    return out
+
+
 def candidates(focus: str) -> list[Candidate]:
     """Expressions at a focus type, with what they give."""
     s = Step
     if focus == "Patient":
         return [
+            *_given_extensions(_path(s("name"), s("given"), type_="string")),
+            Candidate(
+                Then(
+                    Extension(_path(s("birthDate"), type_="date"), ABSENT),
+                    _path(s("value", choices=("Code", "String")), type_=None),
+                ),
+                None,
+                True,
+            ),
             Candidate(Function(_path(s("id"), type_="id"), "getResourceKey"), "id", False),
             Candidate(_path(s("gender"), type_="code"), "code", False),
             Candidate(_path(s("birthDate"), type_="date"), "date", False),
@@ -277,6 +320,7 @@ def candidates(focus: str) -> list[Candidate]:
         ]
     if focus == "HumanName":
         return [
+            *_given_extensions(_path(s("given"), type_="string")),
             Candidate(_path(s("family"), type_="string"), "string", False),
             Candidate(_path(s("use"), type_="code"), "code", False),
             Candidate(_path(s("given"), type_="string"), "string", True),
@@ -380,7 +424,9 @@ def _literal(draw: st.DrawFn, type_: str | None) -> Expr:
 @st.composite
 def condition(draw: st.DrawFn, focus: str, constants: list[tuple[str, str, Any]]) -> Expr:
     """A boolean expression at `focus`."""
-    options = [c for c in candidates(focus) if c.type != "uri"] if focus != "string" else []
+    options = (
+        [c for c in candidates(focus) if c.type not in ("uri", None)] if focus != "string" else []
+    )
     kinds = ["compare", "compare", "compare", "exists", "logic"]
     kind = draw(st.sampled_from(kinds if options else ["rowindex"]))
     if kind == "rowindex":
@@ -428,10 +474,18 @@ _COLUMN_TYPES = {
 
 @st.composite
 def column(draw: st.DrawFn, focus: str, name: str, constants: list[tuple[str, str, Any]]) -> Column:
-    if focus == "string":
-        kind = draw(st.sampled_from(["this", "rowindex"]))
+    if focus == "string":  # an item of name.given: a primitive element, maybe value-less
+        kind = draw(st.sampled_from(["this", "rowindex", "extension", "exists", "url"]))
         if kind == "rowindex":
             return Column(name, RowIndex(), "integer")
+        if kind == "extension":
+            url = draw(st.sampled_from(EXT_URLS))
+            return Column(name, _value_of(Extension(This(), url), "string", "string"), "string")
+        if kind == "exists":
+            return Column(name, Exists(This()), "boolean")
+        if kind == "url":
+            urls = Then(Extension(This(), ABSENT), _path(Step("url"), type_="uri"), type="uri")
+            return Column(name, Function(urls, "first", type="uri"), "uri")
         return Column(name, This(type="string"), "string")
     roll = draw(st.integers(0, 9))
     if roll == 0:

@@ -127,6 +127,12 @@ async def test_deletes_vanish_and_updates_move_in_and_out(
     assert body["patient_ids"] == ["p01"]
     body = (await get(api_settings, "/cohort?birthdate=ge1964&birthdate=lt1966")).json()
     assert body["patient_ids"] == ["p04", "p05"]
+    # FHIR dateTime search values (R4 search, "date"), a birth date's days in UTC.
+    at = "/cohort?birthdate=ge1964-01-01T10:00:00%2B02:00&birthdate=lt1966-01-01T00:00:00Z"
+    assert (await get(api_settings, at)).json()["patient_ids"] == ["p04", "p05"]
+    assert (await get(api_settings, "/cohort?birthdate=1964-05-01T00:00:00Z")).json()[
+        "total_count"
+    ] == 0
 
 
 @pytest.mark.parametrize(

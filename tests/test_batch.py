@@ -156,7 +156,9 @@ async def seed_odd(hapi: StandInHapi) -> None:
     """Conditions with two identical codings, with none, with two different ones."""
     same = {"system": "http://snomed.info/sct", "code": "73211009"}
     await hapi.update(condition(900, [same, dict(same)]))
-    await hapi.update(condition(901, []))
+    no_codings = condition(901)
+    del no_codings["code"]["coding"]  # FHIR JSON has no empty arrays: no coding at all
+    await hapi.update(no_codings)
     await hapi.update(
         condition(902, [same, {"system": "http://hl7.org/fhir/sid/icd-10", "code": "E11"}])
     )

@@ -144,6 +144,7 @@ def view_file(tmp_path: Path, view: dict[str, Any]) -> str:
 VIEW = {
     "resourceType": "ViewDefinition",
     "resource": "Patient",
+    "status": "active",
     "select": [{"column": [{"name": "id", "path": "id"}, {"name": "gender", "path": "gender"}]}],
 }
 RESOURCES = [
@@ -191,6 +192,7 @@ def test_views_run_invalid_view_exits_2(
     bad = {
         "resourceType": "ViewDefinition",
         "resource": "Patient",
+        "status": "active",
         "select": [{"column": [{"name": "bad name!", "path": "id"}]}],
     }
     code, _, err = run(
@@ -216,6 +218,37 @@ def test_views_run_invalid_view_exits_2(
         capsys,
     )
     assert code == 2 and "cannot read" in err
+
+
+# ViewDefinitions that are invalid as a whole: (what is wrong, the words the reason names).
+INVALID_VIEWS = [
+    ({**VIEW, "resource": "Nope"}, "not a FHIR R4 resource type"),
+    ({**VIEW, "resource": "Citation"}, "not a FHIR R4 resource type"),  # R4B only
+    ({**VIEW, "resource": "patient"}, "not a FHIR R4 resource type"),
+    ({k: v for k, v in VIEW.items() if k != "status"}, "'status' is missing"),
+    ({**VIEW, "status": "final"}, "'status' must be one of"),
+]
+
+
+@pytest.mark.parametrize("engine", ["python", "postgres"])
+@pytest.mark.parametrize(("view", "reason"), INVALID_VIEWS, ids=[r for _, r in INVALID_VIEWS])
+def test_views_run_refuses_a_view_that_is_no_viewdefinition(
+    env: None,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    engine: str,
+    view: dict[str, Any],
+    reason: str,
+) -> None:
+    resources = tmp_path / "r.json"
+    resources.write_text(json.dumps(RESOURCES))
+    code, out, err = run(
+        ["views", "run", view_file(tmp_path, view), "--resources", str(resources), "--engine",
+         engine],
+        capsys,
+    )  # fmt: skip
+    assert code == 2 and reason in err and out == "", err
+    assert "Traceback" not in err
 
 
 def test_help_lists_every_command(capsys: pytest.CaptureFixture[str]) -> None:

@@ -271,6 +271,45 @@ def test_malformed_parameters_name_themselves(name: str, value: str) -> None:
     assert info.value.issues[0].expression == name
 
 
+def test_a_birthdate_may_be_a_fhir_datetime() -> None:
+    """FHIR R4 search "date": a dateTime is the instants it covers; a birth date, which has
+    no zone, the instants of its days in UTC."""
+    (utc,) = parse_query([("birthdate", "1970-01-01T00:00:00Z")]).birthdates[0]
+    assert (utc.prefix, utc.low, utc.high) == (
+        "eq", "1970-01-01T00:00:00.000", "1970-01-01T00:00:00.999")  # fmt: skip
+    (ge,) = parse_query([("birthdate", "ge1970-01-01T10:00:00+02:00")]).birthdates[0]
+    assert (ge.prefix, ge.low) == ("ge", "1970-01-01T08:00:00.000")
+    (minute,) = parse_query([("birthdate", "lt1970-01-01T00:30-01:00")]).birthdates[0]
+    assert (minute.low, minute.high) == ("1970-01-01T01:30:00.000", "1970-01-01T01:30:59.999")
+    day = date_range("1970-01-01")
+    assert not date_matches(day, utc)  # a day is no second
+    assert date_matches(day, ge)  # the day reaches past 08:00 UTC
+    assert date_matches(day, minute)  # the day starts before 01:30 UTC
+    assert not date_matches(date_range("1970-01-02"), minute)
+    assert date_matches(
+        date_range("1970"), parse_query([("birthdate", "ne1970-01-01T00:00Z")]).birthdates[0][0]
+    )
+
+
+@pytest.mark.parametrize(
+    ("value", "named"),
+    [
+        ("1970-01-01T25:00", "the time of"),
+        ("1970-01-01T10", "the time of"),
+        ("1970-01-01T10:00:00+15:00", "the time of"),
+        ("1970-01T10:00", "dateTime"),
+        ("1970-02-30T10:00Z", "day 30"),
+        ("0001-01-01T00:30+01:00", "outside the years 0001-9999"),
+    ],
+)
+def test_a_birthdate_datetime_outside_fhirs_grammar_says_what_is_wrong(
+    value: str, named: str
+) -> None:
+    with pytest.raises(InvalidRequest) as info:
+        parse_query([("birthdate", value)])
+    assert named in info.value.message and info.value.issues[0].expression == "birthdate"
+
+
 @pytest.mark.parametrize(
     ("value", "named"),
     [

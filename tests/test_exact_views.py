@@ -23,7 +23,7 @@ from typing import Any
 import hypothesis.strategies as st
 import psycopg
 import pytest
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import HealthCheck, event, example, given, settings
 
 import researchflow_cli
 from core.errors import InvalidViewDefinition
@@ -31,6 +31,7 @@ from core.fhir_values import (
     case_map,
     case_map_sql,
     compare_temporal,
+    decimal_text,
     dumps,
     fold,
     temporal_compare_sql,
@@ -137,6 +138,10 @@ def test_engines_and_oracle_give_the_same_rows(
     for marker in (
         "extension('http://hl7",
         "given.extension",
+        "first().extension",
+        "[1].extension",
+        "$this.extension",
+        "$this.exists()",
         "@2",
         "ofType(decimal)",
         "collection",
@@ -219,18 +224,112 @@ def test_date_comparison_rules() -> None:
     assert compare_temporal("10:30:00", "10:30:00.0", time=True) == 0
 
 
-@settings(max_examples=200, deadline=None)
-@given(
-    a=st.decimals(
-        allow_nan=False, allow_infinity=False, places=6, min_value=-(10**9), max_value=10**9
-    ),
-    b=st.decimals(
-        allow_nan=False, allow_infinity=False, places=4, min_value=-(10**6), max_value=10**6
-    ).filter(bool),
-)
+def _numbers(places: int, bound: int) -> st.SearchStrategy[Decimal]:
+    fixed = st.decimals(
+        allow_nan=False, allow_infinity=False, places=places, min_value=-bound, max_value=bound
+    )
+    # Any exponent (1E+2, 0.000120), zeros of every scale and sign.
+    free = st.builds(
+        lambda digits, exponent: Decimal(digits).scaleb(exponent),
+        st.integers(-(10**12), 10**12),
+        st.integers(-20, 8),
+    )
+    zeros = st.sampled_from([Decimal("0"), Decimal("-0.0"), Decimal("0.000"), Decimal("0E+3")])
+    return st.one_of(fixed, free, zeros)
+
+
+@settings(max_examples=300, deadline=None)
+@given(a=_numbers(6, 10**9), b=_numbers(4, 10**6).filter(bool))
+@example(a=Decimal("-0.0"), b=Decimal(3))
+@example(a=Decimal("0"), b=Decimal("0.5"))
 def test_division_is_postgresql_numeric_division(
     a: Decimal, b: Decimal, module_pg_url: str
 ) -> None:
+    """PostgreSQL itself is the reference: the Python engine's `/` prints what it prints."""
     with psycopg.connect(module_pg_url) as conn:
-        row = conn.execute("SELECT %s::numeric / %s::numeric", (a, b)).fetchone()
-    assert row is not None and str(row[0]) == str(pg_divide(a, b))
+        row = conn.execute("SELECT (%s::numeric / %s::numeric)::text", (a, b)).fetchone()
+    assert row is not None and row[0] == decimal_text(pg_divide(a, b)), (a, b)
+
+
+def test_both_engines_print_arithmetic_on_any_decimal_alike(module_pg_url: str) -> None:
+    """Zeros of every scale and sign, exponents: the same digits from both engines."""
+    values = ["-0.0", "0", "0.000", "0E+3", "1E+2", "-1E-24", "6.50000000000000001", "7"]
+    observations = [
+        {"resourceType": "Observation", "id": f"o{n}", "status": "final",
+         "code": {"text": "x"}, "valueQuantity": {"value": Decimal(v)}}
+        for n, v in enumerate(values)
+    ]  # fmt: skip
+    paths = ["value.ofType(Quantity).value / 3", "value.ofType(Quantity).value * 1.50",
+             "value.ofType(Quantity).value + 0.0", "-value.ofType(Quantity).value",
+             "value.ofType(Quantity).value div 7", "value.ofType(Quantity).value mod 7"]  # fmt: skip
+    definition = {
+        "resourceType": "ViewDefinition",
+        "resource": "Observation",
+        "status": "active",
+        "select": [
+            {"column": [{"name": "id", "path": "id"}]
+             + [{"name": f"c{n}", "path": p} for n, p in enumerate(paths)]}
+        ],
+    }  # fmt: skip
+    python = evaluate(load_view(definition), observations)
+    postgres = postgres_engine(module_pg_url)(definition, observations)
+    assert _multiset(python, exact=True) == _multiset(postgres, exact=True)
+
+
+# FHIR JSON "Representing primitive elements": pa's birthDate has only its `_birthDate`, and
+# its second given name is a null with an extension. Expected values from FHIRPath on FHIR:
+# the element exists (no value), and extensions are reached on every evaluation path.
+_ABSENT = "http://hl7.org/fhir/StructureDefinition/data-absent-reason"
+_PRIMITIVE_PATIENTS = [
+    {"resourceType": "Patient", "id": "pa",
+     "_birthDate": {"extension": [{"url": _ABSENT, "valueCode": "masked"}]},
+     "name": [{"given": ["Ann", None, "Cee"],
+               "_given": [None, {"extension": [{"url": "g", "valueString": "mid"}]},
+                          {"id": "g3", "extension": [{"url": "g", "valueString": "last"}]}]}]},
+    {"resourceType": "Patient", "id": "pb", "birthDate": "1970", "name": [{"given": ["X"]}]},
+]  # fmt: skip
+_PRIMITIVE_PATHS = {
+    "exists": ("birthDate.exists()", [True, True]),
+    "has_value": ("birthDate.hasValue()", [False, True]),
+    "birth": ("birthDate", [None, "1970"]),
+    "absent": (f"birthDate.extension('{_ABSENT}').value", ["masked", None]),
+    "count": ("name.given.count()", [3, 1]),
+    "values": ("name.given.join(',')", ["Ann,Cee", "X"]),
+    "first": ("name.given.first().extension('g').value.ofType(string)", [None, None]),
+    "index": ("name.given[1].extension('g').value.ofType(string)", ["mid", None]),
+    "last_id": ("name.given.last().id", ["g3", None]),
+    "where": ("name.given.where($this = 'Cee').extension('g').value.ofType(string)",
+              ["last", None]),
+    "tail": ("name.given.tail().extension('g').value.ofType(string).join('|')",
+             ["mid|last", ""]),
+    "computed": ("name.given.first().lower().extension('g').exists()", [False, False]),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("engine", ["python", "postgres"])
+def test_primitive_extensions_on_every_evaluation_path(engine: str, module_pg_url: str) -> None:
+    definition = {
+        "resourceType": "ViewDefinition",
+        "resource": "Patient",
+        "status": "active",
+        "select": [
+            {"column": [{"name": "id", "path": "id"}]
+             + [{"name": n, "path": p} for n, (p, _) in _PRIMITIVE_PATHS.items()]},
+            {"forEachOrNull": "name.given",
+             "column": [{"name": "given", "path": "$this"},
+                        {"name": "given_ext", "path": "$this.extension('g').value"},
+                        {"name": "n", "path": "%rowIndex"}]},
+        ],
+    }  # fmt: skip
+    if engine == "python":
+        rows = evaluate(load_view(definition), _PRIMITIVE_PATIENTS)
+    else:
+        rows = postgres_engine(module_pg_url)(definition, _PRIMITIVE_PATIENTS)
+    given = {"pa": [("Ann", None), (None, "mid"), ("Cee", "last")], "pb": [("X", None)]}
+    expected = [
+        {"id": rid, **{n: want[k] for n, (_, want) in _PRIMITIVE_PATHS.items()},
+         "given": g, "given_ext": x, "n": i}
+        for k, rid in enumerate(["pa", "pb"])
+        for i, (g, x) in enumerate(given[rid])
+    ]  # fmt: skip
+    assert _multiset(rows, exact=True) == _multiset(expected, exact=True)

@@ -12,7 +12,7 @@ import redis.asyncio as aioredis
 from fhir.resources.R4B import get_fhir_model_class
 
 from core import r4schema
-from core.errors import InvalidResource
+from core.errors import InvalidRequest, InvalidResource
 from core.settings import Settings
 from core.store import SpeedStore
 from core.validation import is_resource_type, validate_resource
@@ -104,6 +104,7 @@ def test_the_r4_only_types_are_exactly_those_the_r4b_models_lack() -> None:
         except (KeyError, ValueError, AttributeError):
             lacking.add(name)
     assert lacking == r4schema.R4_ONLY_TYPES
+    assert r4_types == r4schema.R4_RESOURCE_TYPES
     assert r4schema.R4_RESHAPED_TYPES <= r4_types
     assert all(is_resource_type(t) for t in r4schema.R4_SCHEMA_TYPES)
 
@@ -181,3 +182,63 @@ def test_the_schema_is_loaded_only_for_those_types() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "ok"
+
+
+# Types the R4B models know that R4 does not have (R4B's own additions).
+R4B_ONLY = ["Citation", "SubscriptionTopic", "NutritionProduct", "MedicinalProductDefinition",
+            "Ingredient", "SubscriptionStatus"]  # fmt: skip
+
+
+@pytest.mark.parametrize("name", R4B_ONLY)
+def test_r4b_only_types_are_no_r4_types(name: str) -> None:
+    get_fhir_model_class(name)  # the models know it: the gate must not ask them
+    assert name not in r4schema.schema()["discriminator"]["mapping"]
+    assert not is_resource_type(name)
+    with pytest.raises(InvalidRequest, match="unknown resource type"):
+        validate_resource({"resourceType": name, "id": "x1", "status": "draft"})
+    contained = {"resourceType": "Patient", "id": "p1", "contained": [{"resourceType": name}]}
+    with pytest.raises(InvalidResource) as info:
+        validate_resource(contained)
+    assert "contained[0].resourceType" in [i.expression for i in info.value.issues]
+
+
+# FHIR JSON rules neither the R4B models nor R4's JSON schema express: (element, path).
+JSON_RULES = [
+    ({"extension": [{"valueString": "no url"}]}, "extension[0].url"),
+    ({"extension": [{"url": "u", "valueString": "a", "valueBoolean": True}]}, "extension[0]"),
+    ({"extension": [{"url": "u"}]}, "extension[0]"),
+    ({"extension": [{"url": "u", "valueString": "a", "extension": [{"url": "v",
+      "valueString": "b"}]}]}, "extension[0]"),
+    ({"extension": []}, "extension"),
+    ({"extension": [{}]}, "extension[0]"),
+    ({"language": None}, "language"),
+    ({"identifier": [{"value": "x"}, None]}, "identifier[1]"),
+    ({"_language": {"extension": [{"valueCode": "x"}]}}, "_language.extension[0].url"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("gate", ["Patient", "MedicinalProduct"])
+@pytest.mark.parametrize(("elements", "path"), JSON_RULES, ids=[p for _, p in JSON_RULES])
+def test_both_paths_of_the_gate_apply_fhirs_json_rules(
+    gate: str, elements: dict[str, Any], path: str
+) -> None:
+    """Patient goes through the R4B models, MedicinalProduct through R4's JSON schema: one
+    defect, one answer."""
+    resource = {"resourceType": gate, "id": "j1", **elements}
+    with pytest.raises(InvalidResource) as info:
+        validate_resource(resource)
+    assert path in [i.expression for i in info.value.issues], info.value.issues
+
+
+def test_a_null_beside_its_extension_is_fhir() -> None:
+    ext = {"extension": [{"url": "http://example.org/x", "valueCode": "masked"}]}
+    required = {"Patient": {}, "MedicinalProduct": {"name": [{"productName": "n"}]}}
+    for gate, elements in required.items():
+        resource = {"resourceType": gate, "id": "j2", "language": "en", "_language": ext}
+        validate_resource({**resource, **elements})
+    patient = {"resourceType": "Patient", "id": "j3",
+               "name": [{"given": ["A", None, "C"], "_given": [None, ext, None]}]}  # fmt: skip
+    validate_resource(patient)
+    with pytest.raises(InvalidResource) as info:
+        validate_resource({**patient, "name": [{"given": ["A", None]}]})
+    assert "name[0].given[1]" in [i.expression for i in info.value.issues]

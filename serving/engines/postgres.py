@@ -73,6 +73,21 @@ def _jp_string(value: str) -> str:
 
 # JSON null items (the holes of `"given": [null, "B"]` beside `_given`) are no values.
 _NOT_NULL = ' ? (@.type() != "null")'
+# A primitive element with its `_name` element beside it is, inside a collection, the object
+# {"rf:e": element, "rf:v": value} ("rf:v" absent: no value), as serving.engines.python._Node;
+# no FHIR element name has a colon, so no FHIR object is taken for one.
+_NODE_ELEMENT, _NODE_VALUE = "rf:e", "rf:v"
+
+
+def _is_node(item: str) -> str:
+    return f"(jsonb_typeof({item}) = 'object' AND {item} ? {_lit(_NODE_ELEMENT)})"
+
+
+def _as_array(value: str) -> str:
+    return (
+        f"(CASE WHEN {value} IS NULL THEN '[]'::jsonb WHEN jsonb_typeof({value}) = 'array'"
+        f" THEN {value} ELSE jsonb_build_array({value}) END)"
+    )
 
 
 @dataclass(frozen=True)
@@ -89,6 +104,7 @@ class _E:
     base: str | None = None
     path: str = ""
     literal: Any = None
+    heavy: bool = False  # large SQL (a node branch): bind it once (a LATERAL), not per use
 
 
 def _path_coll(base: str, path: str) -> _E:
@@ -117,6 +133,7 @@ class _Ctx:
     row_index: str  # SQL integer
     root: str  # jsonb array holding the resource
     scope: Scope  # the focus's static type, shared with the Python evaluator
+    nodes: str = "false"  # SQL boolean: the focus's items may be primitive element nodes
 
 
 class _Compiler:
@@ -177,7 +194,12 @@ class _Compiler:
     # ---- compilation
 
     def compile(self, expression: str, ctx: _Ctx) -> _E:
-        return self.expr(self.typer.expression(expression, ctx.scope), ctx)
+        """A top-level expression with its items as they are (a forEach's)."""
+        return self.gated(self.typer.expression(expression, ctx.scope), ctx)
+
+    def compile_values(self, expression: str, ctx: _Ctx) -> _E:
+        """`compile`, read for its values (a column, a where clause, repeat)."""
+        return self.gated(self.typer.value_expression(expression, ctx.scope), ctx)
 
     def expr(self, e: Expr, ctx: _Ctx) -> _E:
         tag = e.tag
@@ -198,6 +220,21 @@ class _Compiler:
             return _E("coll", ctx.root)
         if tag == "rowindex":
             return _E("num", ctx.row_index)
+        if tag == "values":
+            (inner,) = e.args
+            if inner.tag == "member":
+                # The values of a member step are the plain step's (no node on the way).
+                return self.expr(replace(inner, elements=False), ctx)
+            return self.node_values(self.coll(self.expr(inner, ctx)))
+        if tag == "element":
+            nodes = self.expr(e.args[0], ctx)
+            element = _jp_string(_NODE_ELEMENT)
+            return self.jsonpath(
+                nodes, f'$[*] ? (@.type() == "object" && exists(@.{element})).{element}'
+            )
+        if tag == "member" and e.elements:
+            base, name = e.args
+            return self.element_member(self.expr(base, ctx), name)
         if tag == "member":
             base, name = e.args
             return self.member(self.expr(base, ctx), name, _nullable(e.ftype))
@@ -225,6 +262,80 @@ class _Compiler:
         if base.kind == "coll" and base.base is not None:
             return _path_coll(base.base, base.path + step)
         return _path_coll(self.coll(base), "$[*]" + step)
+
+    def element_member(self, base: _E, name: str) -> _E:
+        """Member access to a primitive element, as serving.engines.python._step_elements:
+        where an object has `_name`, its values and elements pair up by position and each
+        one with an element object is a node. Compiled only where `gated` found `_name`."""
+        a, w, z, n = self.alias(), self.alias(), self.alias(), self.alias()
+        v, x = f"({w}.va -> {z}.i)", f"({w}.ea -> {z}.i)"
+        no_value = f"({v} IS NULL OR {v} = 'null'::jsonb)"
+        node = (
+            f"(CASE WHEN {x} IS NULL OR jsonb_typeof({x}) <> 'object'"
+            f" THEN (CASE WHEN {no_value} THEN NULL ELSE {v} END)"
+            f" ELSE jsonb_build_object({_lit(_NODE_ELEMENT)}, {x}) || (CASE WHEN {no_value}"
+            f" THEN '{{}}'::jsonb ELSE jsonb_build_object({_lit(_NODE_VALUE)}, {v}) END) END)"
+        )
+        return _E(
+            "coll",
+            f"(SELECT COALESCE(jsonb_agg({n}.x ORDER BY {a}.o, {z}.i), '[]'::jsonb)"
+            f" FROM jsonb_array_elements({self.coll(base)}) WITH ORDINALITY AS {a}(e, o)"
+            f" CROSS JOIN LATERAL (SELECT {_as_array(f'({a}.e -> {_lit(name)})')} AS va,"
+            f" {_as_array(f'({a}.e -> {_lit(chr(95) + name)})')} AS ea) AS {w}"
+            f" CROSS JOIN LATERAL generate_series(0,"
+            f" greatest(jsonb_array_length({w}.va), jsonb_array_length({w}.ea)) - 1) AS {z}(i)"
+            f" CROSS JOIN LATERAL (SELECT {node} AS x) AS {n}"
+            f" WHERE jsonb_typeof({a}.e) = 'object' AND {n}.x IS NOT NULL)",
+        )
+
+    def node_values(self, coll: str) -> _E:
+        """The values of a collection that may hold nodes (a node without a value gives none),
+        as serving.engines.python._values."""
+        src, a = self.elements(coll)
+        node = _is_node(f"{a}.e")
+        value = f"(CASE WHEN {node} THEN {a}.e -> {_lit(_NODE_VALUE)} ELSE {a}.e END)"
+        return _E(
+            "coll",
+            f"(SELECT COALESCE(jsonb_agg({value} ORDER BY {a}.o), '[]'::jsonb) FROM {src}"
+            f" WHERE NOT {node} OR {a}.e ? {_lit(_NODE_VALUE)})",
+        )
+
+    def node_check(self, e: Expr, ctx: _Ctx) -> str | None:
+        """SQL: whether `e` may meet primitive element nodes on this resource, None when it
+        never does. Nodes arise only where an object `e` reads a primitive of has its
+        `_name` element, or where the forEach items `e` runs on are nodes."""
+        sources, this = _node_sources(e)
+        checks = [ctx.nodes] if this else []
+        anywhere: set[str] = set()
+        for name, path, start in sources:
+            if path is None:
+                anywhere.add(name)
+            else:
+                where = ctx.root if start == "root" else ctx.focus
+                checks.append(f"jsonb_path_exists({where}, {_lit(path)})")
+        if anywhere:
+            found = " || ".join(f"exists(@.{_jp_string('_' + n)})" for n in sorted(anywhere))
+            checks.append(f"jsonb_path_exists({ctx.root}, {_lit(f'$.** ? ({found})')})")
+        return "(" + " OR ".join(dict.fromkeys(checks)) + ")" if checks else None
+
+    def gated(self, e: Expr, ctx: _Ctx) -> _E:
+        """A top-level expression (a column, a where clause, forEach, repeat): a resource
+        that has no node for it (nearly all) takes `e` compiled without nodes, at the cost
+        it had before nodes; the others the exact node semantics."""
+        check = self.node_check(e, ctx)
+        if check is None:
+            return self.expr(e, ctx)
+        with_nodes = self.coll(self.expr(e, ctx))
+        plain = self.coll(self.expr(_without_nodes(e), ctx))
+        return _E("coll", f"(CASE WHEN {check} THEN {with_nodes} ELSE {plain} END)", heavy=True)
+
+    def bind(self, e: _E, laterals: list[str]) -> _E:
+        """A heavy expression evaluated once per row in a LATERAL added to `laterals`."""
+        if not e.heavy:
+            return e
+        b = self.alias()
+        laterals.append(f" CROSS JOIN LATERAL (SELECT {e.sql} AS c) AS {b}")
+        return _E("coll", f"{b}.c")
 
     def choice(self, base: _E, name: str, suffixes: tuple[str, ...]) -> _E:
         keys = " || ".join(f"@.key == {_jp_string(name + s)}" for s in suffixes)
@@ -520,9 +631,15 @@ class _Compiler:
     # ---- columns and row sources
 
     def column(
-        self, path: str, fhir_type: str | None, collection: bool, name: str, ctx: _Ctx
+        self,
+        path: str,
+        fhir_type: str | None,
+        collection: bool,
+        name: str,
+        ctx: _Ctx,
+        laterals: list[str],
     ) -> str:
-        e = self.compile(path, ctx)
+        e = self.bind(self.compile_values(path, ctx), laterals)
         target = sql_type(fhir_type, collection)
         if collection:
             return self.coll(e)
@@ -562,8 +679,8 @@ class _Compiler:
             return f"NULL::{target}"
         return self.cast(_E("num", str(int(value))), target, name)
 
-    def where(self, path: str, ctx: _Ctx) -> str:
-        e = self.compile(path, ctx)
+    def where(self, path: str, ctx: _Ctx, laterals: list[str]) -> str:
+        e = self.bind(self.compile_values(path, ctx), laterals)
         if e.kind == "bool":
             return f"COALESCE({e.sql}, false)"
         c = self.coll(e)
@@ -579,15 +696,17 @@ class _Compiler:
         if items is not None:
             path = sel.for_each if sel.for_each is not None else sel.for_each_or_null
             assert path is not None
-            fpath = self.typer.expression(path, ctx.scope).fpath
+            typed = self.typer.expression(path, ctx.scope)
             src, a = self.elements(items)
-            focus = _Ctx(f"jsonb_build_array({a}.e)", f"({a}.o - 1)", ctx.root, Scope(fpath))
+            scope = Scope(typed.fpath, elements=typed.elements)
+            nodes = (self.node_check(typed, ctx) or "false") if typed.elements else "false"
+            focus = _Ctx(f"jsonb_build_array({a}.e)", f"({a}.o - 1)", ctx.root, scope, nodes)
             return src, focus
         if sel.repeat:
             a = self.alias()
             step_ctx = _Ctx(f"{a}_r.c", ctx.row_index, ctx.root, Scope(None))
-            first = " || ".join(self.coll(self.compile(p, ctx)) for p in sel.repeat)
-            step = " || ".join(self.coll(self.compile(p, step_ctx)) for p in sel.repeat)
+            first = " || ".join(self.coll(self.compile_values(p, ctx)) for p in sel.repeat)
+            step = " || ".join(self.coll(self.compile_values(p, step_ctx)) for p in sel.repeat)
             recursive = (
                 f"WITH RECURSIVE {a}_r(c, k) AS ("
                 f"SELECT jsonb_build_array({a}_i.e), ARRAY[{a}_i.o]"
@@ -628,10 +747,12 @@ class _Compiler:
         source, inner = self.iterate(sel, ctx, items)
         items_sql: list[str] = []
         names: list[str] = []
+        laterals: list[str] = []
         for col in sel.column:
-            expr = self.column(col.path, col.type, col.collection, col.name, inner)
+            expr = self.column(col.path, col.type, col.collection, col.name, inner, laterals)
             items_sql.append(f"{expr} AS {_ident(col.name)}")
             names.append(col.name)
+        source += "".join(laterals)
         for child in sel.select:
             sub, sub_names = self.rowsource(child, inner)
             b = self.alias()
@@ -657,12 +778,73 @@ class _Compiler:
         top = Select(select=self.view.select)
         body, names = self.rowsource(top, ctx)
         conditions = [f"_r.resource_type = {_lit(self.view.resource)}", "NOT _r.deleted"]
-        conditions.extend(self.where(w.path, ctx) for w in self.view.where)
+        laterals: list[str] = []
+        conditions.extend(self.where(w.path, ctx, laterals) for w in self.view.where)
         columns = ", ".join(f"_v.{_ident(n)}" for n in names)
         return (
-            f"SELECT {columns} FROM {_qualified(table)} AS _r CROSS JOIN LATERAL ({body}) AS _v"
-            f" WHERE {' AND '.join(conditions)}"
+            f"SELECT {columns} FROM {_qualified(table)} AS _r{''.join(laterals)}"
+            f" CROSS JOIN LATERAL ({body}) AS _v WHERE {' AND '.join(conditions)}"
         )
+
+
+_LAMBDA_CALLS = frozenset({"where", "exists", "all", "select"})
+
+
+def _node_sources(e: Expr) -> tuple[list[tuple[str, str | None, str]], bool]:
+    """Where nodes in `e` can come from: (name, SQL/JSON path of the objects' `_name`
+    elements from the start, "root" or "focus") for each member giving nodes, the path None
+    when it is not a plain chain from the resource or the focus; and whether `e` reads a
+    focus ($this) whose items may be nodes."""
+    found: list[tuple[str, str | None, str]] = []
+    this = False
+    stack: list[tuple[Any, bool]] = [(e, False)]
+    while stack:
+        item, in_lambda = stack.pop()
+        if isinstance(item, tuple):
+            stack.extend((part, in_lambda) for part in item)
+            continue
+        if not isinstance(item, Expr):
+            continue
+        if item.tag == "values" and item.args[0].tag == "member":
+            stack.append((item.args[0].args[0], in_lambda))  # the plain step: no nodes
+            continue
+        if item.tag == "member" and item.elements:
+            keys: list[str] = []
+            base = item.args[0]
+            while base.tag == "member" and not base.elements:
+                keys.append(base.args[1])
+                base = base.args[0]
+            start = "root" if base.tag == "root" else "focus"
+            plain = base.tag == "root" or (base.tag == "this" and not base.elements)
+            steps = "".join(f".{_jp_string(k)}[*]" for k in reversed(keys))
+            beside = f"$[*]{steps}.{_jp_string('_' + item.args[1])}"
+            found.append((item.args[1], beside if plain and not in_lambda else None, start))
+        elif item.tag == "this" and item.elements:
+            this = True
+        if item.tag == "call" and item.args[1] in _LAMBDA_CALLS:
+            stack.append((item.args[0], in_lambda))
+            stack.append((item.args[2], True))
+        else:
+            stack.extend((arg, in_lambda) for arg in item.args)
+    return found, this
+
+
+def _without_nodes(e: Expr) -> Expr:
+    """`e` as it is where no primitive has an `_name` element: no node anywhere, so values
+    are the items, and no `_name` element has extensions."""
+    if e.tag == "values":
+        return _without_nodes(e.args[0])
+    if e.tag == "element":
+        return Expr("empty", fpath=e.fpath, ftype=e.ftype)
+
+    def plain(arg: Any) -> Any:
+        if isinstance(arg, Expr):
+            return _without_nodes(arg)
+        if isinstance(arg, tuple):
+            return tuple(plain(a) for a in arg)
+        return arg
+
+    return replace(e, args=tuple(plain(a) for a in e.args), elements=False)
 
 
 def _nullable(ftype: str | None) -> bool:

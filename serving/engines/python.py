@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import replace
 from decimal import ROUND_DOWN, Decimal
 from typing import Any
 
@@ -37,6 +38,7 @@ from serving.engines.sqlvalues import (
     jsonb_text,
     pg_divide,
     pg_integer,
+    pg_numeric,
     round_half_away,
     scale,
     text_of,
@@ -165,6 +167,57 @@ def _step(items: Iterable[Any], key: str) -> list[Any]:
     return out
 
 
+class _Node:
+    """A primitive element that has its `_name` element beside it in the JSON (FHIR R4 JSON
+    §2.6.2): its value (None: it has none, only extensions) and that element. A primitive
+    without one is its plain value. Only `values` and `element` look inside."""
+
+    __slots__ = ("element", "value")
+
+    def __init__(self, value: Any, element: dict[str, Any]) -> None:
+        self.value = value
+        self.element = element
+
+
+def _step_elements(items: Iterable[Any], key: str) -> list[Any]:
+    """Member access to a primitive element: as `_step`, but where the JSON has `_key` beside
+    `key`, the items pair up by position (`"given": ["A", null]`, `"_given": [null, {...}]`)
+    and each one with an element object is a _Node, a value-less one included."""
+    out: list[Any] = []
+    for item in items:
+        if type(item) is not dict:
+            continue
+        element = item.get("_" + key)
+        if element is None:
+            out.extend(_step((item,), key))
+            continue
+        value = item.get(key)
+        found = value if type(value) is list else [] if value is None else [value]
+        beside = element if type(element) is list else [element]
+        for n in range(max(len(found), len(beside))):
+            v = _exact(found[n]) if n < len(found) else None
+            e = beside[n] if n < len(beside) else None
+            if type(e) is dict:
+                out.append(_Node(v, e))
+            elif v is not None:
+                out.append(v)
+    return out
+
+
+def _values(items: list[Any]) -> list[Any]:
+    """The values of items that may be _Nodes (a node without a value gives none)."""
+    return [
+        item.value if type(item) is _Node else item
+        for item in items
+        if type(item) is not _Node or item.value is not None
+    ]
+
+
+def _elements(items: list[Any]) -> list[Any]:
+    """The `_name` element objects of _Nodes (a plain value has none)."""
+    return [item.element for item in items if type(item) is _Node]
+
+
 def _member_chain(expr: Expr) -> tuple[Expr, tuple[str, ...]]:
     keys: list[str] = []
     while expr.tag == "member":
@@ -190,6 +243,21 @@ class _Compiler:
             return _root
         if tag == "rowindex":
             return _row_index
+        if tag == "values":
+            (inner,) = expr.args
+            if inner.tag == "member":
+                # The values of a member step are the plain step's (no _Node on the way).
+                return self.compile(replace(inner, elements=False))
+            node_fn = self.compile(inner)
+            return lambda focus, env: _values(node_fn(focus, env))
+        if tag == "element":
+            (inner,) = expr.args
+            nodes = self.compile(inner)
+            return lambda focus, env: _elements(nodes(focus, env))
+        if tag == "member" and expr.elements:
+            parent = self.compile(expr.args[0])
+            key = expr.args[1]
+            return lambda focus, env: _step_elements(parent(focus, env), key)
         if tag == "member":
             start, keys = _member_chain(expr)
             base = self.compile(start)
@@ -604,7 +672,7 @@ def _arithmetic(op: str, left: Fn, right: Fn) -> Fn:
             return []
         if isinstance(a, int) and isinstance(b, int) and op in ("+", "-", "*"):
             return [a + b if op == "+" else a - b if op == "-" else a * b]
-        x, y = Decimal(a), Decimal(b)
+        x, y = pg_numeric(a), pg_numeric(b)
         if op == "+":
             return [EXACT.add(x, y)]
         if op == "-":
@@ -690,17 +758,20 @@ class _CompiledSelect:
             assert path is not None
             items = typer.expression(path, scope)
             self.focus = compiler.compile(items)
-            inner = Scope(items.fpath)
+            inner = Scope(items.fpath, elements=items.elements)
         elif select.repeat:
             self.mode = "repeat"
             # The first step starts from the focus; deeper steps from items of no one type.
             inner = Scope(None)
-            self.repeat = tuple(compiler.compile(typer.expression(p, scope)) for p in select.repeat)
+            self.repeat = tuple(
+                compiler.compile(typer.value_expression(p, scope)) for p in select.repeat
+            )
             self.repeat_step = tuple(
-                compiler.compile(typer.expression(p, inner)) for p in select.repeat
+                compiler.compile(typer.value_expression(p, inner)) for p in select.repeat
             )
         self.columns = tuple(
-            _Column(c, compiler.compile(typer.expression(c.path, inner))) for c in select.column
+            _Column(c, compiler.compile(typer.value_expression(c.path, inner)))
+            for c in select.column
         )
         self.selects = tuple(_CompiledSelect(s, inner, typer, compiler) for s in select.select)
         self.union_all = tuple(_CompiledSelect(s, inner, typer, compiler) for s in select.union_all)
@@ -768,7 +839,7 @@ class CompiledView:
         compiler = _Compiler()
         scope = Scope(view.resource, at_root=True)
         self._wheres = tuple(
-            (w.path, compiler.compile(typer.expression(w.path, scope))) for w in view.where
+            (w.path, compiler.compile(typer.value_expression(w.path, scope))) for w in view.where
         )
         self._root = _CompiledSelect(Select(select=view.select), scope, typer, compiler)
 

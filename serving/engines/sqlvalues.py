@@ -28,6 +28,7 @@ __all__ = [
     "jsonb_text",
     "pg_divide",
     "pg_integer",
+    "pg_numeric",
     "round_half_away",
     "scale",
     "text_of",
@@ -174,16 +175,23 @@ def _nbase_weight(value: Decimal) -> tuple[int, int]:
     return weight, int(value.scaleb(-4 * weight, context=EXACT)) % 10000
 
 
+def pg_numeric(value: Decimal | int) -> Decimal:
+    """A number as PostgreSQL's numeric holds it: its scale never below 0 (1E+2 is 100 and
+    0E+3 is 0), so arithmetic on it gives PostgreSQL's scale (100 * 1.50 is 150.00)."""
+    number = Decimal(value)
+    exponent = number.as_tuple().exponent
+    assert isinstance(exponent, int)
+    return number.quantize(Decimal(1), context=EXACT) if exponent > 0 else number
+
+
 def pg_divide(a: Decimal | int, b: Decimal | int) -> Decimal:
     """a / b as PostgreSQL's numeric division gives it (numeric.c, select_div_scale: at least
     16 significant digits, at least both inputs' scales, rounded half away from zero)."""
     da, db = Decimal(a), Decimal(b)
-    if da.is_zero():
-        qweight = 0
-    else:
-        w1, f1 = _nbase_weight(da)
-        w2, f2 = _nbase_weight(db)
-        qweight = w1 - w2 - (1 if f1 <= f2 else 0)
+    # A zero dividend has weight 0 and first digit 0 there (so 0 / 3 has 20 places, not 16).
+    w1, f1 = _nbase_weight(da) if not da.is_zero() else (0, 0)
+    w2, f2 = _nbase_weight(db)
+    qweight = w1 - w2 - (1 if f1 <= f2 else 0)
     rscale = max(16 - qweight * 4, scale(da), scale(db), 0)
     rscale = min(rscale, 1000)
     # Exact integer arithmetic: quotient * 10^rscale, rounded half away from zero.
