@@ -494,7 +494,7 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def _run_all(settings: Settings, args: argparse.Namespace, listeners: list[Any]) -> int:
-    from core.serve import serve_together
+    from core.serve import serving
     from core.store import SpeedStore, check_redis, connect
     from serving.batch import check_postgres
     from serving.derive import default_deriver
@@ -511,7 +511,13 @@ async def _run_all(settings: Settings, args: argparse.Namespace, listeners: list
     stop = asyncio.Event()
     freeze_startup_objects()
     try:
-        async with FhirClient(settings.fhir_base_url) as client, watchdog_running(settings, client):
+        # The watchdog (Subscriptions on HAPI) and the poller (its lease) start only once
+        # both servers serve: a process that cannot serve leaves nothing behind on HAPI.
+        async with (
+            serving(listeners) as stopped,
+            FhirClient(settings.fhir_base_url) as client,
+            watchdog_running(settings, client),
+        ):
             poller = asyncio.create_task(
                 run_poller(
                     settings,
@@ -527,8 +533,9 @@ async def _run_all(settings: Settings, args: argparse.Namespace, listeners: list
                 )
             )
             try:
-                await serve_together(listeners)
+                await stopped.wait()
             finally:
+                # The poller first: it releases its lease, so another poller takes over now.
                 stop.set()
                 try:
                     await asyncio.wait_for(poller, timeout=10)
@@ -547,6 +554,7 @@ def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
 
     _require_tokens(settings.receiver_tokens, "RECEIVER_TOKEN", args.insecure)
     _require_tokens(settings.serving_tokens, "SERVING_TOKEN", args.insecure)
+    _two_ports(args.receiver_port, args.serve_port)
     # Both ports first: a taken one stops `run` before anything starts.
     receiver_sock = _bind(args.host, args.receiver_port, "receiver")
     sockets = [receiver_sock]
@@ -570,9 +578,19 @@ def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
         close_all(sockets)
 
 
+def _two_ports(receiver_port: int, serve_port: int) -> None:
+    if receiver_port == serve_port != 0:
+        raise CommandError(
+            f"--receiver-port and --serve-port are both {receiver_port}: the receiver and the "
+            "query API need a port each",
+            2,
+        )
+
+
 def cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
     from researchflow_demo import main_demo
 
+    _two_ports(args.receiver_port, args.serve_port)
     return main_demo(settings, args)
 
 

@@ -17,6 +17,7 @@ import redis
 import redis.asyncio
 
 import researchflow_cli
+from core.store import POLLER_LEASE_KEY
 from subscriptions.standin import synthetic
 from subscriptions.standin.hapi import StandInHapi
 from subscriptions.standin.run import ThreadedStandIn, serve_standin_in_thread
@@ -216,6 +217,35 @@ def test_run_hosts_receiver_api_poller_and_watchdog(
     stderr = proc.stderr.read().decode() if proc.stderr else ""
     assert "Traceback" not in stderr, stderr[-2000:]
     assert env["RECEIVER_TOKEN"] not in stderr and env["SERVING_TOKEN"] not in stderr
+    # A clean stop: the poller let its lease go (another poller may work at once).
+    assert proc.returncode == 0, stderr[-2000:]
+    with redis.Redis.from_url(CLI_REDIS_URL) as r:
+        assert not r.exists(POLLER_LEASE_KEY)
+
+
+def test_run_on_one_port_twice_registers_nothing_on_hapi(
+    env: dict[str, str], standin: ThreadedStandIn
+) -> None:
+    port = free_port()
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            RUN_MAIN,
+            "run",
+            "--receiver-port",
+            str(port),
+            "--serve-port",
+            str(port),
+        ],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert not [k for k in standin.hapi.resources if k[0] == "Subscription"]
 
 
 def test_batch_init_after_a_view_changed_rebuilds_it_and_its_speed_rows(

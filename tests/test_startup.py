@@ -12,6 +12,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -255,3 +256,77 @@ def test_run_without_its_batch_layer_exits_and_leaves_nothing_listening(pg_url: 
     assert proc.returncode == 1 and "PostgreSQL" in one_line(err)
     with socket.socket() as probe:
         assert probe.connect_ex(("127.0.0.1", receiver_port)) != 0, "nothing left listening"
+
+
+def test_a_port_is_bound_once_in_one_process_too() -> None:
+    """Two SO_REUSEADDR sockets may bind one port on Linux while neither listens: `bind`
+    listens at once, so a port named twice fails there, before anything starts."""
+    from core.errors import StartupError
+    from core.serve import bind
+
+    first = bind("127.0.0.1", 0, "first")
+    try:
+        port = first.getsockname()[1]
+        with pytest.raises(StartupError, match=rf"second: port {port} .* already in use"):
+            bind("127.0.0.1", port, "second")
+    finally:
+        first.close()
+
+
+@pytest.mark.parametrize("command", ["run", "demo"])
+def test_the_same_port_for_both_servers_is_one_line_and_exit_2(command: str, pg_url: str) -> None:
+    port = free_port()
+    proc = start(
+        [command, "--receiver-port", str(port), "--serve-port", str(port)],
+        {
+            "REDIS_URL": TEST_REDIS_URL,
+            "DATABASE_URL": pg_url,
+            "FHIR_BASE_URL": UNREACHABLE["FHIR_BASE_URL"],
+            "RECEIVER_TOKEN": "t",
+            "SERVING_TOKEN": "s",
+        },
+    )
+    _, err = proc.communicate(timeout=20)
+    assert proc.returncode == 2, err
+    line = one_line(err)
+    assert "--receiver-port and --serve-port" in line and str(port) in line, line
+
+
+async def test_serving_runs_its_block_only_once_every_server_has_started() -> None:
+    """What has effects elsewhere (the watchdog's Subscriptions, the poller's lease) runs in
+    the block: a server that never starts means the block never runs."""
+    from contextlib import asynccontextmanager
+
+    from starlette.applications import Starlette
+
+    from core.errors import StartupError
+    from core.serve import Listener, bind, serving
+
+    @asynccontextmanager
+    async def failing(app: Starlette) -> Any:
+        raise RuntimeError("no database")
+        yield
+
+    listeners = [
+        Listener(Starlette(), bind("127.0.0.1", 0, "good"), "good"),
+        Listener(Starlette(lifespan=failing), bind("127.0.0.1", 0, "bad"), "bad"),
+    ]
+    ran = []
+    try:
+        with pytest.raises(StartupError, match=r"the bad on .* did not start"):
+            async with serving(listeners):
+                ran.append("block")
+    finally:
+        for item in listeners:
+            item.sock.close()
+    assert ran == []
+    # Both started: the block runs, and ending it stops the servers.
+    listeners = [Listener(Starlette(), bind("127.0.0.1", 0, n), n) for n in ("a", "b")]
+    try:
+        async with serving(listeners) as stopped:
+            ran.append("block")
+            assert not stopped.is_set()
+    finally:
+        for item in listeners:
+            item.sock.close()
+    assert ran == ["block"]
