@@ -7,6 +7,7 @@ import asyncio
 import dataclasses
 import json
 import logging
+import re
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
@@ -35,12 +36,22 @@ class CommandError(Exception):
         self.code = code
 
 
+_LINE_BREAK = re.compile(r"\s*\n\s*")
+
+
+class OneLineFormatter(logging.Formatter):
+    """Every log record on one line: a library's message (psycopg's "...\n\t...") may span
+    several, and an operator's tools read a line as a record. A traceback (only logged at
+    DEBUG) keeps its lines."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return _LINE_BREAK.sub(" ", super().formatMessage(record))
+
+
 def _setup_logging() -> None:
-    logging.basicConfig(
-        level=logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(OneLineFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.INFO, handlers=[handler])
     # One line per HTTP request is noise for an operator; our own modules log what matters.
     logging.getLogger("httpx").setLevel(logging.WARNING)
 
@@ -281,14 +292,18 @@ def _batch_watermark(settings: Settings) -> Callable[[], Awaitable[str | None]]:
 
 async def _poll(settings: Settings, args: argparse.Namespace) -> int:
     from core.store import SpeedStore, connect
+    from serving.batch import check_postgres
     from serving.derive import default_deriver
     from serving.viewdef import served_types
     from subscriptions.fhir_client import FhirClient
-    from subscriptions.poller import poll_once, run_poller
+    from subscriptions.poller import LEASE_TTL_MS, poll_once, run_poller
 
     redis_client = connect(settings)
     store = SpeedStore(redis_client, max_age_hours=settings.speed_max_age_hours)
     await redis_client.ping()
+    # The batch layer says which changes it holds (not missed) and where a first poll
+    # starts: without it a poll would only defer its judgement (pending).
+    await check_postgres(settings)
     derive = default_deriver()
     try:
         async with FhirClient(settings.fhir_base_url) as client:
@@ -304,8 +319,16 @@ async def _poll(settings: Settings, args: argparse.Namespace) -> int:
                     batch_watermark=_batch_watermark(settings),
                     batch_versions=_batch_versions(settings),
                     types=served_types(),
+                    # A poller that died leaves its lease for at most its TTL: outlive it.
+                    lease_wait_seconds=LEASE_TTL_MS / 1000.0 + 1.0,
                 )
                 _end_progress()
+                if result.skipped:
+                    raise CommandError(
+                        "another poller holds the lease (a running `researchflow run` or "
+                        "`poll`: it does this work); nothing was read. Stop it first, or "
+                        "let it catch up"
+                    )
                 print(
                     json.dumps(
                         {
@@ -318,7 +341,6 @@ async def _poll(settings: Settings, args: argparse.Namespace) -> int:
                             "since": result.since,
                             "watermark": result.watermark,
                             "restored": result.restored,
-                            "skipped": result.skipped,
                             "seconds": round(result.seconds, 3),
                         }
                     )

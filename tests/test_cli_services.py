@@ -133,6 +133,54 @@ def test_poll_with_hapi_unreachable_is_one_line(
     assert "Traceback" not in err and err.strip()
 
 
+async def _hold_lease(ttl_ms: int) -> None:
+    from core.settings import Settings
+    from core.store import SpeedStore, connect
+
+    client = connect(Settings(redis_url=CLI_REDIS_URL))
+    try:
+        assert await SpeedStore(client).poller_lock(ttl_ms).acquire(blocking=False)
+    finally:
+        await client.aclose()
+
+
+def test_poll_once_never_exits_0_having_done_nothing(
+    env: dict[str, str],
+    standin: ThreadedStandIn,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Another poller's lease: `poll --once` waits for it (a dead holder's lease expires),
+    and when the holder lives on, exits 1 saying so, not 0 with nothing read."""
+    import asyncio
+
+    import subscriptions.poller
+
+    assert run(["batch", "init"], capsys)[0] == 0
+    # A lease nobody renews (its process died): taken over once it expires.
+    asyncio.run(_hold_lease(1500))
+    code, out, err = run(["poll", "--once"], capsys)
+    assert code == 0, err
+    assert json.loads(out)["read"] == len(standin.hapi.resources)
+    # A live holder (renewed past the wait).
+    monkeypatch.setattr(subscriptions.poller, "LEASE_TTL_MS", 500)
+    asyncio.run(_hold_lease(60_000))
+    code, out, err = run(["poll", "--once"], capsys)
+    assert code == 1 and out == ""
+    lines = err.strip().splitlines()
+    assert lines[-1].startswith("researchflow poll: another poller holds the lease"), err
+
+
+def test_poll_with_its_batch_layer_unreachable_is_one_line(
+    env: dict[str, str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("DATABASE_URL", f"postgresql://127.0.0.1:{free_port()}/nothing")
+    for argv in (["poll", "--once"], ["poll"]):
+        code, out, err = run(argv, capsys)
+        assert code == 1 and out == "", err
+        assert "PostgreSQL" in err.strip().splitlines()[-1] and "Traceback" not in err
+
+
 RUN_MAIN = """
 import sys
 from researchflow_cli import main
