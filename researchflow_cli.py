@@ -799,6 +799,13 @@ def _dependency_reason(exc: Exception) -> str | None:
     import psycopg
     import redis.exceptions
 
+    if isinstance(exc, redis.exceptions.RedisClusterException):
+        if "cluster mode is not enabled" in str(exc).lower():
+            return (
+                "REDIS_CLUSTER=true, but the Redis at REDIS_URL is not a cluster node (cluster"
+                " mode is not enabled there): set REDIS_CLUSTER=false or point at a cluster"
+            )
+        return f"the Redis Cluster at REDIS_URL cannot be reached ({type(exc).__name__}: {exc})"
     if isinstance(exc, redis.exceptions.RedisError):
         return f"Redis cannot be reached ({type(exc).__name__}: {exc})"
     if isinstance(exc, psycopg.Error):

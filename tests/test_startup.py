@@ -74,6 +74,19 @@ BAD_SETTINGS: list[tuple[str, str]] = [
     ("MIN_CELL_COUNT", "-3"),
     ("REDIS_CLUSTER", "perhaps"),
     ("RECEIVER_RESOURCE_TYPES", "Patient,Unicorn"),
+    # Values a URL parser or a library refuses with its own exception: still one line.
+    ("FHIR_BASE_URL", "http://[::1"),
+    ("RECEIVER_URL", "http://hapi:99999/fhir"),
+    ("DATABASE_URL", "postgresql://[::1"),
+    ("DATABASE_URL", "postgresql://localhost:70000/x"),
+    ("HAPI_DATABASE_URL", "postgresql://[::1/hapi"),
+    ("REDIS_URL", "redis://[::1"),
+    ("REDIS_URL", "redis://localhost:6379/0?db=x"),
+    ("REDIS_URL", "redis://localhost:6379/0?socket_timeout=soon"),
+    ("REDIS_URL", "rediss://localhost:6379/0?protocol=9"),
+    ("REDIS_CLUSTER", "yes"),  # the contract's words are true and false
+    ("SPEED_MAX_AGE_HOURS", "99999999999"),  # past what Redis takes as an expiry
+    ("RESEARCHFLOW_INSTANCE", "ours,theirs"),  # a `_tag` search would OR it
 ]
 
 
@@ -330,3 +343,36 @@ async def test_serving_runs_its_block_only_once_every_server_has_started() -> No
         for item in listeners:
             item.sock.close()
     assert ran == ["block"]
+
+
+@pytest.mark.parametrize(
+    ("env", "named"),
+    [
+        ({"REDIS_CLUSTER": "true", "REDIS_URL": "redis://localhost:6379/3"}, "database 0"),
+        ({"RECEIVER_TOKEN": "two words"}, "RECEIVER_TOKEN: token 1"),
+        ({"SERVING_TOKEN": "ok,caf\u00e9"}, "SERVING_TOKEN: token 2"),
+    ],
+)
+def test_settings_that_only_together_or_inside_a_list_are_malformed(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    env: dict[str, str],
+    named: str,
+) -> None:
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    for argv in (COMMANDS["run"], COMMANDS["speed stats"]):
+        assert researchflow_cli.main(argv) == 2
+        line = one_line(capsys.readouterr().err)
+        assert named in line and "bad setting" in line, line
+        assert "two words" not in line and "caf" not in line, "a token is never echoed"
+
+
+def test_redis_cluster_true_against_a_plain_redis_says_so(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("REDIS_CLUSTER", "true")
+    monkeypatch.setenv("REDIS_URL", TEST_REDIS_URL.rsplit("/", 1)[0] + "/0")
+    assert researchflow_cli.main(COMMANDS["speed stats"]) == 1
+    line = one_line(capsys.readouterr().err)
+    assert "not a cluster node" in line and "REDIS_CLUSTER" in line, line
