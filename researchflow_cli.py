@@ -21,6 +21,7 @@ from core.errors import (
     InvalidRequest,
     InvalidViewDefinition,
     ResearchFlowError,
+    postgres_failure,
 )
 from core.fhir_values import JsonError, dumps, loads
 from core.settings import Settings, SettingsError
@@ -809,7 +810,7 @@ def _dependency_reason(exc: Exception) -> str | None:
     if isinstance(exc, redis.exceptions.RedisError):
         return f"Redis cannot be reached ({type(exc).__name__}: {exc})"
     if isinstance(exc, psycopg.Error):
-        return f"PostgreSQL cannot be reached ({type(exc).__name__}: {str(exc).strip()[:300]})"
+        return postgres_failure(exc)[:400]
     if isinstance(exc, httpx.HTTPError):
         return f"the FHIR server cannot be reached ({type(exc).__name__}: {exc})"
     if isinstance(exc, OSError):

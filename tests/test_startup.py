@@ -376,3 +376,32 @@ def test_redis_cluster_true_against_a_plain_redis_says_so(
     assert researchflow_cli.main(COMMANDS["speed stats"]) == 1
     line = one_line(capsys.readouterr().err)
     assert "not a cluster node" in line and "REDIS_CLUSTER" in line, line
+
+
+@pytest.mark.parametrize("missing", ["database", "role"])
+@pytest.mark.parametrize("command", ["batch init", "serve", "poll --once"])
+def test_a_postgresql_that_answers_no_is_not_called_unreachable(
+    tokens: None,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    missing: str,
+    command: str,
+) -> None:
+    """README's first steps: DATABASE_URL naming a database not created yet. The server
+    answered, so the line says what it answered, and how to create the database."""
+    from tests.conftest import TEST_PG_ADMIN_URL
+
+    base = TEST_PG_ADMIN_URL.rsplit("/", 1)[0]
+    name = f"rf_never_created_{os.getpid()}"
+    if missing == "database":
+        url = f"{base}/{name}"
+    else:
+        url = base.replace("postgresql://", f"postgresql://{name}@", 1) + "/postgres"
+    monkeypatch.setenv("DATABASE_URL", url)
+    monkeypatch.setenv("REDIS_URL", TEST_REDIS_URL)
+    monkeypatch.setenv("FHIR_BASE_URL", UNREACHABLE["FHIR_BASE_URL"])
+    assert researchflow_cli.main(COMMANDS[command]) == 1
+    line = one_line(capsys.readouterr().err)
+    assert f'{missing} "{name}" does not exist' in line and "cannot be reached" not in line, line
+    if missing == "database":
+        assert f"createdb {name}" in line, line
