@@ -10,7 +10,7 @@ import logging
 import re
 import sys
 from collections.abc import Awaitable, Callable, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
@@ -83,10 +83,17 @@ def _end_progress() -> None:
 
 async def _speed_get(settings: Settings, ref: str) -> dict[str, Any]:
     from core.store import SpeedStore, connect
+    from core.validation import ID_PATTERN, is_resource_type
 
     resource_type, sep, resource_id = ref.partition("/")
     if not sep or not resource_type or not resource_id:
         raise CommandError(f"expected TYPE/ID, got {ref!r}", 2)
+    if not is_resource_type(resource_type):
+        raise CommandError(f"{resource_type!r} is not a FHIR resource type", 2)
+    if not ID_PATTERN.fullmatch(resource_id):
+        raise CommandError(
+            f"{resource_id!r} is not a FHIR id (1-64 of A-Z, a-z, 0-9, '-' and '.')", 2
+        )
     client = connect(settings)
     try:
         entry = await SpeedStore(client).get(resource_type, resource_id)
@@ -218,9 +225,18 @@ def _types(raw: str | None) -> tuple[str, ...]:
     if raw is None:
         return served_types()
     types = tuple(t.strip() for t in raw.split(",") if t.strip())
-    bad = [t for t in types if not is_resource_type(t) or t in NEVER_STORED]
-    if not types or bad:
-        raise CommandError(f"--types: unknown resource type(s): {', '.join(bad) or raw!r}", 2)
+    if not types:
+        raise CommandError("--types names no resource type (e.g. --types Patient,Condition)", 2)
+    unknown = [t for t in types if not is_resource_type(t)]
+    if unknown:
+        raise CommandError(f"--types: unknown resource type(s): {', '.join(unknown)}", 2)
+    never = [t for t in types if t in NEVER_STORED]
+    if never:
+        raise CommandError(
+            f"--types: {', '.join(never)} cannot be subscribed to (a Subscription carries the "
+            "receiver's token and never enters the speed layer)",
+            2,
+        )
     return types
 
 
@@ -375,14 +391,25 @@ def _stop_on_signals(stop: asyncio.Event) -> None:
         loop.add_signal_handler(sig, stop.set)
 
 
+# How far ahead of this machine's clock HAPI's may be before a `--since` is "in the future".
+SINCE_SKEW = timedelta(hours=1)
+
+
 def cmd_poll(settings: Settings, args: argparse.Namespace) -> int:
     if args.since is not None:
         try:
-            datetime.fromisoformat(args.since)
+            since = datetime.fromisoformat(args.since)
         except ValueError:
             raise CommandError(
                 f"--since must be an ISO-8601 instant, not {args.since!r}", 2
             ) from None
+        if since.tzinfo is None:
+            # HAPI's clock is compared as an instant: a time without its offset is ambiguous.
+            raise CommandError(
+                f"--since needs a UTC offset (Z or +01:00): {args.since!r} names no instant", 2
+            )
+        if since > datetime.now(UTC) + SINCE_SKEW:
+            raise CommandError(f"--since {args.since} is in the future: nothing to read yet", 2)
     return asyncio.run(_poll(settings, args))
 
 
@@ -620,6 +647,27 @@ def cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
 # -- the parser ----------------------------------------------------------------------------
 
 
+def _seconds(raw: str) -> float:
+    """A number of seconds, 0 or more (argparse reports the ValueError as a usage error)."""
+    value = float(raw)
+    if not 0 <= value < 10**6:
+        raise ValueError(raw)
+    return value
+
+
+def _port(raw: str) -> int:
+    value = int(raw)
+    if not 0 <= value <= 65535:
+        raise ValueError(raw)
+    return value
+
+
+# argparse names a type by its __name__ in "invalid ... value".
+_seconds.__name__ = "seconds"
+_port.__name__ = "port"
+HOST_HELP = "the address to listen on (default 127.0.0.1; 0.0.0.0: every interface)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="researchflow",
@@ -631,23 +679,23 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("receiver", help="run the webhook receiver HAPI calls")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8081)
+    p.add_argument("--host", default="127.0.0.1", help=HOST_HELP)
+    p.add_argument("--port", type=_port, default=8081, help="default 8081; 0: any free port")
     p.add_argument("--insecure", action="store_true", help="allow running without RECEIVER_TOKEN")
     p.set_defaults(func=cmd_receiver)
 
     p = sub.add_parser("serve", help="run the query API and status page")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8082)
+    p.add_argument("--host", default="127.0.0.1", help=HOST_HELP)
+    p.add_argument("--port", type=_port, default=8082, help="default 8082; 0: any free port")
     p.add_argument("--insecure", action="store_true", help="allow running without SERVING_TOKEN")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser(
         "run", help="receiver, query API, poller and subscription watchdog in one process"
     )
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--receiver-port", type=int, default=8081)
-    p.add_argument("--serve-port", type=int, default=8082)
+    p.add_argument("--host", default="127.0.0.1", help=HOST_HELP)
+    p.add_argument("--receiver-port", type=_port, default=8081, help="default 8081")
+    p.add_argument("--serve-port", type=_port, default=8082, help="default 8082")
     p.add_argument("--insecure", action="store_true", help="allow running without tokens")
     p.set_defaults(func=cmd_run)
 
@@ -661,8 +709,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--duration", type=float, default=45.0, help="seconds of streamed changes (default 45)"
     )
-    p.add_argument("--receiver-port", type=int, default=8081)
-    p.add_argument("--serve-port", type=int, default=8082)
+    p.add_argument("--receiver-port", type=_port, default=8081, help="default 8081; 0: any")
+    p.add_argument("--serve-port", type=_port, default=8082, help="default 8082; 0: any")
     p.add_argument(
         "--reset",
         action="store_true",
@@ -700,7 +748,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     b.add_argument(
         "--wait",
-        type=float,
+        type=_seconds,
         default=90.0,
         metavar="SECONDS",
         help="how long to wait for HAPI to mark them active (default 90)",

@@ -548,14 +548,14 @@ async def _traverse(
 
 def _log(result: PollResult) -> None:
     logger.info(
-        "poll since %s: read %d, written %d (%d deletes), missed %d %s%s, pending %d,"
+        "poll since %s: read %d, written %d (%d deletes), missed %d%s%s, pending %d,"
         " rejected %d,%s watermark %s, %.1f s",
         result.since or "the beginning",
         result.read,
         result.written,
         result.deletes,
         result.missed,
-        result.missed_by_type or "",
+        f" {result.missed_by_type}" if result.missed_by_type else "",
         f" e.g. {', '.join(result.missed_sample)}" if result.missed_sample else "",
         result.pending,
         result.rejected,

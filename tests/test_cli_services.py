@@ -181,6 +181,52 @@ def test_poll_with_its_batch_layer_unreachable_is_one_line(
         assert "PostgreSQL" in err.strip().splitlines()[-1] and "Traceback" not in err
 
 
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        (["speed", "get", "Foo/x"], "'Foo' is not a FHIR resource type"),
+        (["speed", "get", "Patient/a b"], "'a b' is not a FHIR id"),
+        (["subscriptions", "bootstrap", "--types", "Patient,Subscription"], "cannot be subscribed"),
+        (["subscriptions", "bootstrap", "--types", ","], "names no resource type"),
+        (["poll", "--once", "--since", "2026-11-29T22:00:00"], "needs a UTC offset"),
+        (["poll", "--once", "--since", "2999-01-01T00:00:00Z"], "is in the future"),
+    ],
+)
+def test_arguments_that_name_nothing_real_are_refused(
+    env: dict[str, str], capsys: pytest.CaptureFixture[str], argv: list[str], says: str
+) -> None:
+    code, out, err = run(argv, capsys)
+    assert code == 2 and out == "", err
+    assert says in err.strip().splitlines()[-1], err
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["subscriptions", "bootstrap", "--wait", "-1"],
+        ["run", "--serve-port", "70000"],
+        ["receiver", "--port", "-2"],
+    ],
+)
+def test_out_of_range_numbers_are_usage_errors(
+    env: dict[str, str], capsys: pytest.CaptureFixture[str], argv: list[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        researchflow_cli.main(argv)
+    assert exit_.value.code == 2 and "invalid" in capsys.readouterr().err
+
+
+def test_the_servers_help_shows_their_defaults() -> None:
+    parser = researchflow_cli.build_parser()
+    for command, defaults in (
+        ("run", ["8081", "8082"]),
+        ("receiver", ["8081"]),
+        ("serve", ["8082"]),
+    ):
+        text = parser._subparsers._group_actions[0].choices[command].format_help()  # type: ignore[union-attr]
+        assert all(d in text for d in defaults) and "address to listen on" in text, text
+
+
 RUN_MAIN = """
 import sys
 from researchflow_cli import main

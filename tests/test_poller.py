@@ -583,3 +583,16 @@ async def _watermark_is(expected: str) -> None:
     finally:
         await client.flushdb()
         await client.aclose()
+
+
+def test_the_poll_log_line_reads_plainly(caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    from subscriptions.poller import _log
+
+    with caplog.at_level(logging.INFO, logger="subscriptions.poller"):
+        _log(PollResult(read=3, written=2, watermark="w"))
+        _log(PollResult(missed=2, missed_by_type={"Patient": 2}, missed_sample=["Patient/p7"]))
+    quiet, loud = (r.getMessage() for r in caplog.records)
+    assert "missed 0, pending 0" in quiet, quiet
+    assert "missed 2 {'Patient': 2} e.g. Patient/p7, pending 0" in loud, loud
