@@ -7,9 +7,10 @@ import asyncio
 import dataclasses
 import json
 import logging
+import re
 import sys
 from collections.abc import Awaitable, Callable, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
@@ -20,6 +21,7 @@ from core.errors import (
     InvalidRequest,
     InvalidViewDefinition,
     ResearchFlowError,
+    postgres_failure,
 )
 from core.fhir_values import JsonError, dumps, loads
 from core.settings import Settings, SettingsError
@@ -35,12 +37,22 @@ class CommandError(Exception):
         self.code = code
 
 
+_LINE_BREAK = re.compile(r"\s*\n\s*")
+
+
+class OneLineFormatter(logging.Formatter):
+    """Every log record on one line: a library's message (psycopg's "...\n\t...") may span
+    several, and an operator's tools read a line as a record. A traceback (only logged at
+    DEBUG) keeps its lines."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return _LINE_BREAK.sub(" ", super().formatMessage(record))
+
+
 def _setup_logging() -> None:
-    logging.basicConfig(
-        level=logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(OneLineFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.INFO, handlers=[handler])
     # One line per HTTP request is noise for an operator; our own modules log what matters.
     logging.getLogger("httpx").setLevel(logging.WARNING)
 
@@ -90,10 +102,17 @@ def _deriver(settings: Settings) -> Any:
 
 async def _speed_get(settings: Settings, ref: str) -> dict[str, Any]:
     from core.store import SpeedStore, connect
+    from core.validation import ID_PATTERN, is_resource_type
 
     resource_type, sep, resource_id = ref.partition("/")
     if not sep or not resource_type or not resource_id:
         raise CommandError(f"expected TYPE/ID, got {ref!r}", 2)
+    if not is_resource_type(resource_type):
+        raise CommandError(f"{resource_type!r} is not a FHIR resource type", 2)
+    if not ID_PATTERN.fullmatch(resource_id):
+        raise CommandError(
+            f"{resource_id!r} is not a FHIR id (1-64 of A-Z, a-z, 0-9, '-' and '.')", 2
+        )
     client = connect(settings)
     try:
         entry = await SpeedStore(client).get(resource_type, resource_id)
@@ -223,9 +242,18 @@ def _types(settings: Settings, raw: str | None) -> tuple[str, ...]:
     if raw is None:
         return _served_types(settings)
     types = tuple(t.strip() for t in raw.split(",") if t.strip())
-    bad = [t for t in types if not is_resource_type(t) or t in NEVER_STORED]
-    if not types or bad:
-        raise CommandError(f"--types: unknown resource type(s): {', '.join(bad) or raw!r}", 2)
+    if not types:
+        raise CommandError("--types names no resource type (e.g. --types Patient,Condition)", 2)
+    unknown = [t for t in types if not is_resource_type(t)]
+    if unknown:
+        raise CommandError(f"--types: unknown resource type(s): {', '.join(unknown)}", 2)
+    never = [t for t in types if t in NEVER_STORED]
+    if never:
+        raise CommandError(
+            f"--types: {', '.join(never)} cannot be subscribed to (a Subscription carries the "
+            "receiver's token and never enters the speed layer)",
+            2,
+        )
     return types
 
 
@@ -298,12 +326,16 @@ def _batch_watermark(settings: Settings) -> Callable[[], Awaitable[str | None]]:
 
 async def _poll(settings: Settings, args: argparse.Namespace) -> int:
     from core.store import SpeedStore, connect
+    from serving.batch import check_postgres
     from subscriptions.fhir_client import FhirClient
-    from subscriptions.poller import poll_once, run_poller
+    from subscriptions.poller import LEASE_TTL_MS, poll_once, run_poller
 
     redis_client = connect(settings)
     store = SpeedStore(redis_client, max_age_hours=settings.speed_max_age_hours)
     await redis_client.ping()
+    # The batch layer says which changes it holds (not missed) and where a first poll
+    # starts: without it a poll would only defer its judgement (pending).
+    await check_postgres(settings)
     derive = _deriver(settings)
     try:
         async with FhirClient(settings.fhir_base_url) as client:
@@ -319,8 +351,16 @@ async def _poll(settings: Settings, args: argparse.Namespace) -> int:
                     batch_watermark=_batch_watermark(settings),
                     batch_versions=_batch_versions(settings),
                     types=_served_types(settings),
+                    # A poller that died leaves its lease for at most its TTL: outlive it.
+                    lease_wait_seconds=LEASE_TTL_MS / 1000.0 + 1.0,
                 )
                 _end_progress()
+                if result.skipped:
+                    raise CommandError(
+                        "another poller holds the lease (a running `researchflow run` or "
+                        "`poll`: it does this work); nothing was read. Stop it first, or "
+                        "let it catch up"
+                    )
                 print(
                     json.dumps(
                         {
@@ -333,7 +373,6 @@ async def _poll(settings: Settings, args: argparse.Namespace) -> int:
                             "since": result.since,
                             "watermark": result.watermark,
                             "restored": result.restored,
-                            "skipped": result.skipped,
                             "seconds": round(result.seconds, 3),
                         }
                     )
@@ -367,14 +406,25 @@ def _stop_on_signals(stop: asyncio.Event) -> None:
         loop.add_signal_handler(sig, stop.set)
 
 
+# How far ahead of this machine's clock HAPI's may be before a `--since` is "in the future".
+SINCE_SKEW = timedelta(hours=1)
+
+
 def cmd_poll(settings: Settings, args: argparse.Namespace) -> int:
     if args.since is not None:
         try:
-            datetime.fromisoformat(args.since)
+            since = datetime.fromisoformat(args.since)
         except ValueError:
             raise CommandError(
                 f"--since must be an ISO-8601 instant, not {args.since!r}", 2
             ) from None
+        if since.tzinfo is None:
+            # HAPI's clock is compared as an instant: a time without its offset is ambiguous.
+            raise CommandError(
+                f"--since needs a UTC offset (Z or +01:00): {args.since!r} names no instant", 2
+            )
+        if since > datetime.now(UTC) + SINCE_SKEW:
+            raise CommandError(f"--since {args.since} is in the future: nothing to read yet", 2)
     return asyncio.run(_poll(settings, args))
 
 
@@ -511,7 +561,7 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def _run_all(settings: Settings, args: argparse.Namespace, listeners: list[Any]) -> int:
-    from core.serve import serve_together
+    from core.serve import serving
     from core.store import SpeedStore, check_redis, connect
     from serving.batch import check_postgres
     from subscriptions.fhir_client import FhirClient
@@ -526,7 +576,10 @@ async def _run_all(settings: Settings, args: argparse.Namespace, listeners: list
     stop = asyncio.Event()
     freeze_startup_objects()
     try:
+        # The watchdog (Subscriptions on HAPI) and the poller (its lease) start only once
+        # both servers serve: a process that cannot serve leaves nothing behind on HAPI.
         async with (
+            serving(listeners) as stopped,
             FhirClient(settings.fhir_base_url) as client,
             watchdog_running(settings, client, _served_types(settings)),
         ):
@@ -545,8 +598,9 @@ async def _run_all(settings: Settings, args: argparse.Namespace, listeners: list
                 )
             )
             try:
-                await serve_together(listeners)
+                await stopped.wait()
             finally:
+                # The poller first: it releases its lease, so another poller takes over now.
                 stop.set()
                 try:
                     await asyncio.wait_for(poller, timeout=10)
@@ -564,6 +618,7 @@ def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
 
     _require_tokens(settings.receiver_tokens, "RECEIVER_TOKEN", args.insecure)
     _require_tokens(settings.serving_tokens, "SERVING_TOKEN", args.insecure)
+    _two_ports(args.receiver_port, args.serve_port)
     # Both ports first: a taken one stops `run` before anything starts.
     receiver_sock = _bind(args.host, args.receiver_port, "receiver")
     sockets = [receiver_sock]
@@ -587,13 +642,44 @@ def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
         close_all(sockets)
 
 
+def _two_ports(receiver_port: int, serve_port: int) -> None:
+    if receiver_port == serve_port != 0:
+        raise CommandError(
+            f"--receiver-port and --serve-port are both {receiver_port}: the receiver and the "
+            "query API need a port each",
+            2,
+        )
+
+
 def cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
     from researchflow_demo import main_demo
 
+    _two_ports(args.receiver_port, args.serve_port)
     return main_demo(settings, args)
 
 
 # -- the parser ----------------------------------------------------------------------------
+
+
+def _seconds(raw: str) -> float:
+    """A number of seconds, 0 or more (argparse reports the ValueError as a usage error)."""
+    value = float(raw)
+    if not 0 <= value < 10**6:
+        raise ValueError(raw)
+    return value
+
+
+def _port(raw: str) -> int:
+    value = int(raw)
+    if not 0 <= value <= 65535:
+        raise ValueError(raw)
+    return value
+
+
+# argparse names a type by its __name__ in "invalid ... value".
+_seconds.__name__ = "seconds"
+_port.__name__ = "port"
+HOST_HELP = "the address to listen on (default 127.0.0.1; 0.0.0.0: every interface)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -607,23 +693,23 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("receiver", help="run the webhook receiver HAPI calls")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8081)
+    p.add_argument("--host", default="127.0.0.1", help=HOST_HELP)
+    p.add_argument("--port", type=_port, default=8081, help="default 8081; 0: any free port")
     p.add_argument("--insecure", action="store_true", help="allow running without RECEIVER_TOKEN")
     p.set_defaults(func=cmd_receiver)
 
     p = sub.add_parser("serve", help="run the query API and status page")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8082)
+    p.add_argument("--host", default="127.0.0.1", help=HOST_HELP)
+    p.add_argument("--port", type=_port, default=8082, help="default 8082; 0: any free port")
     p.add_argument("--insecure", action="store_true", help="allow running without SERVING_TOKEN")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser(
         "run", help="receiver, query API, poller and subscription watchdog in one process"
     )
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--receiver-port", type=int, default=8081)
-    p.add_argument("--serve-port", type=int, default=8082)
+    p.add_argument("--host", default="127.0.0.1", help=HOST_HELP)
+    p.add_argument("--receiver-port", type=_port, default=8081, help="default 8081")
+    p.add_argument("--serve-port", type=_port, default=8082, help="default 8082")
     p.add_argument("--insecure", action="store_true", help="allow running without tokens")
     p.set_defaults(func=cmd_run)
 
@@ -637,8 +723,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--duration", type=float, default=45.0, help="seconds of streamed changes (default 45)"
     )
-    p.add_argument("--receiver-port", type=int, default=8081)
-    p.add_argument("--serve-port", type=int, default=8082)
+    p.add_argument("--receiver-port", type=_port, default=8081, help="default 8081; 0: any")
+    p.add_argument("--serve-port", type=_port, default=8082, help="default 8082; 0: any")
     p.add_argument(
         "--reset",
         action="store_true",
@@ -676,7 +762,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     b.add_argument(
         "--wait",
-        type=float,
+        type=_seconds,
         default=90.0,
         metavar="SECONDS",
         help="how long to wait for HAPI to mark them active (default 90)",
@@ -778,10 +864,17 @@ def _dependency_reason(exc: Exception) -> str | None:
     import psycopg
     import redis.exceptions
 
+    if isinstance(exc, redis.exceptions.RedisClusterException):
+        if "cluster mode is not enabled" in str(exc).lower():
+            return (
+                "REDIS_CLUSTER=true, but the Redis at REDIS_URL is not a cluster node (cluster"
+                " mode is not enabled there): set REDIS_CLUSTER=false or point at a cluster"
+            )
+        return f"the Redis Cluster at REDIS_URL cannot be reached ({type(exc).__name__}: {exc})"
     if isinstance(exc, redis.exceptions.RedisError):
         return f"Redis cannot be reached ({type(exc).__name__}: {exc})"
     if isinstance(exc, psycopg.Error):
-        return f"PostgreSQL cannot be reached ({type(exc).__name__}: {str(exc).strip()[:300]})"
+        return postgres_failure(exc)[:400]
     if isinstance(exc, httpx.HTTPError):
         return f"the FHIR server cannot be reached ({type(exc).__name__}: {exc})"
     if isinstance(exc, OSError):

@@ -27,7 +27,7 @@ import httpx
 
 from core.errors import BatchLayerUnavailable, ResearchFlowError
 from core.serve import bind, close_all, serve_asgi
-from core.settings import Settings
+from core.settings import Settings, instance_from_url
 from core.store import SpeedStore, connect
 from serving.batch_refresh import refresh
 from subscriptions.standin import synthetic
@@ -281,7 +281,9 @@ async def _demo(
             receiver_tokens=(receiver_token,),
             serving_tokens=(serving_token,),
             poll_interval_seconds=min(settings.poll_interval_seconds, 15),
-            instance="researchflow-demo",
+            # Its own tag (RESEARCHFLOW_INSTANCE is left alone: it may name a real
+            # deployment on the same HAPI, whose Subscriptions the demo must not touch).
+            instance=demo_instance(receiver_port),
         )
         started = time.perf_counter()
         if real:
@@ -317,6 +319,9 @@ async def _demo(
             serve_asgi(receiver_app, sock=receiver_sock, access_log=False),
             serve_asgi(api_app, sock=api_sock, access_log=False),
             FhirClient(settings.fhir_base_url) as client,
+            # HAPI would go on delivering to a receiver that is gone: on a real HAPI the
+            # demo's Subscriptions leave with it, however it ends (Ctrl-C included).
+            _subscriptions_removed(settings, client, say) if real else contextlib.nullcontext(),
         ):
             # A real HAPI activates within a minute (it re-reads Subscriptions every 60 s).
             subs = await bootstrap.bootstrap(settings, client, types, wait=120.0 if real else 15.0)
@@ -398,12 +403,36 @@ async def _demo(
                 await _keep_serving(
                     settings, store, client, derive, types, fhir_base, api, serving_token, say, stop
                 )
-            if real:
-                # HAPI would go on delivering to a receiver that is gone.
-                removed = await bootstrap.remove(settings, client)
-                say(f"removed the demo's {removed} Subscriptions from HAPI")
-                say("the HAPI server keeps running: bash hapi-config/hapi.sh stop")
+    if real:
+        say("the HAPI server keeps running: bash hapi-config/hapi.sh stop")
     return last
+
+
+def demo_instance(receiver_port: int) -> str:
+    """The tag of one demo's Subscriptions: per demo (two demos on one HAPI never touch each
+    other's), and never a deployment's own (`instance_from_url` of its RECEIVER_URL)."""
+    return "demo-" + instance_from_url(f"http://127.0.0.1:{receiver_port}/fhir")
+
+
+@contextlib.asynccontextmanager
+async def _subscriptions_removed(settings: Settings, client: Any, say: Say) -> AsyncIterator[None]:
+    """Remove this demo's Subscriptions from HAPI when the block ends, however it ends; when
+    HAPI cannot be asked, say how to remove them later."""
+    from subscriptions import bootstrap
+
+    try:
+        yield
+    finally:
+        try:
+            removed = await bootstrap.remove(settings, client)
+        except Exception as exc:  # the demo's own failure (if any) is the one to report
+            say(
+                f"could not remove the demo's Subscriptions from HAPI ({exc}); remove them "
+                f"with: RESEARCHFLOW_INSTANCE={settings.instance} "
+                f"FHIR_BASE_URL={settings.fhir_base_url} researchflow subscriptions remove"
+            )
+        else:
+            say(f"removed the demo's {removed} Subscriptions from HAPI")
 
 
 async def _keep_serving(
@@ -467,22 +496,35 @@ def main_demo(settings: Settings, args: Any) -> int:
 
     # The demo's own queries would each write an audit line: noise here.
     logging.getLogger("serving.audit").setLevel(logging.WARNING)
+
+    async def interruptible(demo: Any) -> dict[str, Any]:
+        # SIGTERM ends the demo as Ctrl-C does (asyncio.run's own SIGINT handling): its
+        # task is cancelled, so the clean-up (servers, the demo's Subscriptions) runs.
+        task = asyncio.current_task()
+        assert task is not None
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+        result: dict[str, Any] = await demo
+        return result
+
     try:
         answer = asyncio.run(
-            run_demo(
-                settings,
-                patients=args.patients,
-                duration=args.duration,
-                receiver_port=args.receiver_port,
-                serve_port=args.serve_port,
-                reset=args.reset,
-                serve=args.serve,
-                emit=emit,
-                say=say,
-                hapi=getattr(args, "hapi", "standin"),
+            interruptible(
+                run_demo(
+                    settings,
+                    patients=args.patients,
+                    duration=args.duration,
+                    receiver_port=args.receiver_port,
+                    serve_port=args.serve_port,
+                    reset=args.reset,
+                    serve=args.serve,
+                    emit=emit,
+                    say=say,
+                    hapi=getattr(args, "hapi", "standin"),
+                )
             )
         )
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, asyncio.CancelledError):
         say("demo interrupted")
         return 130
     return 0 if answer.get("verified") else 1

@@ -20,6 +20,7 @@ ResearchFlowError
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 
@@ -81,6 +82,20 @@ class SpeedLayerUnavailable(DependencyUnavailable):
 
 class BatchLayerUnavailable(DependencyUnavailable):
     """PostgreSQL cannot be reached."""
+
+
+def postgres_failure(exc: BaseException, setting: str = "DATABASE_URL") -> str:
+    """Why PostgreSQL could not be used, in one line: "refused" when the server answered (a
+    database or role that does not exist, a password: libpq's `FATAL:` line), with the fix
+    for a missing database; "cannot be reached" only when nothing answered."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    _, fatal, answer = text.partition("FATAL:")
+    if not fatal:
+        return f"PostgreSQL ({setting}) cannot be reached: {text}"
+    answer = answer.strip()
+    missing = re.match(r'database "([^"]+)" does not exist', answer)
+    hint = f" (create it: createdb {missing.group(1)})" if missing else ""
+    return f"PostgreSQL ({setting}) refused the connection: {answer}{hint}"
 
 
 class FhirError(ResearchFlowError):

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from urllib.parse import urlsplit
+from typing import Any
+from urllib.parse import SplitResult, urlsplit
 
 # How long a command's start-up check waits for a dependency before it says it is down.
 STARTUP_TIMEOUT_SECONDS = 5.0
@@ -20,29 +22,78 @@ def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
     if raw is None or raw.strip() == "":
         return default
     value = raw.strip().lower()
-    if value in {"1", "true", "yes", "on"}:
+    if value == "true":
         return True
-    if value in {"0", "false", "no", "off"}:
+    if value == "false":
         return False
     raise SettingsError(f"{name} must be true or false, not {raw!r}")
 
 
-def _int(env: Mapping[str, str], name: str, default: int | None) -> int | None:
+def _int(
+    env: Mapping[str, str], name: str, default: int | None, maximum: int = 10**12
+) -> int | None:
     raw = env.get(name)
     if raw is None or raw.strip() == "":
         return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise SettingsError(f"{name} must be a whole number, not {raw!r}") from None
-    if value <= 0:
-        raise SettingsError(f"{name} must be positive, not {value}")
+    text = raw.strip()
+    if not (text.isascii() and text.isdigit()):
+        raise SettingsError(f"{name} must be a whole number, not {raw[:40]!r}")
+    value = int(text)
+    if not 0 < value <= maximum:
+        raise SettingsError(f"{name} must be from 1 to {maximum}, not {text[:40]}")
     return value
 
 
 def _tokens(env: Mapping[str, str], name: str) -> tuple[str, ...]:
+    """A comma-separated list of secrets; each travels in an HTTP header as it is, so only
+    visible ASCII (a token with other characters would be refused at every request). The
+    value is never echoed."""
     raw = env.get(name) or ""
-    return tuple(t.strip() for t in raw.split(",") if t.strip())
+    tokens = tuple(t.strip() for t in raw.split(",") if t.strip())
+    for n, token in enumerate(tokens, 1):
+        if not all("!" <= c <= "~" for c in token):
+            raise SettingsError(
+                f"{name}: token {n} holds a character that is not visible ASCII (a space, a "
+                "control or non-ASCII character); HTTP headers carry tokens as they are"
+            )
+    return tokens
+
+
+_INSTANCE = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+
+def _instance(env: Mapping[str, str], receiver_url: str) -> str:
+    """RESEARCHFLOW_INSTANCE, or a name derived from RECEIVER_URL: the code of a FHIR tag
+    that a `_tag` search finds by itself (FHIR search escapes `,` `|` `$` `\\`)."""
+    raw = env.get("RESEARCHFLOW_INSTANCE") or ""
+    if not raw:
+        return instance_from_url(receiver_url)
+    if not _INSTANCE.fullmatch(raw):
+        raise SettingsError(
+            f"RESEARCHFLOW_INSTANCE must be 1-64 letters, digits, '.', '_' or '-', not {raw[:80]!r}"
+        )
+    return raw
+
+
+def _split(name: str, value: str, example: str) -> SplitResult:
+    """`urlsplit` with its ValueError ("Invalid IPv6 URL", a port out of range) as a
+    SettingsError naming the setting; the port is checked here too."""
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018  (raises on a port that is not a number or out of range)
+    except ValueError:
+        raise SettingsError(
+            f"{name} is not a URL with a usable host and port (0-65535) ({example})"
+        ) from None
+    return parts
+
+
+def _redis_options(url: str) -> dict[str, Any]:
+    """The connection options redis-py reads from a Redis URL; ValueError naming a bad one."""
+    from redis.connection import parse_url
+
+    options: dict[str, Any] = parse_url(url)  # type: ignore[no-untyped-call]
+    return options
 
 
 def _redis_url(env: Mapping[str, str], name: str, default: str) -> str:
@@ -51,35 +102,33 @@ def _redis_url(env: Mapping[str, str], name: str, default: str) -> str:
     The value is never echoed: it may hold a password.
     """
     value = (env.get(name) or "").strip() or default
-    parts = urlsplit(value)
     example = "e.g. redis://localhost:6379/0"
+    parts = _split(name, value, example)
     if parts.scheme not in ("redis", "rediss", "unix"):
         raise SettingsError(f"{name} must start with redis:// or rediss:// ({example})")
     if parts.scheme != "unix" and not parts.hostname:
         raise SettingsError(f"{name} names no host ({example})")
-    try:
-        parts.port  # noqa: B018  (raises on a port that is not a number)
-    except ValueError:
-        raise SettingsError(f"{name} has a port that is not a number ({example})") from None
     db = parts.path.strip("/")
     if parts.scheme != "unix" and db and not db.isdigit():
         raise SettingsError(f"{name}: the database after the host must be a number ({example})")
+    try:  # redis-py's own reading of it: the options after `?` too
+        options = _redis_options(value)
+    except ValueError as exc:  # its messages name the option, never the URL
+        raise SettingsError(f"{name}: {exc} ({example})") from None
+    if options.get("protocol", 2) not in (2, 3, "2", "3"):
+        raise SettingsError(f"{name}: protocol must be 2 or 3 ({example})")
     return value
 
 
 def _http_url(env: Mapping[str, str], name: str, default: str) -> str:
     """An http:// or https:// URL with a host (trailing slash removed)."""
     value = ((env.get(name) or "").strip() or default).rstrip("/")
-    parts = urlsplit(value)
     example = "e.g. http://localhost:8080/fhir"
+    parts = _split(name, value, example)
     if parts.scheme not in ("http", "https"):
         raise SettingsError(f"{name} must start with http:// or https:// ({example})")
     if not parts.hostname:
         raise SettingsError(f"{name} names no host ({example})")
-    try:
-        parts.port  # noqa: B018
-    except ValueError:
-        raise SettingsError(f"{name} has a port that is not a number ({example})") from None
     return value
 
 
@@ -89,7 +138,7 @@ def _postgres_url(env: Mapping[str, str], name: str, default: str | None) -> str
     if value is None:
         return None
     example = "e.g. postgresql://localhost/researchflow"
-    if "://" in value and urlsplit(value).scheme not in ("postgresql", "postgres"):
+    if "://" in value and _split(name, value, example).scheme not in ("postgresql", "postgres"):
         raise SettingsError(f"{name} must start with postgresql:// ({example})")
     from psycopg.conninfo import conninfo_to_dict
 
@@ -98,8 +147,8 @@ def _postgres_url(env: Mapping[str, str], name: str, default: str | None) -> str
     except Exception:  # psycopg's ProgrammingError: not a connection string at all
         raise SettingsError(f"{name} is not a PostgreSQL URL ({example})") from None
     for part in str(info.get("port") or "").split(","):
-        if part and not part.isdigit():
-            raise SettingsError(f"{name} has a port that is not a number ({example})")
+        if part and not (part.isascii() and part.isdigit() and int(part) <= 65535):
+            raise SettingsError(f"{name} has a port that is not a TCP port (0-65535) ({example})")
     return value
 
 
@@ -167,9 +216,16 @@ class Settings:
         env = os.environ if env is None else env
         defaults = cls()
         receiver_url = _http_url(env, "RECEIVER_URL", defaults.receiver_url)
+        redis_url = _redis_url(env, "REDIS_URL", defaults.redis_url)
+        redis_cluster = _bool(env, "REDIS_CLUSTER", False)
+        if redis_cluster and _redis_options(redis_url).get("db", 0) != 0:
+            raise SettingsError(
+                "REDIS_URL must name database 0 (or none) with REDIS_CLUSTER=true: a Redis "
+                "Cluster has database 0 only"
+            )
         return cls(
-            redis_url=_redis_url(env, "REDIS_URL", defaults.redis_url),
-            redis_cluster=_bool(env, "REDIS_CLUSTER", False),
+            redis_url=redis_url,
+            redis_cluster=redis_cluster,
             database_url=_postgres_url(env, "DATABASE_URL", defaults.database_url)
             or defaults.database_url,
             fhir_base_url=_http_url(env, "FHIR_BASE_URL", defaults.fhir_base_url),
@@ -185,8 +241,9 @@ class Settings:
             )
             or defaults.receiver_max_body_bytes,
             receiver_resource_types=_tokens(env, "RECEIVER_RESOURCE_TYPES"),
-            speed_max_age_hours=_int(env, "SPEED_MAX_AGE_HOURS", None),
+            # Redis refuses an expiry past 2^63 ms; a century is plenty.
+            speed_max_age_hours=_int(env, "SPEED_MAX_AGE_HOURS", None, maximum=876_000),
             min_cell_count=_int(env, "MIN_CELL_COUNT", None),
-            instance=env.get("RESEARCHFLOW_INSTANCE") or instance_from_url(receiver_url),
+            instance=_instance(env, receiver_url),
             views_dir=_folder(env, "VIEWS_DIR"),
         )

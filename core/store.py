@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeAlias
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.lock import Lock
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.commands.core import AsyncScript
@@ -860,27 +861,13 @@ class SpeedStore:
         except RedisError as exc:
             raise SpeedLayerUnavailable(f"Redis did not take the write: {exc}") from exc
 
-    async def acquire_lease(self, token: str, ttl_ms: int) -> bool:
-        """Take the poller lease (SET NX PX); True when this token now holds it."""
-        try:
-            return bool(await self.client.set(POLLER_LEASE_KEY, token, nx=True, px=ttl_ms))
-        except RedisError as exc:
-            raise SpeedLayerUnavailable(f"Redis did not take the write: {exc}") from exc
-
-    async def renew_lease(self, token: str, ttl_ms: int) -> bool:
-        """Extend the lease if this token still holds it; False when it was lost."""
-        try:
-            renewed = await self.client.eval(_LEASE_RENEW_LUA, 1, POLLER_LEASE_KEY, token, ttl_ms)
-            return bool(renewed)
-        except RedisError as exc:
-            raise SpeedLayerUnavailable(f"Redis did not take the write: {exc}") from exc
-
-    async def release_lease(self, token: str) -> bool:
-        """Give the lease up if this token holds it."""
-        try:
-            return bool(await self.client.eval(_LEASE_RELEASE_LUA, 1, POLLER_LEASE_KEY, token))
-        except RedisError as exc:
-            raise SpeedLayerUnavailable(f"Redis did not take the write: {exc}") from exc
+    def poller_lock(self, ttl_ms: int) -> Lock:
+        """The poller lease: redis-py's Lock on POLLER_LEASE_KEY that expires after `ttl_ms`
+        unless renewed (SET NX PX with a random token; `reacquire` and `release` act only
+        while that token holds it, else raise LockNotOwnedError). Not thread-local: the
+        poller renews it from another task. The fence (stop before saving anything once
+        a renewal failed) is the caller's: `subscriptions.poller.Lease`."""
+        return self.client.lock(POLLER_LEASE_KEY, timeout=ttl_ms / 1000.0, thread_local=False)
 
     async def upsert_many(self, items: Sequence[UpsertItem]) -> list[bool]:
         """`upsert` for many resources in one pipeline: each write is still one atomic,
@@ -964,14 +951,6 @@ class SpeedStore:
 
 POLLER_WATERMARK_KEY = META + "poller:watermark"  # STRING instant (HAPI's clock)
 POLLER_LEASE_KEY = META + "poller:lease"  # STRING token of the poller that works, with a TTL
-_LEASE_RENEW_LUA = (
-    "if redis.call('GET', KEYS[1]) == ARGV[1] then "
-    "return redis.call('PEXPIRE', KEYS[1], ARGV[2]) else return 0 end"
-)
-_LEASE_RELEASE_LUA = (
-    "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) "
-    "else return 0 end"
-)
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,12 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from core.errors import BatchLayerUnavailable, ResearchFlowError, StartupError
+from core.errors import (
+    BatchLayerUnavailable,
+    ResearchFlowError,
+    StartupError,
+    postgres_failure,
+)
 from core.fhir_values import case_map_sql, dumps, loads
 from core.settings import STARTUP_TIMEOUT_SECONDS, Settings
 from serving.cohort import SEARCHED_TEXT, folded_column
@@ -179,7 +184,7 @@ def connect(database_url: str, **kwargs: Any) -> psycopg.Connection[Any]:
     try:
         return psycopg.connect(database_url, connect_timeout=10, options=NO_JIT, **kwargs)
     except psycopg.OperationalError as exc:
-        raise BatchLayerUnavailable(f"PostgreSQL cannot be reached: {exc}") from exc
+        raise BatchLayerUnavailable(postgres_failure(exc)) from exc
 
 
 async def connect_async(database_url: str) -> psycopg.AsyncConnection[Any]:
@@ -189,7 +194,7 @@ async def connect_async(database_url: str) -> psycopg.AsyncConnection[Any]:
             database_url, autocommit=True, connect_timeout=10, options=NO_JIT
         )
     except psycopg.OperationalError as exc:
-        raise BatchLayerUnavailable(f"PostgreSQL cannot be reached: {exc}") from exc
+        raise BatchLayerUnavailable(postgres_failure(exc)) from exc
 
 
 def _ident(*parts: str) -> sql.Identifier:
@@ -367,6 +372,5 @@ async def check_postgres(settings: Settings) -> None:
             settings.database_url, connect_timeout=int(STARTUP_TIMEOUT_SECONDS)
         )
     except (psycopg.Error, OSError) as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise StartupError(f"PostgreSQL (DATABASE_URL) cannot be reached: {reason}") from None
+        raise StartupError(postgres_failure(exc)) from None
     await conn.close()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any, Literal
 
@@ -117,12 +117,25 @@ class CodeCriterion:
 
     FHIR number search: `eq`/`ne` compare with the range the value's implied precision
     covers, [low, high) (`eq7` is [6.5, 7.5)); `gt`/`lt`/`ge`/`le` with the value exactly.
+
+    Equal (and hashing equal) exactly when the answers are: compared by `bounds`, never by
+    `value`, whose Decimal equality forgets the precision (`Decimal("7") == Decimal("7.0")`
+    although `eq7` and `eq7.0` are different ranges). Caches keyed on a query rely on it.
     """
 
     system: str | None
     code: str
     comparator: str | None = None
-    value: Decimal | None = None
+    value: Decimal | None = field(default=None, compare=False)
+    # What the comparison means: [low, high) for eq/ne, (value, value) for the others.
+    bounds: tuple[Decimal, Decimal] | None = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        bounds = None
+        if self.value is not None:
+            exact = self.comparator not in ("eq", "ne")
+            bounds = (self.value, self.value) if exact else implied_range(self.value)
+        object.__setattr__(self, "bounds", bounds)
 
     @property
     def range(self) -> tuple[Decimal, Decimal]:
@@ -155,7 +168,8 @@ class CohortQuery:
     after: str | None = None
 
     def signature(self) -> tuple[Any, ...]:
-        """What the answer's counts depend on (not paging)."""
+        """What the answer's counts depend on (not paging); equal only for queries with equal
+        answers (numbers by their implied ranges: see CodeCriterion)."""
         return (self.genders, self.birthdates, self.criteria)
 
 

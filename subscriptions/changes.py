@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -30,6 +31,8 @@ from core.fhir_values import instant_of_ms, parse_instant
 from core.settings import Settings
 from subscriptions import hapi_db
 from subscriptions.fhir_client import FhirClient, HistoryEntry
+
+logger = logging.getLogger(__name__)
 
 HISTORY_COUNT = 500  # `_count` per `_history` page
 SEARCH_COUNT = 500  # `_count` per search page (`current`)
@@ -180,12 +183,23 @@ class DatabaseChanges:
         return self.pages(None, types)
 
 
+_said_table_mode: list[bool] = []  # once per process
+
+
 def reader_for(settings: Settings, client: FhirClient | None) -> RestChanges | DatabaseChanges:
     """HAPI's tables when `HAPI_DATABASE_URL` is set, else its REST API through `client`.
 
     Raises ValueError when REST is needed and there is no client.
     """
     if settings.hapi_database_url:
+        if not _said_table_mode:
+            # HAPI_DATABASE_URL is also hapi.sh's variable: an operator who exported it for
+            # that may not expect table mode here (README.md, "Connect your own HAPI").
+            logger.info(
+                "reading HAPI's changes from its database (HAPI_DATABASE_URL is set), "
+                "not its REST API"
+            )
+            _said_table_mode.append(True)
         return DatabaseChanges(settings.hapi_database_url)
     if client is None:
         raise ValueError("reading HAPI's changes over REST needs a FhirClient")

@@ -19,7 +19,7 @@ from typing import Any
 import psycopg
 from psycopg.rows import dict_row
 
-from core.errors import BatchLayerUnavailable
+from core.errors import BatchLayerUnavailable, postgres_failure
 from core.fhir_values import format_instant, loads
 
 logger = logging.getLogger(__name__)
@@ -199,4 +199,6 @@ async def connect(url: str) -> psycopg.AsyncConnection[Any]:
     try:
         return await psycopg.AsyncConnection.connect(url, autocommit=True, connect_timeout=10)
     except psycopg.OperationalError as exc:
-        raise HapiDatabaseUnavailable(f"HAPI's database cannot be reached: {exc}") from exc
+        raise HapiDatabaseUnavailable(
+            "HAPI's database: " + postgres_failure(exc, "HAPI_DATABASE_URL")
+        ) from exc

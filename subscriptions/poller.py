@@ -11,9 +11,10 @@ The watermark is HAPI's clock: the `Date` of the traversal's first answer (else 
 first, so it is saved only after the whole traversal is written; the next poll reads
 `_since` that watermark, and the version guard turns the overlap into no-ops.
 
-Only one poller works per speed layer: a lease in Redis (SET NX PX with a random token,
-renewed every third of its life, released at the end). `poll_once` returns a result with
-`skipped=True` at once when another poller holds it (that one is doing the work);
+Only one poller works per speed layer: a lease in Redis (redis-py's Lock: SET NX PX with a
+random token, renewed every third of its life, released at the end; see `Lease`).
+`poll_once` returns a result with `skipped=True` when another poller holds it (that one is
+doing the work) after waiting `lease_wait_seconds` for it;
 `run_poller` holds the lease for as long as it runs and stands by otherwise, taking over
 within `LEASE_TTL_MS` when the holder dies.
 
@@ -28,12 +29,11 @@ import asyncio
 import contextlib
 import logging
 import time
-import uuid
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from redis.exceptions import RedisError
+from redis.exceptions import LockError, RedisError
 
 from core.errors import (
     DependencyUnavailable,
@@ -101,19 +101,38 @@ class PollResult:
 
 
 class Lease:
-    """The poller lease in Redis, renewed in the background while held."""
+    """The poller lease in Redis (`SpeedStore.poller_lock`, redis-py's Lock), renewed in
+    the background while held, with the fence the poller needs on top.
+
+    The Lock alone answers "does Redis still hold my token?" only when asked; the fence is
+    local: the renewer clears `held` as soon as a renewal finds the token gone (or Redis has
+    been unreachable for a whole TTL since the last good renewal, so the key may have
+    expired and another poller may work), and `check()` raises LeaseLost after each page
+    and before the watermark is saved. No fencing token is needed beyond that: every write
+    is version-guarded and idempotent, so a page written by a poller that just lost the
+    lease changes nothing that the new holder would not write too.
+    """
 
     def __init__(self, store: SpeedStore, ttl_ms: int = LEASE_TTL_MS) -> None:
-        self.store = store
         self.ttl_ms = ttl_ms
-        self.token = uuid.uuid4().hex
+        self.lock = store.poller_lock(ttl_ms)
         self.held = False
         self._renewer: asyncio.Task[None] | None = None
 
-    async def acquire(self) -> bool:
-        if not self.held and await self.store.acquire_lease(self.token, self.ttl_ms):
-            self.held = True
-            self._renewer = asyncio.create_task(self._renew())
+    async def acquire(self, wait_seconds: float = 0.0) -> bool:
+        """Take the lease if it is free, waiting up to `wait_seconds` for it; True when
+        held. Raises SpeedLayerUnavailable when Redis cannot be asked."""
+        if not self.held:
+            try:
+                if wait_seconds > 0:
+                    got = await self.lock.acquire(blocking=True, blocking_timeout=wait_seconds)
+                else:
+                    got = await self.lock.acquire(blocking=False)
+            except RedisError as exc:
+                raise SpeedLayerUnavailable(f"Redis did not take the write: {exc}") from exc
+            if got:
+                self.held = True
+                self._renewer = asyncio.create_task(self._renew())
         return self.held
 
     def check(self) -> None:
@@ -129,8 +148,10 @@ class Lease:
         if self.held:
             self.held = False
             try:
-                await self.store.release_lease(self.token)
-            except SpeedLayerUnavailable:
+                await self.lock.release()
+            except LockError:
+                pass  # it expired, or another poller holds it now: nothing of ours to free
+            except RedisError:
                 logger.warning("could not release the poller lease; it expires by itself")
 
     async def _renew(self) -> None:
@@ -139,11 +160,13 @@ class Lease:
         while self.held:
             await asyncio.sleep(self.ttl_ms / 3000.0)
             try:
-                ok = await self.store.renew_lease(self.token, self.ttl_ms)
-            except SpeedLayerUnavailable:
+                await self.lock.reacquire()
+            except LockError:  # LockNotOwnedError: our token is gone (a RedisError too)
+                ok = False
+            except RedisError:
                 ok = loop.time() - renewed_at < self.ttl_ms / 1000.0
             else:
-                renewed_at = loop.time() if ok else renewed_at
+                ok, renewed_at = True, loop.time()
             if not ok:
                 logger.warning("the poller lease was lost")
                 self.held = False
@@ -394,6 +417,7 @@ async def poll_once(
     batch_versions: BatchVersions | None = None,
     metrics: Metrics | None = None,
     types: Sequence[str] | None = None,
+    lease_wait_seconds: float = 0.0,
 ) -> PollResult:
     """One full catch-up: every change after the saved watermark (or `since`) into the speed
     layer. Reads HAPI's database when `settings.hapi_database_url` is set (then `client` may
@@ -403,12 +427,13 @@ async def poll_once(
     system-level `_history`, Subscriptions still skipped). `batch_versions` tells which
     changes the batch layer holds (they are not missed notifications).
     `progress` is called after each page with the number of resources read so far.
-    Returns at once with `skipped=True` when another poller holds the lease. Raises
+    Returns with `skipped=True` when another poller holds the lease after waiting
+    `lease_wait_seconds` for it (0: at once). Raises
     FhirTemporaryError / DependencyUnavailable when HAPI, its database or Redis fail; the
     watermark is then left where it was.
     """
     lease = Lease(store)
-    if not await lease.acquire():
+    if not await lease.acquire(lease_wait_seconds):
         logger.info("another poller holds the lease; this poll is skipped")
         return PollResult(skipped=True)
     try:
@@ -523,14 +548,14 @@ async def _traverse(
 
 def _log(result: PollResult) -> None:
     logger.info(
-        "poll since %s: read %d, written %d (%d deletes), missed %d %s%s, pending %d,"
+        "poll since %s: read %d, written %d (%d deletes), missed %d%s%s, pending %d,"
         " rejected %d,%s watermark %s, %.1f s",
         result.since or "the beginning",
         result.read,
         result.written,
         result.deletes,
         result.missed,
-        result.missed_by_type or "",
+        f" {result.missed_by_type}" if result.missed_by_type else "",
         f" e.g. {', '.join(result.missed_sample)}" if result.missed_sample else "",
         result.pending,
         result.rejected,

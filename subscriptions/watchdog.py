@@ -69,7 +69,10 @@ async def check_once(
             + ")"
         )
     for action in actions:
-        logger.warning("subscription watchdog %s", action)
+        # Creating a missing one is what a first start does (README: run, then bootstrap);
+        # re-requesting one in error/off, or being unable to create one, needs a look.
+        level = logging.INFO if action.startswith("created ") else logging.WARNING
+        logger.log(level, "subscription watchdog %s", action)
     return actions
 
 

@@ -284,6 +284,23 @@ async def test_watchdog_repairs_missing_error_and_off(fake: FakeHapi, fhir: Fhir
     assert len(fake.subs) == 3
 
 
+async def test_watchdog_creating_what_a_first_start_lacks_is_no_warning(
+    fake: FakeHapi, fhir: FhirClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    """README's order is `run`, then `subscriptions bootstrap`: the watchdog creating them
+    first is expected (INFO); re-requesting one in error is what needs a look (WARNING)."""
+    import logging
+
+    settings = make_settings()
+    with caplog.at_level(logging.INFO, logger="subscriptions.watchdog"):
+        created = await check_once(settings, fhir, ["Patient"])
+        (sub,) = fake.subs.values()
+        sub.update(status="error", error="delivery failed")
+        await check_once(settings, fhir, ["Patient"])
+    levels = {r.getMessage().split()[2]: r.levelname for r in caplog.records}
+    assert created and levels == {"created": "INFO", "re-requested": "WARNING"}, levels
+
+
 async def test_watchdog_leaves_a_differing_active_one_alone(
     fake: FakeHapi, fhir: FhirClient
 ) -> None:

@@ -17,6 +17,7 @@ import redis
 import redis.asyncio
 
 import researchflow_cli
+from core.store import POLLER_LEASE_KEY
 from subscriptions.standin import synthetic
 from subscriptions.standin.hapi import StandInHapi
 from subscriptions.standin.run import ThreadedStandIn, serve_standin_in_thread
@@ -132,6 +133,100 @@ def test_poll_with_hapi_unreachable_is_one_line(
     assert "Traceback" not in err and err.strip()
 
 
+async def _hold_lease(ttl_ms: int) -> None:
+    from core.settings import Settings
+    from core.store import SpeedStore, connect
+
+    client = connect(Settings(redis_url=CLI_REDIS_URL))
+    try:
+        assert await SpeedStore(client).poller_lock(ttl_ms).acquire(blocking=False)
+    finally:
+        await client.aclose()
+
+
+def test_poll_once_never_exits_0_having_done_nothing(
+    env: dict[str, str],
+    standin: ThreadedStandIn,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Another poller's lease: `poll --once` waits for it (a dead holder's lease expires),
+    and when the holder lives on, exits 1 saying so, not 0 with nothing read."""
+    import asyncio
+
+    import subscriptions.poller
+
+    assert run(["batch", "init"], capsys)[0] == 0
+    # A lease nobody renews (its process died): taken over once it expires.
+    asyncio.run(_hold_lease(1500))
+    code, out, err = run(["poll", "--once"], capsys)
+    assert code == 0, err
+    assert json.loads(out)["read"] == len(standin.hapi.resources)
+    # A live holder (renewed past the wait).
+    monkeypatch.setattr(subscriptions.poller, "LEASE_TTL_MS", 500)
+    asyncio.run(_hold_lease(60_000))
+    code, out, err = run(["poll", "--once"], capsys)
+    assert code == 1 and out == ""
+    lines = err.strip().splitlines()
+    assert lines[-1].startswith("researchflow poll: another poller holds the lease"), err
+
+
+def test_poll_with_its_batch_layer_unreachable_is_one_line(
+    env: dict[str, str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("DATABASE_URL", f"postgresql://127.0.0.1:{free_port()}/nothing")
+    for argv in (["poll", "--once"], ["poll"]):
+        code, out, err = run(argv, capsys)
+        assert code == 1 and out == "", err
+        assert "PostgreSQL" in err.strip().splitlines()[-1] and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        (["speed", "get", "Foo/x"], "'Foo' is not a FHIR resource type"),
+        (["speed", "get", "Patient/a b"], "'a b' is not a FHIR id"),
+        (["subscriptions", "bootstrap", "--types", "Patient,Subscription"], "cannot be subscribed"),
+        (["subscriptions", "bootstrap", "--types", ","], "names no resource type"),
+        (["poll", "--once", "--since", "2026-11-29T22:00:00"], "needs a UTC offset"),
+        (["poll", "--once", "--since", "2999-01-01T00:00:00Z"], "is in the future"),
+    ],
+)
+def test_arguments_that_name_nothing_real_are_refused(
+    env: dict[str, str], capsys: pytest.CaptureFixture[str], argv: list[str], says: str
+) -> None:
+    code, out, err = run(argv, capsys)
+    assert code == 2 and out == "", err
+    assert says in err.strip().splitlines()[-1], err
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["subscriptions", "bootstrap", "--wait", "-1"],
+        ["run", "--serve-port", "70000"],
+        ["receiver", "--port", "-2"],
+    ],
+)
+def test_out_of_range_numbers_are_usage_errors(
+    env: dict[str, str], capsys: pytest.CaptureFixture[str], argv: list[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        researchflow_cli.main(argv)
+    assert exit_.value.code == 2 and "invalid" in capsys.readouterr().err
+
+
+def test_the_servers_help_shows_their_defaults() -> None:
+    parser = researchflow_cli.build_parser()
+    for command, defaults in (
+        ("run", ["8081", "8082"]),
+        ("receiver", ["8081"]),
+        ("serve", ["8082"]),
+    ):
+        text = parser._subparsers._group_actions[0].choices[command].format_help()  # type: ignore[union-attr]
+        assert all(d in text for d in defaults) and "address to listen on" in text, text
+
+
 RUN_MAIN = """
 import sys
 from researchflow_cli import main
@@ -216,6 +311,35 @@ def test_run_hosts_receiver_api_poller_and_watchdog(
     stderr = proc.stderr.read().decode() if proc.stderr else ""
     assert "Traceback" not in stderr, stderr[-2000:]
     assert env["RECEIVER_TOKEN"] not in stderr and env["SERVING_TOKEN"] not in stderr
+    # A clean stop: the poller let its lease go (another poller may work at once).
+    assert proc.returncode == 0, stderr[-2000:]
+    with redis.Redis.from_url(CLI_REDIS_URL) as r:
+        assert not r.exists(POLLER_LEASE_KEY)
+
+
+def test_run_on_one_port_twice_registers_nothing_on_hapi(
+    env: dict[str, str], standin: ThreadedStandIn
+) -> None:
+    port = free_port()
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            RUN_MAIN,
+            "run",
+            "--receiver-port",
+            str(port),
+            "--serve-port",
+            str(port),
+        ],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert not [k for k in standin.hapi.resources if k[0] == "Subscription"]
 
 
 def test_batch_init_after_a_view_changed_rebuilds_it_and_its_speed_rows(

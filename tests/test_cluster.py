@@ -21,7 +21,7 @@ import httpx
 import pytest
 from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
-from redis.exceptions import ResponseError
+from redis.exceptions import LockError, ResponseError
 
 from core.settings import Settings
 from core.store import (
@@ -237,13 +237,16 @@ async def test_a_burst_of_concurrent_writes_waits_for_connections(store: SpeedSt
 async def test_global_keys_lease_watermark_catchup_rejects_and_stats(
     client: RedisCluster, store: SpeedStore
 ) -> None:
-    assert await store.acquire_lease("a", 5000)
-    assert not await store.acquire_lease("b", 5000)
-    assert await store.renew_lease("a", 5000)
-    assert not await store.renew_lease("b", 5000)
-    assert not await store.release_lease("b")
-    assert await store.release_lease("a")
-    assert await store.acquire_lease("b", 5000)
+    a, b = store.poller_lock(5000), store.poller_lock(5000)
+    assert await a.acquire(blocking=False)
+    assert not await b.acquire(blocking=False)
+    await a.reacquire()
+    with pytest.raises(LockError):
+        await b.reacquire()
+    with pytest.raises(LockError):
+        await b.release()
+    await a.release()
+    assert await b.acquire(blocking=False)
 
     assert await store.poller_watermark() is None
     await store.set_poller_watermark("2026-11-25T10:00:00Z")

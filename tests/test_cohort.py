@@ -438,6 +438,63 @@ async def test_text_value_and_birthdate_parameters(run: Run) -> None:
     assert (await run.ask("birthdate=gt1970-12-31,lt1970-01-02"))["ids"] == ["p1", "p2"]
 
 
+# Number searches that differ only in the precision of their value: Decimal("7") equals
+# Decimal("7.0") (and 10 equals 1e1 and 100e-1), while eq7 is [6.5, 7.5) and eq7.0 [6.95, 7.05).
+PRECISION_VARIANTS = [
+    "eq7",
+    "eq7.0",
+    "eq7.00",
+    "ne7",
+    "ne7.0",
+    "eq10",
+    "eq1e1",
+    "eq1.0e1",
+    "eq100e-1",
+    "eq1e2",
+    "eq100.0",
+    "gt7",
+    "gt7.0",
+]
+
+
+def test_queries_are_equal_only_when_their_answers_are() -> None:
+    def signature(value: str) -> Any:
+        return parse_query([("observation", f"http://loinc.org|4548-4${value}")]).signature()
+
+    assert len({signature(v) for v in ("eq7", "eq7.0", "eq7.00", "ne7", "ne7.0")}) == 5
+    assert len({signature(v) for v in ("eq10", "eq1e1", "eq100e-1", "eq10.0")}) == 3
+    # The same range, or the same exact value: one cache entry is right.
+    assert signature("eq1.0e1") == signature("eq10") and signature("gt7") == signature("gt7.0")
+
+
+@pytest.mark.parametrize("order", ["as listed", "reversed"])
+async def test_batch_count_keeps_the_precision_of_a_number(run: Run, order: str) -> None:
+    """batch_count is the batch layer's own answer to this very query, whichever query with
+    an equal Decimal was asked before it (the batch-count cache)."""
+    values = [6.5, 6.96, 7, 7.004, 7.04, 7.3, 9.97, 10.4, 14, 100.04, 100.4]
+    load_batch(
+        run.database_url,
+        [patient(f"p{n}") for n in range(len(values))]
+        + [observation(f"o{n}", f"p{n}", value=v) for n, v in enumerate(values)],
+    )
+    queries = [f"observation=http://loinc.org|4548-4${v}" for v in PRECISION_VARIANTS]
+    if order == "reversed":
+        queries.reverse()
+    before = {q: await run.ask(q, use_speed=False) for q in queries}
+    # The data tell apart the variants whose values are equal Decimals.
+    for group in (["eq7", "eq7.0", "eq7.00"], ["ne7", "ne7.0"], ["eq10", "eq1e1", "eq100e-1"]):
+        totals = {before[f"observation=http://loinc.org|4548-4${v}"]["total"] for v in group}
+        assert len(totals) == len(group), group
+    # A speed-layer member with a value in every eq range, so each query merges (and caches).
+    await put(run.store, patient("new"))
+    await put(run.store, observation("o-new", "new", value=7))
+    for q in queries:
+        got = await run.ask(q)
+        assert got["batch"] == before[q]["total"], q
+        assert got["added"] == len(set(got["ids"]) - set(before[q]["ids"])), q
+        assert got["removed"] == len(set(before[q]["ids"]) - set(got["ids"])), q
+
+
 async def test_degraded_without_epoch(run: Run) -> None:
     load_batch(run.database_url, [patient("p1")])
     await put(run.store, patient("p2"))

@@ -144,3 +144,43 @@ def test_demo_alone_creates_its_database_prints_json_only_and_keeps_serving() ->
 async def _flush(url: str) -> None:
     async with empty_redis(url):
         pass
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_interrupting_the_demo_ends_it_with_one_true_line(pg_url: str, sig: int) -> None:
+    """Ctrl-C (or SIGTERM) while changes stream: the servers stop with the demo, not before
+    it (uvicorn would take the signal for itself and the demo's next request would fail
+    with "the FHIR server cannot be reached")."""
+    asyncio.run(_flush(DEMO_REDIS_URL))
+    env = {**os.environ, "REDIS_URL": DEMO_REDIS_URL, "DATABASE_URL": pg_url}
+    args = "demo --patients 20 --duration 60 --receiver-port 0 --serve-port 0 --reset".split()
+    proc = subprocess.Popen(
+        [sys.executable, "-c", MAIN, *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if json.loads(line)["event"] == "answer":
+                break
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+        asyncio.run(_flush(DEMO_REDIS_URL))
+    assert proc.returncode == 130, err[-2000:]
+    assert err.strip().splitlines()[-1] == "demo interrupted", err[-2000:]
+    assert "cannot be reached" not in err and "Traceback" not in err, err[-2000:]
+
+
+def test_each_demo_tags_its_subscriptions_as_its_own() -> None:
+    from core.settings import instance_from_url
+    from researchflow_demo import demo_instance
+
+    assert demo_instance(18131) != demo_instance(18132)
+    assert demo_instance(18131) != instance_from_url("http://127.0.0.1:18131/fhir")

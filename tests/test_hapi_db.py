@@ -233,3 +233,21 @@ async def test_poll_once_from_hapi_database(hapi: Hapi, pg_url: str, store: Spee
     third = await poll_once(settings, store, None)
     assert third.written == third.missed == 1
     assert third.watermark == "2026-11-25T09:59:09.000Z"
+
+
+def test_table_mode_is_said_once_per_process(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """HAPI_DATABASE_URL is hapi.sh's variable too: whoever exported it for `hapi.sh start`
+    learns from the log that ResearchFlow now reads HAPI's tables."""
+    import logging
+
+    from subscriptions import changes
+
+    monkeypatch.setattr(changes, "_said_table_mode", [])
+    settings = Settings(hapi_database_url="postgresql://127.0.0.1:5432/hapi")
+    with caplog.at_level(logging.INFO, logger="subscriptions.changes"):
+        for _ in range(3):
+            assert isinstance(changes.reader_for(settings, None), changes.DatabaseChanges)
+    said = [r for r in caplog.records if "HAPI_DATABASE_URL" in r.getMessage()]
+    assert len(said) == 1 and "not its REST API" in said[0].getMessage()

@@ -812,19 +812,20 @@ async def test_cohort_after_a_day_of_changes_equals_hapis_own_search_results(
 async def test_demo_runs_on_the_real_hapi_and_its_answer_is_exact(
     real_hapi: RealHapi, database: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from researchflow_demo import run_demo
+    from researchflow_demo import demo_instance, run_demo
 
     # `--hapi real` goes through hapi.sh, which finds this session's server running.
     monkeypatch.setenv("HAPI_PORT", str(real_hapi.port))
     monkeypatch.setenv("HAPI_DATABASE_URL", real_hapi.database_url)
     monkeypatch.setenv("HAPI_RUN_DIR", str(real_hapi.log.parent))
     lines: list[str] = []
+    receiver_port = free_port()
     answer = await run_demo(
         Settings(redis_url=REDIS_URL, database_url=database),
         patients=40,
         duration=8.0,
         rate=6.0,
-        receiver_port=free_port(),
+        receiver_port=receiver_port,
         serve_port=free_port(),
         reset=True,
         say=lines.append,
@@ -835,7 +836,42 @@ async def test_demo_runs_on_the_real_hapi_and_its_answer_is_exact(
     assert answer["verified"] is True, text
     assert "the merged answer was exact" in text
     async with http(real_hapi.base_url) as hapi:
-        leftover = await search_all(
-            hapi, "Subscription", {"_tag": "urn:researchflow:instance|researchflow-demo"}
+        assert await subscriptions_tagged(hapi, demo_instance(receiver_port)) == []
+    # Interrupted while changes stream (Ctrl-C cancels the demo's task): its Subscriptions
+    # leave HAPI all the same.
+    lines.clear()
+    receiver_port = free_port()
+    task: asyncio.Task[Any] | None = None
+    seen: list[int] = []
+
+    def interrupt(event: dict[str, Any]) -> None:
+        if event["event"] == "answer" and task is not None:
+
+            async def count() -> None:
+                async with http(real_hapi.base_url) as hapi:
+                    seen.append(len(await subscriptions_tagged(hapi, demo_instance(receiver_port))))
+
+            asyncio.get_running_loop().create_task(count()).add_done_callback(
+                lambda _: task.cancel()
+            )
+
+    task = asyncio.create_task(
+        run_demo(
+            Settings(redis_url=REDIS_URL, database_url=database),
+            patients=20,
+            duration=120.0,
+            receiver_port=receiver_port,
+            serve_port=free_port(),
+            reset=True,
+            emit=interrupt,
+            say=lines.append,
+            hapi="real",
         )
-    assert leftover == []
+    )
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    text = "\n".join(lines)
+    assert seen and seen[0] > 0, text  # they were there while the demo ran
+    assert "removed the demo's" in text, text
+    async with http(real_hapi.base_url) as hapi:
+        assert await subscriptions_tagged(hapi, demo_instance(receiver_port)) == []

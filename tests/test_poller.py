@@ -20,12 +20,13 @@ from core.errors import FhirTemporaryError
 from core.metrics import Metrics
 from core.serve import serve_asgi
 from core.settings import Settings
-from core.store import SpeedStore
+from core.store import POLLER_LEASE_KEY, SpeedStore
 from receiver.ingest import ingest, ingest_deletion
 from subscriptions.fhir_client import FhirClient, HistoryPage, history_entry
 from subscriptions.poller import (
     LEASE_TTL_MS,
     PollResult,
+    _poll,
     poll_once,
     run_poller,
 )
@@ -291,10 +292,59 @@ async def test_one_poller_at_a_time(standin: Hapi, store: SpeedStore) -> None:
     worker = next(r for r in results if not r.skipped)
     assert worker.written == len(standin.hapi.resources)
     # Someone else's lease: skipped; once it is gone, the poll runs.
-    assert await store.acquire_lease("someone-else", LEASE_TTL_MS)
+    other = store.poller_lock(LEASE_TTL_MS)
+    assert await other.acquire(blocking=False)
     assert (await poll_once(POLL_SETTINGS, store, standin.client)).skipped
-    assert await store.release_lease("someone-else")
+    await other.release()
     assert not (await poll_once(POLL_SETTINGS, store, standin.client)).skipped
+
+
+async def test_a_poller_that_lost_its_lease_stops_and_saves_no_watermark(
+    standin: Hapi, store: SpeedStore
+) -> None:
+    """The fence: once a renewal finds the lease taken (it expired while this poller
+    stalled, and another took it), the traversal stops at the next page with LeaseLost and
+    the watermark stays where it was; the lease of the new holder is left alone."""
+    from subscriptions.poller import Lease, LeaseLost
+
+    await store.mark_epoch()
+    await seed(standin.hapi, 0, 3)
+    first = await poll_once(POLL_SETTINGS, store, standin.client)
+    lease = Lease(store, ttl_ms=300)
+    assert await lease.acquire()
+    assert not await store.poller_lock(LEASE_TTL_MS).acquire(blocking=False)  # one holder
+    # Another poller takes over: our key is replaced (as after an expiry and a new SET NX).
+    await store.client.delete(POLLER_LEASE_KEY)
+    other = store.poller_lock(LEASE_TTL_MS)
+    assert await other.acquire(blocking=False)
+    await wait_for(_not_held(lease), seconds=3)  # the renewer saw it within a third of the TTL
+    with pytest.raises(LeaseLost):
+        lease.check()
+    with pytest.raises(LeaseLost):
+        await _poll(
+            POLL_SETTINGS,
+            store,
+            standin.client,
+            lease,
+            since="2000-01-01T00:00:00Z",
+            derive=None,
+            progress=None,
+            batch_watermark=None,
+            metrics=None,
+            types=None,
+        )
+    assert await store.poller_watermark() == first.watermark
+    await lease.release()  # gives up nothing of the new holder's
+    await other.reacquire()  # still the holder
+    await other.release()
+    assert not await store.client.exists(POLLER_LEASE_KEY)
+
+
+def _not_held(lease: Any) -> Any:
+    async def check() -> bool:
+        return not lease.held
+
+    return check
 
 
 async def test_redis_restarted_empty_rereads_from_batch_watermark(
@@ -533,3 +583,16 @@ async def _watermark_is(expected: str) -> None:
     finally:
         await client.flushdb()
         await client.aclose()
+
+
+def test_the_poll_log_line_reads_plainly(caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    from subscriptions.poller import _log
+
+    with caplog.at_level(logging.INFO, logger="subscriptions.poller"):
+        _log(PollResult(read=3, written=2, watermark="w"))
+        _log(PollResult(missed=2, missed_by_type={"Patient": 2}, missed_sample=["Patient/p7"]))
+    quiet, loud = (r.getMessage() for r in caplog.records)
+    assert "missed 0, pending 0" in quiet, quiet
+    assert "missed 2 {'Patient': 2} e.g. Patient/p7, pending 0" in loud, loud

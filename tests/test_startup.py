@@ -12,6 +12,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -73,6 +74,19 @@ BAD_SETTINGS: list[tuple[str, str]] = [
     ("MIN_CELL_COUNT", "-3"),
     ("REDIS_CLUSTER", "perhaps"),
     ("RECEIVER_RESOURCE_TYPES", "Patient,Unicorn"),
+    # Values a URL parser or a library refuses with its own exception: still one line.
+    ("FHIR_BASE_URL", "http://[::1"),
+    ("RECEIVER_URL", "http://hapi:99999/fhir"),
+    ("DATABASE_URL", "postgresql://[::1"),
+    ("DATABASE_URL", "postgresql://localhost:70000/x"),
+    ("HAPI_DATABASE_URL", "postgresql://[::1/hapi"),
+    ("REDIS_URL", "redis://[::1"),
+    ("REDIS_URL", "redis://localhost:6379/0?db=x"),
+    ("REDIS_URL", "redis://localhost:6379/0?socket_timeout=soon"),
+    ("REDIS_URL", "rediss://localhost:6379/0?protocol=9"),
+    ("REDIS_CLUSTER", "yes"),  # the contract's words are true and false
+    ("SPEED_MAX_AGE_HOURS", "99999999999"),  # past what Redis takes as an expiry
+    ("RESEARCHFLOW_INSTANCE", "ours,theirs"),  # a `_tag` search would OR it
 ]
 
 
@@ -255,3 +269,139 @@ def test_run_without_its_batch_layer_exits_and_leaves_nothing_listening(pg_url: 
     assert proc.returncode == 1 and "PostgreSQL" in one_line(err)
     with socket.socket() as probe:
         assert probe.connect_ex(("127.0.0.1", receiver_port)) != 0, "nothing left listening"
+
+
+def test_a_port_is_bound_once_in_one_process_too() -> None:
+    """Two SO_REUSEADDR sockets may bind one port on Linux while neither listens: `bind`
+    listens at once, so a port named twice fails there, before anything starts."""
+    from core.errors import StartupError
+    from core.serve import bind
+
+    first = bind("127.0.0.1", 0, "first")
+    try:
+        port = first.getsockname()[1]
+        with pytest.raises(StartupError, match=rf"second: port {port} .* already in use"):
+            bind("127.0.0.1", port, "second")
+    finally:
+        first.close()
+
+
+@pytest.mark.parametrize("command", ["run", "demo"])
+def test_the_same_port_for_both_servers_is_one_line_and_exit_2(command: str, pg_url: str) -> None:
+    port = free_port()
+    proc = start(
+        [command, "--receiver-port", str(port), "--serve-port", str(port)],
+        {
+            "REDIS_URL": TEST_REDIS_URL,
+            "DATABASE_URL": pg_url,
+            "FHIR_BASE_URL": UNREACHABLE["FHIR_BASE_URL"],
+            "RECEIVER_TOKEN": "t",
+            "SERVING_TOKEN": "s",
+        },
+    )
+    _, err = proc.communicate(timeout=20)
+    assert proc.returncode == 2, err
+    line = one_line(err)
+    assert "--receiver-port and --serve-port" in line and str(port) in line, line
+
+
+async def test_serving_runs_its_block_only_once_every_server_has_started() -> None:
+    """What has effects elsewhere (the watchdog's Subscriptions, the poller's lease) runs in
+    the block: a server that never starts means the block never runs."""
+    from contextlib import asynccontextmanager
+
+    from starlette.applications import Starlette
+
+    from core.errors import StartupError
+    from core.serve import Listener, bind, serving
+
+    @asynccontextmanager
+    async def failing(app: Starlette) -> Any:
+        raise RuntimeError("no database")
+        yield
+
+    listeners = [
+        Listener(Starlette(), bind("127.0.0.1", 0, "good"), "good"),
+        Listener(Starlette(lifespan=failing), bind("127.0.0.1", 0, "bad"), "bad"),
+    ]
+    ran = []
+    try:
+        with pytest.raises(StartupError, match=r"the bad on .* did not start"):
+            async with serving(listeners):
+                ran.append("block")
+    finally:
+        for item in listeners:
+            item.sock.close()
+    assert ran == []
+    # Both started: the block runs, and ending it stops the servers.
+    listeners = [Listener(Starlette(), bind("127.0.0.1", 0, n), n) for n in ("a", "b")]
+    try:
+        async with serving(listeners) as stopped:
+            ran.append("block")
+            assert not stopped.is_set()
+    finally:
+        for item in listeners:
+            item.sock.close()
+    assert ran == ["block"]
+
+
+@pytest.mark.parametrize(
+    ("env", "named"),
+    [
+        ({"REDIS_CLUSTER": "true", "REDIS_URL": "redis://localhost:6379/3"}, "database 0"),
+        ({"RECEIVER_TOKEN": "two words"}, "RECEIVER_TOKEN: token 1"),
+        ({"SERVING_TOKEN": "ok,caf\u00e9"}, "SERVING_TOKEN: token 2"),
+    ],
+)
+def test_settings_that_only_together_or_inside_a_list_are_malformed(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    env: dict[str, str],
+    named: str,
+) -> None:
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    for argv in (COMMANDS["run"], COMMANDS["speed stats"]):
+        assert researchflow_cli.main(argv) == 2
+        line = one_line(capsys.readouterr().err)
+        assert named in line and "bad setting" in line, line
+        assert "two words" not in line and "caf" not in line, "a token is never echoed"
+
+
+def test_redis_cluster_true_against_a_plain_redis_says_so(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("REDIS_CLUSTER", "true")
+    monkeypatch.setenv("REDIS_URL", TEST_REDIS_URL.rsplit("/", 1)[0] + "/0")
+    assert researchflow_cli.main(COMMANDS["speed stats"]) == 1
+    line = one_line(capsys.readouterr().err)
+    assert "not a cluster node" in line and "REDIS_CLUSTER" in line, line
+
+
+@pytest.mark.parametrize("missing", ["database", "role"])
+@pytest.mark.parametrize("command", ["batch init", "serve", "poll --once"])
+def test_a_postgresql_that_answers_no_is_not_called_unreachable(
+    tokens: None,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    missing: str,
+    command: str,
+) -> None:
+    """README's first steps: DATABASE_URL naming a database not created yet. The server
+    answered, so the line says what it answered, and how to create the database."""
+    from tests.conftest import TEST_PG_ADMIN_URL
+
+    base = TEST_PG_ADMIN_URL.rsplit("/", 1)[0]
+    name = f"rf_never_created_{os.getpid()}"
+    if missing == "database":
+        url = f"{base}/{name}"
+    else:
+        url = base.replace("postgresql://", f"postgresql://{name}@", 1) + "/postgres"
+    monkeypatch.setenv("DATABASE_URL", url)
+    monkeypatch.setenv("REDIS_URL", TEST_REDIS_URL)
+    monkeypatch.setenv("FHIR_BASE_URL", UNREACHABLE["FHIR_BASE_URL"])
+    assert researchflow_cli.main(COMMANDS[command]) == 1
+    line = one_line(capsys.readouterr().err)
+    assert f'{missing} "{name}" does not exist' in line and "cannot be reached" not in line, line
+    if missing == "database":
+        assert f"createdb {name}" in line, line
