@@ -137,7 +137,7 @@ def main() -> None:
                 next_sample = now + args.every
                 used = int(r.info("memory")["used_memory"])
                 entries = sum(
-                    int(r.hlen(f"rf:{{{t}.{b}}}:ver"))
+                    int(r.hlen(f"rf:{{{t}.{b}}}:e"))
                     for t in ("Patient", "Condition", "Observation")
                     for b in range(16)
                 )
@@ -155,7 +155,7 @@ def main() -> None:
         used = int(r.info("memory")["used_memory"])
         baseline = samples[0]["redis_mib"] * 2**20 if samples else 0
         entries = sum(
-            int(r.hlen(f"rf:{{{t}.{b}}}:ver"))
+            int(r.hlen(f"rf:{{{t}.{b}}}:e"))
             for t in ("Patient", "Condition", "Observation")
             for b in range(16)
         )

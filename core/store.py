@@ -2,12 +2,24 @@
 
 Key schema (every key starts with `rf:`; `{...}` is a Redis Cluster hash tag):
 
-    rf:{T.b}:r:<id>          HASH   one resource: vn, lum, vid, lu, st (p|d), body, ch, rcv, views
-    rf:{T.b}:ver             HASH   id -> "st|vn|lum|vid" for every entry of the bucket
-    rf:{T.b}:chg             ZSET   id scored by change time (HAPI's lastUpdated, epoch ms)
-    rf:{T.b}:rows:<view>     HASH   id -> JSON array of the view's rows (present entries only)
-    rf:{T.b}:log / :seq      ZSET   id scored by a per-bucket write sequence (incremental reads)
-    rf:{meta}:...            global: epoch marker, rejects, catch-up flag, poller state, stats
+    rf:{T.b}:e           HASH   id -> the entry's record (below), one per resource
+    rf:{T.b}:chg         ZSET   id scored by change time (HAPI's lastUpdated, epoch ms)
+    rf:{T.b}:log:<k>     ZSET   id scored by the write sequence of the version held, for the
+                                sequences 128k .. 128k + 127 (the write log, in chunks)
+    rf:{T.b}:seq         STRING the bucket's write counter (incremental reads)
+    rf:{meta}:...        global: epoch marker, rejects, catch-up flag, poller state, stats
+
+A record is `st|vn|lum|vid|seq|codec|payload`: st `p` (present) or `d` (tombstone); vn and lum
+the version number and lastUpdated (epoch ms) the version guard compares; vid meta.versionId
+as received ('' when none); seq the write sequence of this version (it names its log chunk);
+codec a core.codec id; the payload of a present entry is core.codec's frame (body, view rows,
+lastUpdated), of a tombstone its lastUpdated. The header sits outside the compressed frame so
+the scripts guard, trim and sweep without decompressing.
+
+Why this shape: on Redis's default encodings one hash field per resource costs ~95 B against
+~1,650 B for a hash per resource; the body compresses to ~40 % of its compact JSON with the R4
+dictionary; a log chunk of at most 128 ids stays a listpack (zset-max-listpack-entries' default)
+at ~17 B per id. About 570 B per resource in all (benchmarks/README.md).
 
 T is the resource type, b = crc32(id) % BUCKETS. A resource write touches only keys with
 its own tag, so it is one atomic Lua call on one slot, on a single Redis or a Cluster;
@@ -37,7 +49,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from core.errors import Issue, SpeedLayerUnavailable, StartupError
+from core.codec import RAW, ZSTD_R4, RecordCodec
+from core.errors import InvalidRequest, Issue, SpeedLayerUnavailable, StartupError
 from core.fhir_values import parse_instant
 from core.settings import STARTUP_TIMEOUT_SECONDS, Settings
 
@@ -47,9 +60,15 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 BUCKETS = 16
+LOG_CHUNK = 128  # ids per write-log chunk: zset-max-listpack-entries' default
+READ_CHUNK = 500  # ids per read of records, so no reply holds a whole bucket
 PREFIX = "rf:"
 META = "rf:{meta}:"
-EPOCH_KEY = META + "epoch"
+# The epoch marker of this key schema. The schema before it (a hash per resource) kept its
+# marker in "rf:{meta}:epoch": a Redis still holding that layout reads as incomplete here until
+# `clear_old_layout` removed it and a catch-up re-read the changes.
+EPOCH_KEY = META + "epoch:2"
+OLD_EPOCH_KEY = META + "epoch"
 CATCHUP_KEY = META + "catchup"
 REJECTS_KEY = META + "rejects"  # LIST of recent rejects (JSON, never a body)
 REJECTS_SEEN_KEY = META + "rejects:seen"  # HASH "T/id" -> version, to record each once
@@ -75,8 +94,14 @@ def tag(resource_type: str, bucket: int) -> str:
     return f"{PREFIX}{{{resource_type}.{bucket}}}:"
 
 
-def resource_key(resource_type: str, resource_id: str) -> str:
-    return f"{tag(resource_type, bucket_of(resource_id))}r:{resource_id}"
+def entries_key(resource_type: str, resource_id: str) -> str:
+    """The hash that holds the record of TYPE/ID (field: the id)."""
+    return tag(resource_type, bucket_of(resource_id)) + "e"
+
+
+def log_key(prefix: str, seq: int) -> str:
+    """The write-log chunk of sequence `seq` in the bucket of `prefix` (mirrors the Lua `log`)."""
+    return f"{prefix}log:{seq // LOG_CHUNK}"
 
 
 def pending_field(
@@ -92,6 +117,13 @@ def version_number(version_id: str | None) -> float:
     if version_id is not None and version_id.isdigit():
         return float(int(version_id))
     return -1.0
+
+
+def _number(x: float) -> str:
+    """The shortest text of a version number or instant (`1`, `1764064800000`, `2.5`): Lua's
+    tonumber and Python's float read it back exactly."""
+    x = float(x)
+    return str(int(x)) if x.is_integer() else repr(x)
 
 
 @dataclass(frozen=True)
@@ -121,13 +153,24 @@ class Entry:
 
 @dataclass(frozen=True)
 class Version:
-    """A stored entry's identity and version, without its body (from the `ver` hash)."""
+    """A stored entry's identity and version, without its body (a record's header)."""
 
     resource_id: str
     state: Literal["present", "deleted"]
     version_number: float
     last_updated_ms: float
     version_id: str | None
+
+
+@dataclass(frozen=True)
+class Stored:
+    """One entry with what a reader of the serving layer needs: its version, its body (None
+    for a tombstone), its lastUpdated as received and its precomputed rows per view."""
+
+    version: Version
+    body: bytes | None
+    last_updated: str | None
+    rows: dict[str, bytes]
 
 
 def is_newer(
@@ -144,68 +187,44 @@ def is_newer(
 
 
 _LUA_COMMON = """
+local CHUNK = 128
 local function newer(vn, lum, ovn, olum)
   if vn >= 0 and ovn >= 0 then return vn > ovn end
   return lum > olum
 end
-local function drop_derived(prefix, r, id)
-  -- Legacy: entries written before the ix: index sets went still name theirs; remove them
-  -- (nothing may SCAN for them). To go once every deployment ran a refresh cycle after.
-  local ix = redis.call('HGET', r, 'ix')
-  if ix then
-    if ix ~= '' then
-      for _, name in ipairs(cjson.decode(ix)) do
-        redis.call('SREM', prefix .. 'ix:' .. name, id)
-      end
-    end
-    redis.call('HDEL', r, 'ix')
-  end
-  local views = redis.call('HGET', r, 'views')
-  if views and views ~= '' then
-    for _, v in ipairs(cjson.decode(views)) do
-      redis.call('HDEL', prefix .. 'rows:' .. v, id)
-    end
-  end
+-- A record's header "st|vn|lum|vid|seq|codec|...": st, vn, lum, vid, seq
+local function header(rec)
+  local st, vn, lum, vid, seq = string.match(rec, '^(%a)|([^|]*)|([^|]*)|([^|]*)|(%d+)|')
+  return st, tonumber(vn), tonumber(lum), vid, tonumber(seq)
 end
--- Write the derived rows laid out in ARGV from position i: nviews, (view, rows)..., and
--- remember on the resource hash which views hold them (for drop_derived).
-local function write_derived(prefix, r, id, i)
-  local nviews = tonumber(ARGV[i])
-  local views = {}
-  for k = 1, nviews do
-    local v = ARGV[i + 2 * k - 1]
-    redis.call('HSET', prefix .. 'rows:' .. v, id, ARGV[i + 2 * k])
-    views[#views + 1] = v
-  end
-  redis.call('HSET', r, 'views', #views > 0 and cjson.encode(views) or '')
+local function unlog(prefix, id, seq)
+  redis.call('ZREM', prefix .. 'log:' .. math.floor(seq / CHUNK), id)
+end
+-- Log a write: the next sequence of the bucket, in the chunk of that sequence.
+local function log(prefix, id)
+  local seq = redis.call('INCR', prefix .. 'seq')
+  redis.call('ZADD', prefix .. 'log:' .. math.floor(seq / CHUNK), seq, id)
+  return seq
 end
 """
 
-# KEYS[1] resource hash, KEYS[2] ver hash, KEYS[3] chg zset
-# ARGV: prefix, id, vn, lum, vid, lu, st, body, score, received, expire_seconds,
-#       nviews, view1, rows1, ...
+# KEYS[1] entries hash, KEYS[2] chg zset
+# ARGV: prefix, id, vn, lum, vid, st, codec, payload, change_ms
 _UPSERT_LUA = (
     _LUA_COMMON
     + """
-local r, ver, chg = KEYS[1], KEYS[2], KEYS[3]
+local e, chg = KEYS[1], KEYS[2]
 local prefix, id = ARGV[1], ARGV[2]
-local vn, lum = tonumber(ARGV[3]), tonumber(ARGV[4])
-local old = redis.call('HMGET', r, 'vn', 'lum')
-if old[1] then
-  if not newer(vn, lum, tonumber(old[1]), tonumber(old[2])) then return 0 end
+local old = redis.call('HGET', e, id)
+if old then
+  local _, ovn, olum, _, oseq = header(old)
+  if not newer(tonumber(ARGV[3]), tonumber(ARGV[4]), ovn, olum) then return 0 end
+  unlog(prefix, id, oseq)
 end
-drop_derived(prefix, r, id)
-local st = ARGV[7]
-redis.call('HSET', r, 'vn', ARGV[3], 'lum', ARGV[4], 'vid', ARGV[5], 'lu', ARGV[6],
-  'st', st, 'ch', ARGV[9], 'rcv', ARGV[10])
-if st == 'p' then redis.call('HSET', r, 'body', ARGV[8]) else redis.call('HDEL', r, 'body') end
-redis.call('HSET', ver, id, st .. '|' .. ARGV[3] .. '|' .. ARGV[4] .. '|' .. ARGV[5])
-redis.call('ZADD', chg, tonumber(ARGV[9]), id)
--- A per-bucket log in write order, so a reader can follow changes incrementally.
-redis.call('ZADD', prefix .. 'log', redis.call('INCR', prefix .. 'seq'), id)
-write_derived(prefix, r, id, 12)
-local ttl = tonumber(ARGV[11])
-if ttl > 0 then redis.call('EXPIRE', r, ttl) else redis.call('PERSIST', r) end
+local seq = log(prefix, id)
+redis.call('HSET', e, id, ARGV[6] .. '|' .. ARGV[3] .. '|' .. ARGV[4] .. '|' .. ARGV[5] .. '|'
+  .. seq .. '|' .. ARGV[7] .. '|' .. ARGV[8])
+redis.call('ZADD', chg, ARGV[9], id)
 return 1
 """
 )
@@ -215,56 +234,79 @@ return 1
 _TRIM_LUA = (
     _LUA_COMMON
     + """
-local r, ver, chg = KEYS[1], KEYS[2], KEYS[3]
+local e, chg = KEYS[1], KEYS[2]
 local prefix, id = ARGV[1], ARGV[2]
-local old = redis.call('HMGET', r, 'vn', 'lum')
-if not old[1] then
-  redis.call('HDEL', ver, id)
+local old = redis.call('HGET', e, id)
+if not old then
   redis.call('ZREM', chg, id)
   return 0
 end
-if newer(tonumber(old[1]), tonumber(old[2]), tonumber(ARGV[3]), tonumber(ARGV[4])) then
-  return 0
-end
-drop_derived(prefix, r, id)
-redis.call('DEL', r)
-redis.call('HDEL', ver, id)
+local _, ovn, olum, _, oseq = header(old)
+if newer(ovn, olum, tonumber(ARGV[3]), tonumber(ARGV[4])) then return 0 end
+redis.call('HDEL', e, id)
 redis.call('ZREM', chg, id)
-redis.call('ZREM', prefix .. 'log', id)
+unlog(prefix, id, oseq)
 return 1
 """
 )
 
-
-# Replace the derived rows of an entry, only if it still holds the same present version (a
-# newer write meanwhile derived its own). Logged, so mirrors re-read it.
-# KEYS as upsert; ARGV: prefix, id, vn, lum, nviews, view1, rows1, ...
+# Replace the payload (re-derived rows) of an entry, only if it still holds the same present
+# version (a newer write meanwhile derived its own). Logged, so mirrors re-read it.
+# KEYS as upsert; ARGV: prefix, id, vn, lum, codec, payload
 _REDERIVE_LUA = (
     _LUA_COMMON
     + """
-local r = KEYS[1]
+local e = KEYS[1]
 local prefix, id = ARGV[1], ARGV[2]
-local old = redis.call('HMGET', r, 'vn', 'lum', 'st')
-if not old[1] or old[3] ~= 'p' then return 0 end
-if tonumber(old[1]) ~= tonumber(ARGV[3]) or tonumber(old[2]) ~= tonumber(ARGV[4]) then
-  return 0
-end
-drop_derived(prefix, r, id)
-write_derived(prefix, r, id, 5)
-redis.call('ZADD', prefix .. 'log', redis.call('INCR', prefix .. 'seq'), id)
+local old = redis.call('HGET', e, id)
+if not old then return 0 end
+local st, ovn, olum, vid, oseq = header(old)
+if st ~= 'p' or ovn ~= tonumber(ARGV[3]) or olum ~= tonumber(ARGV[4]) then return 0 end
+unlog(prefix, id, oseq)
+local seq = log(prefix, id)
+redis.call('HSET', e, id, 'p|' .. ARGV[3] .. '|' .. ARGV[4] .. '|' .. vid .. '|' .. seq .. '|'
+  .. ARGV[5] .. '|' .. ARGV[6])
 return 1
 """
 )
 
+# Remove an entry whatever its version: all of a type (purge), or, with a cutoff, one whose
+# change time is still at or before it (the age cap; a newer write meanwhile stays).
+# KEYS as upsert; ARGV: prefix, id, cutoff_ms ('' = none)
+_DROP_LUA = (
+    _LUA_COMMON
+    + """
+local e, chg = KEYS[1], KEYS[2]
+local prefix, id = ARGV[1], ARGV[2]
+if ARGV[3] ~= '' then
+  local score = redis.call('ZSCORE', chg, id)
+  if score and tonumber(score) > tonumber(ARGV[3]) then return 0 end
+end
+redis.call('ZREM', chg, id)
+local old = redis.call('HGET', e, id)
+if not old then return 0 end
+local _, _, _, _, oseq = header(old)
+redis.call('HDEL', e, id)
+unlog(prefix, id, oseq)
+return 1
+"""
+)
 
-def _derived_args(derived: Derived | None) -> list[Any]:
-    """The ARGV tail the Lua `write_derived` reads: nviews, (view, rows)..."""
-    if derived is None:
-        return [0]
-    args: list[Any] = [len(derived.rows)]
-    for view, rows in derived.rows.items():
-        args.extend([view, rows])
-    return args
+# Remove one entry of the schema before this one (a hash `r:<id>` per resource, `ver`,
+# `rows:<view>`, `ix:<name>`, one `log`); its change-index entry goes unless a write of this
+# schema holds the id meanwhile. Returns the views and index sets it named (JSON or '').
+# KEYS[1] entries hash, KEYS[2] chg zset; ARGV: prefix, id
+_DROP_OLD_LUA = """
+local e, chg = KEYS[1], KEYS[2]
+local prefix, id = ARGV[1], ARGV[2]
+local r = prefix .. 'r:' .. id
+local named = redis.call('HMGET', r, 'views', 'ix')
+redis.call('DEL', r)
+redis.call('HDEL', prefix .. 'ver', id)
+redis.call('ZREM', prefix .. 'log', id)
+if redis.call('HEXISTS', e, id) == 0 then redis.call('ZREM', chg, id) end
+return {named[1] or '', named[2] or ''}
+"""
 
 
 def connect(settings: Settings) -> RedisClient:
@@ -308,15 +350,36 @@ def _decode(value: Any) -> str | None:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def _parse_ver(resource_id: str, raw: bytes | str) -> Version:
-    st, vn, lum, vid = _decode(raw).split("|", 3)  # type: ignore[union-attr]
-    return Version(
+@dataclass(frozen=True)
+class _Record:
+    """A record as stored: its header parsed, its payload still encoded."""
+
+    version: Version
+    codec: str
+    payload: bytes
+
+
+def _parse_record(resource_id: str, raw: bytes) -> _Record:
+    st, vn, lum, vid, _seq, codec, payload = raw.split(b"|", 6)
+    version = Version(
         resource_id=resource_id,
-        state="present" if st == "p" else "deleted",
+        state="present" if st == b"p" else "deleted",
         version_number=float(vn),
         last_updated_ms=float(lum),
-        version_id=vid or None,
+        version_id=vid.decode() or None,
     )
+    return _Record(version, codec.decode(), payload)
+
+
+def _rows_of(held: dict[str, Stored], view: str) -> dict[str, bytes]:
+    return {rid: stored.rows[view] for rid, stored in held.items() if view in stored.rows}
+
+
+def _json_names(raw: Any) -> list[str]:
+    """The names an entry of the previous key schema listed (a JSON array, or '')."""
+    text = _decode(raw) or ""
+    names = json.loads(text) if text else []
+    return [str(n) for n in names] if isinstance(names, list) else []
 
 
 class SpeedStore:
@@ -324,10 +387,15 @@ class SpeedStore:
 
     def __init__(self, client: RedisClient, *, max_age_hours: int | None = None) -> None:
         self.client = client
-        self.expire_seconds = max_age_hours * 3600 if max_age_hours else 0
+        # SPEED_MAX_AGE_HOURS: `expire_old` (the poller's sweep) drops entries whose change
+        # time is older; a hash field has no TTL of its own before Redis 7.4.
+        self.max_age_ms = max_age_hours * 3_600_000.0 if max_age_hours else 0.0
+        self.codec = RecordCodec()
         self._upsert = client.register_script(_UPSERT_LUA)
         self._trim = client.register_script(_TRIM_LUA)
         self._rederive = client.register_script(_REDERIVE_LUA)
+        self._drop = client.register_script(_DROP_LUA)
+        self._drop_old = client.register_script(_DROP_OLD_LUA)
         self._is_cluster = isinstance(client, RedisCluster)
         self._pending_hours: dict[str, int] = {}
         self._pending_types: set[str] = set()
@@ -417,7 +485,7 @@ class SpeedStore:
         A late PUT of the held version or an older one is then ignored; a higher version (a
         re-create) wins. Nothing held: the tombstone sits below version 1.
         """
-        held = await self.get(resource_type, resource_id)
+        held = (await self.entries(resource_type, [resource_id])).get(resource_id)
         if held is None:
             order = (0.5, 0.0)
         else:
@@ -447,8 +515,8 @@ class SpeedStore:
             calls: list[tuple[list[str], list[Any]]] = []
             for resource_id, vn, lum in pipe_items[start : start + 500]:
                 prefix = tag(resource_type, bucket_of(resource_id))
-                keys = [prefix + "r:" + resource_id, prefix + "ver", prefix + "chg"]
-                calls.append((keys, [prefix, resource_id, repr(vn), repr(lum)]))
+                keys = [prefix + "e", prefix + "chg"]
+                calls.append((keys, [prefix, resource_id, _number(vn), _number(lum)]))
             try:
                 results = await self._eval_many(self._trim, calls)
             except RedisError as exc:
@@ -468,32 +536,28 @@ class SpeedStore:
         stored body to its new Derived data (None: leave the entry as it is). An entry written
         meanwhile at another version keeps what its own write derived. Returns how many changed.
         """
-        held = [v for v in (await self.versions(resource_type)).values() if v.state == "present"]
+        ids = list(await self.versions(resource_type))
         changed = 0
-        for start in range(0, len(held), 500):
-            chunk = held[start : start + 500]
-            try:
-                async with self.client.pipeline(transaction=False) as pipe:
-                    for version in chunk:
-                        pipe.hget(resource_key(resource_type, version.resource_id), "body")
-                    bodies = await pipe.execute()
-            except RedisError as exc:
-                raise SpeedLayerUnavailable(f"Redis cannot be read: {exc}") from exc
+        for start in range(0, len(ids), READ_CHUNK):
+            held = await self.records_for(resource_type, ids[start : start + READ_CHUNK])
             calls: list[tuple[list[str], list[Any]]] = []
-            for version, body in zip(chunk, bodies, strict=True):
-                derived = derive(body) if isinstance(body, bytes) else None
+            for resource_id, stored in held.items():
+                if stored.body is None:
+                    continue
+                derived = derive(stored.body)
                 if derived is None:
                     continue
-                prefix = tag(resource_type, bucket_of(version.resource_id))
+                prefix = tag(resource_type, bucket_of(resource_id))
+                payload = self.codec.pack(stored.body, derived.rows, stored.last_updated or "")
                 args: list[Any] = [
                     prefix,
-                    version.resource_id,
-                    repr(version.version_number),
-                    repr(version.last_updated_ms),
-                    *_derived_args(derived),
+                    resource_id,
+                    _number(stored.version.version_number),
+                    _number(stored.version.last_updated_ms),
+                    ZSTD_R4,
+                    payload,
                 ]
-                keys = [prefix + "r:" + version.resource_id, prefix + "ver", prefix + "chg"]
-                calls.append((keys, args))
+                calls.append(([prefix + "e", prefix + "chg"], args))
             if not calls:
                 continue
             try:
@@ -507,59 +571,48 @@ class SpeedStore:
 
     async def get(self, resource_type: str, resource_id: str) -> Entry | None:
         """The entry held for TYPE/ID (present or tombstone), or None."""
-        try:
-            raw = await self.client.hmget(
-                resource_key(resource_type, resource_id), ["st", "vid", "lu", "vn", "lum", "body"]
-            )
-        except RedisError as exc:
-            raise SpeedLayerUnavailable(f"Redis cannot be read: {exc}") from exc
-        st, vid, lu, vn, lum, body = raw
-        if st is None:
+        stored = (await self.records_for(resource_type, [resource_id])).get(resource_id)
+        if stored is None:
             return None
+        version = stored.version
         return Entry(
             resource_type=resource_type,
             resource_id=resource_id,
-            state="present" if _decode(st) == "p" else "deleted",
-            version_id=_decode(vid) or None,
-            last_updated=_decode(lu) or None,
-            version_number=float(_decode(vn) or -1),
-            last_updated_ms=float(_decode(lum) or 0),
-            body=body if _decode(st) == "p" and isinstance(body, bytes) else None,
+            state=version.state,
+            version_id=version.version_id,
+            last_updated=stored.last_updated,
+            version_number=version.version_number,
+            last_updated_ms=version.last_updated_ms,
+            body=stored.body,
         )
 
     async def versions(self, resource_type: str) -> dict[str, Version]:
-        """Every entry of a type with its version (no bodies): one HGETALL per bucket."""
-        results = await self._fan_out(lambda p, t: p.hgetall(t + "ver"), resource_type)
-        out: dict[str, Version] = {}
-        for result in results:
-            for raw_id, raw in result.items():
-                resource_id = _decode(raw_id) or ""
-                out[resource_id] = _parse_ver(resource_id, raw)
-        return out
+        """Every entry of a type with its version (headers only, nothing decompressed)."""
+        return {
+            rid: record.version for rid, record in (await self._all_records(resource_type)).items()
+        }
+
+    async def records(self, resource_type: str) -> dict[str, Stored]:
+        """Every entry of a type with its body and rows (what a full mirror reload reads)."""
+        return {
+            rid: self._open(record)
+            for rid, record in (await self._all_records(resource_type)).items()
+        }
+
+    async def records_for(self, resource_type: str, ids: Sequence[str]) -> dict[str, Stored]:
+        """`records` for the given ids (absent ones left out), one pipeline."""
+        return {
+            rid: self._open(record)
+            for rid, record in (await self._records_of(resource_type, ids)).items()
+        }
 
     async def rows(self, resource_type: str, view: str) -> dict[str, bytes]:
         """The precomputed rows of one view for every present entry of a type."""
-        results = await self._fan_out(lambda p, t: p.hgetall(f"{t}rows:{view}"), resource_type)
-        out: dict[str, bytes] = {}
-        for result in results:
-            for raw_id, raw in result.items():
-                out[_decode(raw_id) or ""] = raw
-        return out
+        return _rows_of(await self.records(resource_type), view)
 
     async def rows_for(self, resource_type: str, view: str, ids: Sequence[str]) -> dict[str, bytes]:
         """The precomputed rows of one view for the given ids (absent ones are left out)."""
-        if not ids:
-            return {}
-        try:
-            async with self.client.pipeline(transaction=False) as pipe:
-                for resource_id in ids:
-                    pipe.hget(
-                        f"{tag(resource_type, bucket_of(resource_id))}rows:{view}", resource_id
-                    )
-                values = await pipe.execute()
-        except RedisError as exc:
-            raise SpeedLayerUnavailable(f"Redis cannot be read: {exc}") from exc
-        return {i: v for i, v in zip(ids, values, strict=True) if v is not None}
+        return _rows_of(await self.records_for(resource_type, ids), view)
 
     async def changed_since(self, resource_type: str, since_ms: float) -> list[str]:
         """Ids of a type whose stored change time is at or after `since_ms` (HAPI's clock)."""
@@ -571,24 +624,39 @@ class SpeedStore:
     async def log_since(
         self, resource_type: str, after: Sequence[int]
     ) -> list[tuple[int, list[str]]]:
-        """Per bucket: (newest sequence, ids written after `after[bucket]`), in write order.
+        """Per bucket: (newest sequence, ids whose held version was written after
+        `after[bucket]`), in write order.
 
         An incremental reader keeps the sequences it saw and re-reads only what changed; it
         reloads fully when `generation()` or `epoch()` changes (trims, or Redis lost its data).
+        Reads the write counters, then only the log chunks between `after` and them.
         """
+        counters = [
+            int(v or 0) for v in await self._fan_out(lambda p, t: p.get(t + "seq"), resource_type)
+        ]
+        spans: list[int] = []
         try:
             async with self.client.pipeline(transaction=False) as pipe:
                 for bucket in range(BUCKETS):
-                    key = tag(resource_type, bucket) + "log"
-                    pipe.zrangebyscore(key, f"({after[bucket]}", "+inf", withscores=True)
+                    first, last = after[bucket] // LOG_CHUNK, counters[bucket] // LOG_CHUNK
+                    if counters[bucket] <= after[bucket]:
+                        last = first - 1
+                    prefix = tag(resource_type, bucket)
+                    for chunk in range(first, last + 1):
+                        key = f"{prefix}log:{chunk}"
+                        pipe.zrangebyscore(key, f"({after[bucket]}", "+inf", withscores=True)
+                    spans.append(last - first + 1)
                 results = await pipe.execute()
         except RedisError as exc:
             raise SpeedLayerUnavailable(f"Redis cannot be read: {exc}") from exc
         out: list[tuple[int, list[str]]] = []
-        for bucket, result in enumerate(results):
-            ids = [_decode(m) or "" for m, _ in result]
-            newest = int(result[-1][1]) if result else after[bucket]
-            out.append((newest, ids))
+        n = 0
+        for bucket, span in enumerate(spans):
+            found = [pair for result in results[n : n + span] for pair in result]
+            n += span
+            # A write after the counter was read may show up here: then its sequence is newest.
+            newest = max([counters[bucket], after[bucket], *(int(s) for _, s in found)])
+            out.append((newest, [_decode(m) or "" for m, _ in found]))
         return out
 
     async def generation(self) -> int:
@@ -600,20 +668,61 @@ class SpeedStore:
 
     async def entries(self, resource_type: str, ids: Sequence[str]) -> dict[str, Version]:
         """Versions of the given ids (absent ones left out), one pipeline."""
+        return {
+            rid: record.version
+            for rid, record in (await self._records_of(resource_type, ids)).items()
+        }
+
+    async def count(self, resource_type: str) -> int:
+        results = await self._fan_out(lambda p, t: p.hlen(t + "e"), resource_type)
+        return int(sum(results))
+
+    async def _records_of(self, resource_type: str, ids: Sequence[str]) -> dict[str, _Record]:
         if not ids:
             return {}
         try:
             async with self.client.pipeline(transaction=False) as pipe:
                 for resource_id in ids:
-                    pipe.hget(tag(resource_type, bucket_of(resource_id)) + "ver", resource_id)
+                    pipe.hget(entries_key(resource_type, resource_id), resource_id)
                 values = await pipe.execute()
         except RedisError as exc:
             raise SpeedLayerUnavailable(f"Redis cannot be read: {exc}") from exc
-        return {i: _parse_ver(i, v) for i, v in zip(ids, values, strict=True) if v is not None}
+        return {
+            rid: _parse_record(rid, raw)
+            for rid, raw in zip(ids, values, strict=True)
+            if raw is not None
+        }
 
-    async def count(self, resource_type: str) -> int:
-        results = await self._fan_out(lambda p, t: p.hlen(t + "ver"), resource_type)
-        return int(sum(results))
+    async def _all_records(self, resource_type: str) -> dict[str, _Record]:
+        """Every record of a type: the ids of each bucket, then bounded HMGETs (a bucket can
+        hold hundreds of MB; one HGETALL would build that whole reply inside Redis)."""
+        keys = await self._fan_out(lambda p, t: p.hkeys(t + "e"), resource_type)
+        calls: list[tuple[str, list[bytes]]] = []
+        for bucket, ids in enumerate(keys):
+            for start in range(0, len(ids), READ_CHUNK):
+                calls.append((tag(resource_type, bucket) + "e", ids[start : start + READ_CHUNK]))
+        out: dict[str, _Record] = {}
+        for start in range(0, len(calls), BUCKETS):
+            batch = calls[start : start + BUCKETS]
+            try:
+                async with self.client.pipeline(transaction=False) as pipe:
+                    for key, ids in batch:
+                        pipe.hmget(key, ids)
+                    values = await pipe.execute()
+            except RedisError as exc:
+                raise SpeedLayerUnavailable(f"Redis cannot be read: {exc}") from exc
+            for (_, ids), raws in zip(batch, values, strict=True):
+                for raw_id, raw in zip(ids, raws, strict=True):
+                    if raw is not None:  # removed between the two reads
+                        rid = _decode(raw_id) or ""
+                        out[rid] = _parse_record(rid, raw)
+        return out
+
+    def _open(self, record: _Record) -> Stored:
+        if record.version.state != "present":
+            return Stored(record.version, None, record.payload.decode() or None, {})
+        body, rows, last_updated = self.codec.unpack(record.codec, record.payload)
+        return Stored(record.version, body, last_updated or None, rows)
 
     async def oldest_newest(self, resource_type: str) -> tuple[float | None, float | None]:
         """Change times (epoch ms) of the oldest and newest entry of a type."""
@@ -762,30 +871,99 @@ class SpeedStore:
         """Remove every entry of a type and the type itself from the speed layer (for
         `Subscription`, which must never be held: it carries the receiver's token). Returns
         how many entries went."""
-        versions = await self.versions(resource_type)
-        removed = 0
-        ids = list(versions)
-        for start in range(0, len(ids), 500):
-            chunk = ids[start : start + 500]
-            try:
-                async with self.client.pipeline(transaction=False) as pipe:
-                    for resource_id in chunk:
-                        pipe.delete(resource_key(resource_type, resource_id))
-                    results = await pipe.execute()
-            except RedisError as exc:
-                raise SpeedLayerUnavailable(f"Redis did not take the write: {exc}") from exc
-            removed += sum(int(r) for r in results)
+        removed = await self._drop_entries(resource_type, list(await self.versions(resource_type)))
         try:
             async with self.client.pipeline(transaction=False) as pipe:
                 for bucket in range(BUCKETS):
                     prefix = tag(resource_type, bucket)
-                    # Derived keys (view rows) hold nothing for a type no view reads.
-                    pipe.delete(prefix + "ver", prefix + "chg", prefix + "log")
+                    pipe.delete(prefix + "e", prefix + "chg")
                 pipe.srem(TYPES_KEY, resource_type)
                 pipe.incr(GENERATION_KEY)  # incremental readers reload
                 await pipe.execute()
         except RedisError as exc:
             raise SpeedLayerUnavailable(f"Redis did not take the write: {exc}") from exc
+        return removed
+
+    async def _drop_entries(self, resource_type: str, ids: Sequence[str], cutoff: str = "") -> int:
+        """Run _DROP_LUA for each id (with `cutoff`, only those changed at or before it)."""
+        removed = 0
+        for start in range(0, len(ids), READ_CHUNK):
+            calls: list[tuple[list[str], list[Any]]] = []
+            for resource_id in ids[start : start + READ_CHUNK]:
+                prefix = tag(resource_type, bucket_of(resource_id))
+                calls.append(([prefix + "e", prefix + "chg"], [prefix, resource_id, cutoff]))
+            try:
+                results = await self._eval_many(self._drop, calls)
+            except RedisError as exc:
+                raise SpeedLayerUnavailable(f"Redis did not take the write: {exc}") from exc
+            removed += sum(1 for r in results if r)
+        return removed
+
+    async def expire_old(self, now_ms: float | None = None) -> int:
+        """SPEED_MAX_AGE_HOURS: drop every entry whose change time (HAPI's lastUpdated, else
+        its receipt) is older than the cap; a no-op without one. Run by the poller, which holds
+        the lease, on each cycle. Returns how many entries went (the generation moves then)."""
+        if not self.max_age_ms:
+            return 0
+        cutoff = (time.time() * 1000.0 if now_ms is None else now_ms) - self.max_age_ms
+        removed = 0
+        for resource_type in await self.known_types():
+            while True:
+                found = await self._fan_out(
+                    lambda p, t: p.zrangebyscore(
+                        t + "chg", "-inf", cutoff, start=0, num=READ_CHUNK
+                    ),
+                    resource_type,
+                )
+                ids = [_decode(m) or "" for result in found for m in result]
+                if not ids:
+                    break
+                # Every id read leaves the change index (or was rewritten with a newer change
+                # time), so the loop ends.
+                removed += await self._drop_entries(resource_type, ids, _number(cutoff))
+        if removed:
+            try:
+                await self.client.incr(GENERATION_KEY)
+            except RedisError as exc:
+                raise SpeedLayerUnavailable(f"Redis did not take the write: {exc}") from exc
+        return removed
+
+    async def clear_old_layout(self) -> int:
+        """Remove what the key schema before this one left (a hash per resource, `ver`,
+        `rows:<view>`, `ix:<name>`, one `log` per bucket, and its epoch marker); a no-op when
+        there is none. Its entries are not converted: the poller re-reads the changes since the
+        batch watermark, as after any loss of Redis data, because this schema's epoch marker
+        is missing until then. Stop receivers of the older release first: what they write
+        afterwards would be unread. Returns how many old entries went.
+
+        No SCAN: the old entries are the fields of each bucket's `ver` hash, and each named
+        the view rows and index sets it had.
+        """
+        removed = 0
+        try:
+            types = [_decode(t) or "" for t in await self.client.smembers(TYPES_KEY)]
+            for resource_type in types:
+                for bucket in range(BUCKETS):
+                    prefix = tag(resource_type, bucket)
+                    ids = [_decode(i) or "" for i in await self.client.hkeys(prefix + "ver")]
+                    named: set[str] = set()
+                    for start in range(0, len(ids), READ_CHUNK):
+                        calls = [
+                            ([prefix + "e", prefix + "chg"], [prefix, resource_id])
+                            for resource_id in ids[start : start + READ_CHUNK]
+                        ]
+                        for views, index in await self._eval_many(self._drop_old, calls):
+                            named.update(f"rows:{v}" for v in _json_names(views))
+                            named.update(f"ix:{n}" for n in _json_names(index))
+                    removed += len(ids)
+                    # This schema writes none of these keys: whole ones can go.
+                    for name in [*sorted(named), "ver", "log"]:
+                        await self.client.delete(prefix + name)
+            await self.client.delete(OLD_EPOCH_KEY)
+        except RedisError as exc:
+            raise SpeedLayerUnavailable(f"Redis did not take the write: {exc}") from exc
+        if removed:
+            logger.warning("removed %d speed-layer entries of the previous key schema", removed)
         return removed
 
     async def holds_type(self, resource_type: str) -> bool:
@@ -930,23 +1108,29 @@ class SpeedStore:
             if item.order is not None
             else (version_number(item.version_id), parse_instant(item.last_updated))
         )
+        version_id = item.version_id or ""
+        if "|" in version_id:  # the record's separator; FHIR's id syntax has no room for it
+            raise InvalidRequest(f"meta.versionId {version_id!r} is not a FHIR id")
+        last_updated = item.last_updated or ""
+        if item.deleted:
+            st, codec, payload = "d", RAW, last_updated.encode()
+        else:
+            rows = item.derived.rows if item.derived is not None else {}
+            st, codec = "p", ZSTD_R4
+            payload = self.codec.pack(item.body or b"", rows, last_updated)
         prefix = tag(item.resource_type, bucket_of(item.resource_id))
         args: list[Any] = [
             prefix,
             item.resource_id,
-            repr(vn),
-            repr(lum),
-            item.version_id or "",
-            item.last_updated or "",
-            "d" if item.deleted else "p",
-            b"" if item.deleted or item.body is None else item.body,
-            repr(lum or now_ms),
-            repr(now_ms),
-            self.expire_seconds,
+            _number(vn),
+            _number(lum),
+            version_id,
+            st,
+            codec,
+            payload,
+            _number(lum or now_ms),
         ]
-        args.extend(_derived_args(None if item.deleted else item.derived))
-        keys = [prefix + "r:" + item.resource_id, prefix + "ver", prefix + "chg"]
-        return keys, args
+        return [prefix + "e", prefix + "chg"], args
 
 
 POLLER_WATERMARK_KEY = META + "poller:watermark"  # STRING instant (HAPI's clock)

@@ -376,35 +376,32 @@ class SpeedMirror:
         log = await store.log_since(t, [0] * BUCKETS if full else type_mirror.seqs)
         seqs = [newest for newest, _ in log]
         if full:
-            versions = await store.versions(t)
-            rows = {name: await store.rows(t, name) for name, _ in type_mirror.views}
+            records = await store.records(t)
             for rid in list(type_mirror.entries):
-                if rid not in versions:
+                if rid not in records:
                     type_mirror.set_entry(rid, None)
-            ids = list(versions)
+            ids = list(records)
         else:
             ids = list(dict.fromkeys(i for _, batch in log for i in batch))
-            versions = await store.entries(t, ids)
-            rows = {name: await store.rows_for(t, name, ids) for name, _ in type_mirror.views}
+            records = await store.records_for(t, ids)
         for rid in ids:
-            version = versions.get(rid)
-            if version is None:
+            stored = records.get(rid)
+            if stored is None:
                 type_mirror.set_entry(rid, None)
                 continue
+            version = stored.version
             deleted = version.state == "deleted"
             decoded: dict[str, Rows] = {}
             missing = False
             for name, _ in type_mirror.views:
-                raw = rows[name].get(rid)
+                raw = stored.rows.get(name)
                 if raw is None:
                     missing = True
                 else:
                     decoded[name] = loads(raw)
             if missing and not deleted:
                 # Written without derived rows (a receiver run without the deriver).
-                entry = await store.get(t, rid)
-                data = loads(entry.body) if entry is not None and entry.body else {}
-                decoded = type_mirror.rows_of(data)
+                decoded = type_mirror.rows_of(loads(stored.body) if stored.body else {})
             held = Held(version.version_number, version.last_updated_ms, deleted, decoded)
             type_mirror.set_entry(rid, held)
         type_mirror.seqs = seqs

@@ -492,6 +492,10 @@ async def _poll(
         batch_versions=batch_versions,
         grace_ms=settings.missed_grace_seconds * 1000.0,
     )
+    if restored:
+        # A Redis of the key schema before this one reads as incomplete: its keys go, and
+        # this poll re-reads what they held.
+        await store.clear_old_layout()
     if await store.holds_type("Subscription"):
         # Held by an older release: a Subscription carries the receiver's token.
         purged = await store.purge_type("Subscription")
@@ -516,6 +520,10 @@ async def _poll(
     result.watermark = watermark
     if restored:
         await store.mark_epoch()
+    # SPEED_MAX_AGE_HOURS (a no-op unset): entries whose change time passed the cap go.
+    expired = await store.expire_old()
+    if expired:
+        logger.info("dropped %d speed-layer entries older than SPEED_MAX_AGE_HOURS", expired)
     if result.missed:
         await store.count_missed(result.missed)
         if metrics is not None:

@@ -18,7 +18,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from core.settings import Settings
-from core.store import SpeedStore
+from core.store import EPOCH_KEY, SpeedStore
 from serving.api import create_app, require_token
 from tests.asgi import running
 from tests.conftest import free_port
@@ -186,7 +186,7 @@ async def test_degraded_when_redis_down_or_epoch_missing(
     off = dataclasses.replace(api_settings, use_speed_layer=False)
     body = (await get(off, "/cohort?gender=male")).json()
     assert body["degraded"] is False and body["sources"] == ["batch_layer"]
-    await loaded.client.delete("rf:{meta}:epoch")
+    await loaded.client.delete(EPOCH_KEY)
     body = (await get(api_settings, "/cohort?gender=male")).json()
     assert body["degraded"] is True and body["total_count"] == 6
     assert (await get(api_settings, "/health", headers={})).json()["speed_layer_complete"] is False

@@ -34,7 +34,8 @@ from core.store import (
     UpsertItem,
     bucket_of,
     connect,
-    resource_key,
+    entries_key,
+    log_key,
     tag,
 )
 from core.validation import NEVER_STORED
@@ -123,11 +124,9 @@ async def test_a_resource_write_touches_one_slot_and_buckets_spread_over_the_nod
     assert written
     prefix = tag("Patient", bucket_of("p1"))
     keys = [
-        resource_key("Patient", "p1"),
-        prefix + "ver",
+        entries_key("Patient", "p1"),
         prefix + "chg",
-        prefix + "rows:patient_demographics",
-        prefix + "log",
+        log_key(prefix, 1),  # the bucket's first write
         prefix + "seq",
     ]
     slots = {key_slot(k.encode()) for k in keys}

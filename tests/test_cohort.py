@@ -12,7 +12,7 @@ import pytest
 
 from core.errors import InvalidRequest
 from core.fhir_values import date_range, parse_instant
-from core.store import SpeedStore, version_number
+from core.store import EPOCH_KEY, SpeedStore, version_number
 from receiver.ingest import ingest, ingest_deletion
 from serving import batch
 from serving.cohort import date_matches, parse_query
@@ -498,7 +498,7 @@ async def test_batch_count_keeps_the_precision_of_a_number(run: Run, order: str)
 async def test_degraded_without_epoch(run: Run) -> None:
     load_batch(run.database_url, [patient("p1")])
     await put(run.store, patient("p2"))
-    await run.store.client.delete("rf:{meta}:epoch")
+    await run.store.client.delete(EPOCH_KEY)
     r = await run.ask("gender=male")
     assert r["ids"] == ["p1"] and r["degraded"] and r["sources"] == ["batch_layer"]
 

@@ -17,10 +17,11 @@ from hypothesis import strategies as st
 from starlette.responses import Response
 
 from core.errors import FhirTemporaryError
+from core.fhir_values import format_instant, instant_of_ms
 from core.metrics import Metrics
 from core.serve import serve_asgi
 from core.settings import Settings
-from core.store import POLLER_LEASE_KEY, SpeedStore
+from core.store import OLD_EPOCH_KEY, POLLER_LEASE_KEY, TYPES_KEY, SpeedStore, bucket_of, tag
 from receiver.ingest import ingest, ingest_deletion
 from subscriptions.fhir_client import FhirClient, HistoryPage, history_entry
 from subscriptions.poller import (
@@ -383,6 +384,35 @@ async def test_redis_restarted_empty_rereads_from_batch_watermark(
     everything = await poll_once(POLL_SETTINGS, store, standin.client)
     assert everything.restored and everything.since is None
     await assert_truth(store, hapi)
+
+
+async def test_a_redis_of_the_previous_key_schema_is_cleared_and_reread(
+    standin: Hapi, store: SpeedStore, redis_client: aioredis.Redis
+) -> None:
+    await seed(standin.hapi, 0, 3)
+    # What the release before held: its epoch marker and a hash per resource.
+    prefix = tag("Patient", bucket_of("p0"))
+    await redis_client.set(OLD_EPOCH_KEY, "2026-11-01T00:00:00+00:00")
+    await redis_client.hset(prefix + "r:p0", mapping={"vn": "1.0", "lum": "0.0", "st": "p"})
+    await redis_client.hset(prefix + "ver", "p0", "p|1.0|0.0|1")
+    await redis_client.sadd(TYPES_KEY, "Patient")
+    result = await poll_once(POLL_SETTINGS, store, standin.client)
+    assert result.restored and await store.epoch() is not None
+    assert not await redis_client.exists(OLD_EPOCH_KEY, prefix + "r:p0", prefix + "ver")
+    await assert_truth(store, standin.hapi)
+
+
+async def test_the_poll_drops_entries_past_the_age_cap(
+    standin: Hapi, redis_client: aioredis.Redis
+) -> None:
+    capped = SpeedStore(redis_client, max_age_hours=1)
+    await seed(standin.hapi, 0, 2)
+    await capped.mark_epoch()
+    two_hours_ago = format_instant(instant_of_ms(time.time() * 1000.0 - 7_200_000))
+    await capped.upsert("Patient", "old", body=b"{}", version_id="1", last_updated=two_hours_ago)
+    await poll_once(POLL_SETTINGS, capped, standin.client)
+    assert await capped.get("Patient", "old") is None
+    await assert_truth(capped, standin.hapi)  # HAPI's changes are younger than the cap
 
 
 async def wait_for(predicate: Callable[[], Awaitable[bool]], seconds: float = 10.0) -> None:

@@ -14,7 +14,7 @@ import redis
 import redis.asyncio as aioredis
 
 from core.settings import Settings
-from core.store import SpeedStore, connect
+from core.store import SpeedStore, connect, entries_key
 from receiver.app import create_app as create_receiver
 from serving import batch
 from serving.api import create_app as create_api
@@ -192,11 +192,6 @@ async def test_rediss_speed_layer_over_tls(tls_redis: tuple[int, Path]) -> None:
         assert answer.status_code == 503
     plain = aioredis.Redis.from_url(url)
     try:
-        assert (
-            await plain.exists(
-                "rf:{Patient." + str(__import__("core.store").store.bucket_of("tls2")) + "}:r:tls2"
-            )
-            == 0
-        )
+        assert await plain.hexists(entries_key("Patient", "tls2"), "tls2") == 0
     finally:
         await plain.aclose()

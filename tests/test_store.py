@@ -4,20 +4,22 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from typing import Any
 
 import redis.asyncio as aioredis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from core.fhir_values import parse_instant
+from core.fhir_values import format_instant, instant_of_ms, parse_instant
 from core.store import (
     BUCKETS,
+    LOG_CHUNK,
+    OLD_EPOCH_KEY,
     Derived,
     SpeedStore,
     bucket_of,
     is_newer,
-    resource_key,
     tag,
     version_number,
 )
@@ -136,20 +138,26 @@ async def test_fan_out_reads_cover_every_bucket(store: SpeedStore) -> None:
 
 
 async def test_expiry_is_only_a_safety_cap(redis_client: aioredis.Redis) -> None:
+    # SPEED_MAX_AGE_HOURS=2: an entry leaves once its change time is more than 2 hours old
+    # (the poller's sweep); without the setting nothing ever expires.
+    now_ms = time.time() * 1000.0
     capped = SpeedStore(redis_client, max_age_hours=2)
-    await capped.upsert("Patient", "p", body=b"{}", version_id="1", last_updated=None)
-    assert (
-        0
-        < await redis_client.ttl(
-            "rf:{Patient." + str(__import__("core.store").store.bucket_of("p")) + "}:r:p"
-        )
-        <= 7200
-    )
+    three_hours_ago = format_instant(instant_of_ms(now_ms - 3 * 3_600_000))
+    await capped.upsert("Patient", "p", body=b"{}", version_id="1", last_updated=three_hours_ago)
+    await capped.upsert("Patient", "q", body=b"{}", version_id="1", last_updated=None)
     uncapped = SpeedStore(redis_client)
-    await uncapped.upsert("Patient", "q", body=b"{}", version_id="1", last_updated=None)
-    from core.store import resource_key
-
-    assert await redis_client.ttl(resource_key("Patient", "q")) == -1
+    assert await uncapped.expire_old(now_ms + 1000 * 3_600_000) == 0
+    assert set(await uncapped.versions("Patient")) == {"p", "q"}
+    generation = await capped.generation()
+    assert await capped.expire_old() == 1
+    assert await capped.get("Patient", "p") is None
+    assert (await capped.get("Patient", "q")) is not None
+    assert set(await capped.versions("Patient")) == {"q"} and await capped.count("Patient") == 1
+    assert await capped.changed_since("Patient", 0.0) == ["q"]
+    assert [i for _, ids in await capped.log_since("Patient", [0] * BUCKETS) for i in ids] == ["q"]
+    assert await capped.generation() == generation + 1
+    assert await capped.expire_old() == 0  # nothing more is old enough
+    assert await capped.expire_old(now_ms + 2 * 3_600_000 + 60_000) == 1  # q's turn
 
 
 async def test_epoch_catch_up_and_rejects(store: SpeedStore) -> None:
@@ -226,19 +234,119 @@ async def test_rederive_replaces_rows_and_index_of_the_held_version_only(store: 
     assert await store.rederive("Patient", lambda body: None) == 0
 
 
-async def test_index_sets_of_an_older_release_go_with_their_entry(
+async def test_the_previous_key_schema_is_never_read_and_goes_whole(
     store: SpeedStore, redis_client: aioredis.Redis
 ) -> None:
-    # An entry written before the `ix:` index sets were dropped names its sets in field `ix`;
-    # nothing may SCAN for them, so the next write or trim of that entry removes them.
-    for pid in ("old1", "old2"):
-        await write(store, pid, 1, False)
-        key = resource_key("Patient", pid)
+    # What the release before this one held: a hash per resource naming its view rows and
+    # index sets, `ver`, one `log`, the change index and its epoch marker.
+    old_ids = ["old1", "old2", "both"]
+    for pid in old_ids:
         prefix = tag("Patient", bucket_of(pid))
-        await redis_client.hset(key, "ix", '["gender:male"]')
+        await redis_client.hset(
+            f"{prefix}r:{pid}",
+            mapping={"vn": "1.0", "lum": "0.0", "st": "p", "body": body(pid, 1), "vid": "1"},
+        )
+        await redis_client.hset(f"{prefix}r:{pid}", "views", '["v"]')
+        await redis_client.hset(f"{prefix}r:{pid}", "ix", '["gender:male"]')
+        await redis_client.hset(prefix + "ver", pid, "p|1.0|0.0|1")
+        await redis_client.hset(prefix + "rows:v", pid, "[1]")
         await redis_client.sadd(prefix + "ix:gender:male", pid)
-    await write(store, "old1", 2, False)
-    assert await store.trim_covered("Patient", [("old2", 1.0, 0.0)]) == 1
-    for pid in ("old1", "old2"):
-        assert not await redis_client.exists(tag("Patient", bucket_of(pid)) + "ix:gender:male")
-    assert await redis_client.hget(resource_key("Patient", "old1"), "ix") is None
+        await redis_client.zadd(prefix + "log", {pid: 1})
+        await redis_client.zadd(prefix + "chg", {pid: 5.0})
+    await redis_client.sadd("rf:{meta}:types", "Patient")
+    await redis_client.set(OLD_EPOCH_KEY, "2026-11-01T00:00:00+00:00")
+    # This schema reads none of it: incomplete (no epoch marker of its own), nothing held.
+    assert await store.epoch() is None
+    assert await store.get("Patient", "old1") is None and await store.count("Patient") == 0
+    await write(store, "both", 2, False)  # a receiver of this release, before the catch-up
+    assert await store.clear_old_layout() == 3
+    left = set()
+    for bucket in range(BUCKETS):
+        prefix = tag("Patient", bucket)
+        for name in ("ver", "log", "rows:v", "ix:gender:male"):
+            left.add(await redis_client.exists(prefix + name))
+        left.update([await redis_client.exists(f"{prefix}r:{pid}") for pid in old_ids])
+    assert left == {0} and not await redis_client.exists(OLD_EPOCH_KEY)
+    assert await store.changed_since("Patient", 0.0) == ["both"]  # its own change time stays
+    assert (await store.get("Patient", "both")).version_id == "2"  # type: ignore[union-attr]
+    assert await store.clear_old_layout() == 0
+
+
+@settings(
+    max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    raw=st.one_of(
+        st.recursive(
+            st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+            lambda inner: st.lists(inner) | st.dictionaries(st.text(), inner),
+        ).map(lambda value: json.dumps(value, indent=2).encode()),
+        st.binary(),  # the store keeps whatever it is given, NUL and separators included
+    ),
+    rows=st.dictionaries(
+        st.text(alphabet="abcdefghijklmnopqrstuvwxyz_", min_size=1, max_size=12),
+        st.lists(st.text()).map(lambda r: json.dumps(r).encode()),
+        max_size=3,
+    ),
+)
+def test_bodies_and_rows_come_back_byte_for_byte(raw: bytes, rows: dict[str, bytes]) -> None:
+    async def run() -> None:
+        client = aioredis.Redis.from_url(TEST_REDIS_URL)
+        await client.flushdb()
+        try:
+            store = SpeedStore(client)
+            last_updated = "2026-11-25T10:00:00.123+01:00"
+            assert await store.upsert(
+                "Observation",
+                "o1",
+                body=raw,
+                version_id="7",
+                last_updated=last_updated,
+                derived=Derived(rows=rows),
+            )
+            entry = await store.get("Observation", "o1")
+            assert entry is not None and entry.body == raw
+            assert entry.last_updated == last_updated and entry.version_id == "7"
+            for view, data in rows.items():
+                assert (await store.rows("Observation", view)) == {"o1": data}
+        finally:
+            await client.flushdb()
+            await client.aclose()
+
+    asyncio.run(run())
+
+
+@settings(
+    max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(writes=st.lists(st.tuples(st.integers(0, 40), st.integers(1, 5)), max_size=400))
+def test_the_write_log_holds_each_held_id_once_in_small_chunks(
+    writes: list[tuple[int, int]],
+) -> None:
+    async def run() -> None:
+        client = aioredis.Redis.from_url(TEST_REDIS_URL)
+        await client.flushdb()
+        try:
+            store = SpeedStore(client)
+            for n, version in writes:
+                await write(store, f"p{n}", version, version == 5)
+            held = await store.versions("Patient")
+            logged: list[str] = []
+            for bucket in range(BUCKETS):
+                prefix = tag("Patient", bucket)
+                counter = int(await client.get(prefix + "seq") or 0)
+                for k in range(counter // LOG_CHUNK + 1):
+                    key = f"{prefix}log:{k}"
+                    logged.extend(m.decode() for m in await client.zrange(key, 0, -1))
+                    # Each chunk stays a listpack on Redis's default settings.
+                    assert await client.zcard(key) <= LOG_CHUNK
+                    if await client.exists(key):
+                        assert await client.object("encoding", key) == b"listpack"
+            assert sorted(logged) == sorted(held)
+            follow = await store.log_since("Patient", [0] * BUCKETS)
+            assert sorted(i for _, ids in follow for i in ids) == sorted(held)
+        finally:
+            await client.flushdb()
+            await client.aclose()
+
+    asyncio.run(run())
