@@ -59,7 +59,6 @@ __all__ = [
     "exact_json",
     "fold",
     "format_instant",
-    "full_date_sql",
     "implied_range",
     "instant_bounds",
     "instant_of_ms",
@@ -358,11 +357,6 @@ def date_range_sql(column: str) -> tuple[str, str]:
         )
         highs.append(when + end)
     return f"(CASE {' '.join(lows)} END)", f"(CASE {' '.join(highs)} END)"
-
-
-def full_date_sql(column: str) -> str:
-    """SQL: `column` holds a full date (YYYY-MM-DD), which is its own one-day range."""
-    return f"{column} ~ {_lit('^' + _DAY_SHAPE + '$')}"
 
 
 # --------------------------------------------------------------------------- search prefixes

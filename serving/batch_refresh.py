@@ -46,11 +46,14 @@ from core.settings import Settings
 from core.store import SpeedStore, is_newer, version_number
 from core.validation import NEVER_STORED, check_id, is_resource_type, validate_resource
 from serving.batch import (
+    CHANGED_KEYS,
     LOCK_KEY,
     VIEW_SCHEMA,
     WATERMARK_SQL,
     BatchNotInitialized,
+    changes_setup_sql,
     connect_async,
+    replace_changed_sql,
 )
 from serving.viewdef import served_types
 from subscriptions.changes import Change, reader_for
@@ -265,10 +268,13 @@ async def _full_types(conn: psycopg.AsyncConnection[Any], types: Sequence[str]) 
     return sorted(t for t in wanted if t not in NOT_SYNCED and is_resource_type(t))
 
 
-def _counted(statement: str) -> str:
-    """`statement` (an INSERT or UPDATE of rf_batch.resources AS r) -> rows per type."""
+def _recorded(statement: str) -> str:
+    """`statement` (an INSERT or UPDATE of rf_batch.resources AS r): the keys it touched go to
+    CHANGED_KEYS; it gives the rows per type."""
     return (
-        f"WITH done AS ({statement.rstrip()} RETURNING r.resource_type)"
+        f"WITH done AS ({statement.rstrip()} RETURNING r.resource_type, r.id),"
+        f" kept AS (INSERT INTO {CHANGED_KEYS} SELECT resource_type, id FROM done"
+        " ON CONFLICT DO NOTHING)"
         " SELECT resource_type, count(*) FROM done GROUP BY resource_type"
     )
 
@@ -280,48 +286,97 @@ async def _apply(
     clock_ms: float,
     watermark: str | None,
 ) -> tuple[int, int, dict[str, int]]:
-    """Staging -> resources, views, watermark: one transaction. (changed, marked, view rows)."""
+    """Staging -> resources, views, watermark: one transaction. (changed, marked, view rows).
+
+    Incremental: the keys of the rows inserted, replaced or marked deleted go to the session's
+    CHANGED_KEYS table; each view of a changed type replaces exactly those resources' rows.
+    With `full_types` (`--full`) every view is recomputed whole. Every count it keeps
+    (resources, rows per view) moves by what changed: its cost follows the changes.
+    """
     cur = await conn.execute(
-        "SELECT name, definition->>'resource' FROM rf_batch.views ORDER BY name"
+        "SELECT v.name, v.definition->>'resource', v.changes_sql, v.rows, c.relkind"
+        " FROM rf_batch.views AS v LEFT JOIN pg_class AS c ON c.oid = to_regclass("
+        "quote_ident(%s) || '.' || quote_ident(v.name)) ORDER BY v.name",
+        (VIEW_SCHEMA,),
     )
-    views = [(row[0], row[1]) for row in await cur.fetchall()]
+    views = await cur.fetchall()
     view_rows: dict[str, int] = {}
+    staged_live = (
+        "SELECT count(*) FROM rf_batch.resources AS r WHERE NOT r.deleted AND (r.resource_type,"
+        " r.id) IN (SELECT resource_type, id FROM rf_staging WHERE NOT rejected)"
+    )
     async with conn.transaction():
         # An older release copied Subscriptions (with the receiver's token) into the batch.
-        await conn.execute(
-            "DELETE FROM rf_batch.resources WHERE resource_type = ANY(%s)", (sorted(NOT_SYNCED),)
+        live_delta = -int(
+            await _scalar(
+                conn,
+                "WITH gone AS (DELETE FROM rf_batch.resources WHERE resource_type = ANY(%s)"
+                " RETURNING deleted) SELECT count(*) FILTER (WHERE NOT deleted) FROM gone",
+                (sorted(NOT_SYNCED),),
+            )
         )
+        live_delta -= int(await _scalar(conn, staged_live))
+        await conn.execute(f"TRUNCATE {CHANGED_KEYS}")
         changed_types: dict[str, int] = {}
-        cur = await conn.execute(_counted(_APPLY_SQL))
+        cur = await conn.execute(_recorded(_APPLY_SQL))
         changed_types.update({t: int(n) for t, n in await cur.fetchall()})
         changed = sum(changed_types.values())
+        live_delta += int(await _scalar(conn, staged_live))
         marked = 0
         if full_types is not None:
-            cur = await conn.execute(_counted(_MARK_ABSENT_SQL), (full_types, clock_ms))
+            cur = await conn.execute(_recorded(_MARK_ABSENT_SQL), (full_types, clock_ms))
             for t, n in await cur.fetchall():
                 marked += int(n)
                 changed_types[t] = changed_types.get(t, 0) + int(n)
-        for name, resource_type in views:
+            live_delta -= marked
+        await conn.execute(f"ANALYZE {CHANGED_KEYS}")
+        for name, resource_type, changes_query, rows, kind in views:
             target = sql.Identifier(VIEW_SCHEMA, name)
-            exists = await _scalar(conn, "SELECT to_regclass(%s)", (f'{VIEW_SCHEMA}."{name}"',))
-            if exists is None:
+            if kind is None:
                 continue
-            # A view reads only rows of its own resource type: untouched, it is current.
-            if resource_type is None or resource_type in changed_types:
-                await conn.execute(
-                    sql.SQL("REFRESH MATERIALIZED VIEW CONCURRENTLY {}").format(target)
+            if kind == "m" or changes_query is None:
+                # Still the materialized view of an older release, until `batch init`.
+                if resource_type is None or resource_type in changed_types:
+                    await conn.execute(
+                        sql.SQL("REFRESH MATERIALIZED VIEW CONCURRENTLY {}").format(target)
+                    )
+                rows = await _scalar(conn, sql.SQL("SELECT count(*) FROM {}").format(target))
+            elif full_types is not None or resource_type is None or rows is None:
+                # --full (or a view the counts do not cover): every row recomputed.
+                cur = await conn.execute(
+                    "SELECT rebuild_sql FROM rf_batch.views WHERE name = %s", (name,)
                 )
-                await conn.execute(
-                    "UPDATE rf_batch.views SET built_at = now() WHERE name = %s", (name,)
+                rebuild_query = str((await cur.fetchone() or ("",))[0])
+                await conn.execute(sql.SQL("DELETE FROM {}").format(target))
+                cur = await conn.execute(
+                    sql.SQL("INSERT INTO {} {}").format(target, sql.SQL(rebuild_query))
                 )
-            count = await _scalar(conn, sql.SQL("SELECT count(*) FROM {}").format(target))
-            view_rows[name] = int(count or 0)
+                rows = cur.rowcount
+            elif resource_type in changed_types:
+                delete, insert = replace_changed_sql(name, resource_type, changes_query)
+                removed = (await conn.execute(delete)).rowcount
+                added = (await conn.execute(insert)).rowcount
+                rows = int(rows) - removed + added
+            else:
+                view_rows[name] = int(rows)
+                continue  # a view reads only rows of its own type: untouched, it is current
+            await conn.execute(
+                "UPDATE rf_batch.views SET rows = %s, built_at = now() WHERE name = %s",
+                (int(rows or 0), name),
+            )
+            view_rows[name] = int(rows or 0)
+        held = await _scalar(conn, "SELECT resources FROM rf_batch.watermark WHERE id = 1")
+        if held is None or full_types is not None:
+            count = "(SELECT count(*) FROM rf_batch.resources WHERE NOT deleted)"
+            resources: Any = None
+        else:
+            count, resources = "%s", int(held) + live_delta
         await conn.execute(
             "INSERT INTO rf_batch.watermark (id, watermark, refreshed_at, resources)"
-            " VALUES (1, %s, now(), (SELECT count(*) FROM rf_batch.resources WHERE NOT deleted))"
+            f" VALUES (1, %s, now(), {count})"
             " ON CONFLICT (id) DO UPDATE SET watermark = EXCLUDED.watermark,"
             " refreshed_at = EXCLUDED.refreshed_at, resources = EXCLUDED.resources",
-            (watermark,),
+            (watermark,) if resources is None else (watermark, resources),
         )
     return changed, marked, view_rows
 
@@ -330,7 +385,13 @@ async def trim_speed_layer(
     conn: psycopg.AsyncConnection[Any], store: SpeedStore, extra_types: Iterable[str] = ()
 ) -> int:
     """Drop the speed-layer entries the batch layer holds at the same or a newer version."""
-    cur = await conn.execute("SELECT DISTINCT resource_type FROM rf_batch.resources")
+    # The types the batch holds, by skipping along the primary key (not a scan of every row).
+    cur = await conn.execute(
+        "WITH RECURSIVE held(t) AS ((SELECT resource_type FROM rf_batch.resources"
+        " ORDER BY resource_type LIMIT 1) UNION ALL SELECT (SELECT resource_type FROM"
+        " rf_batch.resources WHERE resource_type > held.t ORDER BY resource_type LIMIT 1)"
+        " FROM held WHERE held.t IS NOT NULL) SELECT t FROM held WHERE t IS NOT NULL"
+    )
     types = {row[0] for row in await cur.fetchall()}
     types.update(await store.known_types())
     types.update(extra_types)
@@ -402,6 +463,8 @@ async def refresh(
                 " last_updated_ms double precision, deleted boolean, resource jsonb,"
                 " rejected boolean)"
             )
+            for statement in changes_setup_sql():
+                await conn.execute(statement)
             stager = _Stager(conn, progress)
             read_types = [t for t in (types or served_types()) if t not in NOT_SYNCED]
             full_types = await _full_types(conn, read_types) if full else None
