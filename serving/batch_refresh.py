@@ -119,7 +119,8 @@ class RefreshResult:
     rf_batch.resources (`deletes` of the staged are deletions); `marked_deleted`: with
     `full`, rows HAPI no longer has; `rejected`: refused by the gate (recorded in the speed
     layer's reject store); `trimmed`: speed-layer entries the batch now covers;
-    `views`: rows per view after the refresh; `watermark`: the batch watermark after it.
+    `views`: rows per view after the refresh; `watermark`: the batch watermark after it;
+    `seconds` the whole refresh, `apply_seconds` its one transaction.
     """
 
     full: bool
@@ -134,6 +135,7 @@ class RefreshResult:
     trimmed: int = 0
     views: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
+    apply_seconds: float = 0.0  # of `seconds`: the one transaction (upsert, views, watermark)
 
 
 @dataclass(frozen=True)
@@ -497,6 +499,7 @@ async def refresh(
                 # Without HAPI's clock nothing proves a row absent: mark none.
                 full_types = []
             await conn.execute("ANALYZE rf_staging")
+            applying = time.perf_counter()
             try:
                 changed, marked, view_rows = await _apply(
                     conn, full_types=full_types, clock_ms=clock_ms, watermark=watermark
@@ -506,6 +509,7 @@ async def refresh(
             except psycopg.Error as exc:
                 message = exc.diag.message_primary or str(exc)
                 raise RefreshFailed(f"the batch refresh was rolled back: {message}") from exc
+            result.apply_seconds = time.perf_counter() - applying
             result.read, result.staged, result.deletes = stager.read, stager.staged, stager.deletes
             result.changed, result.marked_deleted, result.views = changed, marked, view_rows
             result.rejected, result.watermark = len(stager.rejects), watermark
