@@ -54,9 +54,9 @@ LOAD_SQL = """
 INSERT INTO rf_batch.resources
     (resource_type, id, version_id, version_number, last_updated, last_updated_ms, deleted,
      resource)
-SELECT 'Patient', 'p' || i, %(v)s, %(vn)s, %(lu)s, %(lum)s, false,
+SELECT 'Patient', 'p' || i, %(v)s::text, %(vn)s, %(lu)s::text, %(lum)s, false,
     jsonb_build_object('resourceType', 'Patient', 'id', 'p' || i,
-        'meta', jsonb_build_object('versionId', %(v)s, 'lastUpdated', %(lu)s),
+        'meta', jsonb_build_object('versionId', %(v)s::text, 'lastUpdated', %(lu)s::text),
         'gender', (ARRAY['male', 'female', 'other', 'unknown'])[1 + floor(random() * 4)::int],
         'birthDate', CASE WHEN r < 0.02 THEN to_char(d, 'YYYY')
                           WHEN r < 0.04 THEN to_char(d, 'YYYY-MM')
@@ -67,9 +67,9 @@ FROM (SELECT i, random() AS r,
 INSERT INTO rf_batch.resources
     (resource_type, id, version_id, version_number, last_updated, last_updated_ms, deleted,
      resource)
-SELECT 'Condition', 'c' || i, %(v)s, %(vn)s, %(lu)s, %(lum)s, false,
+SELECT 'Condition', 'c' || i, %(v)s::text, %(vn)s, %(lu)s::text, %(lum)s, false,
     jsonb_build_object('resourceType', 'Condition', 'id', 'c' || i,
-        'meta', jsonb_build_object('versionId', %(v)s, 'lastUpdated', %(lu)s),
+        'meta', jsonb_build_object('versionId', %(v)s::text, 'lastUpdated', %(lu)s::text),
         'subject', jsonb_build_object('reference', 'Patient/p' || s),
         'code', jsonb_build_object(
             'coding', jsonb_build_array(jsonb_build_object(
@@ -85,9 +85,9 @@ FROM (SELECT i, floor(random() * %(patients)s)::int AS s, floor(random() * 500):
 INSERT INTO rf_batch.resources
     (resource_type, id, version_id, version_number, last_updated, last_updated_ms, deleted,
      resource)
-SELECT 'Observation', 'o' || i, %(v)s, %(vn)s, %(lu)s, %(lum)s, false,
+SELECT 'Observation', 'o' || i, %(v)s::text, %(vn)s, %(lu)s::text, %(lum)s, false,
     jsonb_build_object('resourceType', 'Observation', 'id', 'o' || i,
-        'meta', jsonb_build_object('versionId', %(v)s, 'lastUpdated', %(lu)s),
+        'meta', jsonb_build_object('versionId', %(v)s::text, 'lastUpdated', %(lu)s::text),
         'status', 'final',
         'subject', jsonb_build_object('reference', 'Patient/p' || floor(random() * %(patients)s)::int),
         'code', jsonb_build_object('coding', jsonb_build_array(jsonb_build_object(
@@ -98,10 +98,10 @@ FROM generate_series(0, %(observations)s - 1) AS i;
 """
 
 LOAD_SQL = (
-    LOAD_SQL.replace("(QUALIFIERS)", _array(QUALIFIERS))
-    .replace("(SITES)", _array(SITES))
-    .replace("(DISORDERS)", _array(DISORDERS))
-    .replace("(SUFFIXES)", _array(SUFFIXES))
+    LOAD_SQL.replace("(QUALIFIERS)", f"({_array(QUALIFIERS)})")
+    .replace("(SITES)", f"({_array(SITES)})")
+    .replace("(DISORDERS)", f"({_array(DISORDERS)})")
+    .replace("(SUFFIXES)", f"({_array(SUFFIXES)})")
     .replace("QN", str(len(QUALIFIERS)))
     .replace("SN", str(len(SITES)))
     .replace("DN", str(len(DISORDERS)))
