@@ -1,4 +1,4 @@
-"""`batch refresh`: sync the batch layer from HAPI, refresh its views, trim the speed layer.
+"""`batch refresh`: sync the batch layer from HAPI, bring its views up to date, trim Redis.
 
 How a refresh stays all-or-nothing:
 
@@ -8,11 +8,11 @@ How a refresh stays all-or-nothing:
    Nothing shared is touched: a failure here (HAPI breaks on page 2, the process is killed)
    leaves the batch layer, its watermark and the speed layer as they were.
 2. One transaction: upsert the staged rows by version (only newer versions replace; deletes
-   stay as rows), with `full` mark rows HAPI no longer has as deleted, run
-   `REFRESH MATERIALIZED VIEW CONCURRENTLY` on every view, advance the watermark. PostgreSQL
-   runs a concurrent refresh inside a transaction block (unlike CREATE INDEX CONCURRENTLY),
-   so readers see either the old resources, views and watermark or all the new ones, and
-   are never blocked while it runs.
+   stay as rows), with `full` mark rows HAPI no longer has as deleted; in each view's table
+   of a changed type, delete the rows of the resources that changed and insert their new
+   rows (the view's SQL over those resources alone; `full`: every row recomputed); move the
+   counts by what changed and advance the watermark. Readers (MVCC) see either the old
+   resources, views and watermark or all the new ones, and are never blocked while it runs.
 3. After the commit, record the gate's rejects and trim the speed layer: only entries the
    batch now holds at the same or a newer version go (`SpeedStore.trim_covered`). When
    Redis fails here the batch has advanced and the error is raised; what was not trimmed

@@ -32,7 +32,7 @@ PREFIXES = ("eq", "ne", "gt", "lt", "ge", "le")
 GENDERS = ("male", "female", "other", "unknown")
 
 # The shipped views cohort queries read, by resource type; in the batch layer each is the
-# materialized view sqlonfhir.<name>.
+# table sqlonfhir.<name>.
 COHORT_VIEWS = {
     "Patient": "patient_demographics",
     "Condition": "condition_simple",
