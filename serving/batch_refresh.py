@@ -1,4 +1,4 @@
-"""`batch refresh`: sync the batch layer from HAPI, bring its views up to date, trim Redis.
+"""`batch refresh`: sync the batch layer from HAPI, update its views, trim the speed layer.
 
 How a refresh stays all-or-nothing:
 
