@@ -281,6 +281,13 @@ def _recorded(statement: str) -> str:
     )
 
 
+# The planner settings of the incremental refresh's transaction (`off`), or back to normal.
+_KEY_DRIVEN = (
+    "SET LOCAL enable_seqscan = {setting}; SET LOCAL enable_hashjoin = {setting};"
+    " SET LOCAL enable_mergejoin = {setting}"
+)
+
+
 async def _apply(
     conn: psycopg.AsyncConnection[Any],
     *,
@@ -308,6 +315,11 @@ async def _apply(
         " r.id) IN (SELECT resource_type, id FROM rf_staging WHERE NOT rejected)"
     )
     async with conn.transaction():
+        if full_types is None:
+            # Every statement below goes from the changed keys to their rows by an index:
+            # the planner, costing a few thousand keys against a million rows, would hash
+            # them and scan every row (measured: 0.4 s of 0.45 s at 100,000 resources).
+            await conn.execute(_KEY_DRIVEN.format(setting="off"))
         # An older release copied Subscriptions (with the receiver's token) into the batch.
         live_delta = -int(
             await _scalar(
@@ -339,6 +351,7 @@ async def _apply(
             if kind == "m" or changes_query is None:
                 # Still the materialized view of an older release, until `batch init`.
                 if resource_type is None or resource_type in changed_types:
+                    await conn.execute(_KEY_DRIVEN.format(setting="on"))
                     await conn.execute(
                         sql.SQL("REFRESH MATERIALIZED VIEW CONCURRENTLY {}").format(target)
                     )
