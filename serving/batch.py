@@ -47,9 +47,8 @@ VIEW_SCHEMA = "sqlonfhir"
 RESOURCES = "rf_batch.resources"
 # The resource key of every view row (the id of the resource it came from).
 RESOURCE_KEY = "_resource_id"
-# The session's changed resources (`replace_changed_sql`): a temporary table of their keys and a
-# temporary view of their rows in rf_batch.resources, which the views' change SQL reads.
-CHANGED_KEYS = "rf_changed"
+# The session's changed resources (`replace_changed_sql`): a temporary table holding their rows
+# of rf_batch.resources as the refresh left them, which the views' change SQL reads.
 CHANGED_RESOURCES = "pg_temp.rf_changed_resources"
 # One key for every writer of the batch layer (init and refresh): they never overlap.
 LOCK_KEY = 0x7266_6261_7463_68  # "rfbatch"
@@ -306,26 +305,23 @@ def _build_view(conn: psycopg.Connection[Any], plan: ViewPlan, trigram: bool) ->
 
 
 def changes_setup_sql() -> list[str]:
-    """Statements creating this session's `CHANGED_KEYS` table (resource_type, id) and the
-    `CHANGED_RESOURCES` view of their rows (dropped when the session ends)."""
-    return [
-        f"CREATE TEMP TABLE IF NOT EXISTS {CHANGED_KEYS} (resource_type text, id text,"
-        " PRIMARY KEY (resource_type, id))",
-        f"CREATE OR REPLACE TEMP VIEW {CHANGED_RESOURCES.split('.')[1]} AS SELECT r.*"
-        f" FROM {RESOURCES} AS r JOIN {CHANGED_KEYS} AS c"
-        " ON c.resource_type = r.resource_type AND c.id = r.id",
-    ]
+    """Statements creating this session's `CHANGED_RESOURCES` table, shaped like
+    rf_batch.resources (dropped when the session ends)."""
+    return [f"CREATE TEMP TABLE IF NOT EXISTS {CHANGED_RESOURCES} (LIKE {RESOURCES})"]
 
 
 def replace_changed_sql(name: str, resource_type: str, changes_query: str) -> list[sql.Composed]:
     """The two statements that bring view `name` up to date with the changed resources
-    (`CHANGED_KEYS`, see `changes_setup_sql`): delete the rows of those of its type, insert
-    their new rows (a deleted resource has none). Run them in the transaction that changed
-    the resources (`serving.batch_refresh` does)."""
+    (`CHANGED_RESOURCES`, see `changes_setup_sql`): delete the rows of those of its type,
+    insert their new rows (a deleted resource has none). Run them in the transaction that
+    changed the resources (`serving.batch_refresh` does)."""
     target = _ident(VIEW_SCHEMA, name)
     return [
         sql.SQL("DELETE FROM {} WHERE {} IN (SELECT id FROM {} WHERE resource_type = {})").format(
-            target, _ident(RESOURCE_KEY), _ident(CHANGED_KEYS), sql.Literal(resource_type)
+            target,
+            _ident(RESOURCE_KEY),
+            _ident(*CHANGED_RESOURCES.split(".")),
+            sql.Literal(resource_type),
         ),
         sql.SQL("INSERT INTO {} {}").format(target, sql.SQL(changes_query)),
     ]
