@@ -778,7 +778,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--since", metavar="ISO-8601", help="start here instead of the saved watermark")
     p.set_defaults(func=cmd_poll)
 
-    p = sub.add_parser("batch", help="the batch layer (PostgreSQL materialized views)")
+    p = sub.add_parser("batch", help="the batch layer (PostgreSQL tables of view rows)")
     batch_sub = p.add_subparsers(dest="batch_command", required=True, metavar="SUBCOMMAND")
     batch_sub.add_parser("init", help="create the batch schema and one view per ViewDefinition")
     r = batch_sub.add_parser("refresh", help="sync from HAPI, refresh views, trim the speed layer")

@@ -1,17 +1,22 @@
-"""Benchmark: `batch refresh` over 100,000 and 1,000,000 resources, and a 10,000-change sync.
+"""Benchmark: the incremental `batch refresh` against the old full recompute, in one run.
 
-Run: `.venv/bin/python benchmarks/batch.py [--sizes 100000,1000000] [--changes 10000]
-[--append-readme]`
+Run: `.venv/bin/python benchmarks/batch.py [--sizes 5000,50000] [--changes 500]
+[--large 1000000] [--large-changes 10000] [--no-large-baseline] [--append-readme]`
 
-For each size: a fresh database (on `BENCH_PG_ADMIN_URL`'s server, dropped afterwards),
-`batch init`, synthetic Patients, Conditions and Observations (a third each) loaded into
-rf_batch.resources with COPY, then `refresh()` against a stand-in HAPI that has nothing new:
-the time is the views' work (REFRESH MATERIALIZED VIEW CONCURRENTLY of the three shipped
-views, in the refresh's one transaction). Timed twice: the first refresh fills the views
-from empty (every row is new), the second finds nothing changed (a quiet night).
-Then, over the 100,000, an incremental sync of `--changes` changes from the stand-in HAPI
-(served on loopback in this process; creates and updates of the same synthetic resources,
-every one through the validation gate) with the views' refresh and the watermark.
+For each size (and `--large`): a fresh database (on `BENCH_PG_ADMIN_URL`'s server, dropped
+afterwards), `size` resources (a third each of Patients, Conditions, Observations) built in
+SQL (benchmarks/synthetic.py) at version 0, `batch init` (each view's table filled and
+indexed), and a stand-in HAPI (in this process, on loopback) holding `changes` new versions
+of held resources (a third of each type). Timed:
+
+- **incremental**: `refresh()`, end to end: HAPI's `_history`, every resource through the
+  validation gate, staging, then one transaction with the upsert, each view's rows of the
+  changed resources replaced, counts and watermark (`apply` is that transaction alone);
+- **full rebuild** (`--large` only): every view recomputed in one transaction, what
+  `batch refresh --full` does to the views after reading HAPI (`batch.rebuild_views`);
+- **old full recompute** (baseline, same data, same run): the views as the previous release
+  kept them, materialized views with a unique index, `REFRESH MATERIALIZED VIEW
+  CONCURRENTLY` of each one whose type changed, over the same changed resources.
 """
 
 from __future__ import annotations
@@ -24,177 +29,147 @@ sys.path.insert(0, str(_Path(__file__).resolve().parents[1]))
 import argparse
 import asyncio
 import os
-import random
 import time
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import orjson
 import psycopg
+from psycopg import sql
 
-from benchmarks import common
-from core.fhir_values import parse_instant
+from benchmarks import common, synthetic
 from core.serve import serve_asgi
 from core.settings import Settings
-from serving.batch import init
+from serving import batch
 from serving.batch_refresh import refresh
 from subscriptions.fhir_client import FhirClient
 from subscriptions.standin.hapi import StandInHapi
 
 ADMIN_URL = os.environ.get("BENCH_PG_ADMIN_URL", "postgresql://127.0.0.1:5432/postgres")
 README = Path(__file__).with_name("README.md")
-SNOMED = [("44054006", "Diabetes mellitus type 2"), ("38341003", "Hypertensive disorder"),
-          ("195967001", "Asthma"), ("49436004", "Atrial fibrillation")]  # fmt: skip
-LOINC = [("4548-4", "%", 4.0, 11.0), ("2339-0", "mg/dL", 60.0, 250.0),
-         ("8480-6", "mm[Hg]", 90.0, 190.0)]  # fmt: skip
-
-
-def resource(kind: int, n: int, rnd: random.Random, meta: dict[str, str] | None) -> dict[str, Any]:
-    """Patient (kind 0), Condition (1) or Observation (2) number n."""
-    out: dict[str, Any]
-    if kind == 0:
-        out = {
-            "resourceType": "Patient",
-            "id": f"pat-{n}",
-            "gender": rnd.choice(["male", "female", "other", "unknown"]),
-            "birthDate": f"{rnd.randint(1930, 2020)}-{rnd.randint(1, 12):02d}-15",
-            "name": [{"family": rnd.choice(["Smith", "Garcia", "Nguyen"]), "given": ["Ann"]}],
-        }
-        if rnd.random() < 0.05:
-            out["deceasedDateTime"] = "2024-01-01"
-    elif kind == 1:
-        code, display = rnd.choice(SNOMED)
-        out = {
-            "resourceType": "Condition",
-            "id": f"cond-{n}",
-            "subject": {"reference": f"Patient/pat-{n}"},
-            "clinicalStatus": {"coding": [{
-                "system": "http://terminology.hl7.org/CodeSystem/condition-clinical",
-                "code": "active"}]},
-            "code": {"coding": [{"system": "http://snomed.info/sct", "code": code,
-                                 "display": display}], "text": display},
-            "onsetDateTime": f"{rnd.randint(1990, 2024)}-0{rnd.randint(1, 9)}-15",
-        }  # fmt: skip
-    else:
-        code, unit, low, high = rnd.choice(LOINC)
-        out = {
-            "resourceType": "Observation",
-            "id": f"obs-{n}",
-            "status": "final",
-            "subject": {"reference": f"Patient/pat-{n}"},
-            "code": {"coding": [{"system": "http://loinc.org", "code": code}]},
-            "valueQuantity": {"value": round(rnd.uniform(low, high), 1), "unit": unit},
-            "effectiveDateTime": "2024-05-06T07:08:09Z",
-        }
-    if meta is not None:
-        out["meta"] = meta
-    return out
+OLD = "rf_old"  # the schema of the previous release's materialized views (the baseline)
 
 
 def create_database() -> str:
     name = f"rf_bench_batch_{uuid.uuid4().hex[:8]}"
     with psycopg.connect(ADMIN_URL, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')  # type: ignore[arg-type]
+        admin.execute(f'CREATE DATABASE "{name}"'.encode())
     return ADMIN_URL.rsplit("/", 1)[0] + "/" + name
 
 
 def drop_database(url: str) -> None:
     name = url.rsplit("/", 1)[1]
     with psycopg.connect(ADMIN_URL, autocommit=True) as admin:
-        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')  # type: ignore[arg-type]
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'.encode())
 
 
-def load(url: str, size: int, version: int = 1) -> float:
-    """COPY `size` resources (a third of each type) into rf_batch.resources; seconds taken."""
-    rnd = random.Random(size)
-    lu = "2025-01-01T00:00:00.000Z"
-    lum = parse_instant(lu)
-    started = time.perf_counter()
-    with psycopg.connect(url) as conn, conn.cursor() as cur:
-        columns = "resource_type, id, version_id, version_number, last_updated, last_updated_ms,"
-        with cur.copy(f"COPY rf_batch.resources ({columns} resource) FROM STDIN") as copy:  # type: ignore[arg-type]
-            for i in range(size):
-                kind, n = i % 3, i // 3
-                data = resource(kind, n, rnd, {"versionId": str(version), "lastUpdated": lu})
-                copy.write_row(
-                    (data["resourceType"], data["id"], str(version), float(version), lu, lum,
-                     orjson.dumps(data).decode())
-                )  # fmt: skip
-        conn.execute("ANALYZE rf_batch.resources")
-    return time.perf_counter() - started
-
-
-def views_refresh(url: str) -> float:
-    """REFRESH MATERIALIZED VIEW CONCURRENTLY of every view, in one transaction; seconds."""
+def build(url: str, size: int) -> float:
+    """Schema, `size` resources at version 0, then `batch init` (tables filled); seconds."""
     started = time.perf_counter()
     with psycopg.connect(url) as conn:
-        for (name,) in conn.execute("SELECT name FROM rf_batch.views").fetchall():
-            conn.execute(f'REFRESH MATERIALIZED VIEW CONCURRENTLY sqlonfhir."{name}"')  # type: ignore[arg-type]
+        conn.execute(batch.SCHEMA_SQL.encode())
+        third = size // 3
+        synthetic.load(conn, size - 2 * third, third, third, version=0)
+        conn.execute(
+            "INSERT INTO rf_batch.watermark VALUES (1, '2000-01-01T00:00:00Z', now(),"
+            " (SELECT count(*) FROM rf_batch.resources))"
+        )
+    batch.init(url)
     return time.perf_counter() - started
 
 
-async def timed_refresh(settings: Settings, client: FhirClient) -> tuple[float, Any]:
+def build_old_views(url: str) -> float:
+    """The previous release's materialized views over the same resources; seconds."""
     started = time.perf_counter()
-    result = await refresh(settings, client=client)
-    return time.perf_counter() - started, result
+    with psycopg.connect(url) as conn:
+        conn.execute(f"CREATE SCHEMA {OLD}".encode())
+        for name, query in conn.execute("SELECT name, rebuild_sql FROM rf_batch.views").fetchall():
+            target = sql.Identifier(OLD, name)
+            conn.execute(
+                sql.SQL(
+                    "CREATE MATERIALIZED VIEW {} AS SELECT _q.*, row_number() OVER (PARTITION BY"
+                    " _q._resource_id ORDER BY _q::text) AS _row FROM ({}) AS _q"
+                ).format(target, sql.SQL(query))
+            )
+            conn.execute(sql.SQL("CREATE UNIQUE INDEX ON {} (_resource_id, _row)").format(target))
+            conn.execute(sql.SQL("ANALYZE {}").format(target))
+    return time.perf_counter() - started
 
 
-async def bench_size(size: int, base_url: str, client: FhirClient) -> dict[str, Any]:
+def old_refresh(url: str, types: set[str]) -> float:
+    """REFRESH MATERIALIZED VIEW CONCURRENTLY of the old views of `types`, one transaction."""
+    started = time.perf_counter()
+    with psycopg.connect(url) as conn:
+        for name, rtype in conn.execute(
+            "SELECT name, definition->>'resource' FROM rf_batch.views"
+        ).fetchall():
+            if rtype in types:
+                conn.execute(
+                    sql.SQL("REFRESH MATERIALIZED VIEW CONCURRENTLY {}").format(
+                        sql.Identifier(OLD, name)
+                    )
+                )
+    return time.perf_counter() - started
+
+
+def full_rebuild(url: str) -> tuple[float, dict[str, int]]:
+    started = time.perf_counter()
+    with psycopg.connect(url) as conn:
+        rows = batch.rebuild_views(conn)
+    return time.perf_counter() - started, rows
+
+
+def changed(n: int, size: int) -> dict[str, Any]:
+    """Change number n: a new version of a held resource, the three types in turn."""
+    third = size // 3
+    kind, k = n % 3, (n // 3 * 7919) % max(third, 1)
+    if kind == 0:
+        return {"resourceType": "Patient", "id": f"p{k}", "gender": "female",
+                "birthDate": f"{1950 + n % 50}-0{1 + n % 9}"}  # fmt: skip
+    if kind == 1:
+        return {"resourceType": "Condition", "id": f"c{k}",
+                "subject": {"reference": f"Patient/p{(k * 31) % third}"},
+                "code": {"coding": [{"system": "http://snomed.info/sct", "code": "100007"}],
+                         "text": f"Chronic heart failure, stage {n % 4}"}}  # fmt: skip
+    return {"resourceType": "Observation", "id": f"o{k}", "status": "final",
+            "subject": {"reference": f"Patient/p{k}"},
+            "code": {"coding": [{"system": "http://loinc.org", "code": "4548-4"}]},
+            "valueQuantity": {"value": 5 + n % 50 / 10, "unit": "%"}}  # fmt: skip
+
+
+async def bench(size: int, changes: int, *, large: bool, baseline: bool) -> dict[str, Any]:
     url = create_database()
-    try:
-        init(url)
-        loaded = load(url, size)
-        settings = Settings(database_url=url, fhir_base_url=base_url)
-        # The COPY bypassed the sync, so refresh() would see nothing changed: time the
-        # views' refresh the way `_apply` runs it when every type changed.
-        first = views_refresh(url)
-        second = views_refresh(url)
-        quiet, result = await timed_refresh(settings, client)
-        out = {"size": size, "load": loaded, "first": first, "second": second,
-               "quiet": quiet, "rows": result.views}  # fmt: skip
-        print(
-            f"{size:>9,} resources: COPY {loaded:6.1f} s; refresh from empty views {first:6.1f} s;"
-            f" again, data unchanged {second:6.1f} s; refresh() with nothing new {quiet:5.2f} s;"
-            f" rows {result.views}",
-            flush=True,
-        )
-        return out
-    finally:
-        drop_database(url)
-
-
-async def bench_incremental(changes: int, base_size: int) -> dict[str, Any]:
     hapi = StandInHapi()
-    url = create_database()
+    out: dict[str, Any] = {"size": size, "changes": changes}
     try:
-        init(url)
-        # Version 0 in the batch: HAPI's first version of the same id is then an update.
-        load(url, base_size, version=0)
-        rnd = random.Random(7)
+        out["build"] = build(url, size)
+        if large:
+            out["full"], out["rows"] = full_rebuild(url)
+        if baseline:
+            out["old_build"] = build_old_views(url)
+        for n in range(changes):
+            await hapi.update(changed(n, size))
         async with serve_asgi(hapi.app, path="/fhir") as base_url:
             hapi.base_url = base_url
             async with FhirClient(base_url) as client:
                 settings = Settings(database_url=url, fhir_base_url=base_url)
-                await refresh(settings, client=client)  # views filled, watermark set
-                # Half updates of resources the batch holds, half new ones.
-                for i in range(changes):
-                    n = i // 3 if i % 2 else base_size + i
-                    await hapi.update(resource(i % 3, n, rnd, None))
-                seen: list[int] = []
-                elapsed, result = 0.0, None
                 started = time.perf_counter()
-                result = await refresh(settings, client=client, progress=seen.append)
-                elapsed = time.perf_counter() - started
+                result = await refresh(settings, client=client)
+                out["incremental"] = time.perf_counter() - started
+        out["apply"], out["changed"] = result.apply_seconds, result.changed
+        if baseline:
+            out["old"] = old_refresh(url, {"Patient", "Condition", "Observation"})
         print(
-            f"incremental sync of {changes:,} changes over {base_size:,}: {elapsed:.1f} s"
-            f" ({result.read / elapsed:,.0f} resources/s); read {result.read:,},"
-            f" changed {result.changed:,}, rejected {result.rejected}",
+            f"{size:>9,} resources, {changes:,} changes: incremental refresh"
+            f" {out['incremental']:6.2f} s (apply {out['apply']:5.2f} s, {result.changed:,}"
+            f" changed)"
+            + (f"; full rebuild {out['full']:6.1f} s" if large else "")
+            + (f"; old full recompute {out['old']:6.1f} s" if baseline else "")
+            + f"; built in {out['build']:.1f} s",
             flush=True,
         )
-        return {"changes": changes, "base": base_size, "seconds": elapsed, "read": result.read,
-                "changed": result.changed}  # fmt: skip
+        return out
     finally:
         await hapi.aclose()
         drop_database(url)
@@ -204,59 +179,56 @@ def machine() -> str:
     with psycopg.connect(ADMIN_URL) as conn:
         row = conn.execute("SHOW server_version").fetchone()
     pg = row[0] if row else "?"
-    return f"{common.machine()}, PostgreSQL {pg}"
+    return f"{common.machine()}, PostgreSQL {pg}, load average {os.getloadavg()[0]:.1f}"
 
 
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", default="100000,1000000")
-    parser.add_argument("--changes", type=int, default=10_000)
+    parser.add_argument("--sizes", default="5000,50000")
+    parser.add_argument("--changes", type=int, default=500)
+    parser.add_argument("--large", type=int, default=0, help="e.g. 1000000 (0: skip)")
+    parser.add_argument("--large-changes", type=int, default=10_000)
+    parser.add_argument("--no-large-baseline", action="store_true")
     parser.add_argument("--append-readme", action="store_true")
     args = parser.parse_args()
     print(f"machine: {machine()}", flush=True)
-    sizes = [int(s) for s in args.sizes.split(",") if s]
-    results = []
-    hapi = StandInHapi()
-    try:
-        async with serve_asgi(hapi.app, path="/fhir") as base_url:
-            hapi.base_url = base_url
-            async with FhirClient(base_url) as client:
-                for size in sizes:
-                    results.append(await bench_size(size, base_url, client))
-    finally:
-        await hapi.aclose()
-    incremental = await bench_incremental(args.changes, 100_000)
-    if args.append_readme:
-        append_readme(results, incremental)
-
-
-def append_readme(results: list[dict[str, Any]], incremental: dict[str, Any]) -> None:
-    day = datetime.now(UTC).date().isoformat()
-    lines = [
-        "",
-        f"## batch refresh ({day})",
-        "",
-        "`benchmarks/batch.py`: synthetic Patients/Conditions/Observations (a third each) COPYed"
-        " into rf_batch.resources, then `refresh()` against a stand-in HAPI with nothing new"
-        " (the time is the three views' REFRESH MATERIALIZED VIEW CONCURRENTLY, in the"
-        " refresh's one transaction, plus the watermark).",
-        "",
+    results = [
+        await bench(int(s), args.changes, large=False, baseline=True)
+        for s in args.sizes.split(",")
+        if s
     ]
-    for r in results:
-        lines.append(
-            f"- {r['size']:,} resources: **{r['first']:.1f} s** filling the views from empty,"
-            f" **{r['second']:.1f} s** recomputed over unchanged data, `refresh()` with nothing"
-            f" new {r['quiet']:.2f} s (COPY load {r['load']:.1f} s;"
-            f" view rows {r['rows']})"
+    if len(results) >= 2:
+        small, big = results[0], results[-1]
+        print(
+            f"ratio {big['size']:,} / {small['size']:,}: incremental"
+            f" {big['incremental'] / small['incremental']:.2f} (apply"
+            f" {big['apply'] / small['apply']:.2f}); old full recompute"
+            f" {big['old'] / small['old']:.2f}",
+            flush=True,
         )
-    lines.append(
-        f"- incremental sync of {incremental['changes']:,} changes from the stand-in HAPI over"
-        f" {incremental['base']:,} resources (`_history` pages of 200, every resource through"
-        f" the validation gate, staging COPY, upsert, views, watermark):"
-        f" **{incremental['seconds']:.1f} s**"
-        f" ({incremental['read'] / incremental['seconds']:,.0f} resources/s;"
-        f" {incremental['changed']:,} rows changed)"
-    )
+    if args.large:
+        results.append(
+            await bench(
+                args.large, args.large_changes, large=True, baseline=not args.no_large_baseline
+            )
+        )
+    if args.append_readme:
+        append_readme(results)
+
+
+def append_readme(results: list[dict[str, Any]]) -> None:
+    day = datetime.now(UTC).date().isoformat()
+    lines = ["", f"## batch refresh, incremental (`benchmarks/batch.py`, {day})", ""]
+    for r in results:
+        line = (
+            f"- {r['size']:,} resources, {r['changes']:,} changes: incremental refresh"
+            f" **{r['incremental']:.2f} s** (its one transaction {r['apply']:.2f} s)"
+        )
+        if "full" in r:
+            line += f"; full rebuild **{r['full']:.1f} s** (rows {r['rows']})"
+        if "old" in r:
+            line += f"; old full recompute {r['old']:.1f} s"
+        lines.append(line)
     lines.append(f"- machine: {machine()}")
     with README.open("a", encoding="utf-8") as fh:
         fh.write("\n".join(lines) + "\n")

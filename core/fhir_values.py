@@ -62,7 +62,6 @@ __all__ = [
     "exact_json",
     "fold",
     "format_instant",
-    "full_date_sql",
     "implied_range",
     "instant_bounds",
     "instant_of_ms",
@@ -444,11 +443,6 @@ def day_instants(days: tuple[str, str]) -> tuple[str, str]:
 def day_instants_sql(low: str, high: str) -> tuple[str, str]:
     """SQL of `day_instants` over day-range bound expressions."""
     return f"({low} || {_lit(_DAY_START)})", f"({high} || {_lit(_DAY_END)})"
-
-
-def full_date_sql(column: str) -> str:
-    """SQL: `column` holds a full date (YYYY-MM-DD), which is its own one-day range."""
-    return f"{column} ~ {_lit('^' + _DAY_SHAPE + '$')}"
 
 
 # --------------------------------------------------------------------------- search prefixes

@@ -5,16 +5,20 @@ Schema (kept exactly; the query API reads it):
     rf_batch.resources  (resource_type, id) -> the newest version synced from HAPI; a deletion
                         stays as a row with deleted = true and resource null
     rf_batch.watermark  one row: HAPI's clock up to which the views are complete
-    rf_batch.views      what each materialized view was built from (definition and SQL)
-    sqlonfhir.<name>    one materialized view per ViewDefinition, over rf_batch.resources
+    rf_batch.views      what each view's table was built from (definition and SQL), the SQL
+                        that recomputes its rows (all, or the changed resources'), its row count
+    sqlonfhir.<name>    one table per ViewDefinition, kept up to date incrementally
 
-Every view has a unique index, so `REFRESH MATERIALIZED VIEW CONCURRENTLY` works (and readers
-are never blocked). A view that can give several rows per resource (a forEach, forEachOrNull,
-repeat or unionAll anywhere) gets an extra column `_row`: the row's rank among its resource's
-rows, ordered by the row's own text. It is deterministic (the same resource version always
-numbers its rows the same way, identical rows are interchangeable), so a refresh rewrites only
-rows that really changed, and `(id, _row)` is unique even when a resource holds two identical
-codings, where `(id, code_system, code)` would not be.
+Every row of `sqlonfhir.<name>` traces back to one resource: its first column, `_resource_id`
+(a ViewDefinition's column names never start with `_`), is the id of the resource of the
+view's type it came from. A refresh therefore replaces the rows of the resources that changed
+(`replace_changed_sql`: delete theirs, insert their new ones computed by the view's SQL over those
+resources alone) and leaves every other row as it is; `rebuild_view` recomputes a whole view.
+Both run inside the caller's transaction, so readers (MVCC) see all of it or none of it and
+are never blocked. Each table has an index on `_resource_id`, on the columns the query API
+filters on, on the low day of the dates birthdate searches (`serving.cohort.DATE_RANGES`)
+and a trigram index (PostgreSQL's pg_trgm extension) on the folded text condition-text
+searches (`serving.cohort.SEARCHED_TEXT`).
 
 The sync from HAPI is `serving.batch_refresh`.
 """
@@ -37,17 +41,21 @@ from core.errors import (
     StartupError,
     postgres_failure,
 )
-from core.fhir_values import case_map_sql, dumps, loads
+from core.fhir_values import case_map_sql, date_range_sql, dumps, loads
 from core.settings import STARTUP_TIMEOUT_SECONDS, Settings
-from serving.cohort import SEARCHED_TEXT, folded_column
+from serving.cohort import DATE_RANGES, SEARCHED_TEXT, date_range_columns, folded_column
 from serving.engines.postgres import compile_view
-from serving.viewdef import Select, ViewDefinition, shipped_views
+from serving.viewdef import ViewDefinition, shipped_views
 
 logger = logging.getLogger(__name__)
 
 VIEW_SCHEMA = "sqlonfhir"
 RESOURCES = "rf_batch.resources"
-ROW_COLUMN = "_row"
+# The resource key of every view row (the id of the resource it came from).
+RESOURCE_KEY = "_resource_id"
+# The session's changed resources (`replace_changed_sql`): a temporary table holding their rows
+# of rf_batch.resources as the refresh left them, which the views' change SQL reads.
+CHANGED_RESOURCES = "pg_temp.rf_changed_resources"
 # One key for every writer of the batch layer (init and refresh): they never overlap.
 LOCK_KEY = 0x7266_6261_7463_68  # "rfbatch"
 # Secondary indexes of a view: each made when the view has all its columns (the columns the
@@ -55,11 +63,11 @@ LOCK_KEY = 0x7266_6261_7463_68  # "rfbatch"
 VIEW_INDEXES: tuple[tuple[str, ...], ...] = (
     ("id",),
     ("gender",),
-    ("birth_date",),
     ("code",),
     ("code_system", "code"),
     ("patient_id",),
 )
+TRIGRAM_EXTENSION = "pg_trgm"
 
 SCHEMA_SQL = """
 CREATE SCHEMA IF NOT EXISTS rf_batch;
@@ -89,6 +97,9 @@ CREATE TABLE IF NOT EXISTS rf_batch.views (
     sql text,
     built_at timestamptz
 );
+ALTER TABLE rf_batch.views ADD COLUMN IF NOT EXISTS rebuild_sql text;
+ALTER TABLE rf_batch.views ADD COLUMN IF NOT EXISTS changes_sql text;
+ALTER TABLE rf_batch.views ADD COLUMN IF NOT EXISTS rows bigint;
 """
 
 # The watermark row: HAPI's clock the views are complete to, when the last refresh committed,
@@ -104,73 +115,80 @@ class BatchNotInitialized(ResearchFlowError):
 
 @dataclasses.dataclass(frozen=True)
 class ViewPlan:
-    """How one ViewDefinition becomes `sqlonfhir.<name>`: its SELECT and its indexes."""
+    """How one ViewDefinition becomes the table `sqlonfhir.<name>`: its SQL and its indexes.
+
+    `query` gives every row over rf_batch.resources, `changes_query` the rows of the changed
+    resources (over `CHANGED_RESOURCES`); both give `_resource_id`, the view's columns, then
+    the derived columns (folded text, date ranges), in the table's column order.
+    """
 
     name: str
     resource: str
-    query: str  # the SELECT the materialized view is made of
-    unique: tuple[str, ...]  # the unique index's columns
-    indexes: tuple[tuple[str, ...], ...]  # secondary indexes
+    query: str
+    changes_query: str
+    indexes: tuple[tuple[str, ...], ...]  # btree indexes
+    trigram: tuple[str, ...]  # columns with a trigram (pg_trgm) GIN index
     definition: dict[str, Any]
 
     @property
     def sql(self) -> str:
-        """Everything the view is built from, as text: a change means a rebuild."""
+        """Everything the table is built from, as text: a change means a rebuild."""
         index_text = "; ".join(",".join(cols) for cols in self.indexes)
-        return f"{self.query}\n-- unique ({','.join(self.unique)}); indexes {index_text}"
+        return f"{self.query}\n-- indexes {index_text}; trigram {','.join(self.trigram)}"
 
 
-def _iterates(selects: tuple[Select, ...]) -> bool:
-    return any(
-        s.iterates or bool(s.union_all) or _iterates(s.select) or _iterates(s.union_all)
-        for s in selects
-    )
-
-
-def _resource_key_column(view: ViewDefinition) -> bool:
-    """True when column `id` is the resource's own id (one value per resource)."""
-    stack = list(view.select)
-    while stack:
-        sel = stack.pop()
-        for col in sel.column:
-            if col.name == "id":
-                key_path = col.path in ("getResourceKey()", "id")
-                return key_path and not sel.iterates and not col.collection
-        stack.extend(sel.select)
-    return False
+def _derived(view_name: str, columns: set[str]) -> tuple[list[tuple[str, str]], list[str]]:
+    """The derived columns (name, SQL over `_q`) the query API reads, and the date-range lows."""
+    derived: list[tuple[str, str]] = []
+    lows: list[str] = []
+    for c in SEARCHED_TEXT.get(view_name, ()):
+        if c in columns:
+            # Searched text kept folded once, at refresh (serving.cohort.SEARCHED_TEXT).
+            text = f"_q.{sql.Identifier(c).as_string(None)}"
+            derived.append((folded_column(c), case_map_sql(text, "fold")))
+    for c in DATE_RANGES.get(view_name, ()):
+        if c in columns:
+            low_sql, high_sql = date_range_sql(f"_q.{sql.Identifier(c).as_string(None)}")
+            low, high = date_range_columns(c)
+            derived.append((low, f'{low_sql} COLLATE "C"'))
+            derived.append((high, f'{high_sql} COLLATE "C"'))
+            lows.append(low)
+    taken = sorted(name for name, _ in derived if name in columns)
+    if taken:
+        raise ValueError(f"view {view_name}: the column name {taken[0]} is reserved")
+    return derived, lows
 
 
 def plan_view(view: ViewDefinition, name: str | None = None) -> ViewPlan:
-    """The materialized view for `view`. Raises InvalidViewDefinition."""
+    """The table for `view`. Raises InvalidViewDefinition, or ValueError for a view without a
+    name or with a column the batch layer derives itself."""
     view_name = name or view.name
     if not view_name:
-        raise ValueError("a ViewDefinition needs a name to become a materialized view")
-    compiled = compile_view(view, table=RESOURCES)
+        raise ValueError("a ViewDefinition needs a name to become a batch table")
     columns = set(view.column_names)
-    # Searched text kept folded once, at refresh (serving.cohort.SEARCHED_TEXT).
-    folded = "".join(
-        f", {case_map_sql(f'_q.{sql.Identifier(c).as_string(None)}', 'fold')}"
-        f" AS {sql.Identifier(folded_column(c)).as_string(None)}"
-        for c in SEARCHED_TEXT.get(view_name, ())
-        if c in columns
+    derived, lows = _derived(view_name, columns)
+    extra = "".join(f", {expr} AS {sql.Identifier(n).as_string(None)}" for n, expr in derived)
+
+    def over(table: str) -> str:
+        compiled = compile_view(view, table=table, key_column=RESOURCE_KEY)
+        return f"SELECT _q.*{extra} FROM ({compiled}) AS _q" if extra else compiled
+
+    indexes = (
+        (RESOURCE_KEY,),
+        *(cols for cols in VIEW_INDEXES if set(cols) <= columns),
+        *((low,) for low in lows),
     )
-    if not _iterates(view.select) and _resource_key_column(view):
-        query = f"SELECT _q.*{folded} FROM ({compiled}) AS _q" if folded else compiled
-        unique: tuple[str, ...] = ("id",)
-    else:
-        if ROW_COLUMN in columns:
-            raise ValueError(f"view {view_name}: the column name {ROW_COLUMN} is reserved")
-        partition = 'PARTITION BY _q."id" ' if "id" in columns else ""
-        query = (
-            f"SELECT _q.*, row_number() OVER ({partition}ORDER BY _q::text) AS {ROW_COLUMN}"
-            f"{folded} FROM ({compiled}) AS _q"
-        )
-        unique = ("id", ROW_COLUMN) if "id" in columns else (ROW_COLUMN,)
-    indexes = tuple(
-        cols for cols in VIEW_INDEXES if set(cols) <= columns and cols != unique[: len(cols)]
-    )
+    trigram = tuple(n for n, _ in derived if n.endswith("_folded"))
     definition = loads(dumps(dataclasses.asdict(view)))
-    return ViewPlan(view_name, view.resource, query, unique, indexes, definition)
+    return ViewPlan(
+        view_name,
+        view.resource,
+        over(RESOURCES),
+        over(CHANGED_RESOURCES),
+        indexes,
+        trigram,
+        definition,
+    )
 
 
 # JIT compiles the views' jsonb expressions for far longer than they run (condition_simple
@@ -210,19 +228,69 @@ def _index_name(view: str, what: str) -> str:
     return f"{name[:52]}_{hashlib.sha256(name.encode()).hexdigest()[:10]}"
 
 
-def _build_view(conn: psycopg.Connection[Any], plan: ViewPlan) -> None:
-    target = _ident(VIEW_SCHEMA, plan.name)
-    conn.execute(sql.SQL("DROP MATERIALIZED VIEW IF EXISTS {}").format(target))
-    conn.execute(
-        sql.SQL("CREATE MATERIALIZED VIEW {} AS {} WITH DATA").format(target, sql.SQL(plan.query))
-    )
-    conn.execute(
-        sql.SQL("CREATE UNIQUE INDEX {} ON {} ({}) NULLS NOT DISTINCT").format(
-            _ident(_index_name(plan.name, "unique")),
-            target,
-            sql.SQL(", ").join(_ident(c) for c in plan.unique),
+def _relkind(conn: psycopg.Connection[Any], name: str) -> str | None:
+    row = conn.execute(
+        "SELECT c.relkind FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+        " WHERE n.nspname = %s AND c.relname = %s",
+        (VIEW_SCHEMA, name),
+    ).fetchone()
+    return None if row is None else str(row[0])
+
+
+def trigram_available(conn: psycopg.Connection[Any]) -> bool:
+    """Make sure pg_trgm is installed in this database; False, with a warning, when it cannot
+    be (not shipped: Debian's postgresql-contrib has it; or no right to CREATE EXTENSION: a
+    superuser, or from PostgreSQL 13 the database owner, since pg_trgm is a trusted
+    extension). Without it condition-text scans its view instead of using an index."""
+    row = conn.execute(
+        "SELECT installed_version IS NOT NULL FROM pg_available_extensions WHERE name = %s",
+        (TRIGRAM_EXTENSION,),
+    ).fetchone()
+    if row is None:
+        logger.warning(
+            "PostgreSQL lacks the %s extension (Debian: postgresql-contrib): condition-text"
+            " will scan its view instead of using a trigram index",
+            TRIGRAM_EXTENSION,
         )
+        return False
+    if row[0]:
+        return True
+    try:
+        with conn.transaction():
+            conn.execute(
+                sql.SQL("CREATE EXTENSION IF NOT EXISTS {}").format(
+                    sql.Identifier(TRIGRAM_EXTENSION)
+                )
+            )
+    except psycopg.errors.InsufficientPrivilege as exc:
+        logger.warning(
+            "cannot CREATE EXTENSION %s (%s): condition-text will scan its view until an"
+            " operator with the right runs it once in this database and `batch init` again",
+            TRIGRAM_EXTENSION,
+            exc.diag.message_primary,
+        )
+        return False
+    return True
+
+
+def _recorded_sql(plan: ViewPlan, trigram: bool) -> str:
+    """What rf_batch.views records a table was built from: without the trigram index it
+    wanted, `batch init` rebuilds it once pg_trgm can be had."""
+    return (
+        plan.sql if trigram or not plan.trigram else f"{plan.sql}\n-- without {TRIGRAM_EXTENSION}"
     )
+
+
+def _build_view(conn: psycopg.Connection[Any], plan: ViewPlan, trigram: bool) -> None:
+    """(Re)create the table of `plan` from the resources held, its indexes, its record."""
+    target = _ident(VIEW_SCHEMA, plan.name)
+    kind = _relkind(conn, plan.name)
+    if kind == "m":  # as an older release built it
+        conn.execute(sql.SQL("DROP MATERIALIZED VIEW {}").format(target))
+    elif kind is not None:
+        conn.execute(sql.SQL("DROP TABLE {}").format(target))
+    # Filled as it is created, then indexed: far faster than inserting into indexed tables.
+    conn.execute(sql.SQL("CREATE TABLE {} AS {}").format(target, sql.SQL(plan.query)))
     for cols in plan.indexes:
         conn.execute(
             sql.SQL("CREATE INDEX {} ON {} ({})").format(
@@ -231,13 +299,82 @@ def _build_view(conn: psycopg.Connection[Any], plan: ViewPlan) -> None:
                 sql.SQL(", ").join(_ident(c) for c in cols),
             )
         )
+    for col in plan.trigram if trigram else ():
+        conn.execute(
+            sql.SQL("CREATE INDEX {} ON {} USING gin ({} gin_trgm_ops)").format(
+                _ident(_index_name(plan.name, f"{col}_trgm")), target, _ident(col)
+            )
+        )
+    conn.execute(sql.SQL("ANALYZE {}").format(target))
     conn.execute(
-        "INSERT INTO rf_batch.views (name, definition, sql, built_at)"
-        " VALUES (%s, %s::jsonb, %s, now())"
-        " ON CONFLICT (name) DO UPDATE SET definition = EXCLUDED.definition,"
-        " sql = EXCLUDED.sql, built_at = EXCLUDED.built_at",
-        (plan.name, dumps(plan.definition).decode(), plan.sql),
+        sql.SQL(
+            "INSERT INTO rf_batch.views (name, definition, sql, rebuild_sql, changes_sql, rows,"
+            " built_at) VALUES (%s, %s::jsonb, %s, %s, %s, (SELECT count(*) FROM {}), now())"
+            " ON CONFLICT (name) DO UPDATE SET definition = EXCLUDED.definition,"
+            " sql = EXCLUDED.sql, rebuild_sql = EXCLUDED.rebuild_sql,"
+            " changes_sql = EXCLUDED.changes_sql, rows = EXCLUDED.rows,"
+            " built_at = EXCLUDED.built_at"
+        ).format(target),
+        (
+            plan.name,
+            dumps(plan.definition).decode(),
+            _recorded_sql(plan, trigram),
+            plan.query,
+            plan.changes_query,
+        ),
     )
+
+
+def changes_setup_sql() -> list[str]:
+    """Statements creating this session's `CHANGED_RESOURCES` table, shaped like
+    rf_batch.resources (dropped when the session ends)."""
+    return [f"CREATE TEMP TABLE IF NOT EXISTS {CHANGED_RESOURCES} (LIKE {RESOURCES})"]
+
+
+def replace_changed_sql(name: str, resource_type: str, changes_query: str) -> list[sql.Composed]:
+    """The two statements that bring view `name` up to date with the changed resources
+    (`CHANGED_RESOURCES`, see `changes_setup_sql`): delete the rows of those of its type,
+    insert their new rows (a deleted resource has none). Run them in the transaction that
+    changed the resources (`serving.batch_refresh` does)."""
+    target = _ident(VIEW_SCHEMA, name)
+    return [
+        # `= ANY(ARRAY(...))`, not `IN (SELECT ...)`: no join for the planner to turn into a
+        # scan of every row; the keys go through the index.
+        sql.SQL(
+            "DELETE FROM {} WHERE {} = ANY(ARRAY(SELECT id FROM {} WHERE resource_type = {}))"
+        ).format(
+            target,
+            _ident(RESOURCE_KEY),
+            _ident(*CHANGED_RESOURCES.split(".")),
+            sql.Literal(resource_type),
+        ),
+        sql.SQL("INSERT INTO {} {}").format(target, sql.SQL(changes_query)),
+    ]
+
+
+def rebuild_view(conn: psycopg.Connection[Any], name: str) -> int:
+    """Recompute every row of the view `name` from rf_batch.resources, in the caller's
+    transaction (readers see the old rows until it commits, and are never blocked).
+
+    The SQL is the one the view's table was built with (rf_batch.views). Returns its rows.
+    Raises KeyError for a view the batch layer has not built (run `batch init`).
+    """
+    row = conn.execute("SELECT rebuild_sql FROM rf_batch.views WHERE name = %s", (name,)).fetchone()
+    if row is None or row[0] is None:
+        raise KeyError(f"the batch layer has no table for view {name}: run `batch init`")
+    target = _ident(VIEW_SCHEMA, name)
+    conn.execute(sql.SQL("DELETE FROM {}").format(target))
+    rows = conn.execute(sql.SQL("INSERT INTO {} {}").format(target, sql.SQL(row[0]))).rowcount
+    conn.execute(
+        "UPDATE rf_batch.views SET rows = %s, built_at = now() WHERE name = %s", (rows, name)
+    )
+    return rows
+
+
+def rebuild_views(conn: psycopg.Connection[Any]) -> dict[str, int]:
+    """`rebuild_view` for every view the batch layer holds; rows per view."""
+    names = [r[0] for r in conn.execute("SELECT name FROM rf_batch.views ORDER BY name")]
+    return {name: rebuild_view(conn, name) for name in names}
 
 
 def init(
@@ -245,7 +382,7 @@ def init(
     views: Mapping[str, ViewDefinition] | None = None,
     progress: Progress | None = None,
 ) -> list[str]:
-    """Create the batch schema and one materialized view per ViewDefinition, idempotently.
+    """Create the batch schema and one table per ViewDefinition, idempotently.
 
     A view whose definition (or compiled SQL) changed since it was built is rebuilt from the
     resources already held; an unchanged one is left alone. `views` defaults to the shipped
@@ -254,6 +391,7 @@ def init(
     """
     say = progress or (lambda _line: None)
     plans = [plan_view(v, name) for name, v in (views or shipped_views()).items()]
+    need_trigram = any(plan.trigram for plan in plans)
     done: list[str] = []
     with connect(database_url, autocommit=True) as conn:
         conn.execute("SELECT pg_advisory_lock(%s)", (LOCK_KEY,))
@@ -263,17 +401,15 @@ def init(
                 conn.execute(SCHEMA_SQL)
             if existed is None or existed[0] is None:
                 done.append("created schema rf_batch (resources, watermark, views)")
+            trigram = need_trigram and trigram_available(conn)
             built = dict(conn.execute("SELECT name, sql FROM rf_batch.views").fetchall())
             for plan in plans:
-                exists = conn.execute(
-                    "SELECT to_regclass(%s)", (f'{VIEW_SCHEMA}."{plan.name}"',)
-                ).fetchone()
-                present = exists is not None and exists[0] is not None
-                if present and built.get(plan.name) == plan.sql:
+                present = _relkind(conn, plan.name) is not None
+                if present and built.get(plan.name) == _recorded_sql(plan, trigram):
                     line = f"unchanged view {VIEW_SCHEMA}.{plan.name}"
                 else:
                     with conn.transaction():
-                        _build_view(conn, plan)
+                        _build_view(conn, plan, trigram)
                     verb = "rebuilt" if present or plan.name in built else "created"
                     line = f"{verb} view {VIEW_SCHEMA}.{plan.name}"
                     logger.info("%s", line)

@@ -1,4 +1,4 @@
-"""`batch refresh`: sync the batch layer from HAPI, refresh its views, trim the speed layer.
+"""`batch refresh`: sync the batch layer from HAPI, update its views, trim the speed layer.
 
 How a refresh stays all-or-nothing:
 
@@ -8,11 +8,11 @@ How a refresh stays all-or-nothing:
    Nothing shared is touched: a failure here (HAPI breaks on page 2, the process is killed)
    leaves the batch layer, its watermark and the speed layer as they were.
 2. One transaction: upsert the staged rows by version (only newer versions replace; deletes
-   stay as rows), with `full` mark rows HAPI no longer has as deleted, run
-   `REFRESH MATERIALIZED VIEW CONCURRENTLY` on every view, advance the watermark. PostgreSQL
-   runs a concurrent refresh inside a transaction block (unlike CREATE INDEX CONCURRENTLY),
-   so readers see either the old resources, views and watermark or all the new ones, and
-   are never blocked while it runs.
+   stay as rows), with `full` mark rows HAPI no longer has as deleted; in each view's table
+   of a changed type, delete the rows of the resources that changed and insert their new
+   rows (the view's SQL over those resources alone; `full`: every row recomputed); move the
+   counts by what changed and advance the watermark. Readers (MVCC) see either the old
+   resources, views and watermark or all the new ones, and are never blocked while it runs.
 3. After the commit, record the gate's rejects and trim the speed layer: only entries the
    batch now holds at the same or a newer version go (`SpeedStore.trim_covered`). When
    Redis fails here the batch has advanced and the error is raised; what was not trimmed
@@ -46,11 +46,14 @@ from core.settings import Settings
 from core.store import SpeedStore, is_newer, version_number
 from core.validation import NEVER_STORED, check_id, is_resource_type, validate_resource
 from serving.batch import (
+    CHANGED_RESOURCES,
     LOCK_KEY,
     VIEW_SCHEMA,
     WATERMARK_SQL,
     BatchNotInitialized,
+    changes_setup_sql,
     connect_async,
+    replace_changed_sql,
 )
 from serving.registry import served_views
 from serving.viewdef import served_types
@@ -117,7 +120,8 @@ class RefreshResult:
     rf_batch.resources (`deletes` of the staged are deletions); `marked_deleted`: with
     `full`, rows HAPI no longer has; `rejected`: refused by the gate (recorded in the speed
     layer's reject store); `trimmed`: speed-layer entries the batch now covers;
-    `views`: rows per view after the refresh; `watermark`: the batch watermark after it.
+    `views`: rows per view after the refresh; `watermark`: the batch watermark after it;
+    `seconds` the whole refresh, `apply_seconds` its one transaction.
     """
 
     full: bool
@@ -132,6 +136,7 @@ class RefreshResult:
     trimmed: int = 0
     views: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
+    apply_seconds: float = 0.0  # of `seconds`: the one transaction (upsert, views, watermark)
 
 
 @dataclass(frozen=True)
@@ -266,10 +271,17 @@ async def _full_types(conn: psycopg.AsyncConnection[Any], types: Sequence[str]) 
     return sorted(t for t in wanted if t not in NOT_SYNCED and is_resource_type(t))
 
 
-def _counted(statement: str) -> str:
-    """`statement` (an INSERT or UPDATE of rf_batch.resources AS r) -> rows per type."""
+def _recorded(statement: str, keep: bool) -> str:
+    """`statement` (an INSERT or UPDATE of rf_batch.resources AS r) giving the rows per type;
+    with `keep`, the rows it left go to CHANGED_RESOURCES too."""
+    if not keep:
+        return (
+            f"WITH done AS ({statement.rstrip()} RETURNING r.resource_type)"
+            " SELECT resource_type, count(*) FROM done GROUP BY resource_type"
+        )
     return (
-        f"WITH done AS ({statement.rstrip()} RETURNING r.resource_type)"
+        f"WITH done AS ({statement.rstrip()} RETURNING r.*),"
+        f" kept AS (INSERT INTO {CHANGED_RESOURCES} SELECT * FROM done)"
         " SELECT resource_type, count(*) FROM done GROUP BY resource_type"
     )
 
@@ -281,48 +293,101 @@ async def _apply(
     clock_ms: float,
     watermark: str | None,
 ) -> tuple[int, int, dict[str, int]]:
-    """Staging -> resources, views, watermark: one transaction. (changed, marked, view rows)."""
+    """Staging -> resources, views, watermark: one transaction. (changed, marked, view rows).
+
+    Incremental: the rows inserted, replaced or marked deleted are copied to the session's
+    CHANGED_RESOURCES table; each view of a changed type replaces exactly those resources'
+    rows, its SQL reading that small table alone.
+    With `full_types` (`--full`) every view is recomputed whole. Every count it keeps
+    (resources, rows per view) moves by what changed: its cost follows the changes.
+    """
     cur = await conn.execute(
-        "SELECT name, definition->>'resource' FROM rf_batch.views ORDER BY name"
+        "SELECT v.name, v.definition->>'resource', v.changes_sql, v.rows, c.relkind"
+        " FROM rf_batch.views AS v LEFT JOIN pg_class AS c ON c.oid = to_regclass("
+        "quote_ident(%s) || '.' || quote_ident(v.name)) ORDER BY v.name",
+        (VIEW_SCHEMA,),
     )
-    views = [(row[0], row[1]) for row in await cur.fetchall()]
+    views = await cur.fetchall()
     view_rows: dict[str, int] = {}
+    # Per staged key, a look-up by the primary key (a scalar subquery: never a join that the
+    # planner could turn into a scan of every resource).
+    staged_live = (
+        "SELECT count(*) FROM (SELECT DISTINCT resource_type, id FROM rf_staging"
+        " WHERE NOT rejected) AS s WHERE (SELECT NOT r.deleted FROM rf_batch.resources AS r"
+        " WHERE r.resource_type = s.resource_type AND r.id = s.id)"
+    )
     async with conn.transaction():
         # An older release copied Subscriptions (with the receiver's token) into the batch.
-        await conn.execute(
-            "DELETE FROM rf_batch.resources WHERE resource_type = ANY(%s)", (sorted(NOT_SYNCED),)
+        live_delta = -int(
+            await _scalar(
+                conn,
+                "WITH gone AS (DELETE FROM rf_batch.resources WHERE resource_type = ANY(%s)"
+                " RETURNING deleted) SELECT count(*) FILTER (WHERE NOT deleted) FROM gone",
+                (sorted(NOT_SYNCED),),
+            )
         )
+        live_delta -= int(await _scalar(conn, staged_live))
+        await conn.execute(f"TRUNCATE {CHANGED_RESOURCES}")
         changed_types: dict[str, int] = {}
-        cur = await conn.execute(_counted(_APPLY_SQL))
+        cur = await conn.execute(_recorded(_APPLY_SQL, full_types is None))
         changed_types.update({t: int(n) for t, n in await cur.fetchall()})
         changed = sum(changed_types.values())
+        live_delta += int(await _scalar(conn, staged_live))
         marked = 0
         if full_types is not None:
-            cur = await conn.execute(_counted(_MARK_ABSENT_SQL), (full_types, clock_ms))
+            cur = await conn.execute(_recorded(_MARK_ABSENT_SQL, False), (full_types, clock_ms))
             for t, n in await cur.fetchall():
                 marked += int(n)
                 changed_types[t] = changed_types.get(t, 0) + int(n)
-        for name, resource_type in views:
+            live_delta -= marked
+        await conn.execute(f"ANALYZE {CHANGED_RESOURCES}")
+        for name, resource_type, changes_query, rows, kind in views:
             target = sql.Identifier(VIEW_SCHEMA, name)
-            exists = await _scalar(conn, "SELECT to_regclass(%s)", (f'{VIEW_SCHEMA}."{name}"',))
-            if exists is None:
+            if kind is None:
                 continue
-            # A view reads only rows of its own resource type: untouched, it is current.
-            if resource_type is None or resource_type in changed_types:
-                await conn.execute(
-                    sql.SQL("REFRESH MATERIALIZED VIEW CONCURRENTLY {}").format(target)
+            if kind == "m" or changes_query is None:
+                # Still the materialized view of an older release, until `batch init`.
+                if resource_type is None or resource_type in changed_types:
+                    await conn.execute(
+                        sql.SQL("REFRESH MATERIALIZED VIEW CONCURRENTLY {}").format(target)
+                    )
+                rows = await _scalar(conn, sql.SQL("SELECT count(*) FROM {}").format(target))
+            elif full_types is not None or resource_type is None or rows is None:
+                # --full (or a view the counts do not cover): every row recomputed.
+                cur = await conn.execute(
+                    "SELECT rebuild_sql FROM rf_batch.views WHERE name = %s", (name,)
                 )
-                await conn.execute(
-                    "UPDATE rf_batch.views SET built_at = now() WHERE name = %s", (name,)
+                rebuild_query = str((await cur.fetchone() or ("",))[0])
+                await conn.execute(sql.SQL("DELETE FROM {}").format(target))
+                cur = await conn.execute(
+                    sql.SQL("INSERT INTO {} {}").format(target, sql.SQL(rebuild_query))
                 )
-            count = await _scalar(conn, sql.SQL("SELECT count(*) FROM {}").format(target))
-            view_rows[name] = int(count or 0)
+                rows = cur.rowcount
+            elif resource_type in changed_types:
+                delete, insert = replace_changed_sql(name, resource_type, changes_query)
+                removed = (await conn.execute(delete)).rowcount
+                added = (await conn.execute(insert)).rowcount
+                rows = int(rows) - removed + added
+            else:
+                view_rows[name] = int(rows)
+                continue  # a view reads only rows of its own type: untouched, it is current
+            await conn.execute(
+                "UPDATE rf_batch.views SET rows = %s, built_at = now() WHERE name = %s",
+                (int(rows or 0), name),
+            )
+            view_rows[name] = int(rows or 0)
+        held = await _scalar(conn, "SELECT resources FROM rf_batch.watermark WHERE id = 1")
+        if held is None or full_types is not None:
+            count = "(SELECT count(*) FROM rf_batch.resources WHERE NOT deleted)"
+            resources: Any = None
+        else:
+            count, resources = "%s", int(held) + live_delta
         await conn.execute(
             "INSERT INTO rf_batch.watermark (id, watermark, refreshed_at, resources)"
-            " VALUES (1, %s, now(), (SELECT count(*) FROM rf_batch.resources WHERE NOT deleted))"
+            f" VALUES (1, %s, now(), {count})"
             " ON CONFLICT (id) DO UPDATE SET watermark = EXCLUDED.watermark,"
             " refreshed_at = EXCLUDED.refreshed_at, resources = EXCLUDED.resources",
-            (watermark,),
+            (watermark,) if resources is None else (watermark, resources),
         )
     return changed, marked, view_rows
 
@@ -331,7 +396,13 @@ async def trim_speed_layer(
     conn: psycopg.AsyncConnection[Any], store: SpeedStore, extra_types: Iterable[str] = ()
 ) -> int:
     """Drop the speed-layer entries the batch layer holds at the same or a newer version."""
-    cur = await conn.execute("SELECT DISTINCT resource_type FROM rf_batch.resources")
+    # The types the batch holds, by skipping along the primary key (not a scan of every row).
+    cur = await conn.execute(
+        "WITH RECURSIVE held(t) AS ((SELECT resource_type FROM rf_batch.resources"
+        " ORDER BY resource_type LIMIT 1) UNION ALL SELECT (SELECT resource_type FROM"
+        " rf_batch.resources WHERE resource_type > held.t ORDER BY resource_type LIMIT 1)"
+        " FROM held WHERE held.t IS NOT NULL) SELECT t FROM held WHERE t IS NOT NULL"
+    )
     types = {row[0] for row in await cur.fetchall()}
     types.update(await store.known_types())
     types.update(extra_types)
@@ -403,6 +474,8 @@ async def refresh(
                 " last_updated_ms double precision, deleted boolean, resource jsonb,"
                 " rejected boolean)"
             )
+            for statement in changes_setup_sql():
+                await conn.execute(statement)
             stager = _Stager(conn, progress)
             types = types or served_types(served_views(settings.views_dir))
             read_types = [t for t in types if t not in NOT_SYNCED]
@@ -436,6 +509,7 @@ async def refresh(
                 # Without HAPI's clock nothing proves a row absent: mark none.
                 full_types = []
             await conn.execute("ANALYZE rf_staging")
+            applying = time.perf_counter()
             try:
                 changed, marked, view_rows = await _apply(
                     conn, full_types=full_types, clock_ms=clock_ms, watermark=watermark
@@ -445,6 +519,7 @@ async def refresh(
             except psycopg.Error as exc:
                 message = exc.diag.message_primary or str(exc)
                 raise RefreshFailed(f"the batch refresh was rolled back: {message}") from exc
+            result.apply_seconds = time.perf_counter() - applying
             result.read, result.staged, result.deletes = stager.read, stager.staged, stager.deletes
             result.changed, result.marked_deleted, result.views = changed, marked, view_rows
             result.rejected, result.watermark = len(stager.rejects), watermark

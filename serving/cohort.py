@@ -13,12 +13,10 @@ from psycopg import sql
 from core.errors import InvalidRequest, Issue
 from core.fhir_values import (
     date_range,
-    date_range_sql,
     datetime_search_range,
     day_instants,
     day_instants_sql,
     fold,
-    full_date_sql,
     implied_range,
     last_day,
     parse_number,
@@ -37,7 +35,7 @@ PREFIXES = ("eq", "ne", "gt", "lt", "ge", "le")
 GENDERS = ("male", "female", "other", "unknown")
 
 # The shipped views cohort queries read, by resource type; in the batch layer each is the
-# materialized view sqlonfhir.<name>.
+# table sqlonfhir.<name>.
 COHORT_VIEWS = {
     "Patient": "patient_demographics",
     "Condition": "condition_simple",
@@ -58,6 +56,25 @@ SEARCHED_TEXT: dict[str, tuple[str, ...]] = {
 def folded_column(column: str) -> str:
     """The batch view column holding `column` folded."""
     return f"{column}_folded"
+
+
+# The view columns birthdate searches. Each is also kept in the batch layer's table as its day
+# range (core.fhir_values.date_range_sql, the rule `date_range` applies in Python to the speed
+# layer's rows): `<column>_low` and `<column>_high`, YYYY-MM-DD text in the "C" collation (NULL
+# when the value is not a date), so a birthdate search is plain comparisons and an index range.
+DATE_RANGES: dict[str, tuple[str, ...]] = {COHORT_VIEWS["Patient"]: ("birth_date",)}
+
+
+def date_range_columns(column: str) -> tuple[str, str]:
+    """The batch view columns holding the low and high day of `column`'s date range."""
+    return f"{column}_low", f"{column}_high"
+
+
+def like_pattern(text: str) -> str:
+    """A LIKE pattern matching any text that contains `text` (its `%`, `_` and `\\` escaped):
+    the same test as Python's `in`, in a form a trigram index (pg_trgm) serves."""
+    escaped = text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return f"%{escaped}%"
 
 
 # Statuses that never count in a cohort (the contract's Query API section): per resource type,
@@ -450,44 +467,45 @@ def criterion_matches(criterion: Criterion, row: Row) -> bool:
 
 
 def patient_sql(query: CohortQuery, params: list[Any]) -> str:
-    """WHERE conditions on patient_demographics for the gender/birthdate parameters."""
+    """WHERE conditions on patient_demographics for the gender/birthdate parameters.
+
+    Birthdates compare the precomputed day range of each birth date (`DATE_RANGES`) by
+    `core.fhir_values.range_sql`, the SQL of the `range_matches` the speed layer's rows meet.
+    The result may be NULL where a birthdate test does not hold (a value that is no date).
+    """
     parts = ["TRUE"]
     for genders in query.genders:
         parts.append("gender = ANY(%s::text[])")
         params.append(list(genders))
-    if query.birthdates:
-        # A full date (nearly every row) is its own range: one regex per row picks the plain
-        # comparisons instead of the dozen regexes the general range expressions evaluate.
-        day_params: list[Any] = []
-        general_params: list[Any] = []
-        low, high = date_range_sql("birth_date")
-
-        def any_of(dates: Sequence[DateCriterion], low: str, high: str, params: list[Any]) -> str:
-            tests = (
-                range_sql(d.prefix, *d.target_sql(low, high), (d.low, d.high), params)
-                for d in dates
-            )
-            return "(" + " OR ".join(tests) + ")"
-
-        day = [any_of(ds, "birth_date", "birth_date", day_params) for ds in query.birthdates]
-        general = [any_of(ds, low, high, general_params) for ds in query.birthdates]
-        parts.append(
-            f"COALESCE(CASE WHEN {full_date_sql('birth_date')} THEN {' AND '.join(day)}"
-            f" ELSE {' AND '.join(general)} END, FALSE)"
-        )
-        params.extend(day_params + general_params)
+    low, high = date_range_columns("birth_date")
     for dates in query.birthdates:
+        tests = [
+            range_sql(d.prefix, *d.target_sql(low, high), (d.low, d.high), params) for d in dates
+        ]
+        parts.append(tests[0] if len(tests) == 1 else "(" + " OR ".join(tests) + ")")
         if len(dates) == 1:
-            # Index-usable bounds the exact test implies: a date string sorts at or after
-            # its year and at or before its own first day.
-            (d,) = dates
-            if d.prefix in ("eq", "gt", "ge"):
-                parts.append("birth_date >= %s")
-                params.append(d.high[:4] if d.prefix == "gt" else d.low[:4])
-            if d.prefix in ("eq", "lt", "le"):
-                parts.append("birth_date <= %s")
-                params.append(d.high if d.prefix != "lt" else d.low)
+            parts.extend(_low_bounds(dates[0], low, params))
     return " AND ".join(parts)
+
+
+def _low_bounds(d: DateCriterion, low: str, params: list[Any]) -> list[str]:
+    """Bounds on the range's low day that the exact test implies, so that one index (on `low`)
+    answers every prefix but `ne` by a range: a birth date's range never leaves its year, so
+    its high day reaching a day means its low day is at or after that day's year. A dateTime
+    search value's instants bound the day column by their days (`[:10]`): weaker, still
+    implied, since a day's instants are that day's."""
+    if d.prefix == "eq":  # within: search.low <= low <= high <= search.high
+        params.extend([d.low[:10], d.high[:10]])
+        return [f"{low} >= %s", f"{low} <= %s"]
+    if d.prefix in ("gt", "ge"):  # high > search.high / high >= search.low
+        params.append((d.high if d.prefix == "gt" else d.low)[:4] + "-01-01")
+        return [f"{low} >= %s"]
+    if d.prefix == "lt":  # low < search.low
+        return []
+    if d.prefix == "le":  # low < search.low, or within
+        params.append(d.high[:10])
+        return [f"{low} <= %s"]
+    return []
 
 
 def criterion_sql(criterion: Criterion, params: list[Any]) -> str:
@@ -500,8 +518,9 @@ def criterion_sql(criterion: Criterion, params: list[Any]) -> str:
     if criterion.kind == "condition-text":
         columns = [folded_column(c) for c in SEARCHED_TEXT[COHORT_VIEWS["Condition"]]]
         for text in criterion.texts:
-            alternatives.append("(" + " OR ".join(f"strpos({c}, %s) > 0" for c in columns) + ")")
-            params.extend([text] * len(columns))
+            # LIKE, not strpos: the same containment, and the trigram index serves it.
+            alternatives.append("(" + " OR ".join(f"{c} LIKE %s" for c in columns) + ")")
+            params.extend([like_pattern(text)] * len(columns))
     for code in criterion.codes:
         pieces = ["code = %s"]
         params.append(code.code)

@@ -223,8 +223,8 @@ def test_init_creates_everything_and_is_idempotent(pg_url: str) -> None:
         " WHERE table_schema = 'rf_batch' ORDER BY 1",
     )
     assert [t[0] for t in tables] == ["rf_batch.resources", "rf_batch.views", "rf_batch.watermark"]
-    matviews = table(pg_url, "SELECT matviewname FROM pg_matviews WHERE schemaname = 'sqlonfhir'")
-    assert sorted(m[0] for m in matviews) == sorted(shipped_views())
+    tables = table(pg_url, "SELECT tablename FROM pg_tables WHERE schemaname = 'sqlonfhir'")
+    assert sorted(m[0] for m in tables) == sorted(shipped_views())
     indexes = {
         (t, d)
         for t, d in table(
@@ -238,20 +238,23 @@ def test_init_creates_everything_and_is_idempotent(pg_url: str) -> None:
         return any(t == tablename and fragment in d for t, d in indexes)
 
     assert has("resources", "(resource_type, last_updated_ms)")
-    assert has("patient_demographics", "UNIQUE INDEX") and has("patient_demographics", "(id)")
-    assert has("patient_demographics", "(gender)") and has("patient_demographics", "(birth_date)")
+    for name in shipped_views():
+        assert has(name, "(_resource_id)")  # every row's resource key: what a refresh replaces
+    assert has("patient_demographics", "(id)") and has("patient_demographics", "(gender)")
+    assert has("patient_demographics", "(birth_date_low)")
     for name in ("condition_simple", "observation_simple"):
-        assert has(name, "UNIQUE INDEX") and has(name, "(id, _row) NULLS NOT DISTINCT")
         assert has(name, "(code)") and has(name, "(code_system, code)")
         assert has(name, "(patient_id)")
+    for column in ("code_text_folded", "code_display_folded"):
+        assert has("condition_simple", f"USING gin ({column} gin_trgm_ops)")
     columns = table(
         pg_url,
         "SELECT attname FROM pg_attribute WHERE attrelid = 'sqlonfhir.condition_simple'::regclass"
         " AND attnum > 0 ORDER BY attnum",
     )
     assert [c[0] for c in columns] == [
+        "_resource_id",
         *shipped_views()["condition_simple"].column_names,
-        "_row",
         "code_text_folded",
         "code_display_folded",
     ]
@@ -297,17 +300,32 @@ def test_changed_viewdef_rebuilds_only_that_view(pg_url: str) -> None:
 
 def test_view_plans() -> None:
     views = shipped_views()
-    assert plan_view(views["patient_demographics"]).unique == ("id",)
-    assert plan_view(views["condition_simple"]).unique == ("id", "_row")
-    # A ViewDefinition column name never starts with "_": `_row` cannot collide.
+    assert plan_view(views["patient_demographics"]).indexes[0] == ("_resource_id",)
+    assert plan_view(views["condition_simple"]).trigram == (
+        "code_text_folded",
+        "code_display_folded",
+    )
+    # A ViewDefinition column name never starts with "_": `_resource_id` cannot collide.
     with pytest.raises(InvalidViewDefinition, match="not a valid column name"):
         load_view(
             {
                 "resourceType": "ViewDefinition",
                 "resource": "Patient",
-                "select": [{"forEach": "name", "column": [{"name": "_row", "path": "family"}]}],
+                "select": [{"column": [{"name": "_resource_id", "path": "id"}]}],
             }
         )
+    # The columns the batch layer derives are its own.
+    taken = load_view(
+        {
+            "resourceType": "ViewDefinition",
+            "name": "patient_demographics",
+            "resource": "Patient",
+            "select": [{"column": [{"name": "birth_date", "path": "birthDate"},
+                                   {"name": "birth_date_low", "path": "birthDate"}]}],
+        }
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="birth_date_low is reserved"):
+        plan_view(taken)
 
 
 # --------------------------------------------------------------------------- refresh
@@ -334,8 +352,8 @@ async def test_refresh_rows_equal_the_python_evaluator(standin: Hapi, store: Spe
     for name in shipped_views():
         assert view_rows(pg_url, name) == expected_rows(standin.hapi, name), name
         assert result.views[name] == len(expected_rows(standin.hapi, name))
-    dup = table(pg_url, "SELECT _row FROM sqlonfhir.condition_simple WHERE id = 'c900' ORDER BY 1")
-    assert dup == [(1,), (2,)]  # identical codings: two rows, told apart by _row
+    dup = table(pg_url, "SELECT _resource_id FROM sqlonfhir.condition_simple WHERE id = 'c900'")
+    assert dup == [("c900",), ("c900",)]  # identical codings: two rows of one resource
     # The batch's version columns are what the speed layer compares.
     for rtype, rid, vid, vn, lu, lum in table(
         pg_url,

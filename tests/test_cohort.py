@@ -147,8 +147,7 @@ def load_batch(
                     for d in deleted
                 ],
             )
-        for name in ("patient_demographics", "condition_simple", "observation_simple"):
-            conn.execute(f'REFRESH MATERIALIZED VIEW sqlonfhir."{name}"'.encode())
+        batch.rebuild_views(conn)
         conn.execute(
             "INSERT INTO rf_batch.watermark (id, watermark, refreshed_at, resources)"
             " VALUES (1, %s, clock_timestamp(), (SELECT count(*) FROM rf_batch.resources))"

@@ -150,8 +150,7 @@ def _reset(database_url: str) -> None:
     with psycopg.connect(database_url, autocommit=True) as conn:
         conn.execute("DELETE FROM rf_batch.resources")
         conn.execute("DELETE FROM rf_batch.watermark")
-        for name in ("patient_demographics", "condition_simple", "observation_simple"):
-            conn.execute(f'REFRESH MATERIALIZED VIEW sqlonfhir."{name}"'.encode())
+        batch.rebuild_views(conn)
 
 
 @contextlib.asynccontextmanager

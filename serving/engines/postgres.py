@@ -772,7 +772,7 @@ class _Compiler:
             names.extend(first_names)
         return f"SELECT {', '.join(items_sql)} FROM {source}", names
 
-    def view_sql(self, table: str) -> str:
+    def view_sql(self, table: str, key_column: str | None = None) -> str:
         root = "jsonb_build_array(_r.resource)"
         ctx = _Ctx(root, "0", root, Scope(self.view.resource, at_root=True))
         top = Select(select=self.view.select)
@@ -781,6 +781,8 @@ class _Compiler:
         laterals: list[str] = []
         conditions.extend(self.where(w.path, ctx, laterals) for w in self.view.where)
         columns = ", ".join(f"_v.{_ident(n)}" for n in names)
+        if key_column is not None:
+            columns = f"_r.id AS {_ident(key_column)}, {columns}"
         return (
             f"SELECT {columns} FROM {_qualified(table)} AS _r{''.join(laterals)}"
             f" CROSS JOIN LATERAL ({body}) AS _v WHERE {' AND '.join(conditions)}"
@@ -863,14 +865,18 @@ def _as_view(view: Mapping[str, Any] | ViewDefinition) -> ViewDefinition:
     return view if isinstance(view, ViewDefinition) else load_view(view)
 
 
-def compile_view(view: Mapping[str, Any] | ViewDefinition, *, table: str) -> str:
+def compile_view(
+    view: Mapping[str, Any] | ViewDefinition, *, table: str, key_column: str | None = None
+) -> str:
     """One PostgreSQL SELECT giving the view's rows over `table`.
 
-    `table` has columns `resource_type text, resource jsonb, deleted boolean`. Raises
+    `table` has columns `resource_type text, resource jsonb, deleted boolean` (and `id text`
+    with `key_column`: then each row starts with the id of the resource it came from, under
+    that name, which is how the batch layer replaces one resource's rows). Raises
     InvalidViewDefinition (with the reason) for a view that is invalid or uses FHIRPath
     this compiler cannot translate.
     """
-    return _Compiler(_as_view(view)).view_sql(table)
+    return _Compiler(_as_view(view)).view_sql(table, key_column)
 
 
 def column_sql_types(view: Mapping[str, Any] | ViewDefinition) -> list[tuple[str, str]]:
