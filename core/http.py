@@ -119,6 +119,23 @@ def _not_initialised(exc: Exception, request: Request, service: str) -> Answer:
     return Answer(503, [Issue("transient", "the batch layer is not initialised (batch init)")])
 
 
+def _definitions_differ(exc: Exception, request: Request, service: str) -> Answer:
+    # A table of the batch layer lacks a column this process's view definitions read: it was
+    # built (by `batch init`) from other definitions, typically a changed VIEWS_DIR that this
+    # process read before the change.
+    return Answer(
+        503,
+        [
+            Issue(
+                "transient",
+                "the batch layer's tables were built from other view definitions than this "
+                f"{service} read at start-up: restart it after changing VIEWS_DIR, or run "
+                "`batch init` with its definitions",
+            )
+        ],
+    )
+
+
 def _internal(exc: Exception, request: Request, service: str) -> Answer:
     logger.error("unexpected error on %s %s", request.method, request.url.path, exc_info=exc)
     return Answer(500, [Issue("exception", f"internal error; see the {service}'s log")])
@@ -136,7 +153,7 @@ TABLE: dict[type[Exception], Callable[[Any, Request, str], Answer]] = {
     PoolTimeout: _batch_layer,
     psycopg.OperationalError: _batch_layer,
     psycopg.errors.UndefinedTable: _not_initialised,
-    psycopg.errors.UndefinedColumn: _not_initialised,
+    psycopg.errors.UndefinedColumn: _definitions_differ,
     DependencyUnavailable: _dependency,
     Exception: _internal,
 }

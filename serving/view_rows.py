@@ -146,8 +146,10 @@ def _page_sql(
     params: dict[str, Any] = {}
     cols = sql.SQL(", ").join(sql.Identifier(c) for c in columns)
     union = sql.SQL("SELECT {} FROM {}").format(cols, sql.Identifier("sqlonfhir", name))
+    # A column without a type (or of a complex type) is jsonb: its scalar's text is the id.
+    id_text = "id #>> '{}'" if dict(types).get("id") == "jsonb" else "id"
     if hidden:
-        union += sql.SQL(" WHERE id NOT IN (SELECT unnest(%(hidden)s::text[]))")
+        union += sql.SQL(f" WHERE {id_text} NOT IN (SELECT unnest(%(hidden)s::text[]))")
         params["hidden"] = list(hidden)
     if speed_rows:
         record = sql.SQL(", ").join(
@@ -160,13 +162,27 @@ def _page_sql(
     type_of = dict(types)
     where: list[sql.Composable] = []
     for n, (column, value) in enumerate(filters):
-        where.append(
-            sql.SQL("merged.{} = {}::" + type_of[column]).format(
-                sql.Identifier(column), sql.Placeholder(f"f{n}")
+        if type_of[column] == "jsonb":
+            # A jsonb cell equals the value as its scalar's text (?gender=male finds "male"),
+            # or as JSON (?name={"family":"A"}, ?tags=["a"]).
+            where.append(
+                sql.SQL("(merged.{0} #>> '{{}}' = {1} OR merged.{0} = {2}::jsonb)").format(
+                    sql.Identifier(column), sql.Placeholder(f"f{n}"), sql.Placeholder(f"j{n}")
+                )
             )
-        )
+            params[f"j{n}"] = value if _is_json(value) else None
+        else:
+            where.append(
+                sql.SQL("merged.{} = {}::" + type_of[column]).format(
+                    sql.Identifier(column), sql.Placeholder(f"f{n}")
+                )
+            )
         params[f"f{n}"] = value
-    key = sql.SQL('merged."id"::text' if "id" in type_of else "merged::text")
+    key = sql.SQL(
+        ("merged.\"id\" #>> '{}'" if type_of.get("id") == "jsonb" else 'merged."id"::text')
+        if "id" in type_of
+        else "merged::text"
+    )
 
     def of(alias: str) -> sql.Composed:
         return sql.SQL(", ").join(sql.Identifier(alias, c) for c in columns)
@@ -209,6 +225,14 @@ _INTEGER = re.compile(r"-?[0-9]{1,18}")
 _DECIMAL = re.compile(r"-?[0-9]{1,30}(\.[0-9]{1,30})?")
 
 
+def _is_json(value: str) -> bool:
+    try:
+        orjson.loads(value)
+    except orjson.JSONDecodeError:
+        return False
+    return True
+
+
 def _check_filter_value(column: str, sql_type: str, value: str) -> None:
     """A 400 that names the column when a filter value cannot be of the column's type."""
     fits = True
@@ -220,11 +244,6 @@ def _check_filter_value(column: str, sql_type: str, value: str) -> None:
         )
     elif sql_type == "numeric":
         fits = bool(_DECIMAL.fullmatch(value))
-    elif sql_type == "jsonb":
-        try:
-            orjson.loads(value)
-        except orjson.JSONDecodeError:
-            fits = False
     elif "\x00" in value:
         fits = False  # PostgreSQL text cannot hold NUL
     if not fits:

@@ -197,6 +197,16 @@ _TEXT_TYPES = frozenset(
 _INTEGER_TYPES = frozenset({"integer", "positiveInt", "unsignedInt"})
 
 
+# FHIR R4's primitive types (https://hl7.org/fhir/R4/datatypes.html) and SQL-on-FHIR v2's
+# integer64; a complex type is named in UpperCamelCase (Coding, CodeableConcept, ...).
+PRIMITIVE_TYPES = _TEXT_TYPES | _INTEGER_TYPES | {"integer64", "decimal", "boolean"}
+_COMPLEX_TYPE_RE = re.compile(r"[A-Z][A-Za-z0-9]{0,63}")
+
+
+def _is_fhir_type(name: str) -> bool:
+    return name in PRIMITIVE_TYPES or bool(_COMPLEX_TYPE_RE.fullmatch(name))
+
+
 def sql_type(fhir_type: str | None, collection: bool) -> str:
     """The SQL type of a column of this FHIR type (both engines cast a column's value to it:
     text, integer, bigint, numeric, boolean, or jsonb for collections and other types)."""
@@ -385,10 +395,16 @@ def _column(raw: Any, where: str) -> Column:
     collection = data.get("collection", False)
     if not isinstance(collection, bool):
         raise InvalidViewDefinition(f"{where}.collection must be true or false")
+    fhir_type = _optional_str(data, "type", where)
+    if fhir_type is not None and not _is_fhir_type(fhir_type):
+        raise InvalidViewDefinition(
+            f"{where}.type {fhir_type[:40]!r} is not a FHIR type (a primitive such as"
+            " 'string', 'date', 'decimal', or a complex type such as 'CodeableConcept')"
+        )
     return Column(
         name=name,
         path=_required_str(data, "path", where),
-        type=_optional_str(data, "type", where),
+        type=fhir_type,
         collection=collection,
         description=_optional_str(data, "description", where),
     )

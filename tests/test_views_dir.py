@@ -520,6 +520,24 @@ BAD_FOLDERS: dict[str, tuple[dict[str, str], str]] = {
         {"x.json": json.dumps({**GOOD, "resource": "Patients"})},
         "not a FHIR R4 resource type",
     ),
+    "unknown column type": (
+        {
+            "t.json": json.dumps(
+                {
+                    **GOOD,
+                    "select": [
+                        {
+                            "column": [
+                                {"name": "id", "path": "getResourceKey()", "type": "id"},
+                                {"name": "gender", "path": "gender", "type": "foobar"},
+                            ]
+                        }
+                    ],
+                }
+            )
+        },
+        "select[0].column[1].type 'foobar' is not a FHIR type",
+    ),
     "no resource key": (
         {
             "k.json": json.dumps(
@@ -631,3 +649,88 @@ def test_a_view_name_of_63_characters_becomes_its_table(tmp_path: Path) -> None:
         plan = batch.plan_view(served_views(str(tmp_path))[longest], longest)
         assert len(indexes) == len(plan.indexes) + len(plan.trigram) >= 2
         assert all(len(i[0]) <= 63 for i in indexes)
+
+
+async def test_columns_without_a_type_filter_by_their_plain_value(tmp_path: Path) -> None:
+    """Columns without `type` (SQL-on-FHIR allows it) are jsonb in the batch layer; a filter
+    finds a cell by its scalar's text (?gender=male) or by JSON, in both layers."""
+    untyped = {
+        "resourceType": "ViewDefinition",
+        "name": "untyped_patients",
+        "status": "active",
+        "resource": "Patient",
+        "select": [
+            {
+                "column": [
+                    {"name": "id", "path": "getResourceKey()"},
+                    {"name": "gender", "path": "gender"},
+                    {"name": "names", "path": "name.family", "collection": True},
+                ]
+            }
+        ],
+    }
+    write_views(tmp_path, {"untyped_patients": untyped})
+    with fresh_database("rf_views_untyped") as url:
+        batch.init(url, served_views(str(tmp_path)))
+        async with layers_of(url, tmp_path) as layers:
+            night = {"resourceType": "Patient", "id": "n1", "gender": "male"}
+            await layers.hapi.update({**night, "name": [{"family": "A"}]})
+            await layers.hapi.update({"resourceType": "Patient", "id": "n2", "gender": "female"})
+            await layers.refresh(full=True)
+            await layers.store.mark_epoch()
+            # A day: n2 becomes male in the speed layer, d1 arrives, n1 is deleted.
+            await layers.change(
+                "Patient", "n2", {"resourceType": "Patient", "id": "n2", "gender": "male"}
+            )
+            await layers.change(
+                "Patient",
+                "d1",
+                {
+                    "resourceType": "Patient",
+                    "id": "d1",
+                    "gender": "male",
+                    "name": [{"family": "B"}],
+                },
+            )
+            await layers.change("Patient", "n1", None)
+            async with running(create_app(layers.settings)) as client:
+
+                async def ids(query: str) -> list[str]:
+                    response = await client.get(
+                        f"/views/untyped_patients/rows?{query}", headers=AUTH
+                    )
+                    assert response.status_code == 200, response.text
+                    return sorted(row["id"] for row in response.json()["rows"])
+
+                assert await ids("gender=male") == ["d1", "n2"]
+                assert await ids("gender=%22male%22") == ["d1", "n2"]
+                assert await ids("id=n2") == ["n2"]
+                assert await ids("id=n1") == []  # deleted in the speed layer
+                assert await ids("names=%5B%22B%22%5D") == ["d1"]
+                assert await ids("gender=female") == []
+
+
+async def test_a_service_whose_definitions_the_batch_layer_no_longer_has_says_restart(
+    tmp_path: Path,
+) -> None:
+    """`batch init` rebuilt a view from a changed VIEWS_DIR while a service runs with the
+    definitions it read at start-up: a 503 that says what to do, not "not initialised"."""
+    before, after = tmp_path / "before", tmp_path / "after"
+    before.mkdir()
+    after.mkdir()
+    columns = [{"name": "id", "path": "getResourceKey()", "type": "id"}]
+    view = {"resourceType": "ViewDefinition", "name": "genders", "status": "active"}
+    view["resource"] = "Patient"
+    old = {**view, "select": [{"column": [*columns, {"name": "gender", "path": "gender"}]}]}
+    new = {**view, "select": [{"column": [*columns, {"name": "sex", "path": "gender"}]}]}
+    write_views(before, {"genders": old})
+    write_views(after, {"genders": new})
+    with fresh_database("rf_views_changed") as url:
+        batch.init(url, served_views(str(before)))
+        async with layers_of(url, before) as layers:
+            batch.init(url, served_views(str(after)))  # while the service runs on `before`
+            async with running(create_app(layers.settings)) as client:
+                response = await client.get("/views/genders/rows", headers=AUTH)
+    assert response.status_code == 503, response.text
+    text = response.json()["issue"][0]["diagnostics"]
+    assert "built from other view definitions" in text and "restart" in text
