@@ -143,11 +143,12 @@ def _page_sql(
     already served; rows of later keys need no numbering, so those come from a top-N sort.
     """
     columns = [c for c, _ in types]
+    type_of = dict(types)
     params: dict[str, Any] = {}
     cols = sql.SQL(", ").join(sql.Identifier(c) for c in columns)
     union = sql.SQL("SELECT {} FROM {}").format(cols, sql.Identifier("sqlonfhir", name))
     # A column without a type (or of a complex type) is jsonb: its scalar's text is the id.
-    id_text = "id #>> '{}'" if dict(types).get("id") == "jsonb" else "id"
+    id_text = "id #>> '{}'" if type_of.get("id") == "jsonb" else "id"
     if hidden:
         union += sql.SQL(f" WHERE {id_text} NOT IN (SELECT unnest(%(hidden)s::text[]))")
         params["hidden"] = list(hidden)
@@ -159,7 +160,6 @@ def _page_sql(
             " UNION ALL SELECT {} FROM jsonb_to_recordset(%(speed)s::jsonb) AS speed_row({})"
         ).format(cols, record)
         params["speed"] = dumps(speed_rows, plain_decimals=True).decode()
-    type_of = dict(types)
     where: list[sql.Composable] = []
     for n, (column, value) in enumerate(filters):
         if type_of[column] == "jsonb":
