@@ -36,7 +36,8 @@ def _int(
     if raw is None or raw.strip() == "":
         return default
     text = raw.strip()
-    if not (text.isascii() and text.isdigit()):
+    digits = text[1:] if text[:1] in ("-", "+") else text
+    if not (digits.isascii() and digits.isdigit()):
         raise SettingsError(f"{name} must be a whole number, not {raw[:40]!r}")
     value = int(text)
     if not 0 < value <= maximum:

@@ -433,7 +433,16 @@ async def poll_once(
     watermark is then left where it was.
     """
     lease = Lease(store)
-    if not await lease.acquire(lease_wait_seconds):
+    held = await lease.acquire()
+    if not held and lease_wait_seconds > 0:
+        # Said before the wait: a command that sits silent for half a minute looks hung.
+        logger.warning(
+            "another poller holds the lease; waiting up to %.0f s for it (a poller that"
+            " died leaves it for at most its lifetime)",
+            lease_wait_seconds,
+        )
+        held = await lease.acquire(lease_wait_seconds)
+    if not held:
         logger.info("another poller holds the lease; this poll is skipped")
         return PollResult(skipped=True)
     try:

@@ -149,6 +149,7 @@ def test_poll_once_never_exits_0_having_done_nothing(
     standin: ThreadedStandIn,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """Another poller's lease: `poll --once` waits for it (a dead holder's lease expires),
     and when the holder lives on, exits 1 saying so, not 0 with nothing read."""
@@ -165,10 +166,13 @@ def test_poll_once_never_exits_0_having_done_nothing(
     # A live holder (renewed past the wait).
     monkeypatch.setattr(subscriptions.poller, "LEASE_TTL_MS", 500)
     asyncio.run(_hold_lease(60_000))
+    caplog.clear()
     code, out, err = run(["poll", "--once"], capsys)
     assert code == 1 and out == ""
     lines = err.strip().splitlines()
     assert lines[-1].startswith("researchflow poll: another poller holds the lease"), err
+    # Said before the wait, not only after it (tester2 finding 5: ~32 s of silence).
+    assert any("waiting up to" in r.getMessage() for r in caplog.records), caplog.text
 
 
 def test_poll_with_its_batch_layer_unreachable_is_one_line(

@@ -144,6 +144,25 @@ def test_a_well_formed_setting_of_each_kind_is_taken(tokens: None) -> None:
     assert settings.redis_url.endswith("/3") and settings.poll_interval_seconds == 60
 
 
+@pytest.mark.parametrize(
+    ("value", "said"),
+    [
+        ("-5", "must be from 1 to"),  # a whole number, just not a positive one
+        ("0", "must be from 1 to"),
+        ("+0", "must be from 1 to"),
+        ("five", "must be a whole number"),
+        ("5.0", "must be a whole number"),
+        ("--5", "must be a whole number"),
+    ],
+)
+def test_a_number_setting_says_which_rule_it_breaks(value: str, said: str) -> None:
+    from core.settings import Settings, SettingsError
+
+    with pytest.raises(SettingsError) as caught:
+        Settings.from_env({"POLL_INTERVAL_SECONDS": value})
+    assert "POLL_INTERVAL_SECONDS" in str(caught.value) and said in str(caught.value)
+
+
 UNREACHABLE = {
     "REDIS_URL": f"redis://127.0.0.1:{free_port()}/0",
     "DATABASE_URL": f"postgresql://127.0.0.1:{free_port()}/nothing",
