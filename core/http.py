@@ -14,6 +14,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from core.codec import CorruptRecord
 from core.errors import (
     BatchLayerUnavailable,
     DependencyUnavailable,
@@ -136,6 +137,22 @@ def _definitions_differ(exc: Exception, request: Request, service: str) -> Answe
     )
 
 
+def _corrupt_record(exc: Exception, request: Request, service: str) -> Answer:
+    # A record this release cannot decode (a damaged frame, or a codec id of a newer
+    # release): no answer would be exact without it, and it is the operator's to repair.
+    return Answer(
+        503,
+        [
+            Issue(
+                "exception",
+                f"the speed layer holds a record this release cannot read; see the {service}'s log",
+            )
+        ],
+        None,
+        "a speed-layer record does not decode",
+    )
+
+
 def _internal(exc: Exception, request: Request, service: str) -> Answer:
     logger.error("unexpected error on %s %s", request.method, request.url.path, exc_info=exc)
     return Answer(500, [Issue("exception", f"internal error; see the {service}'s log")])
@@ -149,6 +166,7 @@ TABLE: dict[type[Exception], Callable[[Any, Request, str], Answer]] = {
     NotFound: _not_found,
     HTTPException: _http,
     SpeedLayerUnavailable: _speed_layer,
+    CorruptRecord: _corrupt_record,
     BatchLayerUnavailable: _batch_layer,
     PoolTimeout: _batch_layer,
     psycopg.OperationalError: _batch_layer,

@@ -49,7 +49,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from core.codec import RAW, ZSTD_R4, RecordCodec
+from core.codec import RAW, ZSTD_R4, CorruptRecord, RecordCodec
 from core.errors import InvalidRequest, Issue, SpeedLayerUnavailable, StartupError
 from core.fhir_values import parse_instant
 from core.settings import STARTUP_TIMEOUT_SECONDS, Settings
@@ -360,15 +360,21 @@ class _Record:
 
 
 def _parse_record(resource_id: str, raw: bytes) -> _Record:
-    st, vn, lum, vid, _seq, codec, payload = raw.split(b"|", 6)
-    version = Version(
-        resource_id=resource_id,
-        state="present" if st == b"p" else "deleted",
-        version_number=float(vn),
-        last_updated_ms=float(lum),
-        version_id=vid.decode() or None,
-    )
-    return _Record(version, codec.decode(), payload)
+    """The record's header parsed; CorruptRecord (naming the id) when it is not one."""
+    try:
+        st, vn, lum, vid, _seq, codec, payload = raw.split(b"|", 6)
+        if st not in (b"p", b"d"):
+            raise ValueError(f"state {st[:8]!r}")
+        version = Version(
+            resource_id=resource_id,
+            state="present" if st == b"p" else "deleted",
+            version_number=float(vn),
+            last_updated_ms=float(lum),
+            version_id=vid.decode() or None,
+        )
+        return _Record(version, codec.decode(), payload)
+    except ValueError as exc:  # too few fields, a number or text that does not parse
+        raise CorruptRecord(f"the speed-layer record of id {resource_id!r}: {exc}") from exc
 
 
 def _rows_of(held: dict[str, Stored], view: str) -> dict[str, bytes]:
@@ -721,7 +727,10 @@ class SpeedStore:
     def _open(self, record: _Record) -> Stored:
         if record.version.state != "present":
             return Stored(record.version, None, record.payload.decode() or None, {})
-        body, rows, last_updated = self.codec.unpack(record.codec, record.payload)
+        try:
+            body, rows, last_updated = self.codec.unpack(record.codec, record.payload)
+        except CorruptRecord as exc:
+            raise CorruptRecord(f"{exc} (id {record.version.resource_id!r})") from exc
         return Stored(record.version, body, last_updated or None, rows)
 
     async def oldest_newest(self, resource_type: str) -> tuple[float | None, float | None]:

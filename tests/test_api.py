@@ -233,3 +233,35 @@ async def test_views_and_rows_in_three_formats(api_settings: Settings, loaded: S
     assert r.status_code == 400 and "colour" in r.text
     r = await get(api_settings, "/views/observation_simple/rows?value=abc")
     assert r.status_code == 400
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        # a codec id of no release we know
+        lambda raw: b"|".join([*raw.split(b"|", 6)[:5], b"9", raw.split(b"|", 6)[6]]),
+        lambda raw: raw[: raw.rindex(b"|") + 1] + b"not zstd",  # a damaged frame
+        lambda raw: b"p|x|y",  # a header that is none
+    ],
+)
+async def test_an_unreadable_speed_record_is_a_503_naming_it_never_a_500(
+    api_settings: Settings,
+    loaded: SpeedStore,
+    caplog: pytest.LogCaptureFixture,
+    damage: Any,
+) -> None:
+    from core.store import entries_key
+
+    await put(loaded, patient("p99", "male", "1999"))
+    key = entries_key("Patient", "p99")
+    raw = await loaded.client.hget(key, "p99")
+    assert raw is not None and raw.split(b"|")[5] == b"1"  # zstd with the R4 dictionary
+    await loaded.client.hset(key, "p99", damage(raw))
+    caplog.set_level(logging.ERROR)
+    for path in ("/cohort?gender=male", "/views/patient_demographics/rows"):
+        caplog.clear()
+        r = await get(api_settings, path)
+        assert r.status_code == 503, (path, r.text)
+        assert "cannot read" in r.json()["issue"][0]["diagnostics"]
+        logged = [rec.getMessage() for rec in caplog.records if rec.levelno >= logging.ERROR]
+        assert any("'p99'" in line and "\n" not in line for line in logged), logged
