@@ -501,9 +501,10 @@ def cmd_batch(settings: Settings, args: argparse.Namespace) -> int:
     from serving import batch
 
     if args.batch_command == "init":
-        lines = batch.init(settings.database_url, _views(settings))
-        for line in lines:
-            print(line)
+        # Each line as it is done (a view over a large batch layer takes minutes), once.
+        lines = batch.init(
+            settings.database_url, _views(settings), progress=lambda line: print(line, flush=True)
+        )
         # A view added to a batch layer that existed may have speed entries of its type.
         fresh = bool(lines) and lines[0].startswith("created schema ")
         verbs = ("rebuilt view ",) if fresh else ("rebuilt view ", "created view ")

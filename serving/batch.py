@@ -401,6 +401,7 @@ def init(
                 conn.execute(SCHEMA_SQL)
             if existed is None or existed[0] is None:
                 done.append("created schema rf_batch (resources, watermark, views)")
+                say(done[-1])
             trigram = need_trigram and trigram_available(conn)
             built = dict(conn.execute("SELECT name, sql FROM rf_batch.views").fetchall())
             for plan in plans:
@@ -412,7 +413,6 @@ def init(
                         _build_view(conn, plan, trigram)
                     verb = "rebuilt" if present or plan.name in built else "created"
                     line = f"{verb} view {VIEW_SCHEMA}.{plan.name}"
-                    logger.info("%s", line)
                 done.append(line)
                 say(line)
         finally:

@@ -104,8 +104,10 @@ def test_batch_init_refresh_and_poll_once(
 ) -> None:
     code, out, err = run(["batch", "refresh"], capsys)
     assert code == 1 and "batch init" in err, "refresh before init names the fix"
-    code, out, _ = run(["batch", "init"], capsys)
+    code, out, err = run(["batch", "init"], capsys)
     assert code == 0 and "created view sqlonfhir.patient_demographics" in out
+    assert out.count("created view sqlonfhir.patient_demographics") == 1
+    assert "created view" not in err, "each line once, on stdout"
     code, out, _ = run(["batch", "init"], capsys)
     assert "unchanged view sqlonfhir.patient_demographics" in out
     code, out, err = run(["batch", "refresh"], capsys)
