@@ -20,6 +20,7 @@ import json
 import os
 import time
 from collections.abc import AsyncIterator, Iterator
+from datetime import date
 from pathlib import Path
 from urllib.parse import quote, urlsplit
 
@@ -170,6 +171,12 @@ dates = st.one_of(
     years,
     st.tuples(years, st.integers(1, 12)).map(lambda t: f"{t[0]}-{t[1]:02d}"),
     st.dates().map(lambda d: d.isoformat()),
+    # dateTime search values, minutes to milliseconds, with or without a zone
+    st.tuples(
+        st.dates(min_value=date(2, 1, 1), max_value=date(9998, 12, 31)),
+        st.sampled_from(["T00:00", "T23:59:59", "T12:30:15.5"]),
+        st.sampled_from(["", "Z", "+02:00", "-05:00"]),
+    ).map(lambda t: t[0].isoformat() + t[1] + t[2]),
 )
 numbers = st.one_of(
     st.integers(-(10**6), 10**6).map(str),
@@ -254,7 +261,11 @@ bad_pairs = st.one_of(
             "gt",
             "1970-1-1",
             "abc",
-            "ge1970-01-01T00:00",
+            # A dateTime search value has minutes at least (FHIR R4 search, "date"): an hour
+            # alone, hour 24 or a zone past +14:00 are no value (minutes are: exact2).
+            "ge1970-01-01T00",
+            "ge1970-01-01T24:00",
+            "ge1970-01-01T00:00+15:00",
             "eq-1970",
             "1970,",
             "0000",
