@@ -171,7 +171,9 @@ def plan_view(view: ViewDefinition, name: str | None = None) -> ViewPlan:
 
     def over(table: str) -> str:
         compiled = compile_view(view, table=table, key_column=RESOURCE_KEY)
-        return f"SELECT _q.*{extra} FROM ({compiled}) AS _q" if extra else compiled
+        # OFFSET 0: the derived columns read the view's columns as computed once per row
+        # (pulled up, each use of `_q.c` would be a copy of c's whole expression).
+        return f"SELECT _q.*{extra} FROM ({compiled} OFFSET 0) AS _q" if extra else compiled
 
     indexes = (
         (RESOURCE_KEY,),
