@@ -47,12 +47,18 @@ from core.store import SpeedStore, is_newer, version_number
 from core.validation import NEVER_STORED, check_id, is_resource_type, validate_resource
 from serving.batch import (
     CHANGED_RESOURCES,
+    GRANTS_SQL,
+    INDEXES_SQL,
     LOCK_KEY,
+    LOCK_OUT_READERS,
     VIEW_SCHEMA,
     WATERMARK_SQL,
     BatchNotInitialized,
+    FreshTable,
     changes_setup_sql,
     connect_async,
+    existing_indexes,
+    regclass_text,
     replace_changed_sql,
 )
 from serving.registry import served_views
@@ -309,6 +315,7 @@ async def _apply(
     )
     views = await cur.fetchall()
     view_rows: dict[str, int] = {}
+    fresh: list[FreshTable] = []
     # Per staged key, a look-up by the primary key (a scalar subquery: never a join that the
     # planner could turn into a scan of every resource).
     staged_live = (
@@ -353,16 +360,14 @@ async def _apply(
                     )
                 rows = await _scalar(conn, sql.SQL("SELECT count(*) FROM {}").format(target))
             elif full_types is not None or resource_type is None or rows is None:
-                # --full (or a view the counts do not cover): every row recomputed.
-                cur = await conn.execute(
-                    "SELECT rebuild_sql FROM rf_batch.views WHERE name = %s", (name,)
-                )
-                rebuild_query = str((await cur.fetchone() or ("",))[0])
-                await conn.execute(sql.SQL("DELETE FROM {}").format(target))
-                cur = await conn.execute(
-                    sql.SQL("INSERT INTO {} {}").format(target, sql.SQL(rebuild_query))
-                )
-                rows = cur.rowcount
+                # --full (or a view the counts do not cover): every row recomputed, into a
+                # fresh table swapped in below, just before the commit.
+                table = await _fresh_table(conn, name, kind)
+                build = table.build_sql()
+                rows = (await conn.execute(build[0])).rowcount
+                for statement in build[1:]:
+                    await conn.execute(statement)
+                fresh.append(table)
             elif resource_type in changed_types:
                 delete, insert = replace_changed_sql(name, resource_type, changes_query)
                 removed = (await conn.execute(delete)).rowcount
@@ -376,6 +381,11 @@ async def _apply(
                 (int(rows or 0), name),
             )
             view_rows[name] = int(rows or 0)
+        if fresh:
+            await conn.execute(LOCK_OUT_READERS)
+            for table in fresh:
+                for statement in table.swap_sql():
+                    await conn.execute(statement)
         held = await _scalar(conn, "SELECT resources FROM rf_batch.watermark WHERE id = 1")
         if held is None or full_types is not None:
             count = "(SELECT count(*) FROM rf_batch.resources WHERE NOT deleted)"
@@ -390,6 +400,17 @@ async def _apply(
             (watermark,) if resources is None else (watermark, resources),
         )
     return changed, marked, view_rows
+
+
+async def _fresh_table(conn: psycopg.AsyncConnection[Any], name: str, kind: str) -> FreshTable:
+    """How view `name` is rebuilt whole: its recorded SQL, its table's indexes and grants."""
+    cur = await conn.execute("SELECT rebuild_sql FROM rf_batch.views WHERE name = %s", (name,))
+    query = str((await cur.fetchone() or ("",))[0])
+    cur = await conn.execute(INDEXES_SQL, (regclass_text(name),))
+    indexes = existing_indexes(await cur.fetchall())
+    cur = await conn.execute(GRANTS_SQL, (regclass_text(name),))
+    grants = tuple((str(p), bool(g), r) for p, g, r in await cur.fetchall())
+    return FreshTable(name, query, indexes, grants, kind)
 
 
 async def trim_speed_layer(
