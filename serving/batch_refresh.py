@@ -278,17 +278,24 @@ async def _full_types(conn: psycopg.AsyncConnection[Any], types: Sequence[str]) 
 
 
 def _recorded(statement: str, keep: bool) -> str:
-    """`statement` (an INSERT or UPDATE of rf_batch.resources AS r) giving the rows per type;
-    with `keep`, the rows it left go to CHANGED_RESOURCES too."""
-    if not keep:
-        return (
-            f"WITH done AS ({statement.rstrip()} RETURNING r.resource_type)"
-            " SELECT resource_type, count(*) FROM done GROUP BY resource_type"
-        )
+    """`statement` (an INSERT or UPDATE of rf_batch.resources AS r) giving, per type, the rows
+    it left and how it moved the count of live (not deleted) resources; with `keep`, the rows
+    it left go to CHANGED_RESOURCES too.
+
+    The look-up of each row as it was reads the statement's own snapshot, from before it ran
+    (every part of a WITH query sees the same snapshot): one primary-key probe per changed row,
+    not one per staged key before and after.
+    """
+    kept = f", kept AS (INSERT INTO {CHANGED_RESOURCES} SELECT * FROM done)" if keep else ""
+    returning = "r.*" if keep else "r.resource_type, r.id, r.deleted"
+    was_live = (
+        "COALESCE((SELECT NOT o.deleted FROM rf_batch.resources AS o"
+        " WHERE o.resource_type = d.resource_type AND o.id = d.id), false)"
+    )
     return (
-        f"WITH done AS ({statement.rstrip()} RETURNING r.*),"
-        f" kept AS (INSERT INTO {CHANGED_RESOURCES} SELECT * FROM done)"
-        " SELECT resource_type, count(*) FROM done GROUP BY resource_type"
+        f"WITH done AS ({statement.rstrip()} RETURNING {returning}){kept}"
+        f" SELECT d.resource_type, count(*), sum((NOT d.deleted)::int - {was_live}::int)"
+        " FROM done AS d GROUP BY d.resource_type"
     )
 
 
@@ -316,13 +323,6 @@ async def _apply(
     views = await cur.fetchall()
     view_rows: dict[str, int] = {}
     fresh: list[FreshTable] = []
-    # Per staged key, a look-up by the primary key (a scalar subquery: never a join that the
-    # planner could turn into a scan of every resource).
-    staged_live = (
-        "SELECT count(*) FROM (SELECT DISTINCT resource_type, id FROM rf_staging"
-        " WHERE NOT rejected) AS s WHERE (SELECT NOT r.deleted FROM rf_batch.resources AS r"
-        " WHERE r.resource_type = s.resource_type AND r.id = s.id)"
-    )
     async with conn.transaction():
         # An older release copied Subscriptions (with the receiver's token) into the batch.
         live_delta = -int(
@@ -333,21 +333,23 @@ async def _apply(
                 (sorted(NOT_SYNCED),),
             )
         )
-        live_delta -= int(await _scalar(conn, staged_live))
         await conn.execute(f"TRUNCATE {CHANGED_RESOURCES}")
         changed_types: dict[str, int] = {}
         cur = await conn.execute(_recorded(_APPLY_SQL, full_types is None))
-        changed_types.update({t: int(n) for t, n in await cur.fetchall()})
+        for t, n, moved in await cur.fetchall():
+            changed_types[t] = int(n)
+            live_delta += int(moved)
         changed = sum(changed_types.values())
-        live_delta += int(await _scalar(conn, staged_live))
         marked = 0
         if full_types is not None:
             cur = await conn.execute(_recorded(_MARK_ABSENT_SQL, False), (full_types, clock_ms))
-            for t, n in await cur.fetchall():
+            for t, n, _moved in await cur.fetchall():
                 marked += int(n)
                 changed_types[t] = changed_types.get(t, 0) + int(n)
             live_delta -= marked
-        await conn.execute(f"ANALYZE {CHANGED_RESOURCES}")
+        # The columns the views' change SQL filters and joins on (statistics of the
+        # resources' jsonb would cost more than the rest of it).
+        await conn.execute(f"ANALYZE {CHANGED_RESOURCES} (resource_type, id, deleted)")
         for name, resource_type, changes_query, rows, kind in views:
             target = sql.Identifier(VIEW_SCHEMA, name)
             if kind is None:
@@ -529,7 +531,7 @@ async def refresh(
             if full_types is not None and clock is None:
                 # Without HAPI's clock nothing proves a row absent: mark none.
                 full_types = []
-            await conn.execute("ANALYZE rf_staging")
+            await conn.execute("ANALYZE rf_staging (resource_type, id, rejected)")
             applying = time.perf_counter()
             try:
                 changed, marked, view_rows = await _apply(
