@@ -13,9 +13,11 @@ Every row of `sqlonfhir.<name>` traces back to one resource: its first column, `
 (a ViewDefinition's column names never start with `_`), is the id of the resource of the
 view's type it came from. A refresh therefore replaces the rows of the resources that changed
 (`replace_changed_sql`: delete theirs, insert their new ones computed by the view's SQL over those
-resources alone) and leaves every other row as it is; `rebuild_view` recomputes a whole view.
-Both run inside the caller's transaction, so readers (MVCC) see all of it or none of it and
-are never blocked. Each table has an index on `_resource_id`, on the columns the query API
+resources alone) and leaves every other row as it is; `rebuild_view` recomputes a whole view
+into a fresh table (`FreshTable`: filled, then indexed) swapped in under the view's name just
+before the commit. Both run inside the caller's transaction, so readers (MVCC) see all of it
+or none of it; they wait only for a swap (its lock, `LOCK_OUT_READERS`, to its commit), never
+for the recompute. Each table has an index on `_resource_id`, on the columns the query API
 filters on, on the low day of the dates birthdate searches (`serving.cohort.DATE_RANGES`)
 and a trigram index (PostgreSQL's pg_trgm extension) on the folded text condition-text
 searches (`serving.cohort.SEARCHED_TEXT`).

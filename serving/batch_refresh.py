@@ -10,9 +10,10 @@ How a refresh stays all-or-nothing:
 2. One transaction: upsert the staged rows by version (only newer versions replace; deletes
    stay as rows), with `full` mark rows HAPI no longer has as deleted; in each view's table
    of a changed type, delete the rows of the resources that changed and insert their new
-   rows (the view's SQL over those resources alone; `full`: every row recomputed); move the
-   counts by what changed and advance the watermark. Readers (MVCC) see either the old
-   resources, views and watermark or all the new ones, and are never blocked while it runs.
+   rows (the view's SQL over those resources alone; `full`: every view recomputed into a fresh
+   table, swapped in just before the commit); move the counts by what changed and advance the
+   watermark. Readers (MVCC) see either the old resources, views and watermark or all the new
+   ones; they are never blocked by the recompute, only (`full`) from the swap to the commit.
 3. After the commit, record the gate's rejects and trim the speed layer: only entries the
    batch now holds at the same or a newer version go (`SpeedStore.trim_covered`). When
    Redis fails here the batch has advanced and the error is raised; what was not trimmed
