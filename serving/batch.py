@@ -501,11 +501,15 @@ def rebuild_views(
             raise KeyError(f"the batch layer has no table for view {name}: run `batch init`")
         indexes = existing_indexes(conn.execute(INDEXES_SQL, (regclass_text(name),)).fetchall())
         tables.append(FreshTable(name, str(row[0]), indexes, _grants(conn, name), kind))
-    rows = _run_fresh(conn, tables)
-    for name, count in rows.items():
-        conn.execute(
-            "UPDATE rf_batch.views SET rows = %s, built_at = now() WHERE name = %s", (count, name)
-        )
+    # The caller's transaction (a savepoint in it), or one of its own on an autocommit
+    # connection: the swap's lock lasts until the commit.
+    with conn.transaction():
+        rows = _run_fresh(conn, tables)
+        for name, count in rows.items():
+            conn.execute(
+                "UPDATE rf_batch.views SET rows = %s, built_at = now() WHERE name = %s",
+                (count, name),
+            )
     return rows
 
 
