@@ -13,9 +13,11 @@ Every row of `sqlonfhir.<name>` traces back to one resource: its first column, `
 (a ViewDefinition's column names never start with `_`), is the id of the resource of the
 view's type it came from. A refresh therefore replaces the rows of the resources that changed
 (`replace_changed_sql`: delete theirs, insert their new ones computed by the view's SQL over those
-resources alone) and leaves every other row as it is; `rebuild_view` recomputes a whole view.
-Both run inside the caller's transaction, so readers (MVCC) see all of it or none of it and
-are never blocked. Each table has an index on `_resource_id`, on the columns the query API
+resources alone) and leaves every other row as it is; `rebuild_view` recomputes a whole view
+into a fresh table (`FreshTable`: filled, then indexed) swapped in under the view's name just
+before the commit. Both run inside the caller's transaction, so readers (MVCC) see all of it
+or none of it; they wait only for a swap (its lock, `LOCK_OUT_READERS`, to its commit), never
+for the recompute. Each table has an index on `_resource_id`, on the columns the query API
 filters on, on the low day of the dates birthdate searches (`serving.cohort.DATE_RANGES`)
 and a trigram index (PostgreSQL's pg_trgm extension) on the folded text condition-text
 searches (`serving.cohort.SEARCHED_TEXT`).
@@ -171,7 +173,9 @@ def plan_view(view: ViewDefinition, name: str | None = None) -> ViewPlan:
 
     def over(table: str) -> str:
         compiled = compile_view(view, table=table, key_column=RESOURCE_KEY)
-        return f"SELECT _q.*{extra} FROM ({compiled}) AS _q" if extra else compiled
+        # OFFSET 0: the derived columns read the view's columns as computed once per row
+        # (pulled up, each use of `_q.c` would be a copy of c's whole expression).
+        return f"SELECT _q.*{extra} FROM ({compiled} OFFSET 0) AS _q" if extra else compiled
 
     indexes = (
         (RESOURCE_KEY,),
@@ -281,46 +285,163 @@ def _recorded_sql(plan: ViewPlan, trigram: bool) -> str:
     )
 
 
+# A view's table is (re)built whole as a fresh table beside it, filled, then indexed (far
+# faster than inserting into an indexed table, and no dead rows left behind), then swapped in
+# under the old one's name in the same transaction: readers keep the old rows until it commits.
+FRESH_PREFIX = "_rf_new"  # no view name starts with `_`, so no fresh table takes a view's name
+# The indexes of a built view's table (name, definition), so that a rebuild gives its fresh
+# table the same ones, and the grants an operator made on it (privilege, grantable, grantee).
+INDEXES_SQL = (
+    "SELECT i.relname, pg_get_indexdef(i.oid) FROM pg_index AS x"
+    " JOIN pg_class AS i ON i.oid = x.indexrelid WHERE x.indrelid = to_regclass(%s)"
+    " ORDER BY i.relname"
+)
+GRANTS_SQL = (
+    "SELECT a.privilege_type, a.is_grantable, r.rolname FROM pg_class AS c"
+    " CROSS JOIN LATERAL aclexplode(c.relacl) AS a LEFT JOIN pg_roles AS r ON r.oid = a.grantee"
+    " WHERE c.oid = to_regclass(%s) AND a.grantee <> c.relowner"
+    " ORDER BY a.grantee, a.privilege_type"
+)
+# Taken by a swap just before it drops the old tables: every serving snapshot locks the
+# watermark row's table in ACCESS SHARE mode before it starts (serving.merge.SNAPSHOT_SQL), so
+# none can start before the swap commits and then read a table whose rows it cannot see.
+LOCK_OUT_READERS = "LOCK TABLE rf_batch.watermark IN ACCESS EXCLUSIVE MODE"
+
+
+def regclass_text(name: str) -> str:
+    """`sqlonfhir."<name>"`, as to_regclass reads it."""
+    return f'{VIEW_SCHEMA}."{name}"'
+
+
+@dataclasses.dataclass(frozen=True)
+class FreshTable:
+    """The statements that build view `name` whole into a fresh table and swap it in.
+
+    `indexes` are (index name, what follows USING in its definition, e.g. `btree (code)`),
+    `grants` (privilege, grantable, grantee or None for PUBLIC) as GRANTS_SQL gives them,
+    `kind` the relkind of the table it replaces (None: none; "m": an older release's
+    materialized view).
+    """
+
+    name: str
+    query: str
+    indexes: tuple[tuple[str, str], ...]
+    grants: tuple[tuple[str, bool, str | None], ...] = ()
+    kind: str | None = "r"
+
+    @property
+    def fresh(self) -> str:
+        return _index_name(FRESH_PREFIX, self.name)
+
+    def build_sql(self) -> list[sql.Composed]:
+        """Create and fill the fresh table (the first statement's rowcount is its rows),
+        index it, grant on it what was granted on the old one, ANALYZE it."""
+        target = _ident(VIEW_SCHEMA, self.fresh)
+        out = [
+            sql.SQL("CREATE TABLE {} AS {}").format(target, sql.SQL(self.query)),
+        ]
+        for index, using in self.indexes:
+            out.append(
+                sql.SQL("CREATE INDEX {} ON {} USING {}").format(
+                    _ident(_index_name(FRESH_PREFIX, index)), target, sql.SQL(using)
+                )
+            )
+        for privilege, grantable, grantee in self.grants:
+            out.append(
+                sql.SQL("GRANT {} ON {} TO {}{}").format(
+                    sql.SQL(privilege),
+                    target,
+                    _ident(grantee) if grantee is not None else sql.SQL("PUBLIC"),
+                    sql.SQL(" WITH GRANT OPTION" if grantable else ""),
+                )
+            )
+        out.append(sql.SQL("ANALYZE {}").format(target))
+        return out
+
+    def swap_sql(self) -> list[sql.Composed]:
+        """Drop the old table, give the fresh one (and its indexes) the old names. Run
+        LOCK_OUT_READERS first, once per transaction."""
+        target = _ident(VIEW_SCHEMA, self.name)
+        out: list[sql.Composed] = []
+        if self.kind == "m":  # as an older release built it
+            out.append(sql.SQL("DROP MATERIALIZED VIEW {}").format(target))
+        elif self.kind is not None:
+            out.append(sql.SQL("DROP TABLE {}").format(target))
+        out.append(
+            sql.SQL("ALTER TABLE {} RENAME TO {}").format(
+                _ident(VIEW_SCHEMA, self.fresh), _ident(self.name)
+            )
+        )
+        for index, _using in self.indexes:
+            out.append(
+                sql.SQL("ALTER INDEX {} RENAME TO {}").format(
+                    _ident(VIEW_SCHEMA, _index_name(FRESH_PREFIX, index)), _ident(index)
+                )
+            )
+        return out
+
+
+def existing_indexes(rows: Sequence[tuple[str, str]]) -> tuple[tuple[str, str], ...]:
+    """INDEXES_SQL's rows as FreshTable.indexes."""
+    return tuple((name, definition.split(" USING ", 1)[1]) for name, definition in rows)
+
+
+def _plan_indexes(plan: ViewPlan, trigram: bool) -> tuple[tuple[str, str], ...]:
+    out = [
+        (
+            _index_name(plan.name, "_".join(cols)),
+            "btree (" + ", ".join(_ident(c).as_string(None) for c in cols) + ")",
+        )
+        for cols in plan.indexes
+    ]
+    out.extend(
+        (_index_name(plan.name, f"{col}_trgm"), f"gin ({_ident(col).as_string(None)} gin_trgm_ops)")
+        for col in (plan.trigram if trigram else ())
+    )
+    return tuple(out)
+
+
+def _grants(conn: psycopg.Connection[Any], name: str) -> tuple[tuple[str, bool, str | None], ...]:
+    rows = conn.execute(GRANTS_SQL, (regclass_text(name),)).fetchall()
+    return tuple((str(p), bool(g), r) for p, g, r in rows)
+
+
+def _run_fresh(conn: psycopg.Connection[Any], tables: Sequence[FreshTable]) -> dict[str, int]:
+    """Build every table of `tables` fresh, then swap them all in; rows per view."""
+    rows: dict[str, int] = {}
+    for table in tables:
+        build = table.build_sql()
+        rows[table.name] = conn.execute(build[0]).rowcount
+        for statement in build[1:]:
+            conn.execute(statement)
+    if tables:
+        conn.execute(LOCK_OUT_READERS)
+    for table in tables:
+        for statement in table.swap_sql():
+            conn.execute(statement)
+    return rows
+
+
 def _build_view(conn: psycopg.Connection[Any], plan: ViewPlan, trigram: bool) -> None:
     """(Re)create the table of `plan` from the resources held, its indexes, its record."""
-    target = _ident(VIEW_SCHEMA, plan.name)
     kind = _relkind(conn, plan.name)
-    if kind == "m":  # as an older release built it
-        conn.execute(sql.SQL("DROP MATERIALIZED VIEW {}").format(target))
-    elif kind is not None:
-        conn.execute(sql.SQL("DROP TABLE {}").format(target))
-    # Filled as it is created, then indexed: far faster than inserting into indexed tables.
-    conn.execute(sql.SQL("CREATE TABLE {} AS {}").format(target, sql.SQL(plan.query)))
-    for cols in plan.indexes:
-        conn.execute(
-            sql.SQL("CREATE INDEX {} ON {} ({})").format(
-                _ident(_index_name(plan.name, "_".join(cols))),
-                target,
-                sql.SQL(", ").join(_ident(c) for c in cols),
-            )
-        )
-    for col in plan.trigram if trigram else ():
-        conn.execute(
-            sql.SQL("CREATE INDEX {} ON {} USING gin ({} gin_trgm_ops)").format(
-                _ident(_index_name(plan.name, f"{col}_trgm")), target, _ident(col)
-            )
-        )
-    conn.execute(sql.SQL("ANALYZE {}").format(target))
+    grants = _grants(conn, plan.name) if kind == "r" else ()
+    table = FreshTable(plan.name, plan.query, _plan_indexes(plan, trigram), grants, kind)
+    rows = _run_fresh(conn, [table])[plan.name]
     conn.execute(
-        sql.SQL(
-            "INSERT INTO rf_batch.views (name, definition, sql, rebuild_sql, changes_sql, rows,"
-            " built_at) VALUES (%s, %s::jsonb, %s, %s, %s, (SELECT count(*) FROM {}), now())"
-            " ON CONFLICT (name) DO UPDATE SET definition = EXCLUDED.definition,"
-            " sql = EXCLUDED.sql, rebuild_sql = EXCLUDED.rebuild_sql,"
-            " changes_sql = EXCLUDED.changes_sql, rows = EXCLUDED.rows,"
-            " built_at = EXCLUDED.built_at"
-        ).format(target),
+        "INSERT INTO rf_batch.views (name, definition, sql, rebuild_sql, changes_sql, rows,"
+        " built_at) VALUES (%s, %s::jsonb, %s, %s, %s, %s, now())"
+        " ON CONFLICT (name) DO UPDATE SET definition = EXCLUDED.definition,"
+        " sql = EXCLUDED.sql, rebuild_sql = EXCLUDED.rebuild_sql,"
+        " changes_sql = EXCLUDED.changes_sql, rows = EXCLUDED.rows,"
+        " built_at = EXCLUDED.built_at",
         (
             plan.name,
             dumps(plan.definition).decode(),
             _recorded_sql(plan, trigram),
             plan.query,
             plan.changes_query,
+            rows,
         ),
     )
 
@@ -354,27 +475,42 @@ def replace_changed_sql(name: str, resource_type: str, changes_query: str) -> li
 
 def rebuild_view(conn: psycopg.Connection[Any], name: str) -> int:
     """Recompute every row of the view `name` from rf_batch.resources, in the caller's
-    transaction (readers see the old rows until it commits, and are never blocked).
+    transaction: into a fresh table with the same indexes and grants, swapped in under the
+    view's name (readers see the old rows until it commits; they wait only for the swap).
 
     The SQL is the one the view's table was built with (rf_batch.views). Returns its rows.
     Raises KeyError for a view the batch layer has not built (run `batch init`).
     """
-    row = conn.execute("SELECT rebuild_sql FROM rf_batch.views WHERE name = %s", (name,)).fetchone()
-    if row is None or row[0] is None:
-        raise KeyError(f"the batch layer has no table for view {name}: run `batch init`")
-    target = _ident(VIEW_SCHEMA, name)
-    conn.execute(sql.SQL("DELETE FROM {}").format(target))
-    rows = conn.execute(sql.SQL("INSERT INTO {} {}").format(target, sql.SQL(row[0]))).rowcount
-    conn.execute(
-        "UPDATE rf_batch.views SET rows = %s, built_at = now() WHERE name = %s", (rows, name)
-    )
+    return rebuild_views(conn, [name])[name]
+
+
+def rebuild_views(
+    conn: psycopg.Connection[Any], names: Sequence[str] | None = None
+) -> dict[str, int]:
+    """`rebuild_view` for the views `names` (default: every view the batch layer holds), all
+    built first and then swapped in together; rows per view."""
+    if names is None:
+        names = [r[0] for r in conn.execute("SELECT name FROM rf_batch.views ORDER BY name")]
+    tables: list[FreshTable] = []
+    for name in names:
+        row = conn.execute(
+            "SELECT rebuild_sql FROM rf_batch.views WHERE name = %s", (name,)
+        ).fetchone()
+        kind = _relkind(conn, name)
+        if row is None or row[0] is None or kind is None:
+            raise KeyError(f"the batch layer has no table for view {name}: run `batch init`")
+        indexes = existing_indexes(conn.execute(INDEXES_SQL, (regclass_text(name),)).fetchall())
+        tables.append(FreshTable(name, str(row[0]), indexes, _grants(conn, name), kind))
+    # The caller's transaction (a savepoint in it), or one of its own on an autocommit
+    # connection: the swap's lock lasts until the commit.
+    with conn.transaction():
+        rows = _run_fresh(conn, tables)
+        for name, count in rows.items():
+            conn.execute(
+                "UPDATE rf_batch.views SET rows = %s, built_at = now() WHERE name = %s",
+                (count, name),
+            )
     return rows
-
-
-def rebuild_views(conn: psycopg.Connection[Any]) -> dict[str, int]:
-    """`rebuild_view` for every view the batch layer holds; rows per view."""
-    names = [r[0] for r in conn.execute("SELECT name FROM rf_batch.views ORDER BY name")]
-    return {name: rebuild_view(conn, name) for name in names}
 
 
 def init(

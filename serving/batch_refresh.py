@@ -10,9 +10,10 @@ How a refresh stays all-or-nothing:
 2. One transaction: upsert the staged rows by version (only newer versions replace; deletes
    stay as rows), with `full` mark rows HAPI no longer has as deleted; in each view's table
    of a changed type, delete the rows of the resources that changed and insert their new
-   rows (the view's SQL over those resources alone; `full`: every row recomputed); move the
-   counts by what changed and advance the watermark. Readers (MVCC) see either the old
-   resources, views and watermark or all the new ones, and are never blocked while it runs.
+   rows (the view's SQL over those resources alone; `full`: every view recomputed into a fresh
+   table, swapped in just before the commit); move the counts by what changed and advance the
+   watermark. Readers (MVCC) see either the old resources, views and watermark or all the new
+   ones; they are never blocked by the recompute, only (`full`) from the swap to the commit.
 3. After the commit, record the gate's rejects and trim the speed layer: only entries the
    batch now holds at the same or a newer version go (`SpeedStore.trim_covered`). When
    Redis fails here the batch has advanced and the error is raised; what was not trimmed
@@ -47,12 +48,18 @@ from core.store import SpeedStore, is_newer, version_number
 from core.validation import NEVER_STORED, check_id, is_resource_type, validate_resource
 from serving.batch import (
     CHANGED_RESOURCES,
+    GRANTS_SQL,
+    INDEXES_SQL,
     LOCK_KEY,
+    LOCK_OUT_READERS,
     VIEW_SCHEMA,
     WATERMARK_SQL,
     BatchNotInitialized,
+    FreshTable,
     changes_setup_sql,
     connect_async,
+    existing_indexes,
+    regclass_text,
     replace_changed_sql,
 )
 from serving.registry import served_views
@@ -272,17 +279,24 @@ async def _full_types(conn: psycopg.AsyncConnection[Any], types: Sequence[str]) 
 
 
 def _recorded(statement: str, keep: bool) -> str:
-    """`statement` (an INSERT or UPDATE of rf_batch.resources AS r) giving the rows per type;
-    with `keep`, the rows it left go to CHANGED_RESOURCES too."""
-    if not keep:
-        return (
-            f"WITH done AS ({statement.rstrip()} RETURNING r.resource_type)"
-            " SELECT resource_type, count(*) FROM done GROUP BY resource_type"
-        )
+    """`statement` (an INSERT or UPDATE of rf_batch.resources AS r) giving, per type, the rows
+    it left and how it moved the count of live (not deleted) resources; with `keep`, the rows
+    it left go to CHANGED_RESOURCES too.
+
+    The look-up of each row as it was reads the statement's own snapshot, from before it ran
+    (every part of a WITH query sees the same snapshot): one primary-key probe per changed row,
+    not one per staged key before and after.
+    """
+    kept = f", kept AS (INSERT INTO {CHANGED_RESOURCES} SELECT * FROM done)" if keep else ""
+    returning = "r.*" if keep else "r.resource_type, r.id, r.deleted"
+    was_live = (
+        "COALESCE((SELECT NOT o.deleted FROM rf_batch.resources AS o"
+        " WHERE o.resource_type = d.resource_type AND o.id = d.id), false)"
+    )
     return (
-        f"WITH done AS ({statement.rstrip()} RETURNING r.*),"
-        f" kept AS (INSERT INTO {CHANGED_RESOURCES} SELECT * FROM done)"
-        " SELECT resource_type, count(*) FROM done GROUP BY resource_type"
+        f"WITH done AS ({statement.rstrip()} RETURNING {returning}){kept}"
+        f" SELECT d.resource_type, count(*), sum((NOT d.deleted)::int - {was_live}::int)"
+        " FROM done AS d GROUP BY d.resource_type"
     )
 
 
@@ -309,13 +323,7 @@ async def _apply(
     )
     views = await cur.fetchall()
     view_rows: dict[str, int] = {}
-    # Per staged key, a look-up by the primary key (a scalar subquery: never a join that the
-    # planner could turn into a scan of every resource).
-    staged_live = (
-        "SELECT count(*) FROM (SELECT DISTINCT resource_type, id FROM rf_staging"
-        " WHERE NOT rejected) AS s WHERE (SELECT NOT r.deleted FROM rf_batch.resources AS r"
-        " WHERE r.resource_type = s.resource_type AND r.id = s.id)"
-    )
+    fresh: list[FreshTable] = []
     async with conn.transaction():
         # An older release copied Subscriptions (with the receiver's token) into the batch.
         live_delta = -int(
@@ -326,21 +334,23 @@ async def _apply(
                 (sorted(NOT_SYNCED),),
             )
         )
-        live_delta -= int(await _scalar(conn, staged_live))
         await conn.execute(f"TRUNCATE {CHANGED_RESOURCES}")
         changed_types: dict[str, int] = {}
         cur = await conn.execute(_recorded(_APPLY_SQL, full_types is None))
-        changed_types.update({t: int(n) for t, n in await cur.fetchall()})
+        for t, n, moved in await cur.fetchall():
+            changed_types[t] = int(n)
+            live_delta += int(moved)
         changed = sum(changed_types.values())
-        live_delta += int(await _scalar(conn, staged_live))
         marked = 0
         if full_types is not None:
             cur = await conn.execute(_recorded(_MARK_ABSENT_SQL, False), (full_types, clock_ms))
-            for t, n in await cur.fetchall():
+            for t, n, _moved in await cur.fetchall():
                 marked += int(n)
                 changed_types[t] = changed_types.get(t, 0) + int(n)
             live_delta -= marked
-        await conn.execute(f"ANALYZE {CHANGED_RESOURCES}")
+        # The columns the views' change SQL filters and joins on (statistics of the
+        # resources' jsonb would cost more than the rest of it).
+        await conn.execute(f"ANALYZE {CHANGED_RESOURCES} (resource_type, id, deleted)")
         for name, resource_type, changes_query, rows, kind in views:
             target = sql.Identifier(VIEW_SCHEMA, name)
             if kind is None:
@@ -353,16 +363,14 @@ async def _apply(
                     )
                 rows = await _scalar(conn, sql.SQL("SELECT count(*) FROM {}").format(target))
             elif full_types is not None or resource_type is None or rows is None:
-                # --full (or a view the counts do not cover): every row recomputed.
-                cur = await conn.execute(
-                    "SELECT rebuild_sql FROM rf_batch.views WHERE name = %s", (name,)
-                )
-                rebuild_query = str((await cur.fetchone() or ("",))[0])
-                await conn.execute(sql.SQL("DELETE FROM {}").format(target))
-                cur = await conn.execute(
-                    sql.SQL("INSERT INTO {} {}").format(target, sql.SQL(rebuild_query))
-                )
-                rows = cur.rowcount
+                # --full (or a view the counts do not cover): every row recomputed, into a
+                # fresh table swapped in below, just before the commit.
+                table = await _fresh_table(conn, name, kind)
+                build = table.build_sql()
+                rows = (await conn.execute(build[0])).rowcount
+                for statement in build[1:]:
+                    await conn.execute(statement)
+                fresh.append(table)
             elif resource_type in changed_types:
                 delete, insert = replace_changed_sql(name, resource_type, changes_query)
                 removed = (await conn.execute(delete)).rowcount
@@ -376,6 +384,11 @@ async def _apply(
                 (int(rows or 0), name),
             )
             view_rows[name] = int(rows or 0)
+        if fresh:
+            await conn.execute(LOCK_OUT_READERS)
+            for table in fresh:
+                for statement in table.swap_sql():
+                    await conn.execute(statement)
         held = await _scalar(conn, "SELECT resources FROM rf_batch.watermark WHERE id = 1")
         if held is None or full_types is not None:
             count = "(SELECT count(*) FROM rf_batch.resources WHERE NOT deleted)"
@@ -390,6 +403,17 @@ async def _apply(
             (watermark,) if resources is None else (watermark, resources),
         )
     return changed, marked, view_rows
+
+
+async def _fresh_table(conn: psycopg.AsyncConnection[Any], name: str, kind: str) -> FreshTable:
+    """How view `name` is rebuilt whole: its recorded SQL, its table's indexes and grants."""
+    cur = await conn.execute("SELECT rebuild_sql FROM rf_batch.views WHERE name = %s", (name,))
+    query = str((await cur.fetchone() or ("",))[0])
+    cur = await conn.execute(INDEXES_SQL, (regclass_text(name),))
+    indexes = existing_indexes(await cur.fetchall())
+    cur = await conn.execute(GRANTS_SQL, (regclass_text(name),))
+    grants = tuple((str(p), bool(g), r) for p, g, r in await cur.fetchall())
+    return FreshTable(name, query, indexes, grants, kind)
 
 
 async def trim_speed_layer(
@@ -508,7 +532,7 @@ async def refresh(
             if full_types is not None and clock is None:
                 # Without HAPI's clock nothing proves a row absent: mark none.
                 full_types = []
-            await conn.execute("ANALYZE rf_staging")
+            await conn.execute("ANALYZE rf_staging (resource_type, id, rejected)")
             applying = time.perf_counter()
             try:
                 changed, marked, view_rows = await _apply(

@@ -44,6 +44,11 @@ SERVING_SETTINGS = (
 SNAPSHOT_SQL = "; ".join(
     [
         "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY",
+        # Before the snapshot is taken (LOCK takes none): a snapshot begun while a rebuild
+        # swaps fresh view tables in waits for its commit and then sees it all; one begun
+        # before makes the swap wait (serving.batch.LOCK_OUT_READERS). Never a snapshot
+        # older than a swapped-in table, whose rows it could not see.
+        "LOCK TABLE rf_batch.watermark IN ACCESS SHARE MODE",
         *SERVING_SETTINGS,
         # The snapshot's identity (its xmin), then the watermark row.
         WATERMARK_SQL.replace("SELECT ", "SELECT xmin::text, ", 1),

@@ -329,12 +329,14 @@ class _Compiler:
         plain = self.coll(self.expr(_without_nodes(e), ctx))
         return _E("coll", f"(CASE WHEN {check} THEN {with_nodes} ELSE {plain} END)", heavy=True)
 
-    def bind(self, e: _E, laterals: list[str]) -> _E:
-        """A heavy expression evaluated once per row in a LATERAL added to `laterals`."""
-        if not e.heavy:
+    def bind(self, e: _E, laterals: list[str], *, reused: bool = False) -> _E:
+        """`e` evaluated once per row in a LATERAL added to `laterals`: a heavy expression
+        always, a collection the caller reads several times (`reused`) unless it is a plain
+        reference already."""
+        if not e.heavy and not (reused and e.kind == "coll" and not _is_plain(e.sql)):
             return e
         b = self.alias()
-        laterals.append(f" CROSS JOIN LATERAL (SELECT {e.sql} AS c) AS {b}")
+        laterals.append(_lateral(e.sql, "c", b))
         return _E("coll", f"{b}.c")
 
     def choice(self, base: _E, name: str, suffixes: tuple[str, ...]) -> _E:
@@ -639,7 +641,8 @@ class _Compiler:
         ctx: _Ctx,
         laterals: list[str],
     ) -> str:
-        e = self.bind(self.compile_values(path, ctx), laterals)
+        # A single-valued column reads its collection three times (count, error, value).
+        e = self.bind(self.compile_values(path, ctx), laterals, reused=not collection)
         target = sql_type(fhir_type, collection)
         if collection:
             return self.coll(e)
@@ -680,7 +683,7 @@ class _Compiler:
         return self.cast(_E("num", str(int(value))), target, name)
 
     def where(self, path: str, ctx: _Ctx, laterals: list[str]) -> str:
-        e = self.bind(self.compile_values(path, ctx), laterals)
+        e = self.bind(self.compile_values(path, ctx), laterals, reused=True)
         if e.kind == "bool":
             return f"COALESCE({e.sql}, false)"
         c = self.coll(e)
@@ -700,7 +703,9 @@ class _Compiler:
             src, a = self.elements(items)
             scope = Scope(typed.fpath, elements=typed.elements)
             nodes = (self.node_check(typed, ctx) or "false") if typed.elements else "false"
-            focus = _Ctx(f"jsonb_build_array({a}.e)", f"({a}.o - 1)", ctx.root, scope, nodes)
+            # The focus, which every column of the forEach reads, built once per item.
+            src += _lateral(f"jsonb_build_array({a}.e)", "f", f"{a}f")
+            focus = _Ctx(f"{a}f.f", f"({a}.o - 1)", ctx.root, scope, nodes)
             return src, focus
         if sel.repeat:
             a = self.alias()
@@ -773,7 +778,8 @@ class _Compiler:
         return f"SELECT {', '.join(items_sql)} FROM {source}", names
 
     def view_sql(self, table: str, key_column: str | None = None) -> str:
-        root = "jsonb_build_array(_r.resource)"
+        # The resource as a collection, built once per row (every path starts from it).
+        root = "_rr.r"
         ctx = _Ctx(root, "0", root, Scope(self.view.resource, at_root=True))
         top = Select(select=self.view.select)
         body, names = self.rowsource(top, ctx)
@@ -784,7 +790,8 @@ class _Compiler:
         if key_column is not None:
             columns = f"_r.id AS {_ident(key_column)}, {columns}"
         return (
-            f"SELECT {columns} FROM {_qualified(table)} AS _r{''.join(laterals)}"
+            f"SELECT {columns} FROM {_qualified(table)} AS _r"
+            f"{_lateral('jsonb_build_array(_r.resource)', 'r', '_rr')}{''.join(laterals)}"
             f" CROSS JOIN LATERAL ({body}) AS _v WHERE {' AND '.join(conditions)}"
         )
 
@@ -847,6 +854,25 @@ def _without_nodes(e: Expr) -> Expr:
         return arg
 
     return replace(e, args=tuple(plain(a) for a in e.args), elements=False)
+
+
+def _lateral(expression: str, column: str, alias: str) -> str:
+    """A FROM item binding `expression` as `alias.column`, evaluated once per row.
+
+    OFFSET 0 keeps PostgreSQL from pulling the subquery up into its parent, which would copy
+    the expression into every place that reads `alias.column`, each copy evaluated anew per
+    row (a column's path three times, a node gate once per use; `jsonb_build_array` of the
+    resource copies the whole resource each time).
+    """
+    return f" CROSS JOIN LATERAL (SELECT {expression} AS {column} OFFSET 0) AS {alias}"
+
+
+_PLAIN = re.compile(r"_[a-z0-9_]+\.[a-z]+|'\[\]'::jsonb")
+
+
+def _is_plain(sql_text: str) -> bool:
+    """Whether `sql_text` is a column reference or the empty collection: nothing to bind."""
+    return _PLAIN.fullmatch(sql_text) is not None
 
 
 def _nullable(ftype: str | None) -> bool:
