@@ -497,8 +497,14 @@ class SpeedMirror:
                 type_mirror.unchecked = set(type_mirror.entries)
                 for rid in list(type_mirror.winning):
                     type_mirror._status(rid)
+                # Emptied by discards, these sets keep their tables: compact copies iterate in
+                # time of what they hold.
+                type_mirror.winning = set(type_mirror.winning)
+                type_mirror.overriding = set(type_mirror.overriding)
             self.batch_key = key
         for type_mirror in self.types.values():
+            if not type_mirror.unchecked:
+                continue  # the usual case: asked in O(1), never iterated
             pending = list(type_mirror.unchecked)
             for start in range(0, len(pending), 20000):
                 chunk = pending[start : start + 20000]
@@ -515,6 +521,10 @@ class SpeedMirror:
                 for rid in chunk:
                     if rid not in found:
                         type_mirror.set_batch(rid, None)
+            if not type_mirror.unchecked:
+                # A set keeps its table when emptied by discards: iterating it would cost as
+                # much as when it held every speed id.
+                type_mirror.unchecked = set()
 
     def plan(self, query: CohortQuery) -> Plan:
         """The speed layer's part of one cohort query (call under `lock`, after syncing).
