@@ -50,7 +50,8 @@ BatchKey = tuple[Any, ...]
 # never spans two texts; when one does, the text itself is checked.
 TEXT_SEPARATOR = "\x00"
 # Plans kept per mirror state (SpeedMirror.plan): distinct queries asked between two changes.
-PLAN_CACHE_MAX = 256
+# A plan holds lists of speed ids (up to the speed layer's size each), hence few.
+PLAN_CACHE_MAX = 64
 
 
 def index_entries(resource_type: str, rows: Sequence[Mapping[str, Any]]) -> tuple[str, ...]:
