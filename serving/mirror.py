@@ -3,12 +3,15 @@
 Per resource type it holds every speed entry's version and decoded view rows, the batch
 layer's version of the same ids (looked up once per batch snapshot), and two row indexes:
 `winning_index` (rows of the entries that win over the batch layer) and `hidden_index` (the
-batch rows those entries hide). A query then costs a few set operations, never a SCAN of Redis.
+batch rows those entries hide). A query then costs a few set operations, never a SCAN of Redis,
+and a query asked again before anything it could see changed costs a dictionary lookup (the
+plans are kept per `SpeedMirror.state`).
 """
 
 from __future__ import annotations
 
 import asyncio
+from bisect import bisect_right
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,14 +45,22 @@ from serving.viewdef import ViewDefinition
 
 Rows = list[dict[str, Any]]
 BatchKey = tuple[Any, ...]
+# Between indexed texts in RowIndex's search string: a character FHIR strings do not hold
+# (R4 "string": no control characters but whitespace), so an occurrence of a needle almost
+# never spans two texts; when one does, the text itself is checked.
+TEXT_SEPARATOR = "\x00"
+# Plans kept per mirror state (SpeedMirror.plan): distinct queries asked between two changes.
+# A plan holds lists of speed ids (up to the speed layer's size each), hence few.
+PLAN_CACHE_MAX = 64
 
 
 def index_entries(resource_type: str, rows: Sequence[Mapping[str, Any]]) -> tuple[str, ...]:
     """The keys `RowIndex` finds rows by, for the columns cohort queries filter on.
 
-    Patient: `gender:<g>`, `birthyear:<yyyy>` (a birthdate range fans out over the years it
-    covers; the exact bounds are checked on the rows). Condition/Observation: `subject:<id>`
-    and, only for rows that count, `code:<code>` and `code:<system>|<code>`.
+    Patient: `gender:<g>`, `birthmonth:<yyyy-mm>` for a date to the month or day, else
+    `birthyear:<yyyy>` (a birthdate range fans out over the years and months it may cover; the
+    exact bounds are checked on the rows). Condition/Observation: `subject:<id>` and, only for
+    rows that count, `code:<code>` and `code:<system>|<code>`.
     """
     names: dict[str, None] = {}
     for row in rows:
@@ -57,7 +68,9 @@ def index_entries(resource_type: str, rows: Sequence[Mapping[str, Any]]) -> tupl
             if row.get("gender"):
                 names[f"gender:{row['gender']}"] = None
             birth = row.get("birth_date")
-            if isinstance(birth, str) and len(birth) >= 4:
+            if isinstance(birth, str) and len(birth) >= 7 and date_range(birth) is not None:
+                names[f"birthmonth:{birth[:7]}"] = None
+            elif isinstance(birth, str) and len(birth) >= 4:
                 names[f"birthyear:{birth[:4]}"] = None
             continue
         if row.get("patient_id"):
@@ -93,6 +106,12 @@ class RowIndex:
         self.texts: dict[str, dict[str, frozenset[str]]] = {}
         self.text_patients: dict[str, dict[str, int]] = {}  # text -> patient -> resources
         self._of: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {}
+        # The keys of `texts` joined by TEXT_SEPARATOR, with each one's offset, so a substring
+        # is looked for by one str.find over all of them (C speed) instead of a Python test
+        # per text; rebuilt on the first search after the set of texts changed (None).
+        self._text_list: list[str] | None = None
+        self._text_blob = ""
+        self._text_starts: list[int] = []
 
     def add(self, rid: str, rows: Rows) -> None:
         self.remove(rid)
@@ -109,6 +128,8 @@ class RowIndex:
         for key in keys:
             self.keys.setdefault(key, set()).add(rid)
         for text, owners in texts.items():
+            if text not in self.texts:
+                self._text_list = None
             self.texts.setdefault(text, {})[rid] = frozenset(owners)
             counted = self.text_patients.setdefault(text, {})
             for pid in owners:
@@ -138,26 +159,53 @@ class RowIndex:
             if not by_rid:
                 del self.texts[text]
                 del self.text_patients[text]
+                self._text_list = None
+
+    def matching_texts(self, needles: Iterable[str]) -> list[str]:
+        """The indexed (folded) texts containing at least one of `needles` (Python's `in`)."""
+        if self._text_list is None:
+            self._text_list = list(self.texts)
+            self._text_starts = []
+            at = 0
+            for text in self._text_list:
+                self._text_starts.append(at)
+                at += len(text) + len(TEXT_SEPARATOR)
+            self._text_blob = TEXT_SEPARATOR.join(self._text_list)
+        texts, starts, blob = self._text_list, self._text_starts, self._text_blob
+        found: set[int] = set()
+        for needle in needles:
+            if not needle:
+                return list(texts)  # "" is in every text
+            at = blob.find(needle)
+            while at >= 0:
+                n = bisect_right(starts, at) - 1
+                # An occurrence may span a separator only when the needle holds one: the text
+                # itself decides. Every occurrence inside a text is one in the blob, so none
+                # is missed; after a hit the search goes on at the next text.
+                if needle in texts[n]:
+                    found.add(n)
+                    at = blob.find(needle, starts[n] + len(texts[n]) + len(TEXT_SEPARATOR))
+                else:
+                    at = blob.find(needle, at + 1)
+        return [texts[n] for n in sorted(found)]
 
     def text_patients_of(self, criterion: Criterion) -> set[str]:
         """The patients of counting rows meeting a condition-text parameter."""
         out: set[str] = set()
-        for text, counted in self.text_patients.items():
-            if any(t in text for t in criterion.texts):
-                out.update(counted)
+        for text in self.matching_texts(criterion.texts):
+            out.update(self.text_patients[text])
         return out
 
     def text_owners(self, criterion: Criterion) -> dict[str, set[str]]:
         """Per resource, the patients of its counting rows meeting a condition-text parameter
         (exactly `criterion_matches`: a row counts and a text or display contains a needle)."""
         out: dict[str, set[str]] = {}
-        for text, by_rid in self.texts.items():
-            if any(t in text for t in criterion.texts):
-                for rid, owners in by_rid.items():
-                    if rid in out:
-                        out[rid] |= owners
-                    else:
-                        out[rid] = set(owners)
+        for text in self.matching_texts(criterion.texts):
+            for rid, owners in self.texts[text].items():
+                if rid in out:
+                    out[rid] |= owners
+                else:
+                    out[rid] = set(owners)
         return out
 
     def _union(self, keys: Iterable[str]) -> set[str]:
@@ -172,11 +220,22 @@ class RowIndex:
             sets = [self._union(f"gender:{g}" for g in alts) for alts in query.genders]
             return set.intersection(*sets)
         if query.birthdates:
-            years = [k for k in self.keys if k.startswith("birthyear:")]
+            years: dict[str, bool] = {}
+
+            def year_may_match(year: str) -> bool:
+                if year not in years:
+                    years[year] = _may_match(year, query.birthdates)
+                return years[year]
+
             keep = [
                 k
-                for k in years
-                if all(any(_year_may_match(k[10:], d) for d in dates) for dates in query.birthdates)
+                for k in self.keys
+                if (k.startswith("birthyear:") and year_may_match(k[10:]))
+                or (
+                    k.startswith("birthmonth:")
+                    and year_may_match(k[11:15])
+                    and _may_match(k[11:], query.birthdates)
+                )
             ]
             return self._union(keep)
         return self.rows.keys()
@@ -192,11 +251,19 @@ class RowIndex:
         return self._union(keys)
 
 
-def _year_may_match(year: str, crit: DateCriterion) -> bool:
-    """Whether a birth date in `year` could meet one birthdate alternative."""
-    year_range = date_range(year)
-    assert year_range is not None
-    return range_may_match(crit.target(year_range), (crit.low, crit.high), crit.prefix)
+def _may_match(period: str, birthdates: Sequence[Sequence[DateCriterion]]) -> bool:
+    """Whether a birth date in `period` (YYYY, or YYYY-MM) could meet every birthdate
+    parameter. A month's range is taken as days 01 to 31: as text it holds every day written
+    in that month, whether the calendar has it or not."""
+    span = (
+        (period + "-01-01", period + "-12-31")
+        if len(period) == 4
+        else (period + "-01", period + "-31")
+    )
+    return all(
+        any(range_may_match(d.target(span), (d.low, d.high), d.prefix) for d in dates)
+        for dates in birthdates
+    )
 
 
 @dataclass
@@ -246,6 +313,9 @@ class TypeMirror:
     # the dict it was given while later syncs change a copy.
     fresh: dict[str, Rows] = field(default_factory=dict)
     fresh_shared: bool = False
+    # Counts the calls of `_status`, the one place the indexes, `winning`, `overriding` and
+    # `fresh` (all a plan reads) change: part of SpeedMirror.state.
+    changes: int = 0
 
     def __post_init__(self) -> None:
         self.winning_index = RowIndex(self.resource_type)
@@ -284,6 +354,7 @@ class TypeMirror:
             self.fresh[rid] = rows
 
     def _status(self, rid: str) -> None:
+        self.changes += 1
         self.winning_index.remove(rid)
         self.hidden_index.remove(rid)
         self.winning.discard(rid)
@@ -332,6 +403,19 @@ class SpeedMirror:
         self.marker: tuple[str, int] | None = None
         self.batch_key: BatchKey | None = None
         self.poller_watermark: str | None = None
+        self._plans: dict[tuple[Any, ...], Plan] = {}
+        self._plans_state: tuple[Any, ...] | None = None
+
+    @property
+    def state(self) -> tuple[Any, ...]:
+        """Changes whenever a plan could: a speed entry or a batch version taken in (every
+        such change passes TypeMirror._status), a new epoch or trim generation, a new batch
+        snapshot."""
+        return (
+            self.marker,
+            self.batch_key,
+            tuple(type_mirror.changes for type_mirror in self.types.values()),
+        )
 
     async def sync(self, store: SpeedStore) -> bool:
         """Bring the mirror up to date; False when the epoch marker is missing (incomplete).
@@ -414,8 +498,14 @@ class SpeedMirror:
                 type_mirror.unchecked = set(type_mirror.entries)
                 for rid in list(type_mirror.winning):
                     type_mirror._status(rid)
+                # Emptied by discards, these sets keep their tables: compact copies iterate in
+                # time of what they hold.
+                type_mirror.winning = set(type_mirror.winning)
+                type_mirror.overriding = set(type_mirror.overriding)
             self.batch_key = key
         for type_mirror in self.types.values():
+            if not type_mirror.unchecked:
+                continue  # the usual case: asked in O(1), never iterated
             pending = list(type_mirror.unchecked)
             for start in range(0, len(pending), 20000):
                 chunk = pending[start : start + 20000]
@@ -432,9 +522,30 @@ class SpeedMirror:
                 for rid in chunk:
                     if rid not in found:
                         type_mirror.set_batch(rid, None)
+            if not type_mirror.unchecked:
+                # A set keeps its table when emptied by discards: iterating it would cost as
+                # much as when it held every speed id.
+                type_mirror.unchecked = set()
 
     def plan(self, query: CohortQuery) -> Plan:
-        """The speed layer's part of one cohort query (call under `lock`, after syncing)."""
+        """The speed layer's part of one cohort query (call under `lock`, after syncing).
+
+        The same object for queries with the same signature until `state` changes: a Plan is
+        never changed once made (its `fresh` is copy-on-write, TypeMirror.share_fresh).
+        """
+        state = self.state
+        if state != self._plans_state:
+            self._plans.clear()
+            self._plans_state = state
+        key = query.signature()
+        plan = self._plans.get(key)
+        if plan is None:
+            if len(self._plans) >= PLAN_CACHE_MAX:
+                self._plans.clear()
+            plan = self._plans[key] = self._plan(query)
+        return plan
+
+    def _plan(self, query: CohortQuery) -> Plan:
         patients = self.types["Patient"]
 
         def speed_meets(rid: str) -> bool:
