@@ -239,6 +239,11 @@ async def main() -> None:
         load_s = loaded(url) if exists else None
         if load_s is None:
             load_s = load(url, args.patients, args.conditions, random.Random(1))
+        else:
+            # A kept database: built by an older release, `batch init` brings it to this one's
+            # tables (condition-text's text index included); unchanged views stay as they are.
+            for line in batch.init(url):
+                print(line, flush=True)
         write_s = await speed_writes(store, args.speed, args.patients, args.conditions)
         mirror, counts = SpeedMirror(), BatchCounts()
         started = time.perf_counter()

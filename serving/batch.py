@@ -20,6 +20,14 @@ filters on, on the low day of the dates birthdate searches (`serving.cohort.DATE
 and a trigram index (PostgreSQL's pg_trgm extension) on the folded text condition-text
 searches (`serving.cohort.SEARCHED_TEXT`).
 
+Condition-text reads a text index beside the Condition view (`TextIndex`): the DISTINCT folded
+texts (`rf_batch.condition_texts`, with the trigram index: far fewer than the rows, since real
+texts repeat) and one row per (text, patient, resource) of the view's counting rows
+(`rf_batch.condition_text_rows`, a btree on those three columns): a search matches the few
+texts, then counts patients by an index-only scan, instead of fetching every matching view row
+across the table. It changes with the view, in the same transaction: `_build_view` and
+`rebuild_view` rebuild it, a refresh replaces the changed resources' rows (`text_index_sql`).
+
 The sync from HAPI is `serving.batch_refresh`.
 """
 
@@ -43,7 +51,14 @@ from core.errors import (
 )
 from core.fhir_values import case_map_sql, date_range_sql, dumps, loads
 from core.settings import STARTUP_TIMEOUT_SECONDS, Settings
-from serving.cohort import DATE_RANGES, SEARCHED_TEXT, date_range_columns, folded_column
+from serving.cohort import (
+    DATE_RANGES,
+    SEARCHED_TEXT,
+    TEXT_INDEX,
+    counted_sql,
+    date_range_columns,
+    folded_column,
+)
 from serving.engines.postgres import compile_view
 from serving.viewdef import ViewDefinition, shipped_views
 
@@ -134,7 +149,15 @@ class ViewPlan:
     def sql(self) -> str:
         """Everything the table is built from, as text: a change means a rebuild."""
         index_text = "; ".join(",".join(cols) for cols in self.indexes)
-        return f"{self.query}\n-- indexes {index_text}; trigram {','.join(self.trigram)}"
+        text_index = f"; text index {TEXT_INDEX.texts}" if self.text_index else ""
+        return (
+            f"{self.query}\n-- indexes {index_text}; trigram {','.join(self.trigram)}{text_index}"
+        )
+
+    @property
+    def text_index(self) -> bool:
+        """Whether condition-text's text index (`TextIndex`) is kept beside this table."""
+        return has_text_index(self.name, self.trigram)
 
 
 def _derived(view_name: str, columns: set[str]) -> tuple[list[tuple[str, str]], list[str]]:
@@ -189,6 +212,98 @@ def plan_view(view: ViewDefinition, name: str | None = None) -> ViewPlan:
         trigram,
         definition,
     )
+
+
+def has_text_index(name: str, folded: Sequence[str]) -> bool:
+    """Whether the view `name`, with these folded columns, has condition-text's text index."""
+    return name == TEXT_INDEX.view and bool(folded)
+
+
+# Scratch table of a refresh: the texts whose rows it removed (a text left without rows goes).
+GONE_TEXTS = "pg_temp.rf_gone_texts"
+
+
+def _text_rows_source(where: str) -> str:
+    """FROM/WHERE giving (view row `v`, folded text `f.text`) for each counting row with a
+    patient and each of its non-null folded `SEARCHED_TEXT` columns, with `where` on `v`."""
+    folded = [folded_column(c) for c in SEARCHED_TEXT[TEXT_INDEX.view]]
+    values = ", ".join(f"(v.{sql.Identifier(c).as_string(None)})" for c in folded)
+    view = _ident(VIEW_SCHEMA, TEXT_INDEX.view).as_string(None)
+    counted = counted_sql("Condition").replace("verification_status", "v.verification_status")
+    return (
+        f"FROM {view} AS v CROSS JOIN LATERAL (VALUES {values}) AS f(text)"
+        f" WHERE f.text IS NOT NULL AND v.patient_id IS NOT NULL AND {counted} AND {where}"
+    )
+
+
+def _fill_text_index_sql(where: str) -> list[str]:
+    """Add the texts and text rows of the view rows meeting `where` (on `v`)."""
+    return [
+        f"INSERT INTO {TEXT_INDEX.texts} (text) SELECT DISTINCT f.text {_text_rows_source(where)}"
+        f" AND NOT EXISTS (SELECT 1 FROM {TEXT_INDEX.texts} AS t WHERE t.text = f.text)",
+        f"INSERT INTO {TEXT_INDEX.rows} (text_id, patient_id, resource_id)"
+        f" SELECT t.id, v.patient_id, v.{RESOURCE_KEY} FROM ({_text_pairs(where)}) AS v"
+        f" JOIN {TEXT_INDEX.texts} AS t ON t.text = v.text",
+    ]
+
+
+def _text_pairs(where: str) -> str:
+    """(patient_id, resource key, text) of the view rows meeting `where`, one per text."""
+    return f"SELECT v.patient_id, v.{RESOURCE_KEY}, f.text {_text_rows_source(where)}"
+
+
+def text_index_sql(changed_type: str | None = None) -> list[str]:
+    """The statements that bring the text index (`TEXT_INDEX`) up to date with its view, in
+    the transaction that changed the view: after the view's rows of the changed resources
+    (`CHANGED_RESOURCES` of `changed_type`; `GONE_TEXTS` from `changes_setup_sql`) were
+    replaced, or, without `changed_type`, after the whole view was recomputed."""
+    if changed_type is None:
+        return [
+            f"DELETE FROM {TEXT_INDEX.rows}",
+            f"DELETE FROM {TEXT_INDEX.texts}",
+            *_fill_text_index_sql("TRUE"),
+        ]
+    keys = (
+        f"ANY(ARRAY(SELECT id FROM {CHANGED_RESOURCES} WHERE resource_type ="
+        f" {sql.Literal(changed_type).as_string(None)}))"
+    )
+    return [
+        f"TRUNCATE {GONE_TEXTS}",
+        f"WITH gone AS (DELETE FROM {TEXT_INDEX.rows} WHERE resource_id = {keys}"
+        f" RETURNING text_id) INSERT INTO {GONE_TEXTS} SELECT DISTINCT text_id FROM gone",
+        *_fill_text_index_sql(f"v.{RESOURCE_KEY} = {keys}"),
+        f"DELETE FROM {TEXT_INDEX.texts} AS t WHERE t.id IN (SELECT text_id FROM {GONE_TEXTS})"
+        f" AND NOT EXISTS (SELECT 1 FROM {TEXT_INDEX.rows} AS r WHERE r.text_id = t.id)",
+    ]
+
+
+def _build_text_index(conn: psycopg.Connection[Any], trigram: bool) -> None:
+    """(Re)create the text index from its view's table (just built), with its indexes."""
+    conn.execute(f"DROP TABLE IF EXISTS {TEXT_INDEX.rows}, {TEXT_INDEX.texts}")
+    conn.execute(
+        f"CREATE TABLE {TEXT_INDEX.texts} (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,"
+        " text text NOT NULL)"
+    )
+    conn.execute(
+        f"CREATE TABLE {TEXT_INDEX.rows} (text_id bigint NOT NULL, patient_id text NOT NULL,"
+        " resource_id text NOT NULL)"
+    )
+    # Filled, then indexed (faster than inserting into indexed tables), except the look-up
+    # of a text the rows' insert needs (hash: a text may be longer than a btree entry).
+    conn.execute(f"CREATE INDEX condition_texts_text ON {TEXT_INDEX.texts} USING hash (text)")
+    for statement in _fill_text_index_sql("TRUE"):
+        conn.execute(statement)
+    conn.execute(
+        f"CREATE INDEX condition_text_rows_text_patient ON {TEXT_INDEX.rows}"
+        " (text_id, patient_id, resource_id)"
+    )
+    conn.execute(f"CREATE INDEX condition_text_rows_resource ON {TEXT_INDEX.rows} (resource_id)")
+    if trigram:
+        conn.execute(
+            f"CREATE INDEX condition_texts_trgm ON {TEXT_INDEX.texts} USING gin (text gin_trgm_ops)"
+        )
+    conn.execute(f"ANALYZE {TEXT_INDEX.texts}")
+    conn.execute(f"ANALYZE {TEXT_INDEX.rows}")
 
 
 # JIT compiles the views' jsonb expressions for far longer than they run (condition_simple
@@ -306,6 +421,8 @@ def _build_view(conn: psycopg.Connection[Any], plan: ViewPlan, trigram: bool) ->
             )
         )
     conn.execute(sql.SQL("ANALYZE {}").format(target))
+    if plan.text_index:
+        _build_text_index(conn, trigram)
     conn.execute(
         sql.SQL(
             "INSERT INTO rf_batch.views (name, definition, sql, rebuild_sql, changes_sql, rows,"
@@ -328,7 +445,18 @@ def _build_view(conn: psycopg.Connection[Any], plan: ViewPlan, trigram: bool) ->
 def changes_setup_sql() -> list[str]:
     """Statements creating this session's `CHANGED_RESOURCES` table, shaped like
     rf_batch.resources (dropped when the session ends)."""
-    return [f"CREATE TEMP TABLE IF NOT EXISTS {CHANGED_RESOURCES} (LIKE {RESOURCES})"]
+    return [
+        f"CREATE TEMP TABLE IF NOT EXISTS {CHANGED_RESOURCES} (LIKE {RESOURCES})",
+        f"CREATE TEMP TABLE IF NOT EXISTS {GONE_TEXTS} (text_id bigint)",
+    ]
+
+
+def text_index_present_sql(name: str) -> str | None:
+    """A query answering whether the view `name` has the text index (`TEXT_INDEX`) built
+    beside it (one row, a boolean); None for a view that never has one."""
+    if name != TEXT_INDEX.view:
+        return None
+    return f"SELECT to_regclass({sql.Literal(TEXT_INDEX.rows).as_string(None)}) IS NOT NULL"
 
 
 def replace_changed_sql(name: str, resource_type: str, changes_query: str) -> list[sql.Composed]:
@@ -365,6 +493,10 @@ def rebuild_view(conn: psycopg.Connection[Any], name: str) -> int:
     target = _ident(VIEW_SCHEMA, name)
     conn.execute(sql.SQL("DELETE FROM {}").format(target))
     rows = conn.execute(sql.SQL("INSERT INTO {} {}").format(target, sql.SQL(row[0]))).rowcount
+    present = text_index_present_sql(name)
+    if present is not None and (conn.execute(present).fetchone() or (False,))[0]:
+        for statement in text_index_sql():
+            conn.execute(statement)
     conn.execute(
         "UPDATE rf_batch.views SET rows = %s, built_at = now() WHERE name = %s", (rows, name)
     )
@@ -410,6 +542,9 @@ def init(
                 else:
                     with conn.transaction():
                         _build_view(conn, plan, trigram)
+                    if plan.text_index:
+                        # Index-only scans want the visibility map set (not in a transaction).
+                        conn.execute(f"VACUUM {TEXT_INDEX.rows}")
                     verb = "rebuilt" if present or plan.name in built else "created"
                     line = f"{verb} view {VIEW_SCHEMA}.{plan.name}"
                     logger.info("%s", line)

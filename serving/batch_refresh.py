@@ -54,6 +54,8 @@ from serving.batch import (
     changes_setup_sql,
     connect_async,
     replace_changed_sql,
+    text_index_present_sql,
+    text_index_sql,
 )
 from serving.registry import served_views
 from serving.viewdef import served_types
@@ -286,6 +288,17 @@ def _recorded(statement: str, keep: bool) -> str:
     )
 
 
+async def _text_index(
+    conn: psycopg.AsyncConnection[Any], name: str, changed_type: str | None
+) -> list[str]:
+    """The statements keeping condition-text's text index beside view `name` current (none
+    when the view has none): `serving.batch.text_index_sql`."""
+    present = text_index_present_sql(name)
+    if present is None or not await _scalar(conn, present):
+        return []
+    return text_index_sql(changed_type)
+
+
 async def _apply(
     conn: psycopg.AsyncConnection[Any],
     *,
@@ -363,11 +376,15 @@ async def _apply(
                     sql.SQL("INSERT INTO {} {}").format(target, sql.SQL(rebuild_query))
                 )
                 rows = cur.rowcount
+                for statement in await _text_index(conn, name, None):
+                    await conn.execute(statement)
             elif resource_type in changed_types:
                 delete, insert = replace_changed_sql(name, resource_type, changes_query)
                 removed = (await conn.execute(delete)).rowcount
                 added = (await conn.execute(insert)).rowcount
                 rows = int(rows) - removed + added
+                for statement in await _text_index(conn, name, resource_type):
+                    await conn.execute(statement)
             else:
                 view_rows[name] = int(rows)
                 continue  # a view reads only rows of its own type: untouched, it is current
