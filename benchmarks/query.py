@@ -222,7 +222,8 @@ async def main() -> None:
     parser.add_argument(
         "--database",
         help="keep the batch layer in this database (created and loaded when missing, reused"
-        " as it is when present: the full-scale load takes a quarter of an hour)",
+        " when present, after a `batch init` that builds only what this release changed: the"
+        " full-scale load takes a quarter of an hour)",
     )
     args = parser.parse_args()
     name = args.database or f"rf_bench_{uuid.uuid4().hex[:8]}"
