@@ -22,6 +22,15 @@ filters on, on the low day of the dates birthdate searches (`serving.cohort.DATE
 and a trigram index (PostgreSQL's pg_trgm extension) on the folded text condition-text
 searches (`serving.cohort.SEARCHED_TEXT`).
 
+Condition-text reads a text index beside the Condition view (`TextIndex`): the DISTINCT folded
+texts (`rf_batch.condition_texts`, with the trigram index: far fewer than the rows, since real
+texts repeat) and one row per (text, patient, resource) of the view's counting rows
+(`rf_batch.condition_text_rows`, a btree on those three columns): a search matches the few
+texts, then counts patients by an index-only scan, instead of fetching every matching view row
+across the table. It changes with the view, in the same transaction: a whole rebuild builds it fresh from
+the view's fresh table and swaps it in with it (`FreshTable`, `text_index_build_sql`), a
+refresh replaces the changed resources' rows (`text_index_sql`).
+
 The sync from HAPI is `serving.batch_refresh`.
 """
 
@@ -45,7 +54,14 @@ from core.errors import (
 )
 from core.fhir_values import case_map_sql, date_range_sql, dumps, loads
 from core.settings import STARTUP_TIMEOUT_SECONDS, Settings
-from serving.cohort import DATE_RANGES, SEARCHED_TEXT, date_range_columns, folded_column
+from serving.cohort import (
+    DATE_RANGES,
+    SEARCHED_TEXT,
+    TEXT_INDEX,
+    counted_sql,
+    date_range_columns,
+    folded_column,
+)
 from serving.engines.postgres import compile_view
 from serving.viewdef import ViewDefinition, shipped_views
 
@@ -136,7 +152,15 @@ class ViewPlan:
     def sql(self) -> str:
         """Everything the table is built from, as text: a change means a rebuild."""
         index_text = "; ".join(",".join(cols) for cols in self.indexes)
-        return f"{self.query}\n-- indexes {index_text}; trigram {','.join(self.trigram)}"
+        text_index = f"; text index {TEXT_INDEX.texts}" if self.text_index else ""
+        return (
+            f"{self.query}\n-- indexes {index_text}; trigram {','.join(self.trigram)}{text_index}"
+        )
+
+    @property
+    def text_index(self) -> bool:
+        """Whether condition-text's text index (`TextIndex`) is kept beside this table."""
+        return has_text_index(self.name, self.trigram)
 
 
 def _derived(view_name: str, columns: set[str]) -> tuple[list[tuple[str, str]], list[str]]:
@@ -193,6 +217,115 @@ def plan_view(view: ViewDefinition, name: str | None = None) -> ViewPlan:
         trigram,
         definition,
     )
+
+
+def has_text_index(name: str, folded: Sequence[str]) -> bool:
+    """Whether the view `name`, with these folded columns, has condition-text's text index."""
+    return name == TEXT_INDEX.view and bool(folded)
+
+
+# Scratch table of a refresh: the texts whose rows it removed (a text left without rows goes).
+GONE_TEXTS = "pg_temp.rf_gone_texts"
+
+
+def _text_rows_source(where: str, view_table: str | None = None) -> str:
+    """FROM/WHERE giving (view row `v`, folded text `f.text`) for each counting row with a
+    patient and each of its non-null folded `SEARCHED_TEXT` columns, with `where` on `v`;
+    the rows of `view_table` (SQL text; default the view's own table)."""
+    folded = [folded_column(c) for c in SEARCHED_TEXT[TEXT_INDEX.view]]
+    values = ", ".join(f"(v.{sql.Identifier(c).as_string(None)})" for c in folded)
+    view = view_table or _ident(VIEW_SCHEMA, TEXT_INDEX.view).as_string(None)
+    counted = counted_sql("Condition").replace("verification_status", "v.verification_status")
+    return (
+        f"FROM {view} AS v CROSS JOIN LATERAL (VALUES {values}) AS f(text)"
+        f" WHERE f.text IS NOT NULL AND v.patient_id IS NOT NULL AND {counted} AND {where}"
+    )
+
+
+def _fill_text_index_sql(
+    where: str,
+    view_table: str | None = None,
+    texts: str = TEXT_INDEX.texts,
+    rows: str = TEXT_INDEX.rows,
+) -> list[str]:
+    """Add the texts and text rows of the view rows meeting `where` (on `v`) to the text
+    index's tables `texts` and `rows`."""
+    source = _text_rows_source(where, view_table)
+    return [
+        f"INSERT INTO {texts} (text) SELECT DISTINCT f.text {source}"
+        f" AND NOT EXISTS (SELECT 1 FROM {texts} AS t WHERE t.text = f.text)",
+        f"INSERT INTO {rows} (text_id, patient_id, resource_id)"
+        f" SELECT t.id, v.patient_id, v.{RESOURCE_KEY} FROM"
+        f" (SELECT v.patient_id, v.{RESOURCE_KEY}, f.text {source}) AS v"
+        f" JOIN {texts} AS t ON t.text = v.text",
+    ]
+
+
+def text_index_sql(changed_type: str) -> list[str]:
+    """The statements that bring the text index (`TEXT_INDEX`) up to date with its view, in
+    the transaction that changed the view, after the view's rows of the changed resources
+    (`CHANGED_RESOURCES` of `changed_type`; `GONE_TEXTS` from `changes_setup_sql`) were
+    replaced. (A whole rebuild builds it fresh: `text_index_build_sql`.)"""
+    keys = (
+        f"ANY(ARRAY(SELECT id FROM {CHANGED_RESOURCES} WHERE resource_type ="
+        f" {sql.Literal(changed_type).as_string(None)}))"
+    )
+    return [
+        f"TRUNCATE {GONE_TEXTS}",
+        f"WITH gone AS (DELETE FROM {TEXT_INDEX.rows} WHERE resource_id = {keys}"
+        f" RETURNING text_id) INSERT INTO {GONE_TEXTS} SELECT DISTINCT text_id FROM gone",
+        *_fill_text_index_sql(f"v.{RESOURCE_KEY} = {keys}"),
+        f"DELETE FROM {TEXT_INDEX.texts} AS t WHERE t.id IN (SELECT text_id FROM {GONE_TEXTS})"
+        f" AND NOT EXISTS (SELECT 1 FROM {TEXT_INDEX.rows} AS r WHERE r.text_id = t.id)",
+    ]
+
+
+# The suffix of the text index's tables and indexes while a whole rebuild fills them fresh.
+FRESH_SUFFIX = "_fresh"
+# The text index's own indexes: (name, table (texts or rows), what follows USING).
+_TEXT_INDEXES = (
+    ("condition_texts_text", "texts", "hash (text)"),
+    ("condition_text_rows_text_patient", "rows", "btree (text_id, patient_id, resource_id)"),
+    ("condition_text_rows_resource", "rows", "btree (resource_id)"),
+)
+
+
+def text_index_build_sql(trigram: bool, view_table: str, suffix: str = "") -> list[str]:
+    """Statements creating the text index's tables (`TEXT_INDEX`, names + `suffix`) from the
+    view's table `view_table` (SQL text), filled, then indexed, then analyzed."""
+    texts, rows = TEXT_INDEX.texts + suffix, TEXT_INDEX.rows + suffix
+    out = [
+        f"DROP TABLE IF EXISTS {rows}, {texts}",
+        f"CREATE TABLE {texts} (id bigint GENERATED ALWAYS AS IDENTITY,"
+        f" text text NOT NULL, CONSTRAINT condition_texts_pkey{suffix} PRIMARY KEY (id))",
+        f"CREATE TABLE {rows} (text_id bigint NOT NULL, patient_id text NOT NULL,"
+        " resource_id text NOT NULL)",
+        # Filled, then indexed (faster than inserting into indexed tables), except the look-up
+        # of a text the rows' insert needs (hash: a text may be longer than a btree entry).
+        f"CREATE INDEX condition_texts_text{suffix} ON {texts} USING hash (text)",
+        *_fill_text_index_sql("TRUE", view_table, texts, rows),
+    ]
+    for name, table, using in _TEXT_INDEXES[1:]:
+        out.append(
+            f"CREATE INDEX {name}{suffix} ON {rows if table == 'rows' else texts} USING {using}"
+        )
+    if trigram:
+        out.append(
+            f"CREATE INDEX condition_texts_trgm{suffix} ON {texts} USING gin (text gin_trgm_ops)"
+        )
+    out += [f"ANALYZE {texts}", f"ANALYZE {rows}"]
+    return out
+
+
+def text_index_swap_sql() -> list[str]:
+    """Statements putting the fresh text index (FRESH_SUFFIX) in the place of the old one."""
+    out = [f"DROP TABLE IF EXISTS {TEXT_INDEX.rows}, {TEXT_INDEX.texts}"]
+    for table in (TEXT_INDEX.texts, TEXT_INDEX.rows):
+        out.append(f"ALTER TABLE {table}{FRESH_SUFFIX} RENAME TO {table.split('.', 1)[1]}")
+    schema = TEXT_INDEX.texts.split(".", 1)[0]
+    for name in ("condition_texts_pkey", "condition_texts_trgm", *(i for i, _, _ in _TEXT_INDEXES)):
+        out.append(f"ALTER INDEX IF EXISTS {schema}.{name}{FRESH_SUFFIX} RENAME TO {name}")
+    return out
 
 
 # JIT compiles the views' jsonb expressions for far longer than they run (condition_simple
@@ -320,7 +453,8 @@ class FreshTable:
     `indexes` are (index name, what follows USING in its definition, e.g. `btree (code)`),
     `grants` (privilege, grantable, grantee or None for PUBLIC) as GRANTS_SQL gives them,
     `kind` the relkind of the table it replaces (None: none; "m": an older release's
-    materialized view).
+    materialized view). `text_index`: condition-text's text index (`TEXT_INDEX`) is built
+    fresh from the fresh table too and swapped in with it (its trigram index when `trigram`).
     """
 
     name: str
@@ -328,16 +462,18 @@ class FreshTable:
     indexes: tuple[tuple[str, str], ...]
     grants: tuple[tuple[str, bool, str | None], ...] = ()
     kind: str | None = "r"
+    text_index: bool = False
+    trigram: bool = False
 
     @property
     def fresh(self) -> str:
         return _index_name(FRESH_PREFIX, self.name)
 
-    def build_sql(self) -> list[sql.Composed]:
+    def build_sql(self) -> list[sql.SQL | sql.Composed]:
         """Create and fill the fresh table (the first statement's rowcount is its rows),
         index it, grant on it what was granted on the old one, ANALYZE it."""
         target = _ident(VIEW_SCHEMA, self.fresh)
-        out = [
+        out: list[sql.SQL | sql.Composed] = [
             sql.SQL("CREATE TABLE {} AS {}").format(target, sql.SQL(self.query)),
         ]
         for index, using in self.indexes:
@@ -356,13 +492,20 @@ class FreshTable:
                 )
             )
         out.append(sql.SQL("ANALYZE {}").format(target))
+        if self.text_index:
+            out.extend(
+                sql.SQL(statement)
+                for statement in text_index_build_sql(
+                    self.trigram, target.as_string(None), FRESH_SUFFIX
+                )
+            )
         return out
 
-    def swap_sql(self) -> list[sql.Composed]:
+    def swap_sql(self) -> list[sql.SQL | sql.Composed]:
         """Drop the old table, give the fresh one (and its indexes) the old names. Run
         LOCK_OUT_READERS first, once per transaction."""
         target = _ident(VIEW_SCHEMA, self.name)
-        out: list[sql.Composed] = []
+        out: list[sql.SQL | sql.Composed] = []
         if self.kind == "m":  # as an older release built it
             out.append(sql.SQL("DROP MATERIALIZED VIEW {}").format(target))
         elif self.kind is not None:
@@ -378,7 +521,14 @@ class FreshTable:
                     _ident(VIEW_SCHEMA, _index_name(FRESH_PREFIX, index)), _ident(index)
                 )
             )
+        if self.text_index:
+            out.extend(sql.SQL(statement) for statement in text_index_swap_sql())
         return out
+
+
+def has_trigram_index(indexes: Sequence[tuple[str, str]]) -> bool:
+    """Whether FreshTable-style `indexes` hold a pg_trgm one (pg_trgm is installed)."""
+    return any("gin_trgm_ops" in using for _name, using in indexes)
 
 
 def existing_indexes(rows: Sequence[tuple[str, str]]) -> tuple[tuple[str, str], ...]:
@@ -426,7 +576,15 @@ def _build_view(conn: psycopg.Connection[Any], plan: ViewPlan, trigram: bool) ->
     """(Re)create the table of `plan` from the resources held, its indexes, its record."""
     kind = _relkind(conn, plan.name)
     grants = _grants(conn, plan.name) if kind == "r" else ()
-    table = FreshTable(plan.name, plan.query, _plan_indexes(plan, trigram), grants, kind)
+    table = FreshTable(
+        plan.name,
+        plan.query,
+        _plan_indexes(plan, trigram),
+        grants,
+        kind,
+        text_index=plan.text_index,
+        trigram=trigram,
+    )
     rows = _run_fresh(conn, [table])[plan.name]
     conn.execute(
         "INSERT INTO rf_batch.views (name, definition, sql, rebuild_sql, changes_sql, rows,"
@@ -449,7 +607,18 @@ def _build_view(conn: psycopg.Connection[Any], plan: ViewPlan, trigram: bool) ->
 def changes_setup_sql() -> list[str]:
     """Statements creating this session's `CHANGED_RESOURCES` table, shaped like
     rf_batch.resources (dropped when the session ends)."""
-    return [f"CREATE TEMP TABLE IF NOT EXISTS {CHANGED_RESOURCES} (LIKE {RESOURCES})"]
+    return [
+        f"CREATE TEMP TABLE IF NOT EXISTS {CHANGED_RESOURCES} (LIKE {RESOURCES})",
+        f"CREATE TEMP TABLE IF NOT EXISTS {GONE_TEXTS} (text_id bigint)",
+    ]
+
+
+def text_index_present_sql(name: str) -> str | None:
+    """A query answering whether the view `name` has the text index (`TEXT_INDEX`) built
+    beside it (one row, a boolean); None for a view that never has one."""
+    if name != TEXT_INDEX.view:
+        return None
+    return f"SELECT to_regclass({sql.Literal(TEXT_INDEX.rows).as_string(None)}) IS NOT NULL"
 
 
 def replace_changed_sql(name: str, resource_type: str, changes_query: str) -> list[sql.Composed]:
@@ -500,7 +669,19 @@ def rebuild_views(
         if row is None or row[0] is None or kind is None:
             raise KeyError(f"the batch layer has no table for view {name}: run `batch init`")
         indexes = existing_indexes(conn.execute(INDEXES_SQL, (regclass_text(name),)).fetchall())
-        tables.append(FreshTable(name, str(row[0]), indexes, _grants(conn, name), kind))
+        present = text_index_present_sql(name)
+        text_index = present is not None and bool((conn.execute(present).fetchone() or (0,))[0])
+        tables.append(
+            FreshTable(
+                name,
+                str(row[0]),
+                indexes,
+                _grants(conn, name),
+                kind,
+                text_index=text_index,
+                trigram=has_trigram_index(indexes),
+            )
+        )
     # The caller's transaction (a savepoint in it), or one of its own on an autocommit
     # connection: the swap's lock lasts until the commit.
     with conn.transaction():
@@ -547,6 +728,9 @@ def init(
                 else:
                     with conn.transaction():
                         _build_view(conn, plan, trigram)
+                    if plan.text_index:
+                        # Index-only scans want the visibility map set (not in a transaction).
+                        conn.execute(f"VACUUM {TEXT_INDEX.rows}")
                     verb = "rebuilt" if present or plan.name in built else "created"
                     line = f"{verb} view {VIEW_SCHEMA}.{plan.name}"
                 done.append(line)

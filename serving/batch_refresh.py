@@ -59,8 +59,11 @@ from serving.batch import (
     changes_setup_sql,
     connect_async,
     existing_indexes,
+    has_trigram_index,
     regclass_text,
     replace_changed_sql,
+    text_index_present_sql,
+    text_index_sql,
 )
 from serving.registry import served_views
 from serving.viewdef import served_types
@@ -300,6 +303,17 @@ def _recorded(statement: str, keep: bool) -> str:
     )
 
 
+async def _text_index(
+    conn: psycopg.AsyncConnection[Any], name: str, changed_type: str
+) -> list[str]:
+    """The statements keeping condition-text's text index beside view `name` current (none
+    when the view has none): `serving.batch.text_index_sql`."""
+    present = text_index_present_sql(name)
+    if present is None or not await _scalar(conn, present):
+        return []
+    return text_index_sql(changed_type)
+
+
 async def _apply(
     conn: psycopg.AsyncConnection[Any],
     *,
@@ -376,6 +390,8 @@ async def _apply(
                 removed = (await conn.execute(delete)).rowcount
                 added = (await conn.execute(insert)).rowcount
                 rows = int(rows) - removed + added
+                for text_statement in await _text_index(conn, name, resource_type):
+                    await conn.execute(text_statement)
             else:
                 view_rows[name] = int(rows)
                 continue  # a view reads only rows of its own type: untouched, it is current
@@ -413,7 +429,17 @@ async def _fresh_table(conn: psycopg.AsyncConnection[Any], name: str, kind: str)
     indexes = existing_indexes(await cur.fetchall())
     cur = await conn.execute(GRANTS_SQL, (regclass_text(name),))
     grants = tuple((str(p), bool(g), r) for p, g, r in await cur.fetchall())
-    return FreshTable(name, query, indexes, grants, kind)
+    present = text_index_present_sql(name)
+    text_index = present is not None and bool(await _scalar(conn, present))
+    return FreshTable(
+        name,
+        query,
+        indexes,
+        grants,
+        kind,
+        text_index=text_index,
+        trigram=has_trigram_index(indexes),
+    )
 
 
 async def trim_speed_layer(

@@ -53,6 +53,27 @@ SEARCHED_TEXT: dict[str, tuple[str, ...]] = {
 }
 
 
+@dataclass(frozen=True)
+class TextIndex:
+    """Condition-text's text index in the batch layer, kept beside the view `view` by
+    serving.batch in the view's transactions.
+
+    `texts` (id, text): each distinct folded text of the view's counting rows once, with a
+    trigram index; `rows` (text_id, patient_id, resource_id): per counting row with a patient,
+    one row per folded text of its `SEARCHED_TEXT` columns (a btree on all three, for counting
+    patients by an index-only scan). A text no row carries any more leaves `texts`.
+    """
+
+    view: str
+    texts: str
+    rows: str
+
+
+TEXT_INDEX = TextIndex(
+    COHORT_VIEWS["Condition"], "rf_batch.condition_texts", "rf_batch.condition_text_rows"
+)
+
+
 def folded_column(column: str) -> str:
     """The batch view column holding `column` folded."""
     return f"{column}_folded"
@@ -542,6 +563,21 @@ def criterion_sql(criterion: Criterion, params: list[Any]) -> str:
     # alternatives from the (code) and (code_system, code) indexes.
     parts.append("(" + " OR ".join(alternatives) + ")")
     return " AND ".join(parts)
+
+
+def text_rows_sql(criterion: Criterion, params: list[Any]) -> str:
+    """`FROM ... WHERE ...` over the text index (`TEXT_INDEX`, aliases `text_row`: patient_id,
+    resource_id) giving the batch rows that meet a condition-text parameter: the counting rows
+    with a patient whose folded text or display contains a needle, as `criterion_sql`, whose
+    rows these are (the texts matched first, by LIKE: the trigram index serves it)."""
+    likes = []
+    for text in criterion.texts:
+        likes.append("indexed.text LIKE %s")
+        params.append(like_pattern(text))
+    return (
+        f"FROM {TEXT_INDEX.texts} AS indexed JOIN {TEXT_INDEX.rows} AS text_row"
+        f" ON text_row.text_id = indexed.id WHERE ({' OR '.join(likes)})"
+    )
 
 
 def view_of(criterion: Criterion) -> str:

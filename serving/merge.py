@@ -25,6 +25,7 @@ from serving.cohort import (
     Criterion,
     criterion_sql,
     patient_sql,
+    text_rows_sql,
     view_of,
 )
 from serving.mirror import BatchKey, Plan, SpeedMirror
@@ -154,11 +155,19 @@ def _criterion_part(
     distinct: bool,
 ) -> str:
     """Patient ids with a merged row meeting one parameter (`distinct`: each once)."""
-    where = params.criterion(criterion) + " AND patient_id IS NOT NULL"
-    if hidden:
-        where += f" AND id <> ALL({params.array(hidden)})"
     select = "SELECT DISTINCT" if distinct and not speed_ids else "SELECT"
-    part = f"{select} patient_id FROM {view_of(criterion)} WHERE {where}"
+    if criterion.kind == "condition-text":
+        # The text index: the matching texts first, then their patients (index-only).
+        part = f"{select} text_row.patient_id " + params.fragment(
+            lambda values: text_rows_sql(criterion, values)
+        )
+        if hidden:
+            part += f" AND text_row.resource_id <> ALL({params.array(hidden)})"
+    else:
+        where = params.criterion(criterion) + " AND patient_id IS NOT NULL"
+        if hidden:
+            where += f" AND id <> ALL({params.array(hidden)})"
+        part = f"{select} patient_id FROM {view_of(criterion)} WHERE {where}"
     if speed_ids:
         return f"{part} UNION SELECT unnest({params.array(speed_ids)})"
     return part

@@ -222,7 +222,13 @@ def test_init_creates_everything_and_is_idempotent(pg_url: str) -> None:
         "SELECT table_schema || '.' || table_name FROM information_schema.tables"
         " WHERE table_schema = 'rf_batch' ORDER BY 1",
     )
-    assert [t[0] for t in tables] == ["rf_batch.resources", "rf_batch.views", "rf_batch.watermark"]
+    assert [t[0] for t in tables] == [
+        "rf_batch.condition_text_rows",  # condition-text's text index
+        "rf_batch.condition_texts",
+        "rf_batch.resources",
+        "rf_batch.views",
+        "rf_batch.watermark",
+    ]
     tables = table(pg_url, "SELECT tablename FROM pg_tables WHERE schemaname = 'sqlonfhir'")
     assert sorted(m[0] for m in tables) == sorted(shipped_views())
     indexes = {
@@ -247,6 +253,10 @@ def test_init_creates_everything_and_is_idempotent(pg_url: str) -> None:
         assert has(name, "(patient_id)")
     for column in ("code_text_folded", "code_display_folded"):
         assert has("condition_simple", f"USING gin ({column} gin_trgm_ops)")
+    # The text index: its texts by trigram, its rows by text for index-only counting.
+    assert has("condition_texts", "USING gin (text gin_trgm_ops)")
+    assert has("condition_text_rows", "(text_id, patient_id, resource_id)")
+    assert has("condition_text_rows", "(resource_id)")
     columns = table(
         pg_url,
         "SELECT attname FROM pg_attribute WHERE attrelid = 'sqlonfhir.condition_simple'::regclass"

@@ -27,7 +27,7 @@ from core.serve import serve_asgi
 from core.settings import Settings
 from serving import batch
 from serving.batch_refresh import RefreshFailed, refresh
-from serving.cohort import parse_query
+from serving.cohort import TEXT_INDEX, parse_query
 from serving.merge import BatchCounts, SpeedView, cohort
 from serving.viewdef import shipped_views
 from subscriptions.fhir_client import FhirClient
@@ -39,7 +39,18 @@ GENDERS = ["male", "female", "other", "unknown"]
 # Whole dates, months and years: a partial date is the range it covers.
 BIRTH_DATES = ["1970", "1970-02", "1970-02-28", "1971-12-31", "1969-06", "1980-01-01", None]
 CODES = [("http://snomed.info/sct", "44054006"), ("http://snomed.info/sct", "38341003")]
-TEXTS = ["Diabetes mellitus", "Heart failure", "STRASSE straße", "100% of_it", "heartburn"]
+# Displays of the codes (condition-text searches them too), None: a coding without one.
+DISPLAYS = [None, "Hypertensive disorder", "Heart disease of the Stomach"]
+# Texts that share words, texts found once, a text equal to a display once folded, None.
+TEXTS = [
+    "Diabetes mellitus",
+    "Heart failure",
+    "STRASSE straße",
+    "100% of_it",
+    "heartburn",
+    "HEART DISEASE OF THE STOMACH",
+    None,
+]
 QUERIES = [
     [("birthdate", "ge1970-02-01"), ("birthdate", "lt1971")],
     [("birthdate", "eq1970")],
@@ -49,6 +60,8 @@ QUERIES = [
     [("condition-text", "heart")],
     [("condition-text", "strasse")],
     [("condition-text", "0%"), ("gender", "other")],
+    [("condition-text", "stomach,mellitus")],
+    [("condition-text", "hypertensive")],
     [("condition", "http://snomed.info/sct|44054006")],
     [("gender", "female"), ("condition", "38341003")],
 ]
@@ -61,18 +74,35 @@ def patient(n: int, gender: int, birth: str | None) -> dict[str, Any]:
     return out
 
 
-def condition(n: int, subject: int, code: int, text: int) -> dict[str, Any]:
+def condition(
+    n: int, subject: int, code: int, text: int, display: int = 0, error: bool = False
+) -> dict[str, Any]:
     system, value = CODES[code]
-    return {
+    coding = {"system": system, "code": value}
+    if DISPLAYS[display] is not None:
+        coding["display"] = DISPLAYS[display]
+    out: dict[str, Any] = {
         "resourceType": "Condition",
         "id": f"c{n}",
         "subject": {"reference": f"Patient/p{subject}"},
-        "code": {"coding": [{"system": system, "code": value}], "text": TEXTS[text]},
+        "code": {"coding": [coding]},
     }
+    if TEXTS[text] is not None:
+        out["code"]["text"] = TEXTS[text]
+    if error:  # never counted: neither its text nor its display makes a member
+        out["verificationStatus"] = {
+            "coding": [
+                {
+                    "system": "http://terminology.hl7.org/CodeSystem/condition-ver-status",
+                    "code": "entered-in-error",
+                }
+            ]
+        }
+    return out
 
 
-# One step: ("patient", n, gender, birth) | ("condition", n, subject, code, text)
-#           | ("delete", type, n) | ("refresh",)
+# One step: ("patient", n, gender, birth) | ("condition", n, subject, code, text, display,
+#           entered in error) | ("delete", type, n) | ("refresh", full)
 STEPS = st.one_of(
     st.tuples(
         st.just("patient"),
@@ -86,9 +116,11 @@ STEPS = st.one_of(
         st.integers(0, 5),
         st.integers(0, 1),
         st.integers(0, len(TEXTS) - 1),
+        st.integers(0, len(DISPLAYS) - 1),
+        st.booleans(),
     ),
     st.tuples(st.just("delete"), st.sampled_from(["Patient", "Condition"]), st.integers(0, 7)),
-    st.tuples(st.just("refresh")),
+    st.tuples(st.just("refresh"), st.sampled_from([False, False, False, True])),
 )
 
 
@@ -119,14 +151,39 @@ def database() -> Iterator[str]:
 
 
 def table_rows(conn: psycopg.Connection[Any]) -> dict[str, list[str]]:
-    """Every row of every view's table, as text (all columns), sorted."""
+    """Every row of every view's table, as text (all columns), sorted; and condition-text's
+    text index: its texts (each once, none without a row) and its rows by text."""
     out = {}
     for name in shipped_views():
         rows = conn.execute(
             sql.SQL("SELECT t::text FROM {} AS t").format(sql.Identifier("sqlonfhir", name))
         ).fetchall()
         out[name] = sorted(r[0] for r in rows)
+    texts = conn.execute(f"SELECT text FROM {TEXT_INDEX.texts}".encode()).fetchall()
+    out["text index: texts"] = sorted(r[0] for r in texts)
+    rows = conn.execute(
+        f"SELECT t.text, r.patient_id, r.resource_id FROM {TEXT_INDEX.rows} AS r"
+        f" JOIN {TEXT_INDEX.texts} AS t ON t.id = r.text_id".encode()
+    ).fetchall()
+    out["text index: rows"] = sorted(str(r) for r in rows)
     return out
+
+
+def text_index_from_view(conn: psycopg.Connection[Any]) -> tuple[list[str], list[str]]:
+    """The text index as its definition says, from the view's rows in Python: each counting
+    row with a patient gives (folded text, patient, resource) per folded text or display."""
+    rows = conn.execute(
+        "SELECT code_text, code_display, verification_status, patient_id, _resource_id"
+        " FROM sqlonfhir.condition_simple"
+    ).fetchall()
+    entries = [
+        (t.casefold(), patient, rid)  # Unicode default case folding, as tests/oracle.py
+        for text, display, status, patient, rid in rows
+        if patient is not None and status != "entered-in-error"
+        for t in (text, display)
+        if t is not None
+    ]
+    return sorted({e[0] for e in entries}), sorted(str(e) for e in entries)
 
 
 def rebuilt_rows(database_url: str) -> dict[str, list[str]]:
@@ -164,11 +221,16 @@ def hapi_now(hapi: StandInHapi) -> dict[tuple[str, str], Any]:
 
 async def check_against_rebuild_and_oracle(r: Rig) -> None:
     url = r.settings.database_url
-    assert current_rows(url) == rebuilt_rows(url)
+    now = current_rows(url)
+    assert now == rebuilt_rows(url)
+    with psycopg.connect(url) as conn:
+        texts, text_rows = text_index_from_view(conn)
+    assert now["text index: texts"] == texts
+    assert now["text index: rows"] == text_rows
     with psycopg.connect(url) as conn:
         rows = dict(conn.execute("SELECT name, rows FROM rf_batch.views").fetchall())
         held = conn.execute("SELECT resources FROM rf_batch.watermark").fetchone()
-    assert rows == {name: len(v) for name, v in current_rows(url).items()}
+    assert rows == {name: len(v) for name, v in now.items() if name in rows}
     assert held == (len(hapi_now(r.hapi)),)
     for params in QUERIES:
         assert await batch_answer(url, params) == oracle_cohort(hapi_now(r.hapi), params), params
@@ -195,7 +257,7 @@ async def test_incremental_equals_full_rebuild_and_oracle(
                 if (step[1], f"{step[1][0].lower()}{step[2]}") in r.hapi.resources:
                     await r.hapi.delete(step[1], f"{step[1][0].lower()}{step[2]}")
             else:
-                await refresh(r.settings, client=r.client)
+                await refresh(r.settings, client=r.client, full=bool(step[1:] and step[1]))
                 await check_against_rebuild_and_oracle(r)
 
 
@@ -324,10 +386,11 @@ async def test_full_refresh_rebuilds_every_view(pg_url: str) -> None:
         with psycopg.connect(pg_url) as conn:
             conn.execute("DELETE FROM sqlonfhir.condition_simple WHERE _resource_id = 'c1'")
             conn.execute("UPDATE sqlonfhir.patient_demographics SET birth_date_low = NULL")
+            conn.execute(f"DELETE FROM {TEXT_INDEX.rows} WHERE resource_id = 'c2'".encode())
         quiet = await refresh(r.settings, client=r.client)
         assert quiet.changed == 0 and current_rows(pg_url) != good  # nothing new: untouched
         full = await refresh(r.settings, client=r.client, full=True)
-        assert full.full and full.views == {n: len(v) for n, v in good.items()}
+        assert full.full and full.views == {n: len(good[n]) for n in shipped_views()}
         assert current_rows(pg_url) == good
         await check_against_rebuild_and_oracle(r)
 
