@@ -31,6 +31,7 @@ with line breaks): those resources go to the full check, which decides. tests/te
 checks "passes the fast test => passes the full check" on the official examples, the benchmark
 mix and random mutations of both.
 """
+
 from __future__ import annotations
 
 import gzip
