@@ -175,13 +175,17 @@ def _require_tokens(tokens: Sequence[str], name: str, insecure: bool) -> None:
 
 
 def freeze_startup_objects() -> None:
-    """Move what start-up built (models, compiled views) out of the collector's reach.
+    """Build the gate's compiled test, then move what start-up built (models, compiled views)
+    out of the collector's reach.
 
     A full collection otherwise walks every fhir.resources model class on each run: tens of
     milliseconds of pause in the middle of requests (measured in benchmarks/README.md).
     """
     import gc
 
+    from core.r4schema import fast_validator
+
+    fast_validator()  # the gate's compiled test (~1 s to load): before the first request
     gc.collect()
     gc.freeze()
 
