@@ -363,9 +363,9 @@ def shared_note(results: dict[str, Any]) -> str:
 def append_readme(results: dict[str, Any], seconds: float) -> None:
     labels = {
         "bare": "bare Starlette, JSON parse only (baseline)",
-        "before": "receiver, key schema before (hash per resource)",
-        "this": "receiver, this key schema (records)",
-        "this_fsync": "receiver (records), Redis with `appendfsync always` (private server)",
+        "before": "receiver at `before`",
+        "this": "receiver at `this`",
+        "this_fsync": "receiver at `this`, Redis with `appendfsync always` (private server)",
     }
     commits = results["commits"]
     lines = [
@@ -375,7 +375,7 @@ def append_readme(results: dict[str, Any], seconds: float) -> None:
         f"Machine: {results['machine']}. One uvicorn worker (uvloop, httptools) per server;"
         f" load generator and Redis on the same 2 cores. {shared_note(results)}"
         f" {seconds:.0f} s per measurement, realistic Patient/Condition/Observation PUTs as"
-        " HAPI sends them, each a new resource; the two key schemas alternate, in the order"
+        " HAPI sends them, each a new resource; the two commits alternate, in the order"
         " listed.",
         "",
         f"- before: `{commits['before']}`",
