@@ -27,9 +27,9 @@ texts (`rf_batch.condition_texts`, with the trigram index: far fewer than the ro
 texts repeat) and one row per (text, patient, resource) of the view's counting rows
 (`rf_batch.condition_text_rows`, a btree on those three columns): a search matches the few
 texts, then counts patients by an index-only scan, instead of fetching every matching view row
-across the table. It changes with the view, in the same transaction: a whole rebuild builds it fresh from
-the view's fresh table and swaps it in with it (`FreshTable`, `text_index_build_sql`), a
-refresh replaces the changed resources' rows (`text_index_sql`).
+across the table. It changes with the view, in the same transaction: a whole rebuild builds
+it fresh from the view's fresh table and swaps it in with it (`FreshTable`,
+`text_index_build_sql`), a refresh replaces the changed resources' rows (`text_index_sql`).
 
 The sync from HAPI is `serving.batch_refresh`.
 """
