@@ -275,13 +275,27 @@ def check_resource(data: dict[str, Any]) -> list[Issue]:
     return issues
 
 
+# What `json_rules_issues` looks at, as bytes of the JSON text: a null, an empty object or
+# array, an `extension`/`modifierExtension` key, and (counted apart) a nested resourceType.
+# Those keys are ASCII letters: spelled otherwise, they hold a \u escape of one (\u0040 to
+# \u007F, which the pattern also matches), so a text with none of these bytes breaks no
+# rule; a match only means the walk is needed.
+_JSON_RULES_BYTES = re.compile(rb'null|xtension"|\\u00[4-7]|[{\[][ \t\r\n]*[}\]]')
+
+
+def json_rules_may_fail(raw: bytes) -> bool:
+    """False when `raw` (a resource's JSON text) cannot break a rule `json_rules_issues`
+    checks, told from its bytes alone (~1 us, against ~40 us for the walk)."""
+    return raw.count(b'"resourceType"') > 1 or _JSON_RULES_BYTES.search(raw) is not None
+
+
 def passes_fast(resource_type: str, raw: bytes, data: dict[str, Any]) -> bool:
     """True when a resource passes the compiled test (`core.r4schema.fast_valid`), FHIR's JSON
     rules and our bindings: then `check_resource` finds nothing either, and is not run."""
     return (
         r4schema.fast_valid(raw)
         and not _binding_issues(resource_type, data)
-        and not json_rules_issues(data)
+        and not (json_rules_may_fail(raw) and json_rules_issues(data))
     )
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import gzip
+import json
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,13 @@ from hypothesis import strategies as st
 from core import r4schema
 from core.errors import InvalidResource
 from core.fhir_values import dumps, loads
-from core.validation import check_resource, passes_fast, validate_resource
+from core.validation import (
+    check_resource,
+    json_rules_issues,
+    json_rules_may_fail,
+    passes_fast,
+    validate_resource,
+)
 from tests.conftest import SHARED
 from tests.examples import official_examples
 
@@ -212,3 +219,67 @@ def test_a_url_that_is_a_number_is_refused_not_a_500() -> None:
     }
     with pytest.raises(InvalidResource):
         validate_resource(dumps(resource))
+
+
+# -- the byte screen before FHIR's JSON rules ---------------------------------------------
+
+_KEYS = st.sampled_from(
+    [
+        "extension",
+        "modifierExtension",
+        "resourceType",
+        "url",
+        "valueString",
+        "given",
+        "_given",
+        "a",
+        "\u00e9",
+        "Extension",
+    ]
+) | st.text(max_size=6)
+_JSON = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.text(max_size=8)
+    | st.sampled_from(["null", "{}", "[]", "extension", "Patient"]),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(_KEYS, inner, max_size=4),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=600, deadline=None)
+@given(
+    data=st.dictionaries(_KEYS, _JSON, max_size=5),
+    ascii_only=st.booleans(),
+    spacing=st.sampled_from([None, 0, 2]),
+    escaped=st.booleans(),
+)
+def test_the_byte_screen_never_passes_what_the_json_rules_refuse(
+    data: dict[str, Any], ascii_only: bool, spacing: int | None, escaped: bool
+) -> None:
+    """Whatever the text's spacing or escapes: no refusal of `json_rules_issues` passes
+    `json_rules_may_fail`'s screen (it may only send more to the walk)."""
+    raw = json.dumps(
+        {"resourceType": "Patient", **data}, ensure_ascii=ascii_only, indent=spacing
+    ).encode()
+    if escaped:  # the keys the rules read, with a letter written as a \u escape
+        for key in (b"extension", b"modifierExtension", b"resourceType"):
+            raw = raw.replace(b'"' + key + b'"', b'"\\u%04x' % key[0] + key[1:] + b'"')
+    if not json_rules_may_fail(raw):
+        assert json_rules_issues(loads(raw)) == []
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"resourceType":"Patient","ext\\u0065nsion":[{"valueString":"x"}]}',  # no url
+        b'{"resourceType":"Patient","a":{ \n }}',
+        b'{"resourceType":"Patient","a":[\t]}',
+        b'{"resourceType":"Patient","a":null}',
+        b'{"resourceType":"Patient","contained":[{"resourceType":"Citation","id":"c"}]}',
+    ],
+)
+def test_the_byte_screen_sends_each_rule_breaker_to_the_walk(raw: bytes) -> None:
+    assert json_rules_issues(loads(raw)), "the rule itself refuses it"
+    assert json_rules_may_fail(raw)
