@@ -262,14 +262,14 @@ async def main() -> None:
                 q = parse_query(parse_qsl(query))
 
                 async def merged(q: Any = q) -> Any:
-                    speed = await read_speed(store, mirror, True)
+                    speed = await read_speed(store, mirror, True, q.resource_types)
                     if speed.mirror is None:
                         raise RuntimeError("Redis db 14 lost the speed layer during the run")
                     async with conn.transaction():
                         return await cohort(conn, q, speed, counts)
 
                 async def speed_side(q: Any = q) -> Any:
-                    await read_speed(store, mirror, True)
+                    await read_speed(store, mirror, True, q.resource_types)
                     async with conn.transaction():
                         await conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
                         async with mirror.lock:

@@ -6,7 +6,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
 from datetime import UTC, datetime
 from typing import Any, TypedDict
 from urllib.parse import urlencode
@@ -106,15 +106,19 @@ def _next_url(request: Request, drop: str, value: str) -> str:
     return str(request.url.replace(query=urlencode(pairs)))
 
 
-async def _speed(request: Request) -> SpeedView:
+async def _speed(request: Request, resource_types: Collection[str] | None = None) -> SpeedView:
+    """The speed layer as this request sees it, synced for `resource_types` (default: all)."""
     settings: Settings = request.app.state.settings
-    return await read_speed(request.state.store, request.state.mirror, settings.use_speed_layer)
+    return await read_speed(
+        request.state.store, request.state.mirror, settings.use_speed_layer, resource_types
+    )
 
 
 async def get_cohort(request: Request, token: int) -> Response:
     settings: Settings = request.app.state.settings
     query = parse_query(request.query_params.multi_items())
-    speed = await _speed(request)  # the speed layer first, then one batch snapshot
+    # The speed layer first, then one batch snapshot.
+    speed = await _speed(request, query.resource_types)
     pool: AsyncConnectionPool[Any] = request.state.pool
     async with pool.connection(timeout=PG_TIMEOUT_SECONDS) as conn, conn.transaction():
         answer = await cohort(conn, query, speed, request.state.batch_counts)
@@ -192,7 +196,7 @@ async def get_view_rows(request: Request, token: int) -> Response:
         raise _bad_parameter("_csv", "_csv must be raw (cells as they are) or safe (the default)")
     after = RowKey.from_token(params["_after"]) if "_after" in params else None
     filters = [(k, v) for k, v in params.multi_items() if not k.startswith("_")]
-    speed = await _speed(request)
+    speed = await _speed(request, [view.resource])
     pool: AsyncConnectionPool[Any] = request.state.pool
     async with pool.connection(timeout=PG_TIMEOUT_SECONDS) as conn, conn.transaction():
         page = await view_rows(conn, name, view, filters, after, count, speed)

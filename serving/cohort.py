@@ -210,6 +210,11 @@ class CohortQuery:
         answers (numbers by their implied ranges: see CodeCriterion)."""
         return (self.genders, self.birthdates, self.criteria)
 
+    @property
+    def resource_types(self) -> frozenset[str]:
+        """The types whose rows the answer depends on: Patient and the parameters' types."""
+        return frozenset(["Patient", *(c.resource_type for c in self.criteria)])
+
 
 def _bad(name: str, message: str) -> InvalidRequest:
     return InvalidRequest(message, [Issue("invalid", message, name)])

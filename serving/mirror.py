@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 from bisect import bisect_right
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -270,7 +270,8 @@ def _may_match(period: str, birthdates: Sequence[Sequence[DateCriterion]]) -> bo
 class Plan:
     """What the speed layer changes for one query (see serving.merge).
 
-    `speed_patients` are the patients meeting the patient parameters only in the speed layer.
+    `speed_patients` (sorted) are the patients meeting the patient parameters only in the speed
+    layer: the batch layer has no row of theirs that meets them.
     With Condition/Observation parameters it holds only those with a batch row (their batch row
     did not meet them); patients the batch layer does not hold at all are in `fresh`, checked
     against the few ids the SQL finds without a batch row (so 100,000 new patients are never
@@ -309,6 +310,7 @@ class TypeMirror:
     winning: set[str] = field(default_factory=set)
     seqs: list[int] = field(default_factory=lambda: [0] * BUCKETS)
     counters: list[int] = field(default_factory=lambda: [-1] * BUCKETS)  # `seq` at last read
+    marker: tuple[str, int] | None = None  # the epoch and trim generation at last read
     # Rows of winning present entries without a present batch row. Copy-on-write: a Plan keeps
     # the dict it was given while later syncs change a copy.
     fresh: dict[str, Rows] = field(default_factory=dict)
@@ -405,6 +407,7 @@ class SpeedMirror:
         self.poller_watermark: str | None = None
         self._plans: dict[tuple[Any, ...], Plan] = {}
         self._plans_state: tuple[Any, ...] | None = None
+        self._sync_keys: dict[tuple[str, ...], list[str]] = {}
 
     @property
     def state(self) -> tuple[Any, ...]:
@@ -417,19 +420,22 @@ class SpeedMirror:
             tuple(type_mirror.changes for type_mirror in self.types.values()),
         )
 
-    async def sync(self, store: SpeedStore) -> bool:
-        """Bring the mirror up to date; False when the epoch marker is missing (incomplete).
+    async def sync(self, store: SpeedStore, resource_types: Collection[str] | None = None) -> bool:
+        """Bring the mirror of `resource_types` (default: every mirrored type) up to date;
+        False when the epoch marker is missing (incomplete).
 
         One MGET of the epoch, the trim generation, the poller's watermark and every bucket's
-        write counter tells what changed; only types with new writes read their logs. Raises
-        SpeedLayerUnavailable when Redis cannot be read.
+        write counter of those types tells what changed; only types with new writes read their
+        logs. A type left out keeps what it read last, and is read whole when next synced if the
+        epoch or trim generation changed meanwhile. Raises SpeedLayerUnavailable when Redis
+        cannot be read.
         """
-        types = list(self.types.values())
-        keys = [EPOCH_KEY, GENERATION_KEY, POLLER_WATERMARK_KEY] + [
-            tag(type_mirror.resource_type, b) + "seq"
-            for type_mirror in types
-            for b in range(BUCKETS)
-        ]
+        names = tuple(t for t in self.types if resource_types is None or t in resource_types)
+        keys = self._sync_keys.get(names)
+        if keys is None:
+            keys = self._sync_keys[names] = [EPOCH_KEY, GENERATION_KEY, POLLER_WATERMARK_KEY] + [
+                tag(t, b) + "seq" for t in names for b in range(BUCKETS)
+            ]
         try:
             if isinstance(store.client, RedisCluster):
                 values = await store.client.mget_nonatomic(keys)
@@ -437,14 +443,16 @@ class SpeedMirror:
                 values = await store.client.mget(keys)
         except RedisError as exc:
             raise SpeedLayerUnavailable(f"Redis cannot be read: {exc}") from exc
-        text = [v.decode() if isinstance(v, bytes) else v for v in values]
-        if text[0] is None:
+        if values[0] is None:
             return False
-        self.poller_watermark = text[2]
-        marker = (str(text[0]), int(text[1] or 0))
-        full = marker != self.marker
-        for n, type_mirror in enumerate(types):
-            counters = [int(v or 0) for v in text[3 + n * BUCKETS : 3 + (n + 1) * BUCKETS]]
+        watermark = values[2]
+        self.poller_watermark = watermark.decode() if isinstance(watermark, bytes) else watermark
+        epoch = values[0]
+        marker = (epoch.decode() if isinstance(epoch, bytes) else str(epoch), int(values[1] or 0))
+        for n, t in enumerate(names):
+            type_mirror = self.types[t]
+            counters = [int(v or 0) for v in values[3 + n * BUCKETS : 3 + (n + 1) * BUCKETS]]
+            full = marker != type_mirror.marker
             if full or counters != type_mirror.counters:
                 # A write counter that went back means Redis lost writes without losing its
                 # epoch marker (a restart from an older snapshot): what the mirror read past
@@ -452,6 +460,7 @@ class SpeedMirror:
                 went_back = any(c < o for c, o in zip(counters, type_mirror.counters, strict=True))
                 await self._sync_type(store, type_mirror, full or went_back)
                 type_mirror.counters = counters
+                type_mirror.marker = marker
         self.marker = marker
         return True
 
@@ -598,7 +607,7 @@ class SpeedMirror:
                     hidden_ids.append(rid)
                     removal |= owners - speed_ids
             criteria.append((list(speed_ids), hidden_ids))
-        return Plan(list(speed_patients), list(hidden), criteria, list(removal), fresh)
+        return Plan(sorted(speed_patients), list(hidden), criteria, list(removal), fresh)
 
     def fresh_members(self, query: CohortQuery, plan: Plan, ids: Iterable[str]) -> list[str]:
         """Of `ids` (patients the batch layer does not hold), those the speed layer holds and
