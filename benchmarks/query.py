@@ -7,6 +7,7 @@ The batch layer is built in SQL (benchmarks/synthetic.py; condition texts from 4
 phrases) and `batch init`. Per query: merged (what GET /cohort does minus HTTP), batch-only
 (the same FHIR semantics on the batch layer alone: the answer with USE_SPEED_LAYER=false),
 the seed's SQL (condition-text: its ILIKE scan) and the seed's SCAN of the speed layer.
+Merged and batch-only runs alternate, so the load of a shared machine hits both alike.
 
 Creates (and drops) its own PostgreSQL database next to TEST_PG_ADMIN_URL and uses Redis
 database 14 of TEST_REDIS_URL's server (flushed before and after).
@@ -203,13 +204,25 @@ async def scan_baseline(client: aioredis.Redis, query: str) -> int:
 
 
 async def timed(fn: Callable[[], Awaitable[Any]], runs: int) -> tuple[float, float]:
-    samples = []
+    return (await alternated([fn], runs))[0]
+
+
+async def alternated(
+    fns: list[Callable[[], Awaitable[Any]]], runs: int
+) -> list[tuple[float, float]]:
+    """p50 and p99 (ms) of each of `fns`, called in turn `runs` times each: a busy moment of
+    the machine hits them alike, so their ratio holds on a shared machine."""
+    samples: list[list[float]] = [[] for _ in fns]
     for _ in range(runs):
-        started = time.perf_counter()
-        await fn()
-        samples.append((time.perf_counter() - started) * 1000)
-    samples.sort()
-    return statistics.median(samples), samples[min(len(samples) - 1, int(len(samples) * 0.99))]
+        for fn, out in zip(fns, samples, strict=True):
+            started = time.perf_counter()
+            await fn()
+            out.append((time.perf_counter() - started) * 1000)
+    result = []
+    for out in samples:
+        out.sort()
+        result.append((statistics.median(out), out[min(len(out) - 1, int(len(out) * 0.99))]))
+    return result
 
 
 async def main() -> None:
@@ -289,9 +302,8 @@ async def main() -> None:
 
                 await merged()
                 answer = await merged()
-                m50, m99 = await timed(merged, args.runs)
+                (m50, m99), (b50, b99) = await alternated([merged, batch_only], args.runs)
                 s50, s99 = await timed(speed_side, args.runs)
-                b50, b99 = await timed(batch_only, args.runs)
                 t50, _ = await timed(seed, max(3, args.runs // 5))
 
                 async def scan(query: str = query) -> int:
