@@ -292,7 +292,7 @@ async def cohort(
     mirror = speed.mirror
     if mirror is not None:
         async with mirror.lock:
-            await mirror.sync_batch(conn, key)
+            await mirror.sync_batch(conn, key, query.resource_types)
             plan = mirror.plan(query)
         if plan.touches_nothing:
             plan = None  # the batch SQL alone, and batch_count = total

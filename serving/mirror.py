@@ -499,8 +499,12 @@ class SpeedMirror:
             type_mirror.set_entry(rid, held)
         type_mirror.seqs = seqs
 
-    async def sync_batch(self, conn: Any, key: BatchKey) -> None:
-        """Look up the batch versions of speed ids, inside the query's snapshot."""
+    async def sync_batch(
+        self, conn: Any, key: BatchKey, resource_types: Collection[str] | None = None
+    ) -> None:
+        """Look up the batch versions of the speed ids of `resource_types` (default: every
+        mirrored type), inside the query's snapshot. A new snapshot marks every type's ids
+        unchecked; a type left out is looked up when a query next asks for it."""
         if key != self.batch_key:
             for type_mirror in self.types.values():
                 type_mirror.batch.clear()
@@ -515,6 +519,8 @@ class SpeedMirror:
         for type_mirror in self.types.values():
             if not type_mirror.unchecked:
                 continue  # the usual case: asked in O(1), never iterated
+            if resource_types is not None and type_mirror.resource_type not in resource_types:
+                continue
             pending = list(type_mirror.unchecked)
             for start in range(0, len(pending), 20000):
                 chunk = pending[start : start + 20000]

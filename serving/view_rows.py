@@ -101,7 +101,7 @@ async def view_rows(
     speed_rows: list[Mapping[str, Any]] = []
     if speed.mirror is not None and "id" in type_of:
         async with speed.mirror.lock:
-            await speed.mirror.sync_batch(conn, key)
+            await speed.mirror.sync_batch(conn, key, [view.resource])
             type_mirror = speed.mirror.types.get(view.resource)
             if type_mirror is not None:
                 hidden = sorted(type_mirror.overriding)

@@ -1,7 +1,7 @@
 """The mirror synced for some types only: what it reads is never stale for the types asked.
 
 A /cohort query syncs Patient and its parameters' types, a view's rows sync the view's type
-(`SpeedMirror.sync(store, resource_types)`). A type left out of a sync keeps what it read; the
+(`SpeedMirror.sync(store, resource_types)`, then `sync_batch(conn, key, resource_types)`). A type left out of a sync keeps what it read; the
 speed layer may meanwhile lose everything and get a new epoch. Checked against what was
 written to Redis (the test's own record), never against another mirror.
 """
@@ -10,12 +10,14 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
+import psycopg
 import pytest
 
 from core.store import SpeedStore
 from receiver.ingest import ingest, ingest_deletion
+from serving import batch
 from serving.mirror import SpeedMirror
-from tests.conftest import empty_redis, redis_db
+from tests.conftest import empty_redis, fresh_database, redis_db
 
 SYNC_REDIS_URL = redis_db(5)
 
@@ -90,3 +92,29 @@ async def test_an_unknown_type_asked_syncs_nothing_else(store: SpeedStore) -> No
     assert mirror.types["Patient"].entries == {}
     assert await mirror.sync(store, {"Patient", "Encounter"})
     assert set(mirror.types["Patient"].entries) == {"p1"}
+
+
+async def test_batch_versions_are_looked_up_for_the_types_asked() -> None:
+    """After a new batch snapshot each type's speed ids are looked up when a query of that
+    type asks, not before (a Patient query after a refresh does not wait for Conditions)."""
+    with fresh_database("rf_mirror_sync") as url:
+        batch.init(url)
+        async with empty_redis(SYNC_REDIS_URL) as client:
+            store = SpeedStore(client)
+            await store.mark_epoch()
+            await ingest(store, _patient("p1"))
+            await ingest(store, _condition("c1", "p1"))
+            mirror = SpeedMirror()
+            assert await mirror.sync(store)
+            patients, conditions = mirror.types["Patient"], mirror.types["Condition"]
+            async with await psycopg.AsyncConnection.connect(url) as conn:
+                await mirror.sync_batch(conn, ("snapshot 1",), {"Patient"})
+                assert patients.unchecked == set() and conditions.unchecked == {"c1"}
+                assert patients.winning == {"p1"} and conditions.winning == set()
+                await mirror.sync_batch(conn, ("snapshot 1",), ["Condition"])
+                assert conditions.unchecked == set() and conditions.winning == {"c1"}
+                # A new snapshot: every type's ids are unchecked again until asked.
+                await mirror.sync_batch(conn, ("snapshot 2",), {"Condition"})
+                assert patients.unchecked == {"p1"} and conditions.unchecked == set()
+                await mirror.sync_batch(conn, ("snapshot 2",))
+                assert patients.unchecked == set() and patients.winning == {"p1"}
