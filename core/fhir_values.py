@@ -276,11 +276,13 @@ def parse_instant(value: str | None) -> float:
     if not value:
         return 0.0
     text = value.strip()
-    # fromisoformat takes at most 6 fractional digits; FHIR allows more.
+    # fromisoformat takes at most 6 fractional digits; FHIR allows more. Only the digits
+    # right after the point are the fraction: the offset's digits follow it.
     if "." in text:
         head, _, rest = text.partition(".")
-        digits = "".join(c for c in rest if c.isdigit())
-        text = f"{head}.{digits[:6]}{rest[len(digits) :]}" if digits else head + rest[len(digits) :]
+        tail = rest.lstrip("0123456789")
+        digits = rest[: len(rest) - len(tail)]
+        text = f"{head}.{digits[:6]}{tail}" if digits else head + tail
     try:
         parsed = datetime.fromisoformat(text)
     except ValueError:

@@ -6,7 +6,9 @@ the plain form, PostgreSQL's own numeric output, asked of a real server.
 
 from __future__ import annotations
 
+import calendar
 import copy
+import datetime
 import json
 import re
 from decimal import Decimal
@@ -16,7 +18,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from core.fhir_values import JsonDecimal, dumps, loads
+from core.fhir_values import JsonDecimal, dumps, loads, parse_instant
 
 # JSON's number grammar (RFC 8259 section 6) for numbers with a fraction or an exponent.
 _FRACTION_OR_EXPONENT = st.from_regex(
@@ -66,3 +68,33 @@ def test_rows_write_decimals_as_postgresql_prints_them(pg_url: str, text: str) -
     # The body form stays the sent text; JSON readers see the same number either way.
     assert dumps(value).decode() == text
     assert json.loads(dumps(value, plain_decimals=True), parse_float=Decimal) == Decimal(text)
+
+
+# -- instants -------------------------------------------------------------------------------
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    moment=st.datetimes(
+        min_value=datetime.datetime(1900, 1, 1), max_value=datetime.datetime(2200, 12, 31)
+    ),
+    fraction=st.text("0123456789", min_size=0, max_size=9),
+    offset_minutes=st.integers(-14 * 60, 14 * 60),
+    zulu=st.booleans(),
+)
+def test_parse_instant_keeps_the_offset_with_any_fraction(
+    moment: datetime.datetime, fraction: str, offset_minutes: int, zulu: bool
+) -> None:
+    """Epoch ms of a FHIR instant, computed here by calendar.timegm from its parts (not by
+    datetime's ISO parser): the offset counts whatever the fraction's length (a fraction's
+    digits beyond microseconds are dropped, as fromisoformat's precision allows)."""
+    if zulu:
+        offset_minutes = 0
+        zone = "Z"
+    else:
+        sign = "-" if offset_minutes < 0 else "+"
+        zone = f"{sign}{abs(offset_minutes) // 60:02d}:{abs(offset_minutes) % 60:02d}"
+    text = moment.strftime("%Y-%m-%dT%H:%M:%S") + (f".{fraction}" if fraction else "") + zone
+    whole = calendar.timegm(moment.replace(microsecond=0).timetuple()) - offset_minutes * 60
+    micros = int(fraction[:6].ljust(6, "0")) if fraction else 0
+    assert parse_instant(text) == pytest.approx(whole * 1000 + micros / 1000, abs=1e-3)
