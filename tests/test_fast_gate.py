@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import gzip
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -283,3 +284,28 @@ def test_the_byte_screen_never_passes_what_the_json_rules_refuse(
 def test_the_byte_screen_sends_each_rule_breaker_to_the_walk(raw: bytes) -> None:
     assert json_rules_issues(loads(raw)), "the rule itself refuses it"
     assert json_rules_may_fail(raw)
+
+
+# The screen as one pattern (its first form): the reference the faster screen must equal.
+_ONE_PATTERN = re.compile(rb'null|xtension"|\\u00[4-7]|[{\[][ \t\r\n]*[}\]]')
+_SCREEN_PIECES = st.sampled_from(
+    [
+        *(b"null", b"nul", b"xtension", b'xtension"', b"\\u00", b"\\u004", b"\\u0080", b"\\u007f"),
+        *(b"{", b"}", b"[", b"]", b" ", b"\t", b"\r\n", b'"', b":", b",", b"a", b"\\"),
+        *(b'"resourceType"', b"\xc3\xa9"),
+    ]
+)
+
+
+@settings(max_examples=3000, deadline=None)
+@given(pieces=st.lists(st.one_of(_SCREEN_PIECES, st.binary(max_size=4)), max_size=30))
+def test_the_byte_screen_answers_as_its_one_pattern_form(pieces: list[bytes]) -> None:
+    raw = b"".join(pieces)
+    expected = raw.count(b'"resourceType"') > 1 or _ONE_PATTERN.search(raw) is not None
+    assert json_rules_may_fail(raw) == expected
+
+
+def test_the_byte_screen_answers_as_its_one_pattern_form_on_the_mix() -> None:
+    for raw in mix() + [raw for _, raw in EXAMPLES]:
+        expected = raw.count(b'"resourceType"') > 1 or _ONE_PATTERN.search(raw) is not None
+        assert json_rules_may_fail(raw) == expected
