@@ -297,7 +297,7 @@ _SCREEN_PIECES = st.sampled_from(
 )
 
 
-@settings(max_examples=3000, deadline=None)
+@settings(max_examples=1000, deadline=None)
 @given(pieces=st.lists(st.one_of(_SCREEN_PIECES, st.binary(max_size=4)), max_size=30))
 def test_the_byte_screen_answers_as_its_one_pattern_form(pieces: list[bytes]) -> None:
     raw = b"".join(pieces)

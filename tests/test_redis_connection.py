@@ -56,7 +56,7 @@ def _packed(connection: aioredis.Connection, args: tuple[Any, ...]) -> tuple[str
     return "bytes", b"".join(bytes(chunk) for chunk in chunks)
 
 
-@settings(max_examples=1500, deadline=None)
+@settings(max_examples=800, deadline=None)
 @given(first=_FIRST, rest=st.lists(_ARGS, max_size=12))
 def test_hiredis_packs_what_redis_py_packs(first: Any, rest: list[Any]) -> None:
     args = (first, *rest)
