@@ -388,13 +388,15 @@ def fast_validator() -> Any:
 # U+0085 (NEL) is white space to the models' patterns (Unicode's White_Space, the Rust regex
 # of pydantic-core) and none to the schema's (ECMAScript's \s): `"\u0085"` fails the models'
 # string pattern and passes R4's. Raw in UTF-8 or escaped, it sends a resource to the full check.
-_NEL = re.compile(rb"\xc2\x85|\\u0085")
+# Two literal patterns, each found by a byte search: one alternation of both costs ~2 us more.
+_NEL_RAW = re.compile(rb"\xc2\x85")
+_NEL_ESCAPED = re.compile(rb"\\u0085")
 
 
 def fast_valid(raw: bytes) -> bool:
     """True when a resource's JSON bytes pass `fast_validator`; False when they do not, hold
     numbers beyond a double or a U+0085 (which only the full check judges exactly)."""
-    if _NEL.search(raw):
+    if _NEL_RAW.search(raw) or _NEL_ESCAPED.search(raw):
         return False
     try:
         value = orjson.loads(raw)

@@ -278,15 +278,26 @@ def check_resource(data: dict[str, Any]) -> list[Issue]:
 # What `json_rules_issues` looks at, as bytes of the JSON text: a null, an empty object or
 # array, an `extension`/`modifierExtension` key, and (counted apart) a nested resourceType.
 # Those keys are ASCII letters: spelled otherwise, they hold a \u escape of one (\u0040 to
-# \u007F, which the pattern also matches), so a text with none of these bytes breaks no
-# rule; a match only means the walk is needed.
-_JSON_RULES_BYTES = re.compile(rb'null|xtension"|\\u00[4-7]|[{\[][ \t\r\n]*[}\]]')
+# \u007F, which `_ESCAPED_ASCII_LETTER` also matches), so a text with none of these bytes
+# breaks no rule; a match only means the walk is needed. Each pattern starts with a literal,
+# which re finds by a byte search: one alternation of them all, led by a character class,
+# costs ~9 us on the ingest benchmark's resources, these ~2.5 us.
+_ESCAPED_ASCII_LETTER = re.compile(rb"\\u00[4-7]")
+_EMPTY_AFTER_BRACE = re.compile(rb"\{[ \t\r\n]*[}\]]")
+_EMPTY_AFTER_BRACKET = re.compile(rb"\[[ \t\r\n]*[}\]]")
 
 
 def json_rules_may_fail(raw: bytes) -> bool:
     """False when `raw` (a resource's JSON text) cannot break a rule `json_rules_issues`
-    checks, told from its bytes alone (~1 us, against ~40 us for the walk)."""
-    return raw.count(b'"resourceType"') > 1 or _JSON_RULES_BYTES.search(raw) is not None
+    checks, told from its bytes alone (~2 us, against ~40 us for the walk)."""
+    return (
+        raw.count(b'"resourceType"') > 1
+        or b"null" in raw
+        or b'xtension"' in raw
+        or (b"\\u00" in raw and _ESCAPED_ASCII_LETTER.search(raw) is not None)
+        or _EMPTY_AFTER_BRACE.search(raw) is not None
+        or _EMPTY_AFTER_BRACKET.search(raw) is not None
+    )
 
 
 def passes_fast(resource_type: str, raw: bytes, data: dict[str, Any]) -> bool:

@@ -270,13 +270,15 @@ def create_app(
             yield {"store": store, "latest_version": lookup, "fetch_resource": fetch}
 
     app = Starlette(
+        # The router tries routes in order (a regex match each); a path of the PUT and DELETE
+        # pattern matches none of the others, so the hot PUT goes first.
         routes=[
+            Route("/fhir/{type}/{id}", put_resource, methods=["PUT"]),
+            Route("/fhir/{type}/{id}", delete_resource, methods=["DELETE"]),
             Route("/health", health, methods=["GET"]),
             Route("/metrics", metrics_response, methods=["GET"]),
             Route("/fhir", post_root, methods=["POST"]),
             Route("/fhir/", post_root, methods=["POST"]),
-            Route("/fhir/{type}/{id}", put_resource, methods=["PUT"]),
-            Route("/fhir/{type}/{id}", delete_resource, methods=["DELETE"]),
         ],
         lifespan=lifespan,
         exception_handlers=exception_handlers("receiver", _observe),

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import gzip
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -283,3 +284,55 @@ def test_the_byte_screen_never_passes_what_the_json_rules_refuse(
 def test_the_byte_screen_sends_each_rule_breaker_to_the_walk(raw: bytes) -> None:
     assert json_rules_issues(loads(raw)), "the rule itself refuses it"
     assert json_rules_may_fail(raw)
+
+
+# The screen as one pattern (its first form): the reference the faster screen must equal.
+_ONE_PATTERN = re.compile(rb'null|xtension"|\\u00[4-7]|[{\[][ \t\r\n]*[}\]]')
+_SCREEN_PIECES = st.sampled_from(
+    [
+        *(b"null", b"nul", b"xtension", b'xtension"', b"\\u00", b"\\u004", b"\\u0080", b"\\u007f"),
+        *(b"{", b"}", b"[", b"]", b" ", b"\t", b"\r\n", b'"', b":", b",", b"a", b"\\"),
+        *(b'"resourceType"', b"\xc3\xa9"),
+    ]
+)
+
+
+@settings(max_examples=1000, deadline=None)
+@given(pieces=st.lists(st.one_of(_SCREEN_PIECES, st.binary(max_size=4)), max_size=30))
+def test_the_byte_screen_answers_as_its_one_pattern_form(pieces: list[bytes]) -> None:
+    raw = b"".join(pieces)
+    expected = raw.count(b'"resourceType"') > 1 or _ONE_PATTERN.search(raw) is not None
+    assert json_rules_may_fail(raw) == expected
+
+
+def test_the_byte_screen_answers_as_its_one_pattern_form_on_the_mix() -> None:
+    for raw in mix() + [raw for _, raw in EXAMPLES]:
+        expected = raw.count(b'"resourceType"') > 1 or _ONE_PATTERN.search(raw) is not None
+        assert json_rules_may_fail(raw) == expected
+
+
+@settings(max_examples=1000, deadline=None)
+@given(
+    pieces=st.lists(
+        st.one_of(
+            st.sampled_from([b"\xc2", b"\x85", b"\xc2\x85", b"\\u0085", b"\\u008", b"\\", b"5"]),
+            st.binary(max_size=3),
+        ),
+        max_size=12,
+    )
+)
+def test_a_nel_in_any_spelling_sends_a_resource_to_the_full_check(pieces: list[bytes]) -> None:
+    """`fast_valid` passes no text that holds U+0085, raw or escaped (its one-pattern form)."""
+    filler = b"".join(pieces).replace(b'"', b"").replace(b"\\", b"\\\\")
+    unescaped = b"".join(pieces).replace(b'"', b"")
+    for text in (filler, unescaped):
+        raw = b'{"resourceType":"Basic","id":"b","code":{"text":"' + text + b'"}}'
+        if re.search(rb"\xc2\x85|\\u0085", raw):
+            assert not r4schema.fast_valid(raw)
+
+
+@pytest.mark.parametrize("text", [b"\xc2\x85", b"\\u0085"])
+def test_a_nel_fails_the_models_and_never_passes_fast(text: bytes) -> None:
+    raw = b'{"resourceType":"Patient","id":"p","name":[{"text":"' + text + b'"}]}'
+    assert not r4schema.fast_valid(raw)
+    assert check_resource(loads(raw))
