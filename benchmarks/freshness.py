@@ -57,6 +57,7 @@ from serving.api import create_app as create_api
 from serving.derive import default_deriver
 from subscriptions import bootstrap
 from subscriptions.fhir_client import FhirClient, hapi_lookup
+from tests.procs import free_port, temporary_database
 
 ROOT = Path(__file__).resolve().parents[1]
 HAPI_SH = ROOT / "hapi-config" / "hapi.sh"
@@ -65,26 +66,6 @@ BENCH_REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/12")
 PG_ADMIN_URL = os.environ.get("BENCH_PG_ADMIN_URL", "postgresql://127.0.0.1:5432/postgres")
 FHIR_JSON = "application/fhir+json"
 SNOMED = "http://snomed.info/sct"
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@contextlib.contextmanager
-def database(prefix: str):  # type: ignore[no-untyped-def]
-    name = f"{prefix}_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"'.encode())
-    try:
-        yield PG_ADMIN_URL.rsplit("/", 1)[0] + "/" + name
-    finally:
-        with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'.encode())
 
 
 @contextlib.contextmanager
@@ -159,7 +140,7 @@ async def measure(fhir_base: str, writes: int, interval: float) -> Result:
     puts: list[float] = []
     rnd = random.Random(11)
     try:
-        with database("rf_bench_fresh") as batch_db:
+        with temporary_database(PG_ADMIN_URL, "rf_bench_fresh") as batch_db:
             settings = Settings(
                 redis_url=BENCH_REDIS_URL,
                 database_url=batch_db,

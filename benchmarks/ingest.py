@@ -42,20 +42,25 @@ README = Path(__file__).with_name("README.md")
 TOKEN = "bench-token"
 
 
-def bodies(count: int, seed: int = 5) -> list[tuple[str, bytes]]:
-    """(path, body) pairs: realistic resources, each a new id (or a newer version)."""
+def mixed(n: int, rnd: random.Random) -> dict[str, Any]:
+    """The benchmarks' mix, resource `n` of it: Patient p<n>, then Condition c<n+1> and
+    Observation o<n+2> of that patient, repeating (`subscriptions.standin.synthetic`)."""
     from subscriptions.standin import synthetic
 
+    kind = n % 3
+    if kind == 0:
+        return synthetic.patient(n, rnd)
+    if kind == 1:
+        return synthetic.condition(n, n - 1, rnd)
+    return synthetic.observation(n, n - 2, rnd)
+
+
+def bodies(count: int, seed: int = 5) -> list[tuple[str, bytes]]:
+    """(path, body) pairs: realistic resources, each a new id (or a newer version)."""
     rnd = random.Random(seed)
     out: list[tuple[str, bytes]] = []
     for n in range(count):
-        kind = n % 3
-        if kind == 0:
-            resource = synthetic.patient(n, rnd)
-        elif kind == 1:
-            resource = synthetic.condition(n, n - 1, rnd)
-        else:
-            resource = synthetic.observation(n, n - 2, rnd)
+        resource = mixed(n, rnd)
         resource["meta"] = {"versionId": "1", "lastUpdated": "2026-11-25T10:00:00.000+00:00"}
         out.append(
             (f"/fhir/{resource['resourceType']}/{resource['id']}", json.dumps(resource).encode())
@@ -66,8 +71,23 @@ def bodies(count: int, seed: int = 5) -> list[tuple[str, bytes]]:
 # -- servers -------------------------------------------------------------------------------
 
 
-def serve_receiver(port: int, redis_url: str = BENCH_REDIS_URL) -> None:
+def serve_on(app: Any, port: int) -> None:
+    """Serve `app` on 127.0.0.1:`port` until the process ends, as the services run (uvloop,
+    httptools, no access log)."""
     import uvicorn
+
+    uvicorn.run(
+        app,
+        host="127.0.0.1",
+        port=port,
+        log_level="warning",
+        access_log=False,
+        loop="uvloop",
+        http="httptools",
+    )
+
+
+def serve_receiver(port: int, redis_url: str = BENCH_REDIS_URL) -> None:
 
     from core.settings import Settings
     from receiver.app import create_app
@@ -81,15 +101,7 @@ def serve_receiver(port: int, redis_url: str = BENCH_REDIS_URL) -> None:
     settings = Settings(redis_url=redis_url, receiver_tokens=(TOKEN,))
     app = create_app(settings, derive=default_deriver(), latest_version=no_hapi)
     freeze_startup_objects()  # as `researchflow receiver` does
-    uvicorn.run(
-        app,
-        host="127.0.0.1",
-        port=port,
-        log_level="warning",
-        access_log=False,
-        loop="uvloop",
-        http="httptools",
-    )
+    serve_on(app, port)
 
 
 # The receiver of a given tree, as `serve_receiver` builds it, in a process of that tree.
@@ -129,7 +141,6 @@ def start_receiver_in(tree: Path, redis_url: str = BENCH_REDIS_URL) -> tuple[Any
 
 def serve_bare(port: int) -> None:
     import orjson
-    import uvicorn
     from starlette.applications import Starlette
     from starlette.requests import Request
     from starlette.responses import Response
@@ -140,15 +151,7 @@ def serve_bare(port: int) -> None:
         return Response(status_code=204)
 
     app = Starlette(routes=[Route("/fhir/{type}/{id}", put, methods=["PUT"])])
-    uvicorn.run(
-        app,
-        host="127.0.0.1",
-        port=port,
-        log_level="warning",
-        access_log=False,
-        loop="uvloop",
-        http="httptools",
-    )
+    serve_on(app, port)
 
 
 # -- the load generator --------------------------------------------------------------------

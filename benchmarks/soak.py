@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 BENCH_REDIS_URL = os.environ.setdefault("BENCH_REDIS_URL", "redis://127.0.0.1:6379/12")
 
 from benchmarks.common import machine  # noqa: E402
-from benchmarks.ingest import Connection, serve_receiver  # noqa: E402
+from benchmarks.ingest import Connection, mixed, serve_receiver  # noqa: E402
 
 README = Path(__file__).with_name("README.md")
 
@@ -40,21 +40,13 @@ def rss_mib(pid: int) -> float:
 
 
 def make_body(n: int, rnd: random.Random) -> tuple[str, bytes]:
-    from subscriptions.standin import synthetic
-
     # One in five notifications is a new version of an earlier resource (an update).
     if n > 10 and rnd.random() < 0.2:
         base = rnd.randrange(n)
         version = 2 + n % 7
     else:
         base, version = n, 1
-    kind = base % 3
-    if kind == 0:
-        resource = synthetic.patient(base, rnd)
-    elif kind == 1:
-        resource = synthetic.condition(base, base - 1, rnd)
-    else:
-        resource = synthetic.observation(base, base - 2, rnd)
+    resource = mixed(base, rnd)
     resource["meta"] = {
         "versionId": str(version),
         "lastUpdated": f"2026-11-25T10:00:{n % 60:02d}.000+00:00",

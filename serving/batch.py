@@ -613,12 +613,13 @@ def changes_setup_sql() -> list[str]:
     ]
 
 
-def text_index_present_sql(name: str) -> str | None:
-    """A query answering whether the view `name` has the text index (`TEXT_INDEX`) built
-    beside it (one row, a boolean); None for a view that never has one."""
-    if name != TEXT_INDEX.view:
-        return None
-    return f"SELECT to_regclass({sql.Literal(TEXT_INDEX.rows).as_string(None)}) IS NOT NULL"
+def text_indexed_views_sql() -> str:
+    """A query naming the views that have condition-text's text index (`TEXT_INDEX`) built
+    beside them: one row (the name of `TEXT_INDEX.view`), or none where the batch layer has
+    no text index (one an older release built, until `batch init`)."""
+    view = sql.Literal(TEXT_INDEX.view).as_string(None)
+    rows = sql.Literal(TEXT_INDEX.rows).as_string(None)
+    return f"SELECT {view} WHERE to_regclass({rows}) IS NOT NULL"
 
 
 def replace_changed_sql(name: str, resource_type: str, changes_query: str) -> list[sql.Composed]:
@@ -660,6 +661,7 @@ def rebuild_views(
     built first and then swapped in together; rows per view."""
     if names is None:
         names = [r[0] for r in conn.execute("SELECT name FROM rf_batch.views ORDER BY name")]
+    indexed = {str(r[0]) for r in conn.execute(text_indexed_views_sql())}
     tables: list[FreshTable] = []
     for name in names:
         row = conn.execute(
@@ -669,8 +671,6 @@ def rebuild_views(
         if row is None or row[0] is None or kind is None:
             raise KeyError(f"the batch layer has no table for view {name}: run `batch init`")
         indexes = existing_indexes(conn.execute(INDEXES_SQL, (regclass_text(name),)).fetchall())
-        present = text_index_present_sql(name)
-        text_index = present is not None and bool((conn.execute(present).fetchone() or (0,))[0])
         tables.append(
             FreshTable(
                 name,
@@ -678,7 +678,7 @@ def rebuild_views(
                 indexes,
                 _grants(conn, name),
                 kind,
-                text_index=text_index,
+                text_index=name in indexed,
                 trigram=has_trigram_index(indexes),
             )
         )

@@ -62,8 +62,8 @@ from serving.batch import (
     has_trigram_index,
     regclass_text,
     replace_changed_sql,
-    text_index_present_sql,
     text_index_sql,
+    text_indexed_views_sql,
 )
 from serving.registry import served_views
 from serving.viewdef import served_types
@@ -303,17 +303,6 @@ def _recorded(statement: str, keep: bool) -> str:
     )
 
 
-async def _text_index(
-    conn: psycopg.AsyncConnection[Any], name: str, changed_type: str
-) -> list[str]:
-    """The statements keeping condition-text's text index beside view `name` current (none
-    when the view has none): `serving.batch.text_index_sql`."""
-    present = text_index_present_sql(name)
-    if present is None or not await _scalar(conn, present):
-        return []
-    return text_index_sql(changed_type)
-
-
 async def _apply(
     conn: psycopg.AsyncConnection[Any],
     *,
@@ -329,8 +318,11 @@ async def _apply(
     With `full_types` (`--full`) every view is recomputed whole. Every count it keeps
     (resources, rows per view) moves by what changed: its cost follows the changes.
     """
+    # Each view with its table's kind and whether condition-text's text index is built
+    # beside it: the catalog asked once a refresh.
     cur = await conn.execute(
-        "SELECT v.name, v.definition->>'resource', v.changes_sql, v.rows, c.relkind"
+        "SELECT v.name, v.definition->>'resource', v.changes_sql, v.rows, c.relkind,"
+        f" v.name IN ({text_indexed_views_sql()})"
         " FROM rf_batch.views AS v LEFT JOIN pg_class AS c ON c.oid = to_regclass("
         "quote_ident(%s) || '.' || quote_ident(v.name)) ORDER BY v.name",
         (VIEW_SCHEMA,),
@@ -365,7 +357,7 @@ async def _apply(
         # The columns the views' change SQL filters and joins on (statistics of the
         # resources' jsonb would cost more than the rest of it).
         await conn.execute(f"ANALYZE {CHANGED_RESOURCES} (resource_type, id, deleted)")
-        for name, resource_type, changes_query, rows, kind in views:
+        for name, resource_type, changes_query, rows, kind, text_indexed in views:
             target = sql.Identifier(VIEW_SCHEMA, name)
             if kind is None:
                 continue
@@ -379,7 +371,7 @@ async def _apply(
             elif full_types is not None or resource_type is None or rows is None:
                 # --full (or a view the counts do not cover): every row recomputed, into a
                 # fresh table swapped in below, just before the commit.
-                table = await _fresh_table(conn, name, kind)
+                table = await _fresh_table(conn, name, kind, text_indexed)
                 build = table.build_sql()
                 rows = (await conn.execute(build[0])).rowcount
                 for statement in build[1:]:
@@ -390,7 +382,8 @@ async def _apply(
                 removed = (await conn.execute(delete)).rowcount
                 added = (await conn.execute(insert)).rowcount
                 rows = int(rows) - removed + added
-                for text_statement in await _text_index(conn, name, resource_type):
+                # condition-text's text index beside the view kept current with it.
+                for text_statement in text_index_sql(resource_type) if text_indexed else []:
                     await conn.execute(text_statement)
             else:
                 view_rows[name] = int(rows)
@@ -421,16 +414,17 @@ async def _apply(
     return changed, marked, view_rows
 
 
-async def _fresh_table(conn: psycopg.AsyncConnection[Any], name: str, kind: str) -> FreshTable:
-    """How view `name` is rebuilt whole: its recorded SQL, its table's indexes and grants."""
+async def _fresh_table(
+    conn: psycopg.AsyncConnection[Any], name: str, kind: str, text_index: bool
+) -> FreshTable:
+    """How view `name` is rebuilt whole: its recorded SQL, its table's indexes and grants
+    (and, with `text_index`, condition-text's text index built fresh beside it)."""
     cur = await conn.execute("SELECT rebuild_sql FROM rf_batch.views WHERE name = %s", (name,))
     query = str((await cur.fetchone() or ("",))[0])
     cur = await conn.execute(INDEXES_SQL, (regclass_text(name),))
     indexes = existing_indexes(await cur.fetchall())
     cur = await conn.execute(GRANTS_SQL, (regclass_text(name),))
     grants = tuple((str(p), bool(g), r) for p, g, r in await cur.fetchall())
-    present = text_index_present_sql(name)
-    text_index = present is not None and bool(await _scalar(conn, present))
     return FreshTable(
         name,
         query,

@@ -4,31 +4,23 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
-import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 # Imported early: pytest rewrites hypothesis's modules as it imports them, and a late import (at
 # exit, or the optimiser's in the middle of a test) trips a CPython 3.11.7 AST bug.
 import hypothesis.internal.conjecture.optimiser  # noqa: F401
-import psycopg
 import pytest
 import redis.asyncio as aioredis
 
 from core.settings import Settings
 from core.store import SpeedStore
+from tests.procs import temporary_database
 
 SHARED = Path(os.environ.get("RESEARCHFLOW_SHARED", Path(__file__).resolve().parents[2] / "shared"))
 # Tests use their own Redis database number so they never touch a deployment's data.
 TEST_REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/9")
 TEST_PG_ADMIN_URL = os.environ.get("TEST_PG_ADMIN_URL", "postgresql://127.0.0.1:5432/postgres")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @pytest.fixture
@@ -67,14 +59,8 @@ async def store(redis_client: aioredis.Redis) -> SpeedStore:
 @contextlib.contextmanager
 def fresh_database(prefix: str = "rf_test") -> Iterator[str]:
     """A new, empty PostgreSQL database (its URL), dropped afterwards."""
-    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(TEST_PG_ADMIN_URL, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"'.encode())
-    try:
-        yield TEST_PG_ADMIN_URL.rsplit("/", 1)[0] + "/" + name
-    finally:
-        with psycopg.connect(TEST_PG_ADMIN_URL, autocommit=True) as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'.encode())
+    with temporary_database(TEST_PG_ADMIN_URL, prefix) as url:
+        yield url
 
 
 @pytest.fixture

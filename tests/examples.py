@@ -12,6 +12,7 @@ class Example(NamedTuple):
     resource_type: str
     resource_id: str
     raw: bytes
+    own_id: bool  # False: the example has no id; `resource_id` is made from its file name
 
 
 def official_examples(shared_dir: Path) -> list[Example]:
@@ -23,8 +24,9 @@ def official_examples(shared_dir: Path) -> list[Example]:
         raw = path.read_bytes()
         data = json.loads(raw)
         rid = data.get("id")
+        own_id = isinstance(rid, str)
         if not isinstance(rid, str):
             rid = path.stem.replace("_", "-")[:64]
             raw = json.dumps({"resourceType": data["resourceType"], "id": rid, **data}).encode()
-        out.append(Example(path.name, data["resourceType"], rid, raw))
+        out.append(Example(path.name, data["resourceType"], rid, raw, own_id))
     return out

@@ -23,7 +23,8 @@ import psycopg
 import pytest
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from tests.conftest import TEST_PG_ADMIN_URL, free_port
+from tests.conftest import TEST_PG_ADMIN_URL
+from tests.procs import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 HAPI_SH = ROOT / "hapi-config" / "hapi.sh"

@@ -21,7 +21,7 @@ from core.settings import Settings
 from core.store import EPOCH_KEY, SpeedStore
 from serving.api import create_app, require_token
 from tests.asgi import running
-from tests.conftest import free_port
+from tests.procs import free_port
 from tests.test_cohort import (
     OWN_REDIS_URL,
     condition,

@@ -395,6 +395,43 @@ async def test_full_refresh_rebuilds_every_view(pg_url: str) -> None:
         await check_against_rebuild_and_oracle(r)
 
 
+async def test_a_batch_layer_without_the_text_index_is_refreshed_without_one(
+    pg_url: str,
+) -> None:
+    """A batch layer an older release built has no text index beside condition_simple (until
+    `batch init`): an incremental refresh, a full one and a rebuild keep the view current and
+    build none. (Taken to be there, the incremental refresh would write into tables that do
+    not exist, and the full one and the rebuild would build it.) With the text index, the
+    refreshes keep it current: `check_against_rebuild_and_oracle` in the tests above."""
+
+    def conditions_and_text_index() -> tuple[list[str], Any]:
+        with psycopg.connect(pg_url) as conn:
+            ids = conn.execute("SELECT _resource_id FROM sqlonfhir.condition_simple ORDER BY 1")
+            present = conn.execute(
+                "SELECT to_regclass(%s), to_regclass(%s)", (TEXT_INDEX.rows, TEXT_INDEX.texts)
+            ).fetchone()
+            return [str(i[0]) for i in ids.fetchall()], present
+
+    batch.init(pg_url)
+    async with rig(pg_url) as r:
+        await r.hapi.update(patient(0, 0, "1970"))
+        await r.hapi.update(condition(0, 0, 0, 0))
+        await refresh(r.settings, client=r.client)
+        with psycopg.connect(pg_url) as conn:
+            conn.execute(f"DROP TABLE {TEXT_INDEX.rows}, {TEXT_INDEX.texts}".encode())
+        await r.hapi.update(condition(1, 0, 1, 1))
+        incremental = await refresh(r.settings, client=r.client)
+        assert incremental.changed == 1 and not incremental.full
+        assert conditions_and_text_index() == (["c0", "c1"], (None, None))
+        await r.hapi.update(condition(2, 0, 0, 2))
+        full = await refresh(r.settings, client=r.client, full=True)
+        assert full.full and full.views["condition_simple"] == 3
+        assert conditions_and_text_index() == (["c0", "c1", "c2"], (None, None))
+        with psycopg.connect(pg_url) as conn:
+            assert batch.rebuild_views(conn)["condition_simple"] == 3
+        assert conditions_and_text_index() == (["c0", "c1", "c2"], (None, None))
+
+
 async def test_rebuild_view_of_an_unknown_view(pg_url: str) -> None:
     batch.init(pg_url)
     with psycopg.connect(pg_url) as conn, pytest.raises(KeyError, match="batch init"):

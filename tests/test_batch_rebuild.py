@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import psycopg
@@ -156,6 +156,25 @@ async def test_a_full_refresh_failing_midway_changes_nothing(built: str) -> None
         assert conn.execute("SELECT count(*) FROM rf_batch.resources").fetchone() == (5,)
 
 
+async def _until_one_waits_for_the_lock(url: str, finished: Callable[[], bool]) -> None:
+    """Return once a transaction waits for rf_batch.watermark's lock (the lock the swap and
+    a serving snapshot take), or `finished()`; at the most 30 s (600 polls 50 ms apart)."""
+    with psycopg.connect(url, autocommit=True) as watcher:
+        for _ in range(600):
+            waiting = watcher.execute(
+                "SELECT count(*) FROM pg_locks WHERE NOT granted"
+                " AND relation = 'rf_batch.watermark'::regclass"
+            ).fetchone()
+            if (waiting and waiting[0]) or finished():
+                return
+            await asyncio.sleep(0.05)
+
+
+async def _patient_ids(reader: psycopg.AsyncConnection[Any]) -> list[str]:
+    cur = await reader.execute("SELECT id FROM sqlonfhir.patient_demographics ORDER BY id")
+    return [r[0] for r in await cur.fetchall()]
+
+
 async def test_a_serving_snapshot_opened_before_a_swap_reads_the_old_rows(built: str) -> None:
     """The swap waits for the open snapshot; the snapshot reads the old table's rows (had the
     swap gone ahead, it would read the fresh table and find none of its rows visible)."""
@@ -177,24 +196,14 @@ async def test_a_serving_snapshot_opened_before_a_swap_reads_the_old_rows(built:
         await begin_snapshot(reader)
         writer = threading.Thread(target=rebuild)
         writer.start()
-        with psycopg.connect(built, autocommit=True) as watcher:
-            for _ in range(600):  # until the rebuild waits for the snapshot's lock
-                waiting = watcher.execute(
-                    "SELECT count(*) FROM pg_locks WHERE NOT granted"
-                    " AND relation = 'rf_batch.watermark'::regclass"
-                ).fetchone()
-                if (waiting and waiting[0]) or done.is_set():
-                    break
-                await asyncio.sleep(0.05)
+        await _until_one_waits_for_the_lock(built, done.is_set)  # the rebuild, for the snapshot
         assert not done.is_set(), failures
-        cur = await reader.execute("SELECT id FROM sqlonfhir.patient_demographics ORDER BY id")
-        assert [r[0] for r in await cur.fetchall()] == sorted(PATIENTS)
+        assert await _patient_ids(reader) == sorted(PATIENTS)
         await reader.commit()
         await asyncio.to_thread(writer.join, 60)
         assert done.is_set() and not failures
         await begin_snapshot(reader)
-        cur = await reader.execute("SELECT id FROM sqlonfhir.patient_demographics ORDER BY id")
-        assert [r[0] for r in await cur.fetchall()] == ["p2", "p3"]
+        assert await _patient_ids(reader) == ["p2", "p3"]
         await reader.commit()
     finally:
         await reader.close()
@@ -211,21 +220,10 @@ async def test_a_serving_snapshot_begun_during_a_swap_sees_all_of_it(built: str)
 
             async def read() -> list[str]:
                 await begin_snapshot(reader)
-                cur = await reader.execute(
-                    "SELECT id FROM sqlonfhir.patient_demographics ORDER BY id"
-                )
-                return [r[0] for r in await cur.fetchall()]
+                return await _patient_ids(reader)
 
             task = asyncio.create_task(read())
-            with psycopg.connect(built, autocommit=True) as watcher:
-                for _ in range(600):  # until the snapshot waits for the swap's lock
-                    waiting = watcher.execute(
-                        "SELECT count(*) FROM pg_locks WHERE NOT granted"
-                        " AND relation = 'rf_batch.watermark'::regclass"
-                    ).fetchone()
-                    if (waiting and waiting[0]) or task.done():
-                        break
-                    await asyncio.sleep(0.05)
+            await _until_one_waits_for_the_lock(built, task.done)  # the snapshot, for the swap
             assert not task.done()
             writer.commit()
         assert await asyncio.wait_for(task, 60) == ["p2", "p3"]

@@ -6,7 +6,8 @@ the one gate and write path (`receiver.ingest`, the bytes HAPI would send); then
 (the query API, lifespan running) must give exactly what `tests.oracle.cohort` computes from
 HAPI's final state, and again after a real incremental `batch refresh`. The resources carry
 the hard shapes: long decimals (6.50000000000000001), non-ASCII text (ΔΙΑΒΗΤΗΣ, Straße),
-partial birth dates, primitive extensions. 300 examples.
+partial birth dates, primitive extensions. 300 examples. (The harness and the strategies:
+`tests.layers`.)
 
 Also here: the issue's own examples through both layers, `speed get` printing what was
 received, and merged paging with speed-only and batch ids interleaved across pages.
@@ -14,129 +15,32 @@ received, and merged paging with speed-only and batch ids interleaved across pag
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import redirect_stdout
 from decimal import Decimal
 from itertools import pairwise
 from typing import Any
 
-import httpx
 import hypothesis.internal.conjecture.optimiser  # noqa: F401  (imported early: imported late, deep in a run, it trips a CPython 3.11.7 AST bug)
 import hypothesis.strategies as st
-import psycopg
 import pytest
 import redis.asyncio as aioredis
 from hypothesis import HealthCheck, event, given, settings
 
 import researchflow_cli
-from core.fhir_values import dumps
-from core.settings import Settings
 from core.store import SpeedStore
-from receiver.ingest import ingest, ingest_deletion
+from receiver.ingest import ingest
 from serving import batch
-from serving.api import create_app
-from serving.batch_refresh import refresh
 from serving.derive import default_deriver
-from subscriptions.fhir_client import FhirClient
-from subscriptions.standin.hapi import StandInHapi
-from tests.asgi import running
 from tests.conftest import fresh_database, redis_db
+from tests.layers import AUTH, LOINC, QUERY, SNOMED, Change, Layers, api, ask, changes, layers_of
 from tests.oracle import cohort as oracle_cohort
 
 LAYERS_REDIS_URL = redis_db(13)
-AUTH = {"Authorization": "Bearer serve"}
 DERIVE = default_deriver()
-SNOMED = "http://snomed.info/sct"
-LOINC = "http://loinc.org"
-PATIENTS = [f"p{i}" for i in range(5)]
-CONDITIONS = [f"c{i}" for i in range(4)]
-OBSERVATIONS = [f"o{i}" for i in range(4)]
-TEXTS = ["ΔΙΑΒΗΤΗΣ", "διαβητης τύπου 2", "Straße", "STRASSE", "Diabetes", "ΟΔΟΣ", "asthma"]
-VALUES = [
-    Decimal("6.50000000000000001"),
-    Decimal("6.5"),
-    Decimal("6.49999999999999999"),
-    Decimal("7"),
-    Decimal("7.0"),
-    Decimal("7.2"),
-    Decimal("7.45"),
-    Decimal("7.5"),
-    Decimal("6.95"),
-    Decimal("7.05"),
-    Decimal("1E+2"),
-    7,
-]
-
-
-# --------------------------------------------------------------------------- harness
-
-
-class Layers:
-    """The stand-in HAPI, the speed layer and the batch layer of one example."""
-
-    def __init__(self, database_url: str, redis: aioredis.Redis) -> None:
-        self.hapi = StandInHapi()
-        self.store = SpeedStore(redis)
-        self.settings = Settings(
-            redis_url=LAYERS_REDIS_URL,
-            database_url=database_url,
-            fhir_base_url="http://standin.test/fhir",
-            serving_tokens=("serve",),
-        )
-        transport = httpx.ASGITransport(app=self.hapi.app)
-        self.http = httpx.AsyncClient(transport=transport, base_url="http://standin.test")
-        self.client = FhirClient(self.settings.fhir_base_url, client=self.http, max_retries=0)
-
-    async def aclose(self) -> None:
-        await self.client.aclose()
-        await self.http.aclose()
-        await self.hapi.aclose()
-
-    async def refresh(self, full: bool = False) -> None:
-        await refresh(self.settings, full=full, store=self.store, client=self.client)
-
-    async def night(self, resources: Sequence[dict[str, Any]]) -> None:
-        """HAPI holds these; the batch layer takes them in a full refresh."""
-        for resource in resources:
-            await self.hapi.update(resource)
-        await self.refresh(full=True)
-        await self.store.mark_epoch()  # the speed layer is complete from here on
-
-    async def change(self, resource_type: str, rid: str, data: dict[str, Any] | None) -> None:
-        """A change on HAPI, delivered to the speed layer as HAPI's notification would be."""
-        if data is None:
-            if (resource_type, rid) not in self.hapi.resources:
-                return
-            version = await self.hapi.delete(resource_type, rid)
-            if version is not None:
-                await ingest_deletion(
-                    self.store,
-                    resource_type,
-                    rid,
-                    version_id=str(version),
-                    last_updated=self.hapi.now(),
-                )
-            return
-        stored = await self.hapi.update(data)
-        await ingest(self.store, dumps(stored), path_type=resource_type, path_id=rid, derive=DERIVE)
-
-    def truth(self) -> dict[tuple[str, str], Any]:
-        return {k: t.resource for k, t in self.hapi.resources.items() if not t.deleted}
-
-
-@contextlib.asynccontextmanager
-async def api(layers: Layers) -> AsyncIterator[httpx.AsyncClient]:
-    async with running(create_app(layers.settings)) as client:
-        yield client
-
-
-async def ask(client: httpx.AsyncClient, params: list[tuple[str, str]]) -> dict[str, Any]:
-    response = await client.get("/cohort", params=[*params, ("_count", "10000")], headers=AUTH)
-    assert response.status_code == 200, response.text
-    return dict(response.json())
+QUERIES = st.lists(QUERY, min_size=3, max_size=3)
 
 
 @pytest.fixture(scope="module")
@@ -144,157 +48,6 @@ def database() -> Iterator[str]:
     with fresh_database("rf_exact_layers") as url:
         batch.init(url)
         yield url
-
-
-def _reset(database_url: str) -> None:
-    with psycopg.connect(database_url, autocommit=True) as conn:
-        conn.execute("DELETE FROM rf_batch.resources")
-        conn.execute("DELETE FROM rf_batch.watermark")
-        batch.rebuild_views(conn)
-
-
-@contextlib.asynccontextmanager
-async def layers_of(database_url: str) -> AsyncIterator[Layers]:
-    _reset(database_url)
-    redis = aioredis.Redis.from_url(LAYERS_REDIS_URL)
-    await redis.flushdb()
-    layers = Layers(database_url, redis)
-    try:
-        yield layers
-    finally:
-        await layers.aclose()
-        await redis.flushdb()
-        await redis.aclose()
-
-
-# --------------------------------------------------------------------------- resources
-
-
-@st.composite
-def patient(draw: st.DrawFn, rid: str) -> dict[str, Any]:
-    data: dict[str, Any] = {"resourceType": "Patient", "id": rid}
-    gender = draw(st.sampled_from(["male", "female", None]))
-    if gender:
-        data["gender"] = gender
-    birth = draw(st.sampled_from([None, "1970", "1970-05", "1970-05-17", "1985-12-31", "2000-02"]))
-    if birth:
-        data["birthDate"] = birth
-    if draw(st.integers(0, 3)) == 0:
-        data["_birthDate"] = {
-            "extension": [
-                {
-                    "url": "http://hl7.org/fhir/StructureDefinition/data-absent-reason",
-                    "valueCode": "masked",
-                }
-            ]
-        }
-    return data
-
-
-@st.composite
-def condition(draw: st.DrawFn, rid: str) -> dict[str, Any]:
-    codings = [
-        {"system": SNOMED, "code": code, "display": draw(st.sampled_from(TEXTS))}
-        for code in draw(st.lists(st.sampled_from(["44054006", "195967001"]), max_size=2))
-    ]
-    code: dict[str, Any] = {"coding": codings} if codings else {}
-    if draw(st.booleans()) or not codings:
-        code["text"] = draw(st.sampled_from(TEXTS))
-    data = {
-        "resourceType": "Condition",
-        "id": rid,
-        "subject": {"reference": f"Patient/{draw(st.sampled_from(PATIENTS))}"},
-        "code": code,
-    }
-    verification = draw(st.sampled_from([None, "confirmed", "entered-in-error"]))
-    if verification:
-        data["verificationStatus"] = {
-            "coding": [
-                {
-                    "system": "http://terminology.hl7.org/CodeSystem/condition-ver-status",
-                    "code": verification,
-                }
-            ]
-        }
-    return data
-
-
-@st.composite
-def observation(draw: st.DrawFn, rid: str) -> dict[str, Any]:
-    data: dict[str, Any] = {
-        "resourceType": "Observation",
-        "id": rid,
-        "status": draw(st.sampled_from(["final", "cancelled", "entered-in-error", "preliminary"])),
-        "subject": {"reference": f"Patient/{draw(st.sampled_from(PATIENTS))}"},
-        "code": {
-            "coding": [{"system": LOINC, "code": draw(st.sampled_from(["4548-4", "2345-7"]))}]
-        },
-    }
-    if draw(st.integers(0, 4)):
-        data["valueQuantity"] = {"value": draw(st.sampled_from(VALUES)), "unit": "%"}
-    return data
-
-
-Change = tuple[str, str, dict[str, Any] | None]
-
-
-@st.composite
-def changes(draw: st.DrawFn, low: int, high: int) -> list[Change]:
-    out: list[Change] = []
-    for _ in range(draw(st.integers(low, high))):
-        kind = draw(st.sampled_from(["Patient", "Condition", "Observation"]))
-        if kind == "Patient":
-            rid = draw(st.sampled_from(PATIENTS))
-            data = draw(patient(rid))
-        elif kind == "Condition":
-            rid = draw(st.sampled_from(CONDITIONS))
-            data = draw(condition(rid))
-        else:
-            rid = draw(st.sampled_from(OBSERVATIONS))
-            data = draw(observation(rid))
-        out.append((kind, rid, None if draw(st.integers(0, 5)) == 0 else data))
-    return out
-
-
-PARAMETERS = st.sampled_from(
-    [
-        ("gender", "male"),
-        ("gender", "female,male"),
-        ("birthdate", "1970"),
-        ("birthdate", "ge1980"),
-        ("birthdate", "lt1970-06"),
-        ("birthdate", "ne1970-05"),
-        ("birthdate", "1970-05-17T00:00:00Z"),
-        ("birthdate", "ge1970-05-17T10:00:00+02:00"),
-        ("birthdate", "lt1970-05-17T01:00-03:00"),
-        ("birthdate", "le1985-12-31T23:59:59.999Z,gt2000-02-29T23:30:00-01:00"),
-        ("birthdate", "gt1969-12-31T23:00:00-02:00"),
-        ("condition", f"{SNOMED}|44054006"),
-        ("condition", "195967001"),
-        ("condition-text", "διαβητης"),
-        ("condition-text", "ΔΙΑΒΗΤΗΣ"),
-        ("condition-text", "strasse"),
-        ("condition-text", "ß"),
-        ("condition-text", "οδος"),
-        ("condition-text", "diab,asth"),
-        ("observation", f"{LOINC}|4548-4"),
-        ("observation", f"{LOINC}|4548-4$gt6.5"),
-        ("observation", f"{LOINC}|4548-4$eq7"),
-        ("observation", f"{LOINC}|4548-4$eq7.0"),
-        ("observation", f"{LOINC}|4548-4$ne7"),
-        ("observation", "4548-4$ge6.50000000000000001"),
-        ("observation", f"{LOINC}|4548-4$lt7.5,{LOINC}|2345-7$gt99"),
-        ("observation", "2345-7$le1e2"),
-        ("observation", "2345-7$eq1e2"),
-    ]
-)
-QUERIES = st.lists(
-    st.sampled_from([1, 1, 2]).flatmap(
-        lambda n: st.lists(PARAMETERS, min_size=n, max_size=n, unique_by=lambda p: p[0])
-    ),
-    min_size=3,
-    max_size=3,
-)
 
 
 # --------------------------------------------------------------------------- the property
@@ -313,7 +66,7 @@ async def test_cohort_equals_the_oracle_before_and_after_a_refresh(
     day: list[Change],
     queries: list[list[tuple[str, str]]],
 ) -> None:
-    async with layers_of(database) as layers:
+    async with layers_of(database, LAYERS_REDIS_URL) as layers:
         await layers.night([data for _, _, data in night if data is not None])
         for resource_type, rid, data in day:
             await layers.change(resource_type, rid, data)
@@ -403,7 +156,7 @@ async def test_the_issues_examples_in_both_layers(database: str) -> None:
         [("observation", f"{LOINC}|4548-4"), ("observation-value", "le6.5")],
     ]
     want = [["pa"], ["pb"], ["pa", "pb"], ["pb"], ["pa", "pb"], [], ["pa"], [], []]
-    async with layers_of(database) as layers:
+    async with layers_of(database, LAYERS_REDIS_URL) as layers:
         await layers.night(night)
         for resource_type, rid, data in day:
             await layers.change(resource_type, rid, data)
@@ -460,7 +213,7 @@ async def test_paging_interleaves_speed_only_and_batch_ids(
     for i in range(1, 12, 2):
         night.append({"resourceType": "Patient", "id": f"p{i:02d}", "gender": "male"})
         night.append(_diabetes(f"c{i:02d}", f"p{i:02d}"))
-    async with layers_of(database) as layers:
+    async with layers_of(database, LAYERS_REDIS_URL) as layers:
         await layers.night(night)
         for i in range(2, 13, 2):
             await layers.change(

@@ -42,6 +42,7 @@ from core.validation import NEVER_STORED
 from receiver.app import create_app
 from serving.derive import default_deriver
 from tests.conftest import SHARED, empty_redis, redis_db
+from tests.examples import official_examples
 
 # A database of its own: other test runs sharing the Redis flush theirs (9) at any moment, and
 # this module compares whole-database snapshots.
@@ -62,12 +63,12 @@ MAX_HEADERS = 300
 MAX_PATHS = 300
 
 GOOD_CT = "application/fhir+json; charset=UTF-8"
-EXAMPLES: list[tuple[str, bytes, dict[str, Any]]] = []
-for _path in sorted((SHARED / "fhir-r4-examples").glob("*.json")):
-    _raw = _path.read_bytes()
-    _data = json.loads(_raw)
-    if _path.name != "bundle-questionnaire.json" and isinstance(_data.get("id"), str):
-        EXAMPLES.append((_path.name, _raw, _data))
+# The official examples with an id of their own, but the one the receiver refuses.
+EXAMPLES: list[tuple[str, bytes, dict[str, Any]]] = [
+    (e.name, e.raw, json.loads(e.raw))
+    for e in official_examples(SHARED)
+    if e.own_id and e.name != "bundle-questionnaire.json"
+]
 
 FUZZ_SETTINGS = settings(
     deadline=None,

@@ -44,7 +44,8 @@ from serving.derive import default_deriver
 from subscriptions import bootstrap, changes, poller
 from subscriptions.fhir_client import FhirClient, hapi_lookup
 from tests.asgi import running
-from tests.conftest import free_port, fresh_database, redis_db
+from tests.conftest import fresh_database, redis_db
+from tests.procs import free_port
 from tests.real_hapi import (
     NO_CACHE,
     HapiState,

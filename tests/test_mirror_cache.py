@@ -12,16 +12,13 @@ indexes against brute force and the oracle.
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import datetime
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import hypothesis.strategies as st
 import psycopg
 import pytest
-import redis.asyncio as aioredis
 from hypothesis import HealthCheck, event, given, settings
 
 from serving import batch
@@ -29,23 +26,10 @@ from serving.cohort import parse_query, patient_matches
 from serving.merge import begin_snapshot, read_speed
 from serving.mirror import TEXT_SEPARATOR, Plan, RowIndex, SpeedMirror
 from tests.conftest import fresh_database, redis_db
+from tests.layers import QUERY, Layers, Truth, api, ask, delivery, layers_of
 from tests.oracle import cohort as oracle_cohort
-from tests.test_exact_layers import (
-    CONDITIONS,
-    OBSERVATIONS,
-    PARAMETERS,
-    PATIENTS,
-    Layers,
-    _reset,
-    api,
-    ask,
-    condition,
-    observation,
-    patient,
-)
 
 CACHE_REDIS_URL = redis_db(4)
-Truth = dict[tuple[str, str], Any]
 
 
 @pytest.fixture(scope="module")
@@ -55,39 +39,6 @@ def database() -> Iterator[str]:
         yield url
 
 
-@contextlib.asynccontextmanager
-async def layers_of(database_url: str) -> AsyncIterator[Layers]:
-    _reset(database_url)
-    redis = aioredis.Redis.from_url(CACHE_REDIS_URL)
-    await redis.flushdb()
-    layers = Layers(database_url, redis)
-    layers.settings = dataclasses.replace(layers.settings, redis_url=CACHE_REDIS_URL)
-    try:
-        yield layers
-    finally:
-        await layers.aclose()
-        await redis.flushdb()
-        await redis.aclose()
-
-
-@st.composite
-def delivery(draw: st.DrawFn) -> tuple[str, str, str, dict[str, Any] | None]:
-    kind = draw(st.sampled_from(["Patient", "Condition", "Observation"]))
-    if kind == "Patient":
-        rid = draw(st.sampled_from(PATIENTS))
-        data = draw(patient(rid))
-    elif kind == "Condition":
-        rid = draw(st.sampled_from(CONDITIONS))
-        data = draw(condition(rid))
-    else:
-        rid = draw(st.sampled_from(OBSERVATIONS))
-        data = draw(observation(rid))
-    return ("deliver", kind, rid, None if draw(st.integers(0, 4)) == 0 else data)
-
-
-QUERY = st.sampled_from([1, 1, 2]).flatmap(
-    lambda n: st.lists(PARAMETERS, min_size=n, max_size=n, unique_by=lambda p: p[0])
-)
 STEP = st.one_of(
     delivery(),
     delivery(),
@@ -113,7 +64,7 @@ async def test_a_kept_plan_never_outlives_a_change(
     queries: list[list[tuple[str, str]]],
     steps: list[Any],
 ) -> None:
-    async with layers_of(database) as layers:
+    async with layers_of(database, CACHE_REDIS_URL) as layers:
         await layers.night([step[3] for step in night if step[3] is not None])
         # What the layers hold: the batch layer's resources, then what reached the speed
         # layer in its current epoch over them.
@@ -169,7 +120,7 @@ async def _plan(layers: Layers, mirror: SpeedMirror, params: list[tuple[str, str
 
 
 async def test_a_plan_is_kept_until_the_mirror_changes(database: str) -> None:
-    async with layers_of(database) as layers:
+    async with layers_of(database, CACHE_REDIS_URL) as layers:
         await layers.night([{"resourceType": "Patient", "id": "p0", "gender": "male"}])
         mirror = SpeedMirror()
         params = [("gender", "male")]

@@ -231,6 +231,29 @@ def start(argv: list[str], env: dict[str, str]) -> subprocess.Popen[str]:
     )
 
 
+def services_env(database_url: str) -> dict[str, str]:
+    """The settings a service command needs, HAPI unreachable."""
+    return {
+        "REDIS_URL": TEST_REDIS_URL,
+        "DATABASE_URL": database_url,
+        "FHIR_BASE_URL": UNREACHABLE["FHIR_BASE_URL"],
+        "RECEIVER_TOKEN": "t",
+        "SERVING_TOKEN": "s",
+    }
+
+
+def finished(proc: subprocess.Popen[str], what: str) -> str:
+    """`proc`'s stderr once it has exited, which it must within 20 s: else it is killed and
+    the test fails ("<what> kept running")."""
+    try:
+        _, err = proc.communicate(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        pytest.fail(f"{what} kept running")
+    return err
+
+
 @pytest.mark.parametrize(
     "argv",
     [
@@ -248,20 +271,9 @@ def test_a_taken_port_stops_the_server_at_once(
     args = [a.format(taken=taken_port, free=free_port()) for a in argv]
     proc = start(
         args,
-        {
-            "REDIS_URL": TEST_REDIS_URL,
-            "DATABASE_URL": pg_url,
-            "FHIR_BASE_URL": UNREACHABLE["FHIR_BASE_URL"],
-            "RECEIVER_TOKEN": "t",
-            "SERVING_TOKEN": "s",
-        },
+        services_env(pg_url),
     )
-    try:
-        _, err = proc.communicate(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.communicate()
-        pytest.fail(f"{args[0]} kept running on a taken port")
+    err = finished(proc, f"{args[0]} on a taken port")
     assert proc.returncode == 1
     line = one_line(err)
     assert f"port {taken_port}" in line and "already in use" in line, line
@@ -271,20 +283,9 @@ def test_run_without_its_batch_layer_exits_and_leaves_nothing_listening(pg_url: 
     receiver_port = free_port()
     proc = start(
         ["run", "--receiver-port", str(receiver_port), "--serve-port", str(free_port())],
-        {
-            "REDIS_URL": TEST_REDIS_URL,
-            "DATABASE_URL": UNREACHABLE["DATABASE_URL"],
-            "FHIR_BASE_URL": UNREACHABLE["FHIR_BASE_URL"],
-            "RECEIVER_TOKEN": "t",
-            "SERVING_TOKEN": "s",
-        },
+        services_env(UNREACHABLE["DATABASE_URL"]),
     )
-    try:
-        _, err = proc.communicate(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.communicate()
-        pytest.fail("run kept running without its batch layer")
+    err = finished(proc, "run without its batch layer")
     assert proc.returncode == 1 and "PostgreSQL" in one_line(err)
     with socket.socket() as probe:
         assert probe.connect_ex(("127.0.0.1", receiver_port)) != 0, "nothing left listening"
@@ -310,15 +311,9 @@ def test_the_same_port_for_both_servers_is_one_line_and_exit_2(command: str, pg_
     port = free_port()
     proc = start(
         [command, "--receiver-port", str(port), "--serve-port", str(port)],
-        {
-            "REDIS_URL": TEST_REDIS_URL,
-            "DATABASE_URL": pg_url,
-            "FHIR_BASE_URL": UNREACHABLE["FHIR_BASE_URL"],
-            "RECEIVER_TOKEN": "t",
-            "SERVING_TOKEN": "s",
-        },
+        services_env(pg_url),
     )
-    _, err = proc.communicate(timeout=20)
+    err = finished(proc, f"{command} with one port for both servers")
     assert proc.returncode == 2, err
     line = one_line(err)
     assert "--receiver-port and --serve-port" in line and str(port) in line, line

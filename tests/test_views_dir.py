@@ -13,11 +13,10 @@ naming the file, and `subscriptions bootstrap` subscribes to the views' types by
 
 from __future__ import annotations
 
-import contextlib
 import json
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -32,19 +31,16 @@ from hypothesis import strategies as st
 
 import researchflow_cli
 from core.fhir_values import dumps
-from core.settings import Settings
 from core.store import SpeedStore
-from receiver.ingest import ingest, ingest_deletion
+from receiver.ingest import ingest
 from serving import batch
 from serving.api import create_app
-from serving.batch_refresh import refresh
 from serving.derive import default_deriver
 from serving.registry import served_views
 from serving.status import status_route
-from subscriptions.fhir_client import FhirClient
-from subscriptions.standin.hapi import StandInHapi
 from tests.asgi import running
 from tests.conftest import fresh_database, redis_db
+from tests.layers import AUTH, Change, Kinds, Layers, layers_of, resource_change
 from tests.oracle import Column, Function, Select, Step, View
 from tests.oracle import Path as OPath
 from tests.test_bootstrap import BASE, FakeHapi
@@ -53,7 +49,6 @@ from tests.test_status import Page
 
 ROOT = Path(__file__).resolve().parents[1]
 VIEWS_REDIS_URL = redis_db(12)
-AUTH = {"Authorization": "Bearer serve"}
 PATIENTS = [f"p{i}" for i in range(4)]
 OBSERVATIONS = [f"o{i}" for i in range(4)]
 VALUES = [Decimal("6.50000000000000001"), Decimal("6.5"), Decimal("7.0"), 7, Decimal("7.45")]
@@ -113,48 +108,6 @@ def write_views(folder: Path, views: dict[str, dict[str, Any]]) -> None:
 # --------------------------------------------------------------------------- harness
 
 
-class Layers:
-    def __init__(self, database_url: str, folder: str, redis: aioredis.Redis) -> None:
-        self.hapi = StandInHapi()
-        self.store = SpeedStore(redis)
-        self.settings = Settings(
-            redis_url=VIEWS_REDIS_URL,
-            database_url=database_url,
-            fhir_base_url="http://standin.test/fhir",
-            serving_tokens=("serve",),
-            views_dir=folder,
-        )
-        self.derive = default_deriver(served_views(folder))
-        transport = httpx.ASGITransport(app=self.hapi.app)
-        self.http = httpx.AsyncClient(transport=transport, base_url="http://standin.test")
-        self.client = FhirClient(self.settings.fhir_base_url, client=self.http, max_retries=0)
-
-    async def aclose(self) -> None:
-        await self.client.aclose()
-        await self.http.aclose()
-        await self.hapi.aclose()
-
-    async def refresh(self, full: bool = False) -> None:
-        await refresh(self.settings, full=full, store=self.store, client=self.client)
-
-    async def change(self, resource_type: str, rid: str, data: dict[str, Any] | None) -> None:
-        if data is None:
-            if (resource_type, rid) not in self.hapi.resources:
-                return
-            version = await self.hapi.delete(resource_type, rid)
-            if version is not None:
-                await ingest_deletion(
-                    self.store, resource_type, rid, version_id=str(version), last_updated=None
-                )
-            return
-        stored = await self.hapi.update(data)
-        body = dumps(stored)
-        await ingest(self.store, body, path_type=resource_type, path_id=rid, derive=self.derive)
-
-    def truth(self) -> list[Any]:
-        return [t.resource for t in self.hapi.resources.values() if not t.deleted]
-
-
 def canonical(rows: list[dict[str, Any]]) -> list[str]:
     """Rows as comparable text: numbers as exact decimals (7 and 7.0 differ, as in FHIR)."""
 
@@ -194,23 +147,6 @@ def database(views_folder: Path) -> Iterator[str]:
     with fresh_database("rf_views_dir") as url:
         batch.init(url, served_views(str(views_folder)))
         yield url
-
-
-@contextlib.asynccontextmanager
-async def layers_of(database_url: str, folder: Path) -> AsyncIterator[Layers]:
-    with psycopg.connect(database_url, autocommit=True) as conn:
-        conn.execute("DELETE FROM rf_batch.resources")
-        conn.execute("DELETE FROM rf_batch.watermark")
-        batch.rebuild_views(conn)
-    redis = aioredis.Redis.from_url(VIEWS_REDIS_URL)
-    await redis.flushdb()
-    layers = Layers(database_url, str(folder), redis)
-    try:
-        yield layers
-    finally:
-        await layers.aclose()
-        await redis.flushdb()
-        await redis.aclose()
 
 
 # --------------------------------------------------------------------------- resources
@@ -259,29 +195,15 @@ def observation(draw: st.DrawFn, rid: str) -> dict[str, Any]:
     return data
 
 
-@st.composite
-def resource_of(draw: st.DrawFn) -> tuple[str, str, dict[str, Any]]:
-    if draw(st.booleans()):
-        rid = draw(st.sampled_from(PATIENTS))
-        return "Patient", rid, draw(patient(rid))
-    rid = draw(st.sampled_from(OBSERVATIONS))
-    return "Observation", rid, draw(observation(rid))
-
-
-CHANGES = st.lists(
-    st.tuples(resource_of(), st.integers(0, 4)).map(
-        lambda c: (*c[0][:2], None if c[1] == 0 else c[0][2])
-    ),
-    min_size=1,
-    max_size=10,
-)
+VIEW_KINDS: Kinds = {"Patient": (PATIENTS, patient), "Observation": (OBSERVATIONS, observation)}
+CHANGES = st.lists(resource_change(5, VIEW_KINDS), min_size=1, max_size=10)
 
 
 # --------------------------------------------------------------------------- tests
 
 
 async def check_served(layers: Layers, client: httpx.AsyncClient) -> None:
-    truth = layers.truth()
+    truth = layers.truth().values()
     for name, view in VIEWS.items():
         expected = [row for resource in truth for row in view.rows(resource)]
         assert canonical(await served_rows(client, name)) == canonical(expected), name
@@ -292,15 +214,12 @@ async def check_served(layers: Layers, client: httpx.AsyncClient) -> None:
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
-@given(night=st.lists(resource_of(), max_size=6), day=CHANGES)
+@given(night=st.lists(resource_change(None, VIEW_KINDS), max_size=6), day=CHANGES)
 async def test_an_operator_view_is_served_exactly_through_changes_and_refreshes(
-    database: str, views_folder: Path, night: list[Any], day: list[Any]
+    database: str, views_folder: Path, night: list[Change], day: list[Change]
 ) -> None:
-    async with layers_of(database, views_folder) as layers:
-        for _, _, data in night:
-            await layers.hapi.update(data)
-        await layers.refresh(full=True)
-        await layers.store.mark_epoch()
+    async with layers_of(database, VIEWS_REDIS_URL, views_folder) as layers:
+        await layers.night([data for _, _, data in night if data is not None])
         for resource_type, rid, data in day:
             await layers.change(resource_type, rid, data)
         async with running(create_app(layers.settings)) as client:
@@ -313,7 +232,7 @@ async def test_an_operator_view_is_served_exactly_through_changes_and_refreshes(
             await layers.refresh()  # a real incremental refresh moves the day into the batch
             await check_served(layers, client)
             batch_rows = {
-                name: len([r for res in layers.truth() for r in view.rows(res)])
+                name: len([r for res in layers.truth().values() for r in view.rows(res)])
                 for name, view in VIEWS.items()
             }
             listed = {
@@ -324,10 +243,8 @@ async def test_an_operator_view_is_served_exactly_through_changes_and_refreshes(
 
 
 async def test_views_lists_freshness_per_view(database: str, views_folder: Path) -> None:
-    async with layers_of(database, views_folder) as layers:
-        await layers.hapi.update({"resourceType": "Patient", "id": "p0", "name": [{"family": "A"}]})
-        await layers.refresh(full=True)
-        await layers.store.mark_epoch()
+    async with layers_of(database, VIEWS_REDIS_URL, views_folder) as layers:
+        await layers.night([{"resourceType": "Patient", "id": "p0", "name": [{"family": "A"}]}])
         await layers.change(
             "Observation",
             "o1",
@@ -672,12 +589,18 @@ async def test_columns_without_a_type_filter_by_their_plain_value(tmp_path: Path
     write_views(tmp_path, {"untyped_patients": untyped})
     with fresh_database("rf_views_untyped") as url:
         batch.init(url, served_views(str(tmp_path)))
-        async with layers_of(url, tmp_path) as layers:
-            night = {"resourceType": "Patient", "id": "n1", "gender": "male"}
-            await layers.hapi.update({**night, "name": [{"family": "A"}]})
-            await layers.hapi.update({"resourceType": "Patient", "id": "n2", "gender": "female"})
-            await layers.refresh(full=True)
-            await layers.store.mark_epoch()
+        async with layers_of(url, VIEWS_REDIS_URL, tmp_path) as layers:
+            await layers.night(
+                [
+                    {
+                        "resourceType": "Patient",
+                        "id": "n1",
+                        "gender": "male",
+                        "name": [{"family": "A"}],
+                    },
+                    {"resourceType": "Patient", "id": "n2", "gender": "female"},
+                ]
+            )
             # A day: n2 becomes male in the speed layer, d1 arrives, n1 is deleted.
             await layers.change(
                 "Patient", "n2", {"resourceType": "Patient", "id": "n2", "gender": "male"}
@@ -727,7 +650,7 @@ async def test_a_service_whose_definitions_the_batch_layer_no_longer_has_says_re
     write_views(after, {"genders": new})
     with fresh_database("rf_views_changed") as url:
         batch.init(url, served_views(str(before)))
-        async with layers_of(url, before) as layers:
+        async with layers_of(url, VIEWS_REDIS_URL, before) as layers:
             batch.init(url, served_views(str(after)))  # while the service runs on `before`
             async with running(create_app(layers.settings)) as client:
                 response = await client.get("/views/genders/rows", headers=AUTH)
