@@ -192,6 +192,15 @@ def patient(draw: st.DrawFn, rid: str) -> dict[str, Any]:
     return data
 
 
+def verification_status(code: str) -> dict[str, Any]:
+    """A Condition.verificationStatus CodeableConcept of FHIR's condition-ver-status system."""
+    return {
+        "coding": [
+            {"system": "http://terminology.hl7.org/CodeSystem/condition-ver-status", "code": code}
+        ]
+    }
+
+
 @st.composite
 def condition(draw: st.DrawFn, rid: str) -> dict[str, Any]:
     codings = [
@@ -209,14 +218,7 @@ def condition(draw: st.DrawFn, rid: str) -> dict[str, Any]:
     }
     verification = draw(st.sampled_from([None, "confirmed", "entered-in-error"]))
     if verification:
-        data["verificationStatus"] = {
-            "coding": [
-                {
-                    "system": "http://terminology.hl7.org/CodeSystem/condition-ver-status",
-                    "code": verification,
-                }
-            ]
-        }
+        data["verificationStatus"] = verification_status(verification)
     return data
 
 

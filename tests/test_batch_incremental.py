@@ -33,6 +33,7 @@ from serving.viewdef import shipped_views
 from subscriptions.fhir_client import FhirClient
 from subscriptions.standin.hapi import StandInHapi
 from tests.conftest import fresh_database
+from tests.layers import verification_status
 from tests.oracle import cohort as oracle_cohort
 
 GENDERS = ["male", "female", "other", "unknown"]
@@ -90,14 +91,7 @@ def condition(
     if TEXTS[text] is not None:
         out["code"]["text"] = TEXTS[text]
     if error:  # never counted: neither its text nor its display makes a member
-        out["verificationStatus"] = {
-            "coding": [
-                {
-                    "system": "http://terminology.hl7.org/CodeSystem/condition-ver-status",
-                    "code": "entered-in-error",
-                }
-            ]
-        }
+        out["verificationStatus"] = verification_status("entered-in-error")
     return out
 
 

@@ -20,6 +20,7 @@ from serving.derive import default_deriver
 from serving.merge import BatchCounts, cohort
 from serving.mirror import SpeedMirror
 from tests.conftest import empty_redis, redis_db
+from tests.layers import verification_status
 
 LU = "2024-01-01T00:00:00Z"
 
@@ -62,14 +63,7 @@ def condition(
     if text:
         data["code"]["text"] = text
     if verification:
-        data["verificationStatus"] = {
-            "coding": [
-                {
-                    "system": "http://terminology.hl7.org/CodeSystem/condition-ver-status",
-                    "code": verification,
-                }
-            ]
-        }
+        data["verificationStatus"] = verification_status(verification)
     return data
 
 

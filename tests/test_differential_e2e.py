@@ -35,6 +35,7 @@ from subscriptions.standin.hapi import StandInHapi
 from subscriptions.standin.run import serve_standin
 from tests.asgi import running
 from tests.conftest import fresh_database, redis_db
+from tests.layers import verification_status
 
 E2E_REDIS_URL = redis_db(15)
 PATIENTS = [f"p{i}" for i in range(5)]
@@ -69,14 +70,9 @@ def content(draw: st.DrawFn, resource_type: str, rid: str) -> dict[str, Any] | N
             "code": {"coding": [coding], "text": draw(st.sampled_from(["Diabetes", "asthma"]))},
         }
         if draw(st.booleans()):
-            data["verificationStatus"] = {
-                "coding": [
-                    {
-                        "system": "http://terminology.hl7.org/CodeSystem/condition-ver-status",
-                        "code": draw(st.sampled_from(["confirmed", "entered-in-error"])),
-                    }
-                ]
-            }
+            data["verificationStatus"] = verification_status(
+                draw(st.sampled_from(["confirmed", "entered-in-error"]))
+            )
         return data
     return {
         "resourceType": "Observation",

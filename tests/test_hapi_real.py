@@ -45,6 +45,7 @@ from subscriptions import bootstrap, changes, poller
 from subscriptions.fhir_client import FhirClient, hapi_lookup
 from tests.asgi import running
 from tests.conftest import fresh_database, redis_db
+from tests.layers import verification_status
 from tests.procs import free_port
 from tests.real_hapi import (
     NO_CACHE,
@@ -93,14 +94,7 @@ def condition(
         "code": {"coding": [{"system": SNOMED, "code": code}], "text": text},
     }
     if eie:
-        data["verificationStatus"] = {
-            "coding": [
-                {
-                    "system": "http://terminology.hl7.org/CodeSystem/condition-ver-status",
-                    "code": "entered-in-error",
-                }
-            ]
-        }
+        data["verificationStatus"] = verification_status("entered-in-error")
     return data
 
 
