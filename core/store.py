@@ -411,6 +411,9 @@ class SpeedStore:
         self._drop = client.register_script(_DROP_LUA)
         self._drop_old = client.register_script(_DROP_OLD_LUA)
         self._is_cluster = isinstance(client, RedisCluster)
+        # Concurrent single writes share round trips (a Redis Cluster routes each call
+        # itself: there every write goes alone).
+        self._coalesced_upsert = None if self._is_cluster else CoalescedScript(self._upsert)
         self._pending_hours: dict[str, int] = {}
         self._pending_types: set[str] = set()
         self._last_flush_ms = 0.0
@@ -442,7 +445,10 @@ class SpeedStore:
         now_ms = time.time() * 1000.0
         keys, args = self._upsert_call(item, now_ms)
         try:
-            written = await self._upsert(keys=keys, args=args)
+            if self._coalesced_upsert is not None:
+                written = await self._coalesced_upsert.call(keys, args)
+            else:
+                written = await self._upsert(keys=keys, args=args)
         except RedisError as exc:
             raise SpeedLayerUnavailable(f"Redis did not take the write: {exc}") from exc
         if written:
@@ -1148,6 +1154,83 @@ class SpeedStore:
             _number(lum or now_ms),
         ]
         return [prefix + "e", prefix + "chg"], args
+
+
+class CoalescedScript:
+    """Calls of one Lua script made in the same turn of the event loop, sent to Redis in one
+    pipeline: one socket write and one read for all of them instead of one each.
+
+    Each call is still its own atomic EVALSHA with its own result or error (the pipeline is
+    not a transaction). The calls go in the order they were made; the version-guarded write
+    does not depend on it anyway (the newer version wins whatever the order). A call that
+    finds the script not loaded (NOSCRIPT, after a Redis restart) is made again alone, which
+    loads it. Measured: benchmarks/README.md (ingest, 2026-11-30).
+    """
+
+    def __init__(self, script: AsyncScript) -> None:
+        self._script = script
+        self._queue: list[tuple[list[str], list[Any], asyncio.Future[Any]]] = []
+        self._sending: set[asyncio.Task[None]] = set()  # referenced until done
+
+    async def call(self, keys: list[str], args: list[Any]) -> Any:
+        """The script's result for these KEYS and ARGV; raises what the call raises
+        (a RedisError when Redis cannot take it)."""
+        loop = asyncio.get_running_loop()
+        answer: asyncio.Future[Any] = loop.create_future()
+        self._queue.append((keys, args, answer))
+        if len(self._queue) == 1:
+            # After the callbacks already due this turn: the other requests that arrived
+            # with this one add their calls first.
+            loop.call_soon(self._send_queued)
+        return await answer
+
+    def _send_queued(self) -> None:
+        calls, self._queue = self._queue, []
+        task = asyncio.ensure_future(self._send(calls))
+        self._sending.add(task)
+        task.add_done_callback(self._sending.discard)
+
+    async def _send(self, calls: list[tuple[list[str], list[Any], asyncio.Future[Any]]]) -> None:
+        try:
+            results = await self._run(calls)
+        except asyncio.CancelledError:
+            for *_, answer in calls:
+                answer.cancel()
+            raise
+        except Exception as exc:  # handed to every caller: none is lost
+            for *_, answer in calls:
+                if not answer.done():
+                    answer.set_exception(exc)
+            return
+        for (_, _, answer), result in zip(calls, results, strict=True):
+            if answer.done():
+                continue  # its caller went away (the write may still have been made)
+            if isinstance(result, BaseException):
+                answer.set_exception(result)
+            else:
+                answer.set_result(result)
+
+    async def _run(
+        self, calls: list[tuple[list[str], list[Any], asyncio.Future[Any]]]
+    ) -> list[Any]:
+        script = self._script
+        if len(calls) == 1:
+            keys, args, _ = calls[0]
+            return [await script(keys=keys, args=args)]
+        # Raw EVALSHA: redis-py's script objects in a pipeline ask SCRIPT EXISTS first, a
+        # round trip per pipeline.
+        async with script.registered_client.pipeline(transaction=False) as pipe:
+            for keys, args, _ in calls:
+                pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
+            results: list[Any] = list(await pipe.execute(raise_on_error=False))
+        for n, result in enumerate(results):
+            if isinstance(result, NoScriptError):
+                keys, args, _ = calls[n]
+                try:
+                    results[n] = await script(keys=keys, args=args)  # loads the script
+                except RedisError as exc:
+                    results[n] = exc
+        return results
 
 
 POLLER_WATERMARK_KEY = META + "poller:watermark"  # STRING instant (HAPI's clock)
