@@ -1170,15 +1170,19 @@ class CoalescedScript:
     def __init__(self, script: AsyncScript) -> None:
         self._script = script
         self._queue: list[tuple[list[str], list[Any], asyncio.Future[Any]]] = []
+        self._queue_loop: asyncio.AbstractEventLoop | None = None
         self._sending: set[asyncio.Task[None]] = set()  # referenced until done
 
     async def call(self, keys: list[str], args: list[Any]) -> Any:
         """The script's result for these KEYS and ARGV; raises what the call raises
         (a RedisError when Redis cannot take it)."""
         loop = asyncio.get_running_loop()
+        if self._queue and self._queue_loop is not loop:
+            self._queue = []  # left by an event loop that stopped before it sent them
         answer: asyncio.Future[Any] = loop.create_future()
         self._queue.append((keys, args, answer))
         if len(self._queue) == 1:
+            self._queue_loop = loop
             # After the callbacks already due this turn: the other requests that arrived
             # with this one add their calls first.
             loop.call_soon(self._send_queued)

@@ -10,6 +10,7 @@ waiting write (the receiver's 503) instead of leaving one hanging.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -153,3 +154,30 @@ async def test_redis_down_fails_every_waiting_write() -> None:
         assert all("Redis did not take the write" in str(r) for r in results)
     finally:
         await store.client.aclose()
+
+
+def test_calls_left_by_a_stopped_event_loop_do_not_block_the_next_one() -> None:
+    """A loop that stops between a call and its send leaves the call queued; a store used
+    again under another loop still sends (and does not wait for the dead loop)."""
+    redis_client = aioredis.Redis.from_url(COALESCE_REDIS_URL)
+    script = CoalescedScript(redis_client.register_script("return redis.call('INCR', KEYS[1])"))
+
+    async def stop_midway() -> None:
+        pending = asyncio.ensure_future(script.call(["left"], []))
+        await asyncio.sleep(0)  # queued, its send not run yet
+        pending.cancel()
+        asyncio.get_running_loop().stop()
+
+    first = asyncio.new_event_loop()
+    with contextlib.suppress(RuntimeError):  # the loop stopped before the coroutine ended
+        first.run_until_complete(stop_midway())
+    first.close()
+
+    async def next_loop() -> Any:
+        try:
+            return await asyncio.wait_for(script.call(["next"], []), timeout=10)
+        finally:
+            await redis_client.delete("left", "next")
+            await redis_client.aclose()
+
+    assert asyncio.run(next_loop()) == 1
