@@ -4,6 +4,7 @@ to them for every app (Starlette's `exception_handlers`)."""
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -177,6 +178,30 @@ TABLE: dict[type[Exception], Callable[[Any, Request, str], Answer]] = {
 }
 
 
+class QuietLog:
+    """At most one log line of a kind every `every` seconds (monotonic clock), the lines held
+    back counted in the next one. A dependency that is down fails every request alike: one
+    line says so, not one per request (HAPI retries each delivery for a minute)."""
+
+    def __init__(self, every: float = 10.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.every = every
+        self._clock = clock
+        self._last: dict[str, float] = {}
+        self._held: dict[str, int] = {}
+
+    def admit(self, kind: str) -> str | None:
+        """None when this line of `kind` is held back; else the text to end it with (how many
+        were held back since the last one, or "")."""
+        now = self._clock()
+        last = self._last.get(kind)
+        if last is not None and now - last < self.every:
+            self._held[kind] = self._held.get(kind, 0) + 1
+            return None
+        self._last[kind] = now
+        held = self._held.pop(kind, 0)
+        return f" ({held} more since the last such line)" if held else ""
+
+
 def exception_handlers(
     service: str, observe: Observe | None = None
 ) -> dict[Any, Callable[[Request, Exception], Awaitable[Response]]]:
@@ -184,14 +209,15 @@ def exception_handlers(
 
     `service` names the app in a 500's text ("see the receiver's log"); `observe` is told of
     every error answered. A 500 is logged with its traceback (and Starlette re-raises it, so
-    the server logs it too).
+    the server logs it too); a dependency down, at most once every 10 s (`QuietLog`).
     """
+    quiet = QuietLog()
 
     def handler(map_error: Callable[[Any, Request, str], Answer]) -> Handler:
         async def answer(request: Request, exc: Exception) -> Response:
             found = map_error(exc, request, service)
-            if found.log is not None:
-                logger.error("%s: %s", found.log, exc)
+            if found.log is not None and (held := quiet.admit(found.log)) is not None:
+                logger.error("%s: %s%s", found.log, exc, held)
             if observe is not None:
                 observe(request, exc, found.status)
             return outcome_response(found.status, found.issues, found.headers)

@@ -310,6 +310,21 @@ return {named[1] or '', named[2] or ''}
 """
 
 
+# Record a reject once per (type, id, version): the check and the record in one step, so
+# concurrent deliveries of one rejected version (HAPI's two deliverers, the poller) count once.
+# KEYS: seen hash, recent list, count; ARGV: "T/id", version ('' = none: always recorded),
+# entry JSON, seen cap, list cap. Returns 1 when recorded.
+_REJECT_LUA = """
+local seen, recent, count = KEYS[1], KEYS[2], KEYS[3]
+if ARGV[2] ~= '' and redis.call('HGET', seen, ARGV[1]) == ARGV[2] then return 0 end
+if redis.call('HLEN', seen) < tonumber(ARGV[4]) then redis.call('HSET', seen, ARGV[1], ARGV[2]) end
+redis.call('LPUSH', recent, ARGV[3])
+redis.call('LTRIM', recent, 0, tonumber(ARGV[5]) - 1)
+redis.call('INCR', count)
+return 1
+"""
+
+
 def connect(settings: Settings) -> RedisClient:
     """A client for the speed layer: a plain Redis or, with REDIS_CLUSTER, a Cluster."""
     common: dict[str, Any] = {
@@ -410,6 +425,7 @@ class SpeedStore:
         self._rederive = client.register_script(_REDERIVE_LUA)
         self._drop = client.register_script(_DROP_LUA)
         self._drop_old = client.register_script(_DROP_OLD_LUA)
+        self._reject = client.register_script(_REJECT_LUA)
         self._is_cluster = isinstance(client, RedisCluster)
         # Concurrent single writes share round trips (a Redis Cluster routes each call
         # itself: there every write goes alone).
@@ -801,8 +817,6 @@ class SpeedStore:
         seen_field = f"{resource_type}/{resource_id}"
         version = version_id or ""
         try:
-            if _decode(await self.client.hget(REJECTS_SEEN_KEY, seen_field)) == version and version:
-                return False
             entry = json.dumps(
                 {
                     "type": resource_type,
@@ -815,19 +829,16 @@ class SpeedStore:
                     ],
                 }
             )
-            async with self.client.pipeline(transaction=False) as pipe:
-                if await self.client.hlen(REJECTS_SEEN_KEY) < REJECTS_SEEN_MAX:
-                    pipe.hset(REJECTS_SEEN_KEY, seen_field, version)
-                pipe.lpush(REJECTS_KEY, entry)
-                pipe.ltrim(REJECTS_KEY, 0, REJECTS_MAX - 1)
-                pipe.incr(REJECTS_COUNT_KEY)
-                await pipe.execute()
+            recorded = await self._reject(
+                keys=[REJECTS_SEEN_KEY, REJECTS_KEY, REJECTS_COUNT_KEY],
+                args=[seen_field, version, entry, REJECTS_SEEN_MAX, REJECTS_MAX],
+            )
         except RedisError as exc:
             logger.warning(
                 "could not record a reject of %s/%s: %s", resource_type, resource_id, exc
             )
             return False
-        return True
+        return bool(recorded)
 
     async def is_rejected(
         self, resource_type: str, resource_id: str, version_id: str | None

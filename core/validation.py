@@ -100,7 +100,10 @@ def json_rules_issues(data: dict[str, Any]) -> list[Issue]:
     - no empty object or array, and no null except where a primitive array's `_name`
       partner holds the element at that index (`"given": [null, "B"]` with `_given`);
     - an extension has a `url` and either one value[x] or extensions, never both;
-    - every resource inside (contained, Bundle entries, Parameters) is of an R4 type.
+    - every resource inside (contained, Bundle entries, Parameters) is of an R4 type;
+    - no string holds a NUL character (U+0000): valid JSON and matched by R4's string
+      pattern, but PostgreSQL's jsonb cannot hold it, so the batch layer could never take
+      the resource (every `batch refresh` would fail on it).
     """
     issues: list[Issue] = []
     stack: list[tuple[str, Any, bool]] = [("", data, False)]
@@ -117,6 +120,8 @@ def json_rules_issues(data: dict[str, Any]) -> list[Issue]:
             issues.append(Issue("not-supported", f"{where}: unknown resource type {kind!r}", where))
         for key, value in node.items():
             where = f"{path}.{key}" if path else key
+            if "\x00" in key or (isinstance(value, str) and "\x00" in value):
+                issues.append(_nul_issue(where))
             if value is None:
                 issues.append(Issue("invalid", f"{where}: null is not a FHIR value", where))
             elif isinstance(value, dict):
@@ -134,8 +139,18 @@ def json_rules_issues(data: dict[str, Any]) -> list[Issue]:
                             issues.append(Issue("invalid", f"{at}: null is not a FHIR value", at))
                     elif isinstance(item, dict):
                         stack.append((f"{where}[{n}]", item, key in _EXTENSION_KEYS))
+                    elif isinstance(item, str) and "\x00" in item:
+                        issues.append(_nul_issue(f"{where}[{n}]"))
     issues.sort(key=lambda issue: issue.expression or "")
     return issues
+
+
+def _nul_issue(where: str) -> Issue:
+    return Issue(
+        "invalid",
+        f"{where}: a NUL character (\\u0000) is not taken (PostgreSQL's jsonb cannot hold it)",
+        where,
+    )
 
 
 def _extension_issues(path: str, node: dict[str, Any]) -> list[Issue]:
@@ -276,7 +291,8 @@ def check_resource(data: dict[str, Any]) -> list[Issue]:
 
 
 # What `json_rules_issues` looks at, as bytes of the JSON text: a null, an empty object or
-# array, an `extension`/`modifierExtension` key, and (counted apart) a nested resourceType.
+# array, an `extension`/`modifierExtension` key, a NUL character (JSON can only write it as
+# the escape \u0000), and (counted apart) a nested resourceType.
 # Those keys are ASCII letters: spelled otherwise, they hold a \u escape of one (\u0040 to
 # \u007F, which `_ESCAPED_ASCII_LETTER` also matches), so a text with none of these bytes
 # breaks no rule; a match only means the walk is needed. Each pattern starts with a literal,
@@ -294,7 +310,9 @@ def json_rules_may_fail(raw: bytes) -> bool:
         raw.count(b'"resourceType"') > 1
         or b"null" in raw
         or b'xtension"' in raw
-        or (b"\\u00" in raw and _ESCAPED_ASCII_LETTER.search(raw) is not None)
+        or (
+            b"\\u00" in raw and (b"\\u0000" in raw or _ESCAPED_ASCII_LETTER.search(raw) is not None)
+        )
         or _EMPTY_AFTER_BRACE.search(raw) is not None
         or _EMPTY_AFTER_BRACKET.search(raw) is not None
     )

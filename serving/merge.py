@@ -17,6 +17,7 @@ from typing import Any
 import psycopg
 
 from core.errors import SpeedLayerUnavailable
+from core.http import QuietLog
 from core.store import SpeedStore
 from serving.batch import WATERMARK_SQL
 from serving.cohort import (
@@ -31,6 +32,8 @@ from serving.cohort import (
 from serving.mirror import BatchKey, Plan, SpeedMirror
 
 logger = logging.getLogger(__name__)
+# Every query finds Redis down alike: a line every 10 s says so, not one per query.
+_QUIET = QuietLog()
 
 BATCH_COUNT_CACHE_MAX = 4096
 # The serving transaction's settings. The views are read hot from memory, so an index probe
@@ -99,11 +102,17 @@ async def read_speed(
             complete = await mirror.sync(store, resource_types)
             watermark = mirror.poller_watermark
         if not complete:
-            logger.warning("speed layer has no epoch marker: answering from the batch layer")
+            if (held := _QUIET.admit("no epoch")) is not None:
+                logger.warning(
+                    "speed layer has no epoch marker: answering from the batch layer%s", held
+                )
             return SpeedView(None, None, True)
         return SpeedView(mirror, watermark, False)
     except SpeedLayerUnavailable as exc:
-        logger.warning("speed layer unavailable, answering from the batch layer: %s", exc)
+        if (held := _QUIET.admit("unavailable")) is not None:
+            logger.warning(
+                "speed layer unavailable, answering from the batch layer: %s%s", exc, held
+            )
         return SpeedView(None, None, True)
 
 

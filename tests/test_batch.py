@@ -468,6 +468,22 @@ async def test_refresh_failing_on_page_two_changes_nothing(
         assert view_rows(pg_url, name) == expected_rows(hapi, name), name
 
 
+async def test_a_nul_character_is_a_reject_not_a_refresh_that_fails_every_night(
+    standin: Hapi, store: SpeedStore
+) -> None:
+    # Valid JSON that HAPI stores, but PostgreSQL's jsonb cannot hold \u0000: taken, it
+    # failed every refresh (the COPY into staging) until someone changed the resource.
+    hapi, pg_url = standin.hapi, standin.settings.database_url
+    await seed(hapi, 0, 2)
+    await hapi.update(patient(7, family="a\u0000b"))
+    init(pg_url)
+    done = await refresh(standin.settings, client=standin.client, store=store)
+    assert done.rejected == 1 and await store.reject_count() == 1
+    held = table(pg_url, "SELECT id FROM rf_batch.resources WHERE resource_type = 'Patient'")
+    assert sorted(held) == [("p0",), ("p1",)]
+    assert batch_watermark(pg_url) == done.watermark is not None
+
+
 async def test_refresh_killed_half_way_changes_nothing(standin: Hapi, store: SpeedStore) -> None:
     hapi, pg_url = standin.hapi, standin.settings.database_url
     await seed(hapi, 0, 5)

@@ -279,6 +279,8 @@ def test_the_byte_screen_never_passes_what_the_json_rules_refuse(
         b'{"resourceType":"Patient","a":[\t]}',
         b'{"resourceType":"Patient","a":null}',
         b'{"resourceType":"Patient","contained":[{"resourceType":"Citation","id":"c"}]}',
+        b'{"resourceType":"Patient","name":[{"family":"a\\u0000b"}]}',
+        b'{"resourceType":"Patient","name":[{"given":["\\u0000"]}]}',
     ],
 )
 def test_the_byte_screen_sends_each_rule_breaker_to_the_walk(raw: bytes) -> None:
@@ -287,10 +289,11 @@ def test_the_byte_screen_sends_each_rule_breaker_to_the_walk(raw: bytes) -> None
 
 
 # The screen as one pattern (its first form): the reference the faster screen must equal.
-_ONE_PATTERN = re.compile(rb'null|xtension"|\\u00[4-7]|[{\[][ \t\r\n]*[}\]]')
+_ONE_PATTERN = re.compile(rb'null|xtension"|\\u00[4-7]|\\u0000|[{\[][ \t\r\n]*[}\]]')
 _SCREEN_PIECES = st.sampled_from(
     [
         *(b"null", b"nul", b"xtension", b'xtension"', b"\\u00", b"\\u004", b"\\u0080", b"\\u007f"),
+        *(b"\\u0000", b"\\u000"),
         *(b"{", b"}", b"[", b"]", b" ", b"\t", b"\r\n", b'"', b":", b",", b"a", b"\\"),
         *(b'"resourceType"', b"\xc3\xa9"),
     ]

@@ -187,6 +187,22 @@ async def test_second_token_of_the_list_is_accepted(client: httpx.AsyncClient) -
             422,
             "unknownElement",
         ),
+        # A NUL character: valid JSON, but PostgreSQL's jsonb cannot hold it (the batch
+        # layer could never take the resource), in a value and in a list of strings.
+        (
+            "/fhir/Patient/p1",
+            json.dumps(patient(name=[{"family": "a\u0000b"}])).encode(),
+            HEADERS,
+            422,
+            "name[0].family",
+        ),
+        (
+            "/fhir/Patient/p1",
+            json.dumps(patient(name=[{"given": ["A", "\u0000"]}])).encode(),
+            HEADERS,
+            422,
+            "name[0].given[1]",
+        ),
     ],
 )
 async def test_errors_answer_operation_outcome_and_write_nothing(

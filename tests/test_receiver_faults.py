@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterator
 
 import pytest
 import redis.asyncio as aioredis
 
+from core.http import QuietLog
 from core.settings import Settings
 from core.store import SpeedStore
 from receiver.app import create_app
@@ -66,3 +68,36 @@ async def test_redis_down_gives_503_and_a_restart_recovers(private_redis: RedisP
         assert await store.epoch() is None
     finally:
         await check.aclose()
+
+
+async def test_redis_down_is_one_log_line_not_one_per_request(
+    private_redis: RedisProcess, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = Settings(redis_url=private_redis.url, receiver_tokens=(TOKEN,))
+    app = create_app(settings, latest_version=no_hapi)
+    async with running(app) as client:
+        private_redis.kill()
+        caplog.clear()
+        with caplog.at_level(logging.ERROR, logger="core.http"):
+            for n in range(20):  # HAPI retries each delivery for a minute
+                response = await client.put(
+                    f"/fhir/Patient/p{n}", content=json.dumps(patient(f"p{n}")), headers=HEADERS
+                )
+                assert response.status_code == 503
+        lines = [r.getMessage() for r in caplog.records if r.name == "core.http"]
+        assert len(lines) == 1 and "speed layer unavailable" in lines[0], lines
+
+
+def test_quiet_log_holds_back_repeats_and_counts_them() -> None:
+    now = [100.0]
+    quiet = QuietLog(every=10.0, clock=lambda: now[0])
+    assert quiet.admit("down") == ""
+    assert [quiet.admit("down") for _ in range(3)] == [None, None, None]
+    assert quiet.admit("other") == ""  # each kind on its own
+    now[0] += 9.9
+    assert quiet.admit("down") is None
+    now[0] += 0.1
+    assert quiet.admit("down") == " (4 more since the last such line)"
+    assert quiet.admit("down") is None
+    now[0] += 10.0
+    assert quiet.admit("down") == " (1 more since the last such line)"

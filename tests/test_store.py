@@ -11,6 +11,7 @@ import redis.asyncio as aioredis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from core.errors import Issue
 from core.fhir_values import format_instant, instant_of_ms, parse_instant
 from core.store import (
     BUCKETS,
@@ -171,6 +172,25 @@ async def test_epoch_catch_up_and_rejects(store: SpeedStore) -> None:
     assert await store.missed_count() == 3
     changes = await store.hourly_changes(3)
     assert len(changes) == 3
+
+
+async def test_concurrent_deliveries_of_one_rejected_version_are_recorded_once(
+    store: SpeedStore,
+) -> None:
+    issues = [Issue("invalid", "gender: not an AdministrativeGender", "gender")]
+    # Connections open first, so the calls below interleave (a new one each would queue them).
+    await asyncio.gather(*(store.client.ping() for _ in range(30)))
+    done = await asyncio.gather(
+        *(store.record_reject("Patient", "p1", "7", issues) for _ in range(30))
+    )
+    assert done.count(True) == 1
+    assert await store.reject_count() == 1 and len(await store.recent_rejects()) == 1
+    assert await store.is_rejected("Patient", "p1", "7")
+    # A newer rejected version is a new reject; without a version, every delivery is one.
+    assert await store.record_reject("Patient", "p1", "8", issues)
+    assert await store.record_reject("Patient", "p2", None, issues)
+    assert await store.record_reject("Patient", "p2", None, issues)
+    assert await store.reject_count() == 4
 
 
 async def test_warns_when_redis_may_evict(redis_client: aioredis.Redis, caplog: Any) -> None:
