@@ -47,7 +47,6 @@ from redis.backoff import ExponentialBackoff
 from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from core.codec import RAW, ZSTD_R4, CorruptRecord, RecordCodec
 from core.errors import InvalidRequest, Issue, SpeedLayerUnavailable, StartupError
@@ -332,8 +331,14 @@ def connect(settings: Settings) -> RedisClient:
         "socket_connect_timeout": 2.0,
         "health_check_interval": 30,
         # A pooled connection dies with a Redis restart; retry such errors on a fresh one.
-        "retry": Retry(ExponentialBackoff(cap=0.5, base=0.05), retries=2),
-        "retry_on_error": [RedisConnectionError, RedisTimeoutError],
+        # Not a timeout: a Redis that does not answer within socket_timeout (frozen, or
+        # swapping) would make each caller wait three times as long before its 503.
+        "retry": Retry(
+            ExponentialBackoff(cap=0.5, base=0.05),
+            retries=2,
+            supported_errors=(RedisConnectionError,),
+        ),
+        "retry_on_error": [RedisConnectionError],
     }
     if settings.redis_cluster:
         # Its pool does not block: past max_connections per node a command fails at once

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import signal
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -86,6 +89,37 @@ async def test_redis_down_is_one_log_line_not_one_per_request(
                 assert response.status_code == 503
         lines = [r.getMessage() for r in caplog.records if r.name == "core.http"]
         assert len(lines) == 1 and "speed layer unavailable" in lines[0], lines
+
+
+async def test_a_frozen_redis_gives_503_after_one_socket_timeout(
+    private_redis: RedisProcess,
+) -> None:
+    """A Redis that takes the connection but does not answer (stopped, swapping): the write
+    answers 503 after one socket timeout (5 s), not after a timeout per retry (15 s and
+    more), and writes go through again once it answers."""
+    settings = Settings(redis_url=private_redis.url, receiver_tokens=(TOKEN,))
+    app = create_app(settings, latest_version=no_hapi)
+    async with running(app) as client:
+        body = json.dumps(patient())
+        assert (
+            await client.put("/fhir/Patient/p1", content=body, headers=HEADERS)
+        ).status_code == 204
+        assert private_redis.proc is not None
+        os.kill(private_redis.proc.pid, signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            response = await client.put(
+                "/fhir/Patient/p2", content=json.dumps(patient("p2")), headers=HEADERS
+            )
+            waited = time.monotonic() - started
+        finally:
+            os.kill(private_redis.proc.pid, signal.SIGCONT)
+        assert response.status_code == 503
+        assert 4.5 <= waited < 10.0, waited
+        response = await client.put(
+            "/fhir/Patient/p2", content=json.dumps(patient("p2")), headers=HEADERS
+        )
+        assert response.status_code == 204
 
 
 def test_quiet_log_holds_back_repeats_and_counts_them() -> None:
