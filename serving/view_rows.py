@@ -12,6 +12,7 @@ import base64
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from datetime import date, timedelta
 from typing import Any
 
 import orjson
@@ -19,7 +20,13 @@ import psycopg
 from psycopg import sql
 
 from core.errors import InvalidRequest, Issue
-from core.fhir_values import dumps
+from core.fhir_values import (
+    DATETIME_SHAPE,
+    TIME_SHAPE,
+    dumps,
+    is_temporal_type,
+    temporal_compare_sql,
+)
 from serving.engines.postgres import column_sql_types
 from serving.merge import SpeedView, begin_snapshot
 from serving.viewdef import ViewDefinition
@@ -86,6 +93,7 @@ async def view_rows(
     types = column_sql_types(view)
     columns = [c for c, _ in types]
     type_of = dict(types)
+    temporal = temporal_columns(view)
     for column, _ in filters:
         if column not in type_of:
             raise InvalidRequest(
@@ -93,7 +101,7 @@ async def view_rows(
                 [Issue("invalid", f"unknown column {column!r} of view {name}", column)],
             )
     for column, value in filters:
-        _check_filter_value(column, type_of[column], value)
+        _check_filter_value(column, type_of[column], value, temporal.get(column))
     key, batch_as_of = await begin_snapshot(conn)
     if count == 0:
         return ViewRows([], None, batch_as_of, columns)
@@ -107,7 +115,7 @@ async def view_rows(
                 hidden = sorted(type_mirror.overriding)
                 for resource_rows in type_mirror.winning_rows(name).values():
                     speed_rows.extend(resource_rows)
-    query, params = _page_sql(name, types, filters, after, hidden, speed_rows, count + 1)
+    query, params = _page_sql(name, types, filters, after, hidden, speed_rows, count + 1, temporal)
     try:
         cur = await conn.execute(query, params)
     except psycopg.errors.DataError as exc:  # a value the checks above let through
@@ -135,9 +143,12 @@ def _page_sql(
     hidden: Sequence[str],
     speed_rows: Sequence[Mapping[str, Any]],
     limit: int,
+    temporal: Mapping[str, str] | None = None,
 ) -> tuple[sql.Composed, dict[str, Any]]:
     """The page query: merged rows (batch rows not hidden, plus the winning speed rows) in the
     order (key, row text), starting after `after`, and each row's key as an extra column.
+    A filter on a column of `temporal` (column -> its FHIR date/time type) is FHIRPath's
+    equality of dates and times, not of their text.
 
     Rows of `after`'s key are numbered (among the rows matching the filters) to skip the ones
     already served; rows of later keys need no numbering, so those come from a top-N sort.
@@ -171,6 +182,8 @@ def _page_sql(
                 )
             )
             params[f"j{n}"] = value if _is_json(value) else None
+        elif temporal and column in temporal:
+            where.append(_temporal_equals(column, temporal[column] == "time", value, n, params))
         else:
             where.append(
                 sql.SQL("merged.{} = {}::" + type_of[column]).format(
@@ -225,6 +238,38 @@ _INTEGER = re.compile(r"-?[0-9]{1,18}")
 _DECIMAL = re.compile(r"-?[0-9]{1,30}(\.[0-9]{1,30})?")
 
 
+def _temporal_equals(
+    column: str, time: bool, value: str, n: int, params: dict[str, Any]
+) -> sql.Composable:
+    """FHIRPath's `=` of the column's date/time text and `value` (placeholder f<n>):
+    `2024-01-01T00:00:00Z` equals `2024-01-01T00:00:00.000+00:00` and
+    `2023-12-31T19:00:00-05:00`; another precision is not equal.
+
+    A value to the day or coarser equals only the same text (a partial date is written one
+    way), so that is a plain comparison. A value with a time first narrows the rows to those
+    written within two days of it (UTC offsets move a date by at most one day each side)
+    before the full comparison, which costs far more per row.
+    """
+    cell = sql.Identifier("merged", column)
+    if not time and "T" not in value.rstrip("T"):
+        params[f"t{n}"] = value.rstrip("T")
+        return sql.SQL("{} = {}").format(cell, sql.Placeholder(f"t{n}"))
+    compared = temporal_compare_sql(cell.as_string(None), f"%(f{n})s", time=time)
+    condition: sql.Composable = sql.SQL(f"{compared} = 0")
+    if not time:
+        try:
+            day = date.fromisoformat(value[:10])
+            days = [(day + timedelta(days=k)).isoformat() for k in range(-2, 3)]
+        except (ValueError, OverflowError):
+            return condition  # a day PostgreSQL cannot name either: the comparison alone
+        params[f"d{n}"] = days
+        condition = (
+            sql.SQL("left({}, 10) = ANY({}) AND ").format(cell, sql.Placeholder(f"d{n}"))
+            + condition
+        )
+    return condition
+
+
 def _is_json(value: str) -> bool:
     try:
         orjson.loads(value)
@@ -233,10 +278,27 @@ def _is_json(value: str) -> bool:
     return True
 
 
-def _check_filter_value(column: str, sql_type: str, value: str) -> None:
-    """A 400 that names the column when a filter value cannot be of the column's type."""
+def temporal_columns(view: ViewDefinition) -> dict[str, str]:
+    """Column -> FHIR type of the view's single-valued date, dateTime, instant and time
+    columns (text in the batch layer, compared by FHIRPath's date/time rules)."""
+    return {
+        c.name: c.type
+        for c in view.columns
+        if c.type is not None and is_temporal_type(c.type) and not c.collection
+    }
+
+
+def _check_filter_value(
+    column: str, sql_type: str, value: str, fhir_type: str | None = None
+) -> None:
+    """A 400 that names the column when a filter value cannot be of the column's type
+    (`fhir_type`: the column's FHIR date/time type, if it has one)."""
     fits = True
-    if sql_type == "boolean":
+    if fhir_type is not None:
+        sql_type = fhir_type
+        shape = TIME_SHAPE if fhir_type == "time" else DATETIME_SHAPE
+        fits = re.fullmatch(shape, value) is not None
+    elif sql_type == "boolean":
         fits = value in ("true", "false")
     elif sql_type in ("integer", "bigint"):
         fits = bool(_INTEGER.fullmatch(value)) and (

@@ -633,6 +633,79 @@ async def test_columns_without_a_type_filter_by_their_plain_value(tmp_path: Path
                 assert await ids("gender=female") == []
 
 
+async def test_date_time_columns_filter_by_fhirs_date_rules(tmp_path: Path) -> None:
+    """A dateTime column is text in the batch layer, but a filter compares as FHIR does: one
+    instant written three ways is one value, a different precision is not equal, and a
+    value that is no date is a 400 naming the column; in both layers."""
+    timed = {
+        "resourceType": "ViewDefinition",
+        "name": "timed_observations",
+        "status": "active",
+        "resource": "Observation",
+        "select": [
+            {
+                "column": [
+                    {"name": "id", "path": "getResourceKey()", "type": "id"},
+                    {"name": "effective", "path": "effective.ofType(dateTime)", "type": "dateTime"},
+                ]
+            }
+        ],
+    }
+
+    def observation(rid: str, effective: str) -> dict[str, Any]:
+        return {
+            "resourceType": "Observation",
+            "id": rid,
+            "status": "final",
+            "code": {"text": "x"},
+            "effectiveDateTime": effective,
+        }
+
+    write_views(tmp_path, {"timed_observations": timed})
+    with fresh_database("rf_views_timed") as url:
+        batch.init(url, served_views(str(tmp_path)))
+        async with layers_of(url, VIEWS_REDIS_URL, tmp_path) as layers:
+            await layers.night(
+                [
+                    observation("o1", "2024-01-01T00:00:00.000+00:00"),
+                    observation("o2", "2023-12-31T19:00:00-05:00"),
+                    observation("o3", "2024-01-01T00:00:01Z"),
+                    observation("o4", "2024-01-01"),
+                    observation("o7", "2023-12-31T23:00:00-12:00"),  # 2024-01-01T11:00Z
+                ]
+            )
+            # The speed layer: the same instant once more, and o3 moved onto it.
+            await layers.change("Observation", "o5", observation("o5", "2024-01-01T01:00:00+01:00"))
+            await layers.change("Observation", "o3", observation("o3", "2024-01-01T00:00:00Z"))
+            async with running(create_app(layers.settings)) as client:
+
+                async def ids(value: str) -> list[str]:
+                    response = await client.get(
+                        "/views/timed_observations/rows",
+                        params={"effective": value},
+                        headers=AUTH,
+                    )
+                    assert response.status_code == 200, response.text
+                    return sorted(row["id"] for row in response.json()["rows"])
+
+                assert await ids("2024-01-01T00:00:00Z") == ["o1", "o2", "o3", "o5"]
+                assert await ids("2024-01-01T05:00:00+05:00") == ["o1", "o2", "o3", "o5"]
+                assert await ids("2024-01-01") == ["o4"]  # to the day: only o4 is
+                assert await ids("2024-01-01T00:00Z") == []  # to the minute: none is
+                assert await ids("2024-01-01T00:00:01Z") == []  # o3 moved
+                # The extreme offsets: written two days apart, the same instant.
+                assert await ids("2024-01-02T01:00:00+14:00") == ["o7"]
+                assert await ids("2024-01-02T01:00:00.000+14:00") == ["o7"]
+                assert await ids("2024-01-01T") == ["o4"]  # a FHIRPath literal to the day
+                response = await client.get(
+                    "/views/timed_observations/rows",
+                    params={"effective": "notadate"},
+                    headers=AUTH,
+                )
+                assert response.status_code == 400
+                assert "'notadate' is not a valid dateTime for column 'effective'" in response.text
+
+
 async def test_a_service_whose_definitions_the_batch_layer_no_longer_has_says_restart(
     tmp_path: Path,
 ) -> None:
