@@ -573,8 +573,14 @@ def _split(text: str, time: bool) -> tuple[list[str | None], str | None]:
     return date + times, zone
 
 
+def has_temporal_shape(text: str, time: bool = False) -> bool:
+    """Whether `text` is written as a FHIR date/dateTime/instant (or, when `time`, a time):
+    DATETIME_SHAPE / TIME_SHAPE. The shape only: a day past its month's end still passes."""
+    return (_TIME_RE if time else _DATETIME_RE).fullmatch(text) is not None
+
+
 def _read(text: str, time: bool) -> _Reading | None:
-    if not (_TIME_RE if time else _DATETIME_RE).match(text):
+    if not has_temporal_shape(text, time):
         return None
     fields, zone = _split(text, time)
     year, month, day = fields[0], fields[1], fields[2]

@@ -20,13 +20,7 @@ import psycopg
 from psycopg import sql
 
 from core.errors import InvalidRequest, Issue
-from core.fhir_values import (
-    DATETIME_SHAPE,
-    TIME_SHAPE,
-    dumps,
-    is_temporal_type,
-    temporal_compare_sql,
-)
+from core.fhir_values import dumps, has_temporal_shape, is_temporal_type, temporal_compare_sql
 from serving.engines.postgres import column_sql_types
 from serving.merge import SpeedView, begin_snapshot
 from serving.viewdef import ViewDefinition
@@ -93,7 +87,7 @@ async def view_rows(
     types = column_sql_types(view)
     columns = [c for c, _ in types]
     type_of = dict(types)
-    temporal = temporal_columns(view)
+    temporal = _temporal_columns(view)
     for column, _ in filters:
         if column not in type_of:
             raise InvalidRequest(
@@ -143,7 +137,7 @@ def _page_sql(
     hidden: Sequence[str],
     speed_rows: Sequence[Mapping[str, Any]],
     limit: int,
-    temporal: Mapping[str, str] | None = None,
+    temporal: Mapping[str, str],
 ) -> tuple[sql.Composed, dict[str, Any]]:
     """The page query: merged rows (batch rows not hidden, plus the winning speed rows) in the
     order (key, row text), starting after `after`, and each row's key as an extra column.
@@ -182,7 +176,7 @@ def _page_sql(
                 )
             )
             params[f"j{n}"] = value if _is_json(value) else None
-        elif temporal and column in temporal:
+        elif column in temporal:
             where.append(_temporal_equals(column, temporal[column] == "time", value, n, params))
         else:
             where.append(
@@ -278,7 +272,7 @@ def _is_json(value: str) -> bool:
     return True
 
 
-def temporal_columns(view: ViewDefinition) -> dict[str, str]:
+def _temporal_columns(view: ViewDefinition) -> dict[str, str]:
     """Column -> FHIR type of the view's single-valued date, dateTime, instant and time
     columns (text in the batch layer, compared by FHIRPath's date/time rules)."""
     return {
@@ -295,9 +289,7 @@ def _check_filter_value(
     (`fhir_type`: the column's FHIR date/time type, if it has one)."""
     fits = True
     if fhir_type is not None:
-        sql_type = fhir_type
-        shape = TIME_SHAPE if fhir_type == "time" else DATETIME_SHAPE
-        fits = re.fullmatch(shape, value) is not None
+        fits = has_temporal_shape(value, time=fhir_type == "time")
     elif sql_type == "boolean":
         fits = value in ("true", "false")
     elif sql_type in ("integer", "bigint"):
@@ -309,5 +301,5 @@ def _check_filter_value(
     elif "\x00" in value:
         fits = False  # PostgreSQL text cannot hold NUL
     if not fits:
-        message = f"{value[:40]!r} is not a valid {sql_type} for column {column!r}"
+        message = f"{value[:40]!r} is not a valid {fhir_type or sql_type} for column {column!r}"
         raise InvalidRequest(message, [Issue("invalid", message, column)])
